@@ -1,0 +1,44 @@
+"""cprop: fast CPU training of multi-layer perceptrons.
+
+Backpropagation in two steps, both compiled: the backward pass applies the
+chain rule layer by layer (``dW = Xᵀ·δ``, ``db = Σδ``, ``dX = δ·Wᵀ``), then
+gradient descent moves every parameter against its gradient. Each training
+epoch is one call into Cython that runs without the GIL.
+"""
+__version__ = "0.1.0"
+
+from . import losses, datasets
+from ._threads import get_num_threads, set_num_threads
+from .gradcheck import gradient_check
+from .io import CpropFileError
+from .layers import Dense
+from .network import Sequential, load
+from .optim import SGD, Adam, AdamW
+from .trainer import DivergenceError, History, Trainer
+
+
+def show_config(file=None):
+    """Print (and return as a dict) how this cprop was built and what it will use."""
+    from . import _core, _threads
+    import numpy, scipy, sys
+    info = {
+        "cprop": __version__,
+        "python": sys.version.split()[0],
+        "numpy": numpy.__version__,
+        "scipy": scipy.__version__,
+        "openmp": bool(_core.OPENMP),
+        "threads": get_num_threads(),
+        "blas": _threads.blas_info(),
+    }
+    for key, value in info.items():
+        if key == "openmp" and not value:
+            value = "False (built without OpenMP: single-threaded)"
+        print(f"{key:>8}: {value}", file=file)
+    return info
+
+
+__all__ = [
+    "Dense", "Sequential", "Trainer", "History", "SGD", "Adam", "AdamW", "losses", "datasets",
+    "gradient_check", "load", "set_num_threads", "get_num_threads", "show_config",
+    "DivergenceError", "CpropFileError", "__version__",
+]

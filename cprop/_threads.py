@@ -1,0 +1,119 @@
+"""Thread control: cprop's own OpenMP threads, and keeping BLAS to one thread.
+
+cprop splits every large matrix product between its own OpenMP threads and
+calls BLAS single-threaded inside each: two thread pools spinning on the same
+cores (OpenBLAS's and OpenMP's) make training many times slower. So while a
+kernel runs, the BLAS behind ``scipy.linalg.cython_blas`` is held at one
+thread, and put back afterwards.
+"""
+import contextlib
+import ctypes
+import os
+import threading
+
+from . import _core
+from ._validation import check_positive_int
+
+_num_threads = None
+_lock = threading.Lock()
+_blas_users = 0
+_blas_saved = None
+
+# (getter, setter) symbol names of the BLAS libraries scipy ships or links
+_BLAS_SYMBOLS = [
+    ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+    ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
+    ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
+    ("openblas_get_num_threads", "openblas_set_num_threads"),
+    ("MKL_Get_Max_Threads", "MKL_Set_Num_Threads"),
+    ("bli_thread_get_num_threads", "bli_thread_set_num_threads"),
+]
+
+
+def _find_blas():
+    """(get, set) ctypes functions of the BLAS scipy's Cython BLAS calls, or None."""
+    import scipy.linalg.cython_blas  # noqa: F401  (loads the library)
+
+    paths = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.split()[-1] if line.strip() else ""
+                low = os.path.basename(path).lower()
+                if (path.startswith("/") and ("blas" in low or "mkl" in low or "blis" in low)
+                        and ".cpython-" not in low and path not in paths):
+                    paths.append(path)
+    except OSError:
+        return None
+    # scipy's own library first: it is the one cython_blas calls
+    paths.sort(key=lambda p: "scipy" not in p)
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for get_name, set_name in _BLAS_SYMBOLS:
+            getter = getattr(lib, get_name, None)
+            setter = getattr(lib, set_name, None)
+            if getter is not None and setter is not None:
+                getter.restype = ctypes.c_int
+                setter.argtypes = [ctypes.c_int]
+                return path, getter, setter
+    return None
+
+
+_blas = None
+_blas_searched = False
+
+
+def blas_info():
+    """Path of the BLAS library cprop holds at one thread, or None when none was found."""
+    global _blas, _blas_searched
+    if not _blas_searched:
+        _blas = _find_blas()
+        _blas_searched = True
+    return _blas[0] if _blas else None
+
+
+@contextlib.contextmanager
+def single_threaded_blas():
+    """Hold BLAS at one thread for the duration (re-entrant and thread-safe)."""
+    global _blas_users, _blas_saved
+    blas_info()
+    if _blas is None:
+        yield
+        return
+    _, getter, setter = _blas
+    with _lock:
+        if _blas_users == 0:
+            _blas_saved = getter()
+            if _blas_saved != 1:
+                setter(1)
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _blas_users -= 1
+            if _blas_users == 0 and _blas_saved not in (None, 1):
+                setter(_blas_saved)
+
+
+def get_num_threads():
+    """Threads cprop's kernels use: set_num_threads's value, else OMP_NUM_THREADS, else all cores."""
+    return _num_threads if _num_threads is not None else max(1, _core.max_threads())
+
+
+def set_num_threads(n):
+    """Set how many threads cprop's kernels use (None: back to the default)."""
+    global _num_threads
+    _num_threads = None if n is None else check_positive_int(n, "n_threads")
+
+
+def resolve_threads(n_threads):
+    """An explicit n_threads, or the global setting; 1 in a build without OpenMP."""
+    if not _core.OPENMP:
+        return 1
+    if n_threads is None:
+        return get_num_threads()
+    return check_positive_int(n_threads, "n_threads")

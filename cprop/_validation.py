@@ -1,0 +1,114 @@
+"""Checks at the Python boundary, in one place.
+
+Every public entry converts and validates here, once, before anything reaches
+a compiled kernel that runs without bounds checks. Messages say what was
+expected and what was given.
+"""
+import numbers
+import math
+
+import numpy as np
+
+DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+def as_dtype(dtype):
+    """np.float32 / np.float64 from "float32", "float64", np.float32, np.dtype(...)."""
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    return DTYPES[name]
+
+
+def _as_numeric_array(a, name):
+    if hasattr(a, "__array__") or isinstance(a, (list, tuple, numbers.Number)):
+        arr = np.asarray(a)
+    else:
+        raise TypeError(f"{name} must be an array-like of numbers, got {type(a).__name__}")
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must hold real numbers (bool, int or float), got dtype {arr.dtype}")
+    return arr
+
+
+def check_finite(arr, name):
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        bad = np.size(arr) - np.count_nonzero(np.isfinite(arr))
+        raise ValueError(f"{name} contains {bad} NaN or infinite value(s); cprop needs finite numbers")
+
+
+def check_X(X, dtype, n_features=None, name="X"):
+    """X as a C-contiguous 2-D array of `dtype`; no copy when it already is one."""
+    arr = _as_numeric_array(X, name)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (n_samples, n_features), got an array of shape {arr.shape}")
+    if arr.shape[0] == 0:
+        raise ValueError(f"{name} is empty: got shape {arr.shape}, need at least one sample")
+    if n_features is not None and arr.shape[1] != n_features:
+        raise ValueError(f"{name} has {arr.shape[1]} features per sample, the network expects {n_features}")
+    arr = np.ascontiguousarray(arr, dtype=dtype)
+    check_finite(arr, name)
+    return arr
+
+
+def check_labels(y, n_samples, n_classes, name="y"):
+    """Integer class labels of shape (n_samples,), each in [0, n_classes), as intp."""
+    arr = _as_numeric_array(y, name)
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be integer class labels of shape ({n_samples},), got shape {arr.shape}")
+    if arr.shape[0] != n_samples:
+        raise ValueError(f"{name} has {arr.shape[0]} labels but X has {n_samples} samples")
+    if arr.dtype.kind == "f":
+        check_finite(arr, name)
+        if not np.all(arr == np.round(arr)):
+            raise ValueError(f"{name} must be integer class labels for cross_entropy, got non-integer values")
+    labels = arr.astype(np.intp)
+    if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+        raise ValueError(
+            f"{name} labels must lie in [0, {n_classes}) for a network with {n_classes} outputs, "
+            f"got values in [{labels.min()}, {labels.max()}]"
+        )
+    return np.ascontiguousarray(labels)
+
+
+def check_targets(y, n_samples, n_outputs, dtype, name="y", binary=False):
+    """Float targets of shape (n_samples, n_outputs); (n_samples,) accepted when n_outputs is 1."""
+    arr = _as_numeric_array(y, name)
+    if arr.ndim == 1 and n_outputs == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2 or arr.shape[1] != n_outputs:
+        expected = f"({n_samples}, {n_outputs})" + (f" or ({n_samples},)" if n_outputs == 1 else "")
+        raise ValueError(f"{name} must have shape {expected}, got {arr.shape}")
+    if arr.shape[0] != n_samples:
+        raise ValueError(f"{name} has {arr.shape[0]} rows but X has {n_samples} samples")
+    arr = np.ascontiguousarray(arr, dtype=dtype)
+    check_finite(arr, name)
+    if binary and not np.all((arr == 0) | (arr == 1)):
+        raise ValueError(f"{name} must hold 0/1 targets for binary_cross_entropy")
+    return arr
+
+
+def check_positive_int(value, name, minimum=1):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_real(value, name, low=None, high=None, low_open=False, high_open=False):
+    """A finite real number in [low, high] (open ends when asked)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
+    return value

@@ -1,0 +1,52 @@
+"""Backprop checked against central finite differences."""
+import numpy as np
+
+from .losses import compute, loss_code
+from .network import Sequential
+
+
+def gradient_check(net, X, y, loss="mse", eps=1e-6, max_params=None, seed=0):
+    """Largest relative error between backprop's gradients and central finite differences.
+
+    Works on a float64 copy of `net` (the network itself is not changed). For each
+    parameter p, the numerical gradient is ``(L(p + eps) - L(p - eps)) / (2·eps)``;
+    the error of an entry is ``|analytic - numeric| / max(|analytic|, |numeric|, floor)``
+    where ``floor`` is 1e-3 of the largest gradient, so entries far below the
+    gradient's scale are compared with that scale rather than with zero.
+
+    Parameters
+    ----------
+    net : Sequential
+    X, y : a batch of inputs and targets for `loss`
+    loss : {"mse", "cross_entropy", "binary_cross_entropy"}
+    eps : float, the finite-difference step
+    max_params : int or None — check only this many randomly chosen parameters
+
+    Returns
+    -------
+    float — the maximum relative error (about 1e-8 or less when backprop is right)
+    """
+    if not isinstance(net, Sequential):
+        raise TypeError(f"net must be a cprop.Sequential, got {type(net).__name__}")
+    loss_code(loss)
+    net64 = net.astype("float64")
+    out = net64.forward(X)
+    _, grad = compute(loss, out, y)
+    net64.backward(grad)
+    analytic = net64.grads.copy()
+
+    idx = np.arange(net64.n_params)
+    if max_params is not None and max_params < idx.size:
+        idx = np.random.default_rng(seed).choice(idx, size=max_params, replace=False)
+    numeric = np.empty(idx.size)
+    for k, i in enumerate(idx):
+        saved = net64.params[i]
+        net64.params[i] = saved + eps
+        plus = compute(loss, net64.predict_raw(X), y)[0]
+        net64.params[i] = saved - eps
+        minus = compute(loss, net64.predict_raw(X), y)[0]
+        net64.params[i] = saved
+        numeric[k] = (plus - minus) / (2 * eps)
+    a = analytic[idx]
+    floor = max(1e-3 * max(np.abs(a).max(), np.abs(numeric).max()), 1e-12)
+    return float(np.max(np.abs(a - numeric) / np.maximum(np.maximum(np.abs(a), np.abs(numeric)), floor)))

@@ -1,0 +1,70 @@
+"""The Dense layer: ``Y = f(X·W + b)`` forward, ``dW = Xᵀ·δ, db = Σδ, dX = δ·Wᵀ`` backward."""
+import numpy as np
+
+from . import _core
+from ._threads import resolve_threads, single_threaded_blas
+from ._validation import check_positive_int
+from .activations import NAMES, activation_code
+
+
+class Dense:
+    """A fully connected layer ``Y = f(X·W + b)`` with W of shape (n_in, n_out).
+
+    Parameters
+    ----------
+    n_in, n_out : int
+        Input and output width.
+    activation : {"identity", "relu", "leaky_relu", "sigmoid", "tanh"} or None
+        The activation f; None is identity.
+
+    Attributes
+    ----------
+    W, b : ndarray
+        The live parameters, views into the owning :class:`Sequential`'s flat
+        parameter array (None until the layer joins a network).
+    dW, db : ndarray
+        The gradients of the last :meth:`Sequential.backward`, views into the
+        network's flat gradient array.
+    """
+
+    def __init__(self, n_in, n_out, activation=None):
+        self.n_in = check_positive_int(n_in, "n_in")
+        self.n_out = check_positive_int(n_out, "n_out")
+        self.activation_code = activation_code(activation)
+        self.activation = NAMES[self.activation_code]
+        self.W = self.b = self.dW = self.db = None
+        self._X = self._Y = None
+
+    def __repr__(self):
+        return f"Dense({self.n_in}, {self.n_out}, activation={self.activation!r})"
+
+    def _bind(self, W, b, dW, db):
+        """Point the layer at its slices of the network's flat parameters and gradients."""
+        self.W, self.b, self.dW, self.db = W, b, dW, db
+
+    def _forward(self, X, n_threads):
+        """Y = f(X·W + b) for a validated C-contiguous X; keeps X and Y for backward."""
+        Y = np.empty((X.shape[0], self.n_out), dtype=self.W.dtype)
+        with single_threaded_blas():
+            _core.dense_forward(X, self.W, self.b, Y, self.activation_code, n_threads)
+        self._X, self._Y = X, Y
+        return Y
+
+    def _backward(self, G, n_threads, input_grad=True):
+        """From G = ∂L/∂Y: δ = G ⊙ f'(Y); dW = Xᵀ·δ; db = Σδ; returns dX = δ·Wᵀ (or None)."""
+        delta = np.empty_like(G)
+        _core.activation_grad(G, self._Y, delta, self.activation_code)
+        dX = np.empty_like(self._X) if input_grad else None
+        with single_threaded_blas():
+            _core.dense_backward(self._X, self.W, delta, self.dW, self.db, dX, n_threads)
+        return dX
+
+    def init_params(self, rng):
+        """He-normal W for the relu family, Glorot-uniform otherwise; b = 0."""
+        if self.activation in ("relu", "leaky_relu"):
+            W = rng.standard_normal((self.n_in, self.n_out)) * np.sqrt(2.0 / self.n_in)
+        else:
+            limit = np.sqrt(6.0 / (self.n_in + self.n_out))
+            W = rng.uniform(-limit, limit, (self.n_in, self.n_out))
+        self.W[...] = W
+        self.b[...] = 0

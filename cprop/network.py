@@ -1,0 +1,219 @@
+"""Sequential: a stack of Dense layers over one flat parameter array.
+
+All parameters live in one contiguous array ``params`` laid out W0 b0 W1 b1 …
+(and their gradients likewise in ``grads``): each layer's W, b, dW, db are
+views into them, the optimizer updates them in one pass, and a saved model is
+that one array plus its architecture.
+"""
+import numpy as np
+
+from . import io as _io
+from ._threads import resolve_threads
+from ._validation import as_dtype, check_X, check_positive_int
+from .layers import Dense
+
+
+class Sequential:
+    """A multi-layer perceptron: Dense layers applied in order.
+
+    Parameters
+    ----------
+    layers : list of Dense
+        Consecutive widths must chain: ``layers[i].n_out == layers[i+1].n_in``.
+    dtype : {"float32", "float64"}, default "float32"
+    seed : int or None
+        Seed of the weight initialisation (He-normal for relu/leaky_relu layers,
+        Glorot-uniform otherwise; biases 0). The same seed gives the same weights.
+
+    Examples
+    --------
+    >>> net = Sequential([Dense(4, 8, "relu"), Dense(8, 3)], seed=0)
+    >>> net.forward(np.ones((2, 4))).shape
+    (2, 3)
+    """
+
+    def __init__(self, layers, dtype="float32", seed=None):
+        layers = list(layers) if not isinstance(layers, Dense) else [layers]
+        if not layers:
+            raise ValueError("Sequential needs at least one Dense layer")
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Dense):
+                raise TypeError(f"layers[{i}] must be a cprop.Dense, got {type(layer).__name__}")
+            if layer.W is not None:
+                raise ValueError(f"layers[{i}] already belongs to a network; create a new Dense")
+        for i in range(len(layers) - 1):
+            if layers[i].n_out != layers[i + 1].n_in:
+                raise ValueError(
+                    f"layer sizes do not chain: layers[{i}] outputs {layers[i].n_out} features "
+                    f"but layers[{i + 1}] expects {layers[i + 1].n_in}")
+        if len(layers) > 64:
+            raise ValueError(f"cprop supports up to 64 layers, got {len(layers)}")
+        self.layers = layers
+        self.dtype = as_dtype(dtype)
+        self.seed = seed
+        self.sizes = np.array([layers[0].n_in] + [l.n_out for l in layers], dtype=np.intp)
+        self.activations = np.array([l.activation_code for l in layers], dtype=np.intc)
+        n_params = sum(l.n_in * l.n_out + l.n_out for l in layers)
+        self.params = np.zeros(n_params, dtype=self.dtype)
+        self.grads = np.zeros(n_params, dtype=self.dtype)
+        self._has_grads = False
+        offset = 0
+        for layer in layers:
+            n_W = layer.n_in * layer.n_out
+            W = self.params[offset:offset + n_W].reshape(layer.n_in, layer.n_out)
+            dW = self.grads[offset:offset + n_W].reshape(layer.n_in, layer.n_out)
+            b = self.params[offset + n_W:offset + n_W + layer.n_out]
+            db = self.grads[offset + n_W:offset + n_W + layer.n_out]
+            layer._bind(W, b, dW, db)
+            offset += n_W + layer.n_out
+        self.init_params(seed)
+
+    # -- structure ---------------------------------------------------------
+    @property
+    def n_inputs(self):
+        return int(self.sizes[0])
+
+    @property
+    def n_outputs(self):
+        return int(self.sizes[-1])
+
+    @property
+    def n_params(self):
+        return self.params.size
+
+    def __repr__(self):
+        inner = ",\n    ".join(repr(l) for l in self.layers)
+        return f"Sequential([\n    {inner},\n], dtype={np.dtype(self.dtype).name!r})"
+
+    def init_params(self, seed=None):
+        """Re-initialise every layer's weights from `seed` (int, None or a numpy Generator)."""
+        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        for layer in self.layers:
+            layer.init_params(rng)
+        self.grads[...] = 0
+        self._has_grads = False
+
+    def architecture(self):
+        """The layer widths and activation names, as saved in files."""
+        return {"sizes": [int(s) for s in self.sizes],
+                "activations": [l.activation for l in self.layers],
+                "dtype": np.dtype(self.dtype).name}
+
+    @classmethod
+    def from_architecture(cls, arch, params=None):
+        sizes, acts = arch["sizes"], arch["activations"]
+        net = cls([Dense(sizes[i], sizes[i + 1], acts[i]) for i in range(len(acts))],
+                  dtype=arch["dtype"], seed=0)
+        if params is not None:
+            net.set_params(params)
+        return net
+
+    def set_params(self, params):
+        """Copy a flat parameter array (layout W0 b0 W1 b1 …) into the network."""
+        params = np.asarray(params)
+        if params.shape != self.params.shape:
+            raise ValueError(f"params must have shape {self.params.shape}, got {params.shape}")
+        if params.dtype.kind != "f" or not np.isfinite(params).all():
+            raise ValueError("params must be finite floating-point numbers")
+        self.params[...] = params
+
+    def copy(self):
+        """An independent network with the same architecture and parameters."""
+        return Sequential.from_architecture(self.architecture(), self.params)
+
+    def astype(self, dtype):
+        """A copy of the network with parameters in `dtype`."""
+        arch = dict(self.architecture(), dtype=np.dtype(as_dtype(dtype)).name)
+        return Sequential.from_architecture(arch, self.params)
+
+    # -- the two passes ----------------------------------------------------
+    def forward(self, X, n_threads=None):
+        """Raw output of the last layer (logits for the classification losses).
+
+        Keeps each layer's input and output for :meth:`backward`.
+        """
+        X = check_X(X, self.dtype, self.n_inputs)
+        n_threads = resolve_threads(n_threads)
+        out = X
+        for layer in self.layers:
+            out = layer._forward(out, n_threads)
+        self._forward_rows = X.shape[0]
+        return out
+
+    def backward(self, grad_out, n_threads=None):
+        """Backpropagate ∂L/∂output (as returned by a cprop.losses function) through every layer.
+
+        Fills ``layer.dW`` and ``layer.db`` of every layer (views of ``self.grads``).
+        """
+        rows = getattr(self, "_forward_rows", None)
+        if rows is None:
+            raise RuntimeError("backward() needs the activations of a forward() call: call net.forward(X) first")
+        if not isinstance(grad_out, np.ndarray) or grad_out.dtype.kind not in "biuf":
+            raise TypeError(f"grad_out must be a numeric array, got {type(grad_out).__name__}")
+        if grad_out.shape != (rows, self.n_outputs):
+            raise ValueError(f"grad_out must have the shape of the last forward output, "
+                             f"({rows}, {self.n_outputs}), got {grad_out.shape}")
+        G = np.ascontiguousarray(grad_out, dtype=self.dtype)
+        if not np.isfinite(G).all():
+            raise ValueError("grad_out contains NaN or infinite values")
+        n_threads = resolve_threads(n_threads)
+        for i in range(len(self.layers) - 1, -1, -1):
+            G = self.layers[i]._backward(G, n_threads, input_grad=i > 0)
+        self._has_grads = True
+        return self
+
+    def predict_raw(self, X, n_threads=None, chunk_size=16384):
+        """Raw outputs for X in chunks (bounded memory); nothing kept for backward."""
+        X = check_X(X, self.dtype, self.n_inputs)
+        n_threads = resolve_threads(n_threads)
+        out = np.empty((X.shape[0], self.n_outputs), dtype=self.dtype)
+        for start in range(0, X.shape[0], chunk_size):
+            Y = X[start:start + chunk_size]
+            for layer in self.layers:
+                Y = layer._forward(Y, n_threads)
+            out[start:start + chunk_size] = Y
+        for layer in self.layers:
+            layer._X = layer._Y = None
+        self._forward_rows = None
+        return out
+
+    # -- files -------------------------------------------------------------
+    def save(self, path):
+        """Write the architecture and parameters to `path` (.npz, no pickle, atomic)."""
+        _io.save_archive(path, {"kind": "network", "architecture": self.architecture()},
+                         {"params": self.params})
+
+    def __getstate__(self):
+        return {"architecture": self.architecture(), "params": self.params.copy()}
+
+    def __setstate__(self, state):
+        net = Sequential.from_architecture(state["architecture"], state["params"])
+        self.__dict__.update(net.__dict__)
+
+
+def network_from_meta(meta, arrays, path):
+    """Rebuild a Sequential from a loaded archive, checking everything first."""
+    arch = meta.get("architecture")
+    try:
+        sizes = [check_positive_int(s, "size") for s in arch["sizes"]]
+        acts = list(arch["activations"])
+        dtype = as_dtype(arch["dtype"])
+        if len(acts) != len(sizes) - 1 or not acts:
+            raise ValueError("sizes and activations do not match")
+        expected = sum(sizes[i] * sizes[i + 1] + sizes[i + 1] for i in range(len(acts)))
+        params = arrays["params"]
+        if params.dtype != dtype or params.shape != (expected,):
+            raise ValueError(f"params has dtype {params.dtype} and shape {params.shape}, "
+                             f"expected {np.dtype(dtype).name} ({expected},)")
+        if not np.isfinite(params).all():
+            raise ValueError("params contains non-finite values")
+        return Sequential.from_architecture({"sizes": sizes, "activations": acts,
+                                             "dtype": np.dtype(dtype).name}, params)
+    except (TypeError, KeyError, ValueError) as exc:
+        raise _io.CpropFileError(f"{path!r}: invalid network in file ({exc})") from None
+
+
+def load(path):
+    """Load a network saved by :meth:`Sequential.save` (or the network of a saved Trainer)."""
+    meta, arrays = _io.load_archive(path, kind=("network", "trainer"))
+    return network_from_meta(meta, arrays, path)

@@ -1,0 +1,144 @@
+"""Optimizers, with torch.optim's conventions, each step one fused compiled pass.
+
+SGD:   g' = g + wd·p;  v = μ·v + g';  p -= lr·v   (Nesterov: p -= lr·(g' + μ·v))
+Adam:  g' = g + wd·p;  m = β1·m + (1-β1)·g';  v = β2·v + (1-β2)·g'²;
+       p -= lr/(1-β1ᵗ) · m / (√v/√(1-β2ᵗ) + ε)
+AdamW: as Adam, but decay is decoupled: p *= 1 - lr·wd, and g' = g.
+"""
+import numpy as np
+
+from . import _core
+from ._threads import resolve_threads, single_threaded_blas
+from ._validation import check_real
+
+
+class Optimizer:
+    """Base class: holds hyper-parameters and per-network state (flat arrays like the parameters)."""
+
+    kind = None
+    n_state = 0
+
+    def __init__(self):
+        self.state = None      # list of flat arrays, shaped like the network's parameters
+        self.step_count = 0
+
+    def config(self):
+        """The hyper-parameters as the compiled step reads them."""
+        raise NotImplementedError
+
+    def _ensure_state(self, net):
+        params = net.params
+        if self.state is None or len(self.state) != max(self.n_state, 1) or any(
+            s.shape != params.shape or s.dtype != params.dtype for s in self.state
+        ):
+            n = max(self.n_state, 1)
+            shape = params.shape if self.n_state else (1,)
+            self.state = [np.zeros(shape, dtype=params.dtype) for _ in range(n)]
+            self.step_count = 0
+        return self.state
+
+    def _state_pair(self, net):
+        state = self._ensure_state(net)
+        return state[0], state[1] if len(state) > 1 else state[0]
+
+    def step(self, net, n_threads=None):
+        """Apply one update to every parameter of `net` from its gradients (net.backward first)."""
+        if not getattr(net, "_has_grads", False):
+            raise RuntimeError("no gradients to step with: call net.backward(grad) after net.forward(X)")
+        a, b = self._state_pair(net)
+        cfg = self.config()
+        cfg["step"] = self.step_count
+        with single_threaded_blas():
+            rejected, self.step_count = _core.optimizer_step(
+                cfg, net.params, net.grads, a, b, net.sizes, resolve_threads(n_threads))
+        if rejected:
+            raise FloatingPointError(
+                f"the update would have made {rejected} parameter(s) non-finite; "
+                "they keep their previous values (lower the learning rate)")
+
+    def reset(self):
+        """Forget the state (momentum, moments, step count)."""
+        self.state = None
+        self.step_count = 0
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with momentum, Nesterov and weight decay (as torch.optim.SGD).
+
+    Parameters
+    ----------
+    lr : float, default 0.01
+    momentum : float in [0, 1), default 0
+    nesterov : bool, default False (needs momentum > 0)
+    weight_decay : float >= 0, default 0; L2 added to the gradient of every parameter
+    """
+
+    kind = 0
+
+    def __init__(self, lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0):
+        super().__init__()
+        self.lr = check_real(lr, "lr", low=0)
+        self.momentum = check_real(momentum, "momentum", low=0, high=1, high_open=True)
+        self.nesterov = bool(nesterov)
+        self.weight_decay = check_real(weight_decay, "weight_decay", low=0)
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov=True needs momentum > 0")
+        self.n_state = 1 if self.momentum else 0
+        self.decay_bias = True
+
+    def __repr__(self):
+        return (f"SGD(lr={self.lr}, momentum={self.momentum}, nesterov={self.nesterov}, "
+                f"weight_decay={self.weight_decay})")
+
+    def config(self):
+        return {"kind": self.kind, "lr": self.lr, "momentum": self.momentum,
+                "nesterov": self.nesterov, "weight_decay": self.weight_decay,
+                "decay_bias": self.decay_bias}
+
+
+class Adam(Optimizer):
+    """Adam (as torch.optim.Adam): L2 weight decay added to the gradient.
+
+    Parameters
+    ----------
+    lr : float, default 0.001
+    betas : (float, float) in [0, 1), default (0.9, 0.999)
+    eps : float > 0, default 1e-8
+    weight_decay : float >= 0, default 0
+    """
+
+    kind = 1
+    n_state = 2
+    decoupled = False
+
+    def __init__(self, lr=0.001, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__()
+        self.lr = check_real(lr, "lr", low=0)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        self.betas = (check_real(betas[0], "beta1", low=0, high=1, high_open=True),
+                      check_real(betas[1], "beta2", low=0, high=1, high_open=True))
+        self.eps = check_real(eps, "eps", low=0, low_open=True)
+        self.weight_decay = check_real(weight_decay, "weight_decay", low=0)
+        self.decay_bias = True
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(lr={self.lr}, betas={self.betas}, eps={self.eps}, "
+                f"weight_decay={self.weight_decay})")
+
+    def config(self):
+        return {"kind": self.kind, "lr": self.lr, "beta1": self.betas[0], "beta2": self.betas[1],
+                "eps": self.eps, "weight_decay": self.weight_decay, "decoupled": self.decoupled,
+                "decay_bias": self.decay_bias}
+
+
+class AdamW(Adam):
+    """AdamW (as torch.optim.AdamW): decoupled weight decay ``p *= 1 - lr·wd``; default wd 0.01."""
+
+    decoupled = True
+
+    def __init__(self, lr=0.001, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        super().__init__(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}

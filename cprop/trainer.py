@@ -1,0 +1,269 @@
+"""Trainer: minibatch training where each epoch is one compiled call without the GIL."""
+import math
+import time
+import warnings
+
+import numpy as np
+
+from . import _core
+from . import io as _io
+from ._threads import resolve_threads, single_threaded_blas
+from ._validation import check_X, check_positive_int
+from .losses import CLASSIFICATION, LOSSES, loss_code, prepare_targets
+from .network import Sequential, network_from_meta
+from .optim import OPTIMIZERS, SGD, Optimizer
+
+
+class DivergenceError(FloatingPointError):
+    """Training produced a non-finite loss or parameter; the model keeps its last finite parameters."""
+
+
+class History:
+    """Per-epoch records of a fit: ``loss``, ``val_loss``, ``val_accuracy``, ``lr``, ``time``,
+    ``samples_per_second`` (lists of floats, one per completed epoch)."""
+
+    FIELDS = ("loss", "val_loss", "val_accuracy", "lr", "time", "samples_per_second")
+
+    def __init__(self):
+        for name in self.FIELDS:
+            setattr(self, name, [])
+
+    def __len__(self):
+        return len(self.loss)
+
+    def __repr__(self):
+        last = {k: getattr(self, k)[-1] for k in self.FIELDS if getattr(self, k)}
+        return f"History(epochs={len(self)}, last={last})"
+
+    def append(self, **values):
+        for name in self.FIELDS:
+            if name in values and values[name] is not None:
+                getattr(self, name).append(float(values[name]))
+
+    def as_dict(self):
+        return {k: list(getattr(self, k)) for k in self.FIELDS}
+
+    @classmethod
+    def from_dict(cls, d):
+        h = cls()
+        for k in cls.FIELDS:
+            getattr(h, k).extend(float(v) for v in d.get(k, []))
+        return h
+
+
+class Trainer:
+    """Trains a :class:`Sequential` by minibatch gradient descent.
+
+    Parameters
+    ----------
+    net : Sequential
+    loss : {"mse", "cross_entropy", "binary_cross_entropy"}
+    optimizer : cprop.SGD, cprop.Adam or cprop.AdamW; default SGD(lr=0.01)
+    batch_size : int, default 32
+    shuffle : bool, default True — reshuffle the sample order every epoch
+    seed : int or None — seed of the shuffling
+    n_threads : int or None — threads for the kernels (default: cprop.get_num_threads())
+    on_divergence : {"raise", "warn"} — what fit does when the loss or an update
+        becomes non-finite; either way it stops at that batch and the network
+        keeps its last finite parameters.
+    """
+
+    def __init__(self, net, loss="mse", optimizer=None, batch_size=32, shuffle=True, seed=None,
+                 n_threads=None, on_divergence="raise"):
+        if not isinstance(net, Sequential):
+            raise TypeError(f"net must be a cprop.Sequential, got {type(net).__name__}")
+        loss_code(loss)
+        if optimizer is None:
+            optimizer = SGD(lr=0.01)
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a cprop optimizer such as cprop.SGD(...), got {optimizer!r}")
+        if on_divergence not in ("raise", "warn"):
+            raise ValueError(f"on_divergence must be 'raise' or 'warn', got {on_divergence!r}")
+        if loss == "cross_entropy" and net.n_outputs < 2:
+            raise ValueError(f"cross_entropy needs a network with >= 2 outputs, this one has {net.n_outputs}")
+        self.net = net
+        self.loss = loss
+        self.optimizer = optimizer
+        self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.shuffle = bool(shuffle)
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
+        self.n_threads = None if n_threads is None else check_positive_int(n_threads, "n_threads")
+        self.on_divergence = on_divergence
+        self.epochs_done = 0
+        self.history = History()
+
+    # -- training ----------------------------------------------------------
+    def _prepare(self, X, y, name="X"):
+        X = check_X(X, self.net.dtype, self.net.n_inputs, name=name)
+        T, labels = prepare_targets(self.loss, y, X.shape[0], self.net.n_outputs, self.net.dtype)
+        return X, T, labels
+
+    def fit(self, X, y, epochs=1, validation_data=None, callbacks=(), verbose=False):
+        """Train for `epochs` passes over (X, y); returns the History (also ``self.history``).
+
+        Each epoch runs in one compiled call: shuffle by index, gather each
+        minibatch, forward, loss, backward and update for every batch
+        (including a ragged last one), with all buffers allocated once here.
+
+        Parameters
+        ----------
+        X : array-like (n_samples, n_features)
+        y : labels (n_samples,) for cross_entropy; targets (n_samples, n_outputs) otherwise
+        epochs : int >= 0
+        validation_data : (X_val, y_val), optional — adds val_loss (and val_accuracy)
+        callbacks : callables ``f(trainer, epoch, logs)`` run after each epoch;
+            returning True stops training
+        verbose : bool — print one line per epoch
+        """
+        epochs = check_positive_int(epochs, "epochs", minimum=0)
+        X, T, labels = self._prepare(X, y)
+        if validation_data is not None:
+            if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+                raise ValueError("validation_data must be a pair (X_val, y_val)")
+            Xv, Tv, labels_v = self._prepare(*validation_data, name="validation X")
+        n = X.shape[0]
+        batch_size = min(self.batch_size, n)
+        gather = self.shuffle
+        net = self.net
+        work = np.empty(_core.workspace_size(net.sizes, batch_size, gather), dtype=net.dtype)
+        label_buf = np.empty(batch_size, dtype=np.intp)
+        state_a, state_b = self.optimizer._state_pair(net)
+        n_threads = resolve_threads(self.n_threads)
+        order = np.arange(n, dtype=np.intp)
+        code = LOSSES[self.loss]
+
+        for _ in range(epochs):
+            if self.shuffle:
+                order = self.rng.permutation(n).astype(np.intp, copy=False)
+            cfg = self.optimizer.config()
+            cfg["step"] = self.optimizer.step_count
+            start = time.perf_counter()
+            try:
+                with single_threaded_blas():
+                    status, loss_sum, n_seen, step = _core.train_epoch(
+                        X, T, labels, order, gather, net.params, net.grads, state_a, state_b,
+                        work, label_buf, net.sizes, net.activations, code, batch_size, cfg, n_threads)
+            except KeyboardInterrupt:
+                # the interrupted epoch's completed steps are kept; Adam's count with them
+                self.optimizer.step_count = cfg["step"]
+                net._has_grads = False
+                raise
+            self.optimizer.step_count = step
+            net._has_grads = True
+            elapsed = time.perf_counter() - start
+            if status != _core.OK:
+                what = "loss" if status == _core.NONFINITE_LOSS else "update"
+                msg = (f"training diverged in epoch {self.epochs_done + 1} after {n_seen} samples: "
+                       f"the {what} became non-finite. The network keeps its last finite parameters; "
+                       "lower the learning rate or scale the inputs.")
+                if self.on_divergence == "raise":
+                    raise DivergenceError(msg)
+                warnings.warn(msg, RuntimeWarning, stacklevel=2)
+                break
+            self.epochs_done += 1
+            logs = {"loss": loss_sum / n_seen, "lr": self.optimizer.lr, "time": elapsed,
+                    "samples_per_second": n / elapsed if elapsed > 0 else math.inf}
+            if validation_data is not None:
+                logs.update(self._evaluate_prepared(Xv, Tv, labels_v, prefix="val_"))
+            self.history.append(**logs)
+            if verbose:
+                extra = "".join(f"  {k} {v:.4f}" for k, v in logs.items() if k.startswith("val_"))
+                print(f"epoch {self.epochs_done:4d}  loss {logs['loss']:.4f}{extra}  "
+                      f"{logs['samples_per_second']:,.0f} samples/s", flush=True)
+            if any(cb(self, self.epochs_done, logs) is True for cb in callbacks):
+                break
+        return self.history
+
+    # -- evaluation --------------------------------------------------------
+    def _evaluate_prepared(self, X, T, labels, prefix=""):
+        out = self.net.predict_raw(X, n_threads=self.n_threads)
+        grad = np.empty_like(out)
+        result = {prefix + "loss": _core.loss(LOSSES[self.loss], out, T, labels, grad)}
+        if self.loss == "cross_entropy":
+            result[prefix + "accuracy"] = float(np.mean(out.argmax(axis=1) == labels))
+        elif self.loss == "binary_cross_entropy":
+            result[prefix + "accuracy"] = float(np.mean((out > 0) == (T > 0.5)))
+        return result
+
+    def evaluate(self, X, y):
+        """``{"loss": ...}`` on (X, y), plus ``"accuracy"`` for the classification losses."""
+        return self._evaluate_prepared(*self._prepare(X, y))
+
+    def predict(self, X):
+        """Class labels (cross_entropy), 0/1 (binary_cross_entropy) or values (mse)."""
+        out = self.net.predict_raw(X, n_threads=self.n_threads)
+        if self.loss == "cross_entropy":
+            return out.argmax(axis=1)
+        if self.loss == "binary_cross_entropy":
+            y = (out > 0).astype(np.intp)
+            return y[:, 0] if y.shape[1] == 1 else y
+        return out[:, 0] if out.shape[1] == 1 else out
+
+    def predict_proba(self, X):
+        """Class probabilities: softmax (cross_entropy) or sigmoid (binary_cross_entropy)."""
+        out = self.net.predict_raw(X, n_threads=self.n_threads).astype(np.float64)
+        if self.loss == "cross_entropy":
+            out -= out.max(axis=1, keepdims=True)
+            np.exp(out, out=out)
+            return out / out.sum(axis=1, keepdims=True)
+        if self.loss == "binary_cross_entropy":
+            return 1.0 / (1.0 + np.exp(-out))
+        raise ValueError("predict_proba needs a classification loss")
+
+    # -- files -------------------------------------------------------------
+    def save(self, path):
+        """Write network, optimizer state, epoch count, random state and history (atomic, no pickle)."""
+        opt = self.optimizer
+        meta = {
+            "kind": "trainer",
+            "architecture": self.net.architecture(),
+            "loss": self.loss,
+            "optimizer": {"name": type(opt).__name__.lower(), "config": opt.config(),
+                          "step_count": opt.step_count},
+            "batch_size": self.batch_size, "shuffle": self.shuffle,
+            "epochs_done": self.epochs_done,
+            "rng_state": self.rng.bit_generator.state,
+            "history": self.history.as_dict(),
+        }
+        arrays = {"params": self.net.params}
+        if opt.state is not None:
+            arrays.update({f"state_{i}": s for i, s in enumerate(opt.state)})
+        _io.save_archive(path, meta, arrays)
+
+    @classmethod
+    def load(cls, path):
+        """A Trainer exactly as saved: fitting on continues as if never interrupted."""
+        meta, arrays = _io.load_archive(path, kind=("trainer",))
+        net = network_from_meta(meta, arrays, path)
+        try:
+            o = meta["optimizer"]
+            cfg = o["config"]
+            name = o["name"]
+            if name == "sgd":
+                opt = SGD(lr=cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["nesterov"],
+                          weight_decay=cfg["weight_decay"])
+            elif name in ("adam", "adamw"):
+                opt = OPTIMIZERS[name](lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"],
+                                       weight_decay=cfg["weight_decay"])
+            else:
+                raise ValueError(f"unknown optimizer {name!r}")
+            opt.decay_bias = bool(cfg.get("decay_bias", True))
+            trainer = cls(net, loss=meta["loss"], optimizer=opt, batch_size=meta["batch_size"],
+                          shuffle=meta["shuffle"])
+            states = [arrays[k] for k in sorted(arrays) if k.startswith("state_")]
+            if states:
+                expected = max(opt.n_state, 1)
+                shape = net.params.shape if opt.n_state else (1,)
+                if len(states) != expected or any(s.shape != shape or s.dtype != net.dtype for s in states):
+                    raise ValueError("optimizer state does not match the network")
+                if not all(np.isfinite(s).all() for s in states):
+                    raise ValueError("optimizer state contains non-finite values")
+                opt.state = [np.ascontiguousarray(s).copy() for s in states]
+            opt.step_count = check_positive_int(o["step_count"], "step_count", minimum=0)
+            trainer.epochs_done = check_positive_int(meta["epochs_done"], "epochs_done", minimum=0)
+            trainer.rng.bit_generator.state = meta["rng_state"]
+            trainer.history = History.from_dict(meta["history"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _io.CpropFileError(f"{path!r}: invalid trainer in file ({exc})") from None
+        return trainer

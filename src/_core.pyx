@@ -1,0 +1,281 @@
+# cprop's compiled core: the Python-callable face of the kernels in the .pxd
+# files, and the training epoch that runs them all without the GIL.
+#
+# Private: cprop/ validates every argument (shapes, dtypes, contiguity, label
+# range) before calling in here; these functions trust what they are given.
+from cython cimport floating
+from libc.math cimport isfinite
+from libc.string cimport memcpy
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+from cpython.exc cimport PyErr_CheckSignals
+
+from _openmp cimport CPROP_OPENMP, omp_get_max_threads
+from _activations cimport activation_grad as _activation_grad
+from _dense cimport dense_forward as _dense_forward, dense_param_grads, dense_input_grad
+from _losses cimport loss_and_grad
+from _optim cimport Optim, optim_step, ADAM
+
+OPENMP = bool(CPROP_OPENMP)
+
+# status codes of train_epoch
+cdef enum:
+    STATUS_OK = 0
+    STATUS_NONFINITE_LOSS = 1
+    STATUS_NONFINITE_STEP = 2
+    STATUS_INTERRUPTED = 3
+
+OK = STATUS_OK
+NONFINITE_LOSS = STATUS_NONFINITE_LOSS
+NONFINITE_STEP = STATUS_NONFINITE_STEP
+INTERRUPTED = STATUS_INTERRUPTED
+
+# how often the nogil epoch takes the GIL to let Ctrl-C through
+cdef double SIGNAL_CHECK_SECONDS = 0.05
+
+
+def max_threads():
+    """Threads OpenMP would use by default (OMP_NUM_THREADS honoured); 1 without OpenMP."""
+    return omp_get_max_threads()
+
+
+def dense_forward(const floating[:, ::1] X, const floating[:, ::1] W, const floating[::1] b,
+                  floating[:, ::1] Y, int activation, int n_threads):
+    """Y = f(X·W + b)."""
+    with nogil:
+        _dense_forward(&X[0, 0], &W[0, 0], &b[0], &Y[0, 0], X.shape[0], W.shape[0], W.shape[1],
+                       activation, n_threads)
+
+
+def activation_grad(const floating[:, ::1] G, const floating[:, ::1] Y, floating[:, ::1] delta,
+                    int activation):
+    """δ = G ⊙ f'(z), with f' written through the output Y = f(z)."""
+    with nogil:
+        _activation_grad(&G[0, 0], &Y[0, 0], &delta[0, 0], G.shape[0] * G.shape[1], activation)
+
+
+def dense_backward(const floating[:, ::1] X, const floating[:, ::1] W, const floating[:, ::1] delta,
+                   floating[:, ::1] dW, floating[::1] db, floating[:, ::1] dX, int n_threads):
+    """dW = Xᵀ·δ, db = Σ_rows δ and, when dX is not None, dX = δ·Wᵀ."""
+    cdef floating* dX_ptr = NULL if dX is None else &dX[0, 0]
+    cdef Py_ssize_t n = X.shape[0], n_in = W.shape[0], n_out = W.shape[1]
+    with nogil:
+        dense_param_grads(&X[0, 0], &delta[0, 0], &dW[0, 0], &db[0], n, n_in, n_out, n_threads)
+        if dX_ptr != NULL:
+            dense_input_grad(&delta[0, 0], &W[0, 0], dX_ptr, <floating*> NULL, 0,
+                             n, n_in, n_out, n_threads)
+
+
+def loss(int kind, const floating[:, ::1] out, const floating[:, ::1] T,
+         const Py_ssize_t[::1] labels, floating[:, ::1] G):
+    """Mean loss of `out` against T (mse, binary_cross_entropy) or labels (cross_entropy); G = ∂loss/∂out."""
+    cdef const floating* T_ptr = &T[0, 0] if T.shape[0] else NULL
+    cdef const Py_ssize_t* labels_ptr = &labels[0] if labels.shape[0] else NULL
+    cdef double value
+    with nogil:
+        value = loss_and_grad(kind, &out[0, 0], T_ptr, labels_ptr, &G[0, 0],
+                              out.shape[0], out.shape[1])
+    return value
+
+
+cdef Optim make_optim(dict config):
+    cdef Optim opt
+    opt.kind = config["kind"]
+    opt.lr = config["lr"]
+    opt.momentum = config.get("momentum", 0.0)
+    opt.weight_decay = config.get("weight_decay", 0.0)
+    opt.beta1 = config.get("beta1", 0.9)
+    opt.beta2 = config.get("beta2", 0.999)
+    opt.eps = config.get("eps", 1e-8)
+    opt.nesterov = config.get("nesterov", False)
+    opt.decoupled = config.get("decoupled", False)
+    opt.decay_bias = config.get("decay_bias", True)
+    opt.step = config.get("step", 0)
+    return opt
+
+
+cdef Py_ssize_t _optimizer_step(Optim* opt, floating* params, const floating* grads,
+                                floating* a, floating* b, const Py_ssize_t* sizes,
+                                Py_ssize_t n_layers, int n_threads) noexcept nogil:
+    """One step on every layer's W (decayed) and b (decayed when opt.decay_bias), laid out W0 b0 W1 b1 …"""
+    cdef Py_ssize_t l, off = 0, n_W, rejected = 0
+    if opt.kind == ADAM:
+        opt.step += 1
+    for l in range(n_layers):
+        n_W = sizes[l] * sizes[l + 1]
+        rejected += optim_step(opt, params, grads, a, b, off, off + n_W, True, n_threads)
+        off += n_W
+        rejected += optim_step(opt, params, grads, a, b, off, off + sizes[l + 1],
+                               opt.decay_bias, n_threads)
+        off += sizes[l + 1]
+    return rejected
+
+
+def optimizer_step(dict config, floating[::1] params, const floating[::1] grads,
+                   floating[::1] state_a, floating[::1] state_b, const Py_ssize_t[::1] sizes,
+                   int n_threads):
+    """One optimizer step over the flat parameters; returns (rejected values, Adam's new step count)."""
+    cdef Optim opt = make_optim(config)
+    cdef Py_ssize_t rejected
+    with nogil:
+        rejected = _optimizer_step(&opt, &params[0], &grads[0], &state_a[0], &state_b[0],
+                                   &sizes[0], sizes.shape[0] - 1, n_threads)
+    return rejected, opt.step
+
+
+def workspace_size(const Py_ssize_t[::1] sizes, Py_ssize_t batch_size, bint gather):
+    """Length of the flat workspace train_epoch needs: [Xb] Y_0..Y_L-1 G_0..G_L-1 Tb."""
+    cdef Py_ssize_t l, total = batch_size * sizes[0] if gather else 0
+    for l in range(1, sizes.shape[0]):
+        total += 2 * batch_size * sizes[l]
+    return total + batch_size * sizes[sizes.shape[0] - 1]
+
+
+cdef inline bint _interrupted(timespec* last) noexcept nogil:
+    """Every SIGNAL_CHECK_SECONDS take the GIL and run Python's signal handlers.
+
+    True means a handler raised (KeyboardInterrupt): the exception stays set
+    for the caller to propagate once it holds the GIL again.
+    """
+    cdef timespec now
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    if (now.tv_sec - last.tv_sec) + 1e-9 * (now.tv_nsec - last.tv_nsec) < SIGNAL_CHECK_SECONDS:
+        return False
+    last[0] = now
+    with gil:
+        return PyErr_CheckSignals() != 0
+
+
+cdef int _train_epoch(const floating[:, ::1] X, const floating[:, ::1] T,
+                      const Py_ssize_t[::1] labels, const Py_ssize_t[::1] order, bint gather,
+                      floating[::1] params, floating[::1] grads,
+                      floating[::1] state_a, floating[::1] state_b,
+                      floating[::1] work, Py_ssize_t[::1] label_buf,
+                      const Py_ssize_t[::1] sizes, const int[::1] activations,
+                      int loss_kind, Py_ssize_t batch_size, Optim* opt, int n_threads,
+                      double* loss_sum, Py_ssize_t* n_seen) noexcept nogil:
+    cdef Py_ssize_t L = sizes.shape[0] - 1, n = X.shape[0], d = sizes[0], m = sizes[L]
+    cdef Py_ssize_t l, i, start, bs, off, w_off
+    cdef floating* p = &params[0]
+    cdef floating* dp = &grads[0]
+    cdef floating* Xb = &work[0]
+    cdef floating* Tb
+    cdef const floating* X_in
+    cdef const floating* T_in = NULL
+    cdef const Py_ssize_t* labels_in = NULL
+    cdef const floating* inp
+    cdef double batch_loss
+    cdef timespec last
+    # per-layer pointers into the flat parameters, gradients and workspace
+    cdef floating* W[64]
+    cdef floating* b[64]
+    cdef floating* dW[64]
+    cdef floating* db[64]
+    cdef floating* Y[64]
+    cdef floating* G[64]
+
+    off = batch_size * d if gather else 0
+    w_off = 0
+    for l in range(L):
+        W[l] = p + w_off
+        dW[l] = dp + w_off
+        w_off += sizes[l] * sizes[l + 1]
+        b[l] = p + w_off
+        db[l] = dp + w_off
+        w_off += sizes[l + 1]
+        Y[l] = &work[0] + off
+        off += batch_size * sizes[l + 1]
+    for l in range(L):
+        G[l] = &work[0] + off
+        off += batch_size * sizes[l + 1]
+    Tb = &work[0] + off
+
+    clock_gettime(CLOCK_MONOTONIC, &last)
+    start = 0
+    while start < n:
+        bs = batch_size if start + batch_size <= n else n - start
+
+        # gather the minibatch (rows of X chosen by the shuffled order)
+        if gather:
+            for i in range(bs):
+                memcpy(Xb + i * d, &X[order[start + i], 0], d * sizeof(floating))
+            X_in = Xb
+        else:
+            X_in = &X[start, 0]
+        if loss_kind == 1:  # cross_entropy: integer labels
+            if gather:
+                for i in range(bs):
+                    label_buf[i] = labels[order[start + i]]
+                labels_in = &label_buf[0]
+            else:
+                labels_in = &labels[start]
+        elif gather:
+            for i in range(bs):
+                memcpy(Tb + i * m, &T[order[start + i], 0], m * sizeof(floating))
+            T_in = Tb
+        else:
+            T_in = &T[start, 0]
+
+        # forward: Y_l = f_l(Y_{l-1}·W_l + b_l)
+        inp = X_in
+        for l in range(L):
+            _dense_forward(inp, W[l], b[l], Y[l], bs, sizes[l], sizes[l + 1], activations[l], n_threads)
+            inp = Y[l]
+
+        # loss, G = ∂L/∂Y_last, then δ_last = G ⊙ f'(Y_last)
+        batch_loss = loss_and_grad(loss_kind, Y[L - 1], T_in, labels_in, G[L - 1], bs, m)
+        if not isfinite(batch_loss):
+            return STATUS_NONFINITE_LOSS
+        _activation_grad(G[L - 1], Y[L - 1], G[L - 1], bs * m, activations[L - 1])
+
+        # backward: dW_l = Y_{l-1}ᵀ·δ_l, db_l = Σ δ_l, δ_{l-1} = (δ_l·W_lᵀ) ⊙ f'_{l-1}(Y_{l-1})
+        for l in range(L - 1, -1, -1):
+            inp = X_in if l == 0 else Y[l - 1]
+            dense_param_grads(inp, G[l], dW[l], db[l], bs, sizes[l], sizes[l + 1], n_threads)
+            if l > 0:
+                dense_input_grad(G[l], W[l], G[l - 1], Y[l - 1], activations[l - 1],
+                                 bs, sizes[l], sizes[l + 1], n_threads)
+
+        # gradient descent
+        if _optimizer_step(opt, p, dp, &state_a[0], &state_b[0], &sizes[0], L, n_threads):
+            return STATUS_NONFINITE_STEP
+        loss_sum[0] += batch_loss * bs
+        n_seen[0] += bs
+        start += bs
+        if _interrupted(&last):
+            return STATUS_INTERRUPTED
+    return STATUS_OK
+
+
+cdef int _raise_pending() except -1:
+    """Propagate the exception a signal handler left set inside the nogil epoch."""
+    return -1
+
+
+def train_epoch(const floating[:, ::1] X, const floating[:, ::1] T, const Py_ssize_t[::1] labels,
+                const Py_ssize_t[::1] order, bint gather,
+                floating[::1] params, floating[::1] grads,
+                floating[::1] state_a, floating[::1] state_b,
+                floating[::1] work, Py_ssize_t[::1] label_buf,
+                const Py_ssize_t[::1] sizes, const int[::1] activations,
+                int loss_kind, Py_ssize_t batch_size, dict optimizer, int n_threads):
+    """One epoch of minibatch training, entirely without the GIL.
+
+    Returns (status, summed loss over completed steps, samples in completed
+    steps, Adam's step count). On a non-finite loss or update the epoch stops
+    before that step changes anything; on Ctrl-C it stops after the step in
+    progress and the KeyboardInterrupt propagates.
+    """
+    cdef Optim opt = make_optim(optimizer)
+    cdef double loss_sum = 0
+    cdef Py_ssize_t n_seen = 0
+    cdef int status
+    if sizes.shape[0] - 1 > 64:
+        raise ValueError("cprop's training loop supports at most 64 layers")
+    with nogil:
+        status = _train_epoch(X, T, labels, order, gather, params, grads, state_a, state_b,
+                              work, label_buf, sizes, activations, loss_kind, batch_size,
+                              &opt, n_threads, &loss_sum, &n_seen)
+    if status == STATUS_INTERRUPTED:
+        optimizer["step"] = opt.step
+        _raise_pending()
+    return status, loss_sum, n_seen, opt.step

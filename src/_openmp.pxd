@@ -1,0 +1,20 @@
+# OpenMP in one place: every other module asks here how many threads exist.
+# Compiles with or without -fopenmp; without it cprop runs single-threaded
+# and cprop.show_config() says so (CPROP_OPENMP == 0).
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #include <omp.h>
+    #define CPROP_OPENMP 1
+    #else
+    #define CPROP_OPENMP 0
+    static int omp_get_max_threads(void) { return 1; }
+    static int omp_get_thread_num(void) { return 0; }
+    static void omp_set_num_threads(int n) { (void)n; }
+    #endif
+    """
+    const int CPROP_OPENMP
+    int omp_get_max_threads() noexcept nogil
+    int omp_get_thread_num() noexcept nogil
+    void omp_set_num_threads(int n) noexcept nogil
