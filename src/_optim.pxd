@@ -8,7 +8,8 @@
 #         v = β2·v + (1-β2)·g'²;  p -= lr/(1-β1ᵗ) · m / (√v/√(1-β2ᵗ) + ε)
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport sqrt, fabs, pow
+from libc.math cimport sqrt, sqrtf, fabs, fabsf, pow
+from libc.string cimport memcpy
 from libc.float cimport FLT_MAX, DBL_MAX
 
 cdef enum:
@@ -26,31 +27,84 @@ cdef struct Optim:
     Py_ssize_t step             # Adam's t: steps taken so far
 
 
-cdef inline bint _finite(floating x) noexcept nogil:
-    if floating is float:
-        return fabs(x) <= FLT_MAX
-    else:
-        return fabs(x) <= DBL_MAX
+cdef enum:
+    BLOCK = 512     # elements per block: the new values wait in L1-resident buffers
 
+
+cdef inline bint _nonfinite(floating x) noexcept nogil:
+    if floating is float:
+        return not (fabsf(x) <= FLT_MAX)
+    else:
+        return not (fabs(x) <= DBL_MAX)
+
+
+cdef inline floating _sqrt(floating x) noexcept nogil:
+    if floating is float:
+        return sqrtf(x)
+    else:
+        return sqrt(x)
+
+
+cdef inline int _commit(floating* p, floating* a, floating* b,
+                        const floating* new_p, const floating* new_a, const floating* new_b,
+                        Py_ssize_t n, int n_bad) noexcept nogil:
+    """Write a block's new values (a, b: state, either may be NULL); when some new p is
+    not finite, that element keeps all its old values. Returns n_bad."""
+    cdef Py_ssize_t k
+    if n_bad == 0:
+        memcpy(p, new_p, n * sizeof(floating))
+        if a != NULL:
+            memcpy(a, new_a, n * sizeof(floating))
+        if b != NULL:
+            memcpy(b, new_b, n * sizeof(floating))
+        return 0
+    for k in range(n):
+        if not _nonfinite(new_p[k]):
+            p[k] = new_p[k]
+            if a != NULL:
+                a[k] = new_a[k]
+            if b != NULL:
+                b[k] = new_b[k]
+    return n_bad
+
+
+# Each update computes a block of new values into stack buffers (a branch-free
+# loop that vectorizes), then commits the block: so a step whose result is not
+# finite never reaches the parameters.
 
 cdef inline Py_ssize_t sgd_range(floating* p, const floating* g, floating* v,
                                  Py_ssize_t lo, Py_ssize_t hi, floating lr, floating mu,
                                  floating wd, bint nesterov) noexcept nogil:
     """SGD on p[lo:hi]; v is NULL when μ = 0. Returns how many new values were not finite."""
-    cdef Py_ssize_t i, rejected = 0
-    cdef floating gi, vi, pi
-    for i in range(lo, hi):
-        gi = g[i] + wd * p[i]
-        if v != NULL:
-            vi = mu * v[i] + gi
-            gi = gi + mu * vi if nesterov else vi
-        pi = p[i] - lr * gi
-        if _finite(pi):
-            p[i] = pi
-            if v != NULL:
-                v[i] = vi
+    cdef floating new_p[BLOCK]
+    cdef floating new_v[BLOCK]
+    cdef Py_ssize_t i, k, n, rejected = 0
+    cdef int bad
+    cdef floating gi, vi
+    i = lo
+    while i < hi:
+        n = hi - i if hi - i < BLOCK else BLOCK
+        bad = 0
+        if v == NULL:
+            for k in range(n):
+                new_p[k] = p[i + k] - lr * (g[i + k] + wd * p[i + k])
+                bad += _nonfinite(new_p[k])
+        elif nesterov:
+            for k in range(n):
+                gi = g[i + k] + wd * p[i + k]
+                vi = mu * v[i + k] + gi
+                new_v[k] = vi
+                new_p[k] = p[i + k] - lr * (gi + mu * vi)
+                bad += _nonfinite(new_p[k])
         else:
-            rejected += 1
+            for k in range(n):
+                vi = mu * v[i + k] + g[i + k] + wd * p[i + k]
+                new_v[k] = vi
+                new_p[k] = p[i + k] - lr * vi
+                bad += _nonfinite(new_p[k])
+        rejected += _commit(p + i, NULL if v == NULL else v + i, <floating*> NULL,
+                            new_p, new_v, new_v, n, bad)
+        i += n
     return rejected
 
 
@@ -59,24 +113,29 @@ cdef inline Py_ssize_t adam_range(floating* p, const floating* g, floating* m, f
                                   floating beta2, floating eps, floating wd, bint decoupled,
                                   floating step_size, floating sqrt_bc2) noexcept nogil:
     """Adam (or AdamW when decoupled) on p[lo:hi]. Returns how many new values were not finite."""
-    cdef Py_ssize_t i, rejected = 0
-    cdef floating gi, mi, vi, pi
-    for i in range(lo, hi):
-        gi = g[i]
-        pi = p[i]
-        if decoupled:
-            pi = pi * (1 - lr * wd)
-        else:
-            gi = gi + wd * pi
-        mi = m[i] + (1 - beta1) * (gi - m[i])
-        vi = beta2 * v[i] + (1 - beta2) * gi * gi
-        pi = pi - step_size * mi / (sqrt(vi) / sqrt_bc2 + eps)
-        if _finite(pi):
-            p[i] = pi
-            m[i] = mi
-            v[i] = vi
-        else:
-            rejected += 1
+    cdef floating new_p[BLOCK]
+    cdef floating new_m[BLOCK]
+    cdef floating new_v[BLOCK]
+    cdef Py_ssize_t i, k, n, rejected = 0
+    cdef int bad
+    cdef floating gi, mi, vi
+    # decoupled (AdamW): p·(1 - lr·wd) and no decay in g; else (Adam): g + wd·p
+    cdef floating shrink = 1 - lr * wd if decoupled else 1
+    cdef floating l2 = 0 if decoupled else wd
+    i = lo
+    while i < hi:
+        n = hi - i if hi - i < BLOCK else BLOCK
+        bad = 0
+        for k in range(n):
+            gi = g[i + k] + l2 * p[i + k]
+            mi = m[i + k] + (1 - beta1) * (gi - m[i + k])
+            vi = beta2 * v[i + k] + (1 - beta2) * gi * gi
+            new_m[k] = mi
+            new_v[k] = vi
+            new_p[k] = p[i + k] * shrink - step_size * mi / (_sqrt(vi) / sqrt_bc2 + eps)
+            bad += _nonfinite(new_p[k])
+        rejected += _commit(p + i, m + i, v + i, new_p, new_m, new_v, n, bad)
+        i += n
     return rejected
 
 
