@@ -263,7 +263,9 @@ class Trainer:
             opt.step_count = check_positive_int(o["step_count"], "step_count", minimum=0)
             trainer.epochs_done = check_positive_int(meta["epochs_done"], "epochs_done", minimum=0)
             trainer.rng.bit_generator.state = meta["rng_state"]
+            if not isinstance(meta["history"], dict) or not isinstance(meta["shuffle"], bool):
+                raise ValueError("history must be a mapping and shuffle a boolean")
             trainer.history = History.from_dict(meta["history"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise _io.CpropFileError(f"{path!r}: invalid trainer in file ({exc})") from None
         return trainer

@@ -6,7 +6,7 @@
 #
 # Products go to BLAS (one thread each); everything around them is fused into
 # the pass that follows the product. Large products are split between cprop's
-# own OpenMP threads (rows for Y and dX, columns for dW and db), so that no
+# own OpenMP threads (rows of Y, dX and dW), so that no
 # thread ever reduces into another's output and results do not depend on
 # timing. Kernels trust their inputs: the Python layer validated them.
 from cython cimport floating
@@ -55,18 +55,18 @@ cdef inline void dense_forward(const floating* X, const floating* W, const float
         dense_forward_rows(X, W, b, Y, n * t // nt, n * (t + 1) // nt, n_in, n_out, activation)
 
 
-cdef inline void dense_param_grads_cols(const floating* X, const floating* delta,
+cdef inline void dense_param_grads_part(const floating* X, const floating* delta,
                                         floating* dW, floating* db,
                                         Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out,
+                                        Py_ssize_t r0, Py_ssize_t r1,
                                         Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
-    """dW[:, c0:c1] = Xᵀ·δ[:, c0:c1],  db[c0:c1] = Σ_i δ[i, c0:c1]."""
+    """dW[r0:r1] = X[:, r0:r1]ᵀ·δ  and  db[c0:c1] = Σ_i δ[i, c0:c1]."""
     cdef Py_ssize_t i, j
     cdef const floating* row
-    if c1 <= c0:
-        return
-    gemm(True, False, <int> n_in, <int> (c1 - c0), <int> n,
-         <floating> 1, X, <int> n_in, delta + c0, <int> n_out,
-         <floating> 0, dW + c0, <int> n_out)
+    if r1 > r0:
+        gemm(True, False, <int> (r1 - r0), <int> n_out, <int> n,
+             <floating> 1, X + r0, <int> n_in, delta, <int> n_out,
+             <floating> 0, dW + r0 * n_out, <int> n_out)
     for j in range(c0, c1):
         db[j] = 0
     for i in range(n):
@@ -75,25 +75,19 @@ cdef inline void dense_param_grads_cols(const floating* X, const floating* delta
             db[j] += row[j]
 
 
-cdef inline Py_ssize_t _col_split(Py_ssize_t n_cols, int t, int nt) noexcept nogil:
-    """Start of thread t's columns: multiples of 16 so threads never share a cache line of dW."""
-    if t >= nt:
-        return n_cols
-    return (n_cols * t // nt) & ~(<Py_ssize_t> 15)
-
-
 cdef inline void dense_param_grads(const floating* X, const floating* delta,
                                    floating* dW, floating* db,
                                    Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out,
                                    int n_threads) noexcept nogil:
-    """dW = Xᵀ·δ and db = Σ_rows δ, columns split across threads."""
-    cdef int t, nt = threads_for(2.0 * n * n_in * n_out, (n_out + 15) // 16, n_threads)
+    """dW = Xᵀ·δ and db = Σ_rows δ; threads split the rows of dW (and the entries of db)."""
+    cdef int t, nt = threads_for(2.0 * n * n_in * n_out, n_in, n_threads)
     if nt == 1:
-        dense_param_grads_cols(X, delta, dW, db, n, n_in, n_out, 0, n_out)
+        dense_param_grads_part(X, delta, dW, db, n, n_in, n_out, 0, n_in, 0, n_out)
         return
     for t in prange(nt, num_threads=nt, schedule='static', nogil=True):
-        dense_param_grads_cols(X, delta, dW, db, n, n_in, n_out,
-                               _col_split(n_out, t, nt), _col_split(n_out, t + 1, nt))
+        dense_param_grads_part(X, delta, dW, db, n, n_in, n_out,
+                               n_in * t // nt, n_in * (t + 1) // nt,
+                               n_out * t // nt, n_out * (t + 1) // nt)
 
 
 cdef inline void dense_input_grad_rows(const floating* delta, const floating* W, floating* dX,

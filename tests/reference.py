@@ -1,0 +1,164 @@
+"""Plain-NumPy reference of every cprop kernel: the oracle the tests hold cprop against.
+
+Written for reading, not speed: each function is its formula. Arrays keep the
+dtype they are given, so the tests pass float64 copies to get an exact oracle.
+A network is a list of (W, b) pairs with W of shape (n_in, n_out), plus one
+activation name per layer.
+"""
+import numpy as np
+
+LEAKY_SLOPE = 0.01
+
+# -- activations: y = f(z), and f'(z) written through the output y --------
+
+def identity(z):
+    return z                                          # f(z) = z
+
+
+def relu(z):
+    return np.maximum(z, 0)                           # f(z) = max(z, 0)
+
+
+def leaky_relu(z):
+    return np.where(z > 0, z, LEAKY_SLOPE * z)         # f(z) = z if z > 0 else 0.01·z
+
+
+def sigmoid(z):
+    return np.exp(-np.logaddexp(0, -z))               # f(z) = 1 / (1 + e^-z), without overflow
+
+
+def tanh(z):
+    return np.tanh(z)                                 # f(z) = tanh z
+
+
+ACTIVATIONS = {"identity": identity, "relu": relu, "leaky_relu": leaky_relu,
+               "sigmoid": sigmoid, "tanh": tanh}
+
+DERIVATIVES = {
+    "identity": lambda y: np.ones_like(y),                            # f' = 1
+    "relu": lambda y: (y > 0).astype(y.dtype),                        # f' = [y > 0]
+    "leaky_relu": lambda y: np.where(y > 0, 1, LEAKY_SLOPE).astype(y.dtype),  # f' = 1 or 0.01
+    "sigmoid": lambda y: y * (1 - y),                                 # f' = y(1 - y)
+    "tanh": lambda y: 1 - y * y,                                      # f' = 1 - y²
+}
+
+
+# -- the dense layer -------------------------------------------------------
+
+def dense_forward(X, W, b, activation):
+    """Y = f(X·W + b)."""
+    return ACTIVATIONS[activation](X @ W + b)
+
+
+def dense_backward(X, W, Y, G, activation):
+    """delta = G ⊙ f'(Y);  dW = Xᵀ·delta,  db = Σ_rows delta,  dX = delta·Wᵀ."""
+    delta = G * DERIVATIVES[activation](Y)
+    return X.T @ delta, delta.sum(axis=0), delta @ W.T
+
+
+def forward(layers, activations, X):
+    """Every layer's output [Y_0, …, Y_L-1] for input X."""
+    outputs = []
+    for (W, b), activation in zip(layers, activations):
+        X = dense_forward(X, W, b, activation)
+        outputs.append(X)
+    return outputs
+
+
+def backward(layers, activations, X, outputs, G):
+    """[(dW, db)] per layer from G = ∂L/∂output: the chain rule, last layer first."""
+    grads = []
+    for l in range(len(layers) - 1, -1, -1):
+        inp = X if l == 0 else outputs[l - 1]
+        dW, db, G = dense_backward(inp, layers[l][0], outputs[l], G, activations[l])
+        grads.append((dW, db))
+    return grads[::-1]
+
+
+# -- losses: (mean loss, gradient with respect to the raw output) -----------
+
+def mse(out, y):
+    """L = mean((out - y)²) over all elements;  G = 2(out - y) / out.size."""
+    y = np.asarray(y, dtype=out.dtype).reshape(out.shape)
+    return np.mean((out - y) ** 2), 2 * (out - y) / out.size
+
+
+def softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def cross_entropy(out, labels):
+    """L = mean_i(logsumexp(out_i) - out_i[y_i]);  G = (softmax(out) - onehot(y)) / n."""
+    labels = np.asarray(labels).astype(np.intp).ravel()
+    n = out.shape[0]
+    zmax = out.max(axis=1, keepdims=True)
+    logsumexp = zmax[:, 0] + np.log(np.exp(out - zmax).sum(axis=1))
+    onehot = np.eye(out.shape[1], dtype=out.dtype)[labels]
+    return np.mean(logsumexp - out[np.arange(n), labels]), (softmax(out) - onehot) / n
+
+
+def binary_cross_entropy(out, y):
+    """L = mean(max(z, 0) - z·t + log(1 + e^-|z|)) on logits z;  G = (σ(z) - t) / out.size."""
+    t = np.asarray(y, dtype=out.dtype).reshape(out.shape)
+    loss = np.maximum(out, 0) - out * t + np.log1p(np.exp(-np.abs(out)))
+    return np.mean(loss), (sigmoid(out) - t) / out.size
+
+
+LOSSES = {"mse": mse, "cross_entropy": cross_entropy, "binary_cross_entropy": binary_cross_entropy}
+
+
+# -- optimizers, with torch.optim's conventions, on lists of arrays in place --
+
+def sgd_step(params, grads, velocity, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
+    """g' = g + wd·p;  v = μ·v + g';  p -= lr·v  (Nesterov: p -= lr·(g' + μ·v)).
+
+    `velocity` is a list of arrays like `params`, zeros before the first step.
+    """
+    for p, g, v in zip(params, grads, velocity):
+        g = g + weight_decay * p
+        if momentum:
+            v[...] = momentum * v + g
+            g = g + momentum * v if nesterov else v
+        p -= lr * g
+
+
+def adam_step(params, grads, m, v, t, lr=0.001, betas=(0.9, 0.999), eps=1e-8,
+              weight_decay=0.0, decoupled=False):
+    """Step t (from 1) of Adam, or AdamW when `decoupled`:
+    g' = g + wd·p (AdamW: p *= 1 - lr·wd);  m = β1·m + (1-β1)·g';  v = β2·v + (1-β2)·g'²;
+    p -= lr/(1-β1ᵗ) · m / (√v/√(1-β2ᵗ) + ε)."""
+    beta1, beta2 = betas
+    for p, g, m_p, v_p in zip(params, grads, m, v):
+        if decoupled:
+            p *= 1 - lr * weight_decay
+        else:
+            g = g + weight_decay * p
+        m_p[...] = beta1 * m_p + (1 - beta1) * g
+        v_p[...] = beta2 * v_p + (1 - beta2) * g * g
+        p -= lr / (1 - beta1 ** t) * m_p / (np.sqrt(v_p) / np.sqrt(1 - beta2 ** t) + eps)
+
+
+# -- one training epoch ------------------------------------------------------
+
+def train_epoch(layers, activations, X, y, loss, order, batch_size, lr, momentum=0.0,
+                nesterov=False, weight_decay=0.0, velocity=None):
+    """One epoch of minibatch SGD in `order`, updating `layers` (a list of (W, b)) in place.
+
+    Batch by batch (the last one may be short): gather, forward, loss, backward, update.
+    Returns the mean loss over the epoch's samples.
+    """
+    params = [p for layer in layers for p in layer]
+    if velocity is None:
+        velocity = [np.zeros_like(p) for p in params]
+    y = np.asarray(y)
+    total = 0.0
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        Xb, yb = X[rows], y[rows]
+        outputs = forward(layers, activations, Xb)
+        value, G = LOSSES[loss](outputs[-1], yb)
+        grads = [g for pair in backward(layers, activations, Xb, outputs, G) for g in pair]
+        sgd_step(params, grads, velocity, lr, momentum, nesterov, weight_decay)
+        total += value * len(rows)
+    return total / len(order)
