@@ -56,7 +56,9 @@ class Sequential:
         n_params = sum(l.n_in * l.n_out + l.n_out for l in layers)
         self.params = np.zeros(n_params, dtype=self.dtype)
         self.grads = np.zeros(n_params, dtype=self.dtype)
-        self._has_grads = False
+        self._has_grads = False     # grads hold a backward pass's result
+        self._grad_rows = 0         # ... computed over this many samples
+        self._forward_rows = None   # rows of the last forward(), for backward's check
         offset = 0
         for layer in layers:
             n_W = layer.n_in * layer.n_out
@@ -160,6 +162,7 @@ class Sequential:
         for i in range(len(self.layers) - 1, -1, -1):
             G = self.layers[i]._backward(G, n_threads, input_grad=i > 0)
         self._has_grads = True
+        self._grad_rows = rows
         return self
 
     def predict_raw(self, X, n_threads=None, chunk_size=16384):

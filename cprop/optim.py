@@ -21,9 +21,18 @@ class Optimizer:
     def __init__(self):
         self.state = None      # list of flat arrays, shaped like the network's parameters
         self.step_count = 0
+        # torch applies weight decay to every parameter; scikit-learn's alpha
+        # only to weights, divided by the batch's size (cprop.sklearn sets these)
+        self.decay_bias = True
+        self.decay_per_sample = False
 
     def config(self):
         """The hyper-parameters as the compiled step reads them."""
+        return {"kind": self.kind, "lr": self.lr, "weight_decay": self.weight_decay,
+                "decay_bias": self.decay_bias, "decay_per_sample": self.decay_per_sample,
+                **self._hyper()}
+
+    def _hyper(self):
         raise NotImplementedError
 
     def _ensure_state(self, net):
@@ -50,7 +59,7 @@ class Optimizer:
         cfg["step"] = self.step_count
         with single_threaded_blas():
             rejected, self.step_count = _core.optimizer_step(
-                cfg, net.params, net.grads, a, b, net.sizes, resolve_threads(n_threads))
+                cfg, net.params, net.grads, a, b, net.sizes, net._grad_rows, resolve_threads(n_threads))
         if rejected:
             raise FloatingPointError(
                 f"the update would have made {rejected} parameter(s) non-finite; "
@@ -84,16 +93,13 @@ class SGD(Optimizer):
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov=True needs momentum > 0")
         self.n_state = 1 if self.momentum else 0
-        self.decay_bias = True
 
     def __repr__(self):
         return (f"SGD(lr={self.lr}, momentum={self.momentum}, nesterov={self.nesterov}, "
                 f"weight_decay={self.weight_decay})")
 
-    def config(self):
-        return {"kind": self.kind, "lr": self.lr, "momentum": self.momentum,
-                "nesterov": self.nesterov, "weight_decay": self.weight_decay,
-                "decay_bias": self.decay_bias}
+    def _hyper(self):
+        return {"momentum": self.momentum, "nesterov": self.nesterov}
 
 
 class Adam(Optimizer):
@@ -120,16 +126,14 @@ class Adam(Optimizer):
                       check_real(betas[1], "beta2", low=0, high=1, high_open=True))
         self.eps = check_real(eps, "eps", low=0, low_open=True)
         self.weight_decay = check_real(weight_decay, "weight_decay", low=0)
-        self.decay_bias = True
 
     def __repr__(self):
         return (f"{type(self).__name__}(lr={self.lr}, betas={self.betas}, eps={self.eps}, "
                 f"weight_decay={self.weight_decay})")
 
-    def config(self):
-        return {"kind": self.kind, "lr": self.lr, "beta1": self.betas[0], "beta2": self.betas[1],
-                "eps": self.eps, "weight_decay": self.weight_decay, "decoupled": self.decoupled,
-                "decay_bias": self.decay_bias}
+    def _hyper(self):
+        return {"beta1": self.betas[0], "beta2": self.betas[1], "eps": self.eps,
+                "decoupled": self.decoupled}
 
 
 class AdamW(Adam):

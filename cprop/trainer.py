@@ -8,7 +8,7 @@ import numpy as np
 from . import _core
 from . import io as _io
 from ._threads import resolve_threads, single_threaded_blas
-from ._validation import check_X, check_positive_int
+from ._validation import check_X, check_positive_int, check_real
 from .losses import CLASSIFICATION, LOSSES, loss_code, prepare_targets
 from .network import Sequential, network_from_meta
 from .optim import OPTIMIZERS, SGD, Optimizer
@@ -66,10 +66,12 @@ class Trainer:
     on_divergence : {"raise", "warn"} — what fit does when the loss or an update
         becomes non-finite; either way it stops at that batch and the network
         keeps its last finite parameters.
+    loss_scale : float > 0, default 1 — multiplies the loss and its gradient
+        (cprop.sklearn uses it to reproduce scikit-learn's loss conventions).
     """
 
     def __init__(self, net, loss="mse", optimizer=None, batch_size=32, shuffle=True, seed=None,
-                 n_threads=None, on_divergence="raise"):
+                 n_threads=None, on_divergence="raise", loss_scale=1.0):
         if not isinstance(net, Sequential):
             raise TypeError(f"net must be a cprop.Sequential, got {type(net).__name__}")
         loss_code(loss)
@@ -90,6 +92,7 @@ class Trainer:
         self.rng = np.random.default_rng(seed)
         self.n_threads = None if n_threads is None else check_positive_int(n_threads, "n_threads")
         self.on_divergence = on_divergence
+        self.loss_scale = check_real(loss_scale, "loss_scale", low=0, low_open=True)
         self.epochs_done = 0
         self.history = History()
 
@@ -143,14 +146,15 @@ class Trainer:
                 with single_threaded_blas():
                     status, loss_sum, n_seen, step = _core.train_epoch(
                         X, T, labels, order, gather, net.params, net.grads, state_a, state_b,
-                        work, label_buf, net.sizes, net.activations, code, batch_size, cfg, n_threads)
+                        work, label_buf, net.sizes, net.activations, code, self.loss_scale,
+                        batch_size, cfg, n_threads)
             except KeyboardInterrupt:
                 # the interrupted epoch's completed steps are kept; Adam's count with them
                 self.optimizer.step_count = cfg["step"]
                 net._has_grads = False
                 raise
             self.optimizer.step_count = step
-            net._has_grads = True
+            net._has_grads, net._grad_rows = True, n - (n - 1) // batch_size * batch_size
             elapsed = time.perf_counter() - start
             if status != _core.OK:
                 what = "loss" if status == _core.NONFINITE_LOSS else "update"
@@ -179,7 +183,7 @@ class Trainer:
     def _evaluate_prepared(self, X, T, labels, prefix=""):
         out = self.net.predict_raw(X, n_threads=self.n_threads)
         grad = np.empty_like(out)
-        result = {prefix + "loss": _core.loss(LOSSES[self.loss], out, T, labels, grad)}
+        result = {prefix + "loss": _core.loss(LOSSES[self.loss], out, T, labels, grad, self.loss_scale)}
         if self.loss == "cross_entropy":
             result[prefix + "accuracy"] = float(np.mean(out.argmax(axis=1) == labels))
         elif self.loss == "binary_cross_entropy":
@@ -221,7 +225,7 @@ class Trainer:
             "loss": self.loss,
             "optimizer": {"name": type(opt).__name__.lower(), "config": opt.config(),
                           "step_count": opt.step_count},
-            "batch_size": self.batch_size, "shuffle": self.shuffle,
+            "batch_size": self.batch_size, "shuffle": self.shuffle, "loss_scale": self.loss_scale,
             "epochs_done": self.epochs_done,
             "rng_state": self.rng.bit_generator.state,
             "history": self.history.as_dict(),
@@ -249,8 +253,9 @@ class Trainer:
             else:
                 raise ValueError(f"unknown optimizer {name!r}")
             opt.decay_bias = bool(cfg.get("decay_bias", True))
+            opt.decay_per_sample = bool(cfg.get("decay_per_sample", False))
             trainer = cls(net, loss=meta["loss"], optimizer=opt, batch_size=meta["batch_size"],
-                          shuffle=meta["shuffle"])
+                          shuffle=meta["shuffle"], loss_scale=meta.get("loss_scale", 1.0))
             states = [arrays[k] for k in sorted(arrays) if k.startswith("state_")]
             if states:
                 expected = max(opt.n_state, 1)

@@ -66,14 +66,15 @@ def dense_backward(const floating[:, ::1] X, const floating[:, ::1] W, const flo
 
 
 def loss(int kind, const floating[:, ::1] out, const floating[:, ::1] T,
-         const Py_ssize_t[::1] labels, floating[:, ::1] G):
-    """Mean loss of `out` against T (mse, binary_cross_entropy) or labels (cross_entropy); G = ∂loss/∂out."""
+         const Py_ssize_t[::1] labels, floating[:, ::1] G, double scale=1.0):
+    """scale × mean loss of `out` against T (mse, binary_cross_entropy) or labels
+    (cross_entropy); G = ∂(that)/∂out."""
     cdef const floating* T_ptr = &T[0, 0] if T.shape[0] else NULL
     cdef const Py_ssize_t* labels_ptr = &labels[0] if labels.shape[0] else NULL
     cdef double value
     with nogil:
         value = loss_and_grad(kind, &out[0, 0], T_ptr, labels_ptr, &G[0, 0],
-                              out.shape[0], out.shape[1])
+                              out.shape[0], out.shape[1], scale)
     return value
 
 
@@ -89,36 +90,37 @@ cdef Optim make_optim(dict config):
     opt.nesterov = config.get("nesterov", False)
     opt.decoupled = config.get("decoupled", False)
     opt.decay_bias = config.get("decay_bias", True)
+    opt.decay_per_sample = config.get("decay_per_sample", False)
     opt.step = config.get("step", 0)
     return opt
 
 
 cdef Py_ssize_t _optimizer_step(Optim* opt, floating* params, const floating* grads,
                                 floating* a, floating* b, const Py_ssize_t* sizes,
-                                Py_ssize_t n_layers, int n_threads) noexcept nogil:
+                                Py_ssize_t n_layers, Py_ssize_t batch_rows, int n_threads) noexcept nogil:
     """One step on every layer's W (decayed) and b (decayed when opt.decay_bias), laid out W0 b0 W1 b1 …"""
     cdef Py_ssize_t l, off = 0, n_W, rejected = 0
     if opt.kind == ADAM:
         opt.step += 1
     for l in range(n_layers):
         n_W = sizes[l] * sizes[l + 1]
-        rejected += optim_step(opt, params, grads, a, b, off, off + n_W, True, n_threads)
+        rejected += optim_step(opt, params, grads, a, b, off, off + n_W, True, batch_rows, n_threads)
         off += n_W
         rejected += optim_step(opt, params, grads, a, b, off, off + sizes[l + 1],
-                               opt.decay_bias, n_threads)
+                               opt.decay_bias, batch_rows, n_threads)
         off += sizes[l + 1]
     return rejected
 
 
 def optimizer_step(dict config, floating[::1] params, const floating[::1] grads,
                    floating[::1] state_a, floating[::1] state_b, const Py_ssize_t[::1] sizes,
-                   int n_threads):
+                   Py_ssize_t batch_rows, int n_threads):
     """One optimizer step over the flat parameters; returns (rejected values, Adam's new step count)."""
     cdef Optim opt = make_optim(config)
     cdef Py_ssize_t rejected
     with nogil:
         rejected = _optimizer_step(&opt, &params[0], &grads[0], &state_a[0], &state_b[0],
-                                   &sizes[0], sizes.shape[0] - 1, n_threads)
+                                   &sizes[0], sizes.shape[0] - 1, batch_rows, n_threads)
     return rejected, opt.step
 
 
@@ -151,8 +153,8 @@ cdef int _train_epoch(const floating[:, ::1] X, const floating[:, ::1] T,
                       floating[::1] state_a, floating[::1] state_b,
                       floating[::1] work, Py_ssize_t[::1] label_buf,
                       const Py_ssize_t[::1] sizes, const int[::1] activations,
-                      int loss_kind, Py_ssize_t batch_size, Optim* opt, int n_threads,
-                      double* loss_sum, Py_ssize_t* n_seen) noexcept nogil:
+                      int loss_kind, double loss_scale, Py_ssize_t batch_size, Optim* opt,
+                      int n_threads, double* loss_sum, Py_ssize_t* n_seen) noexcept nogil:
     cdef Py_ssize_t L = sizes.shape[0] - 1, n = X.shape[0], d = sizes[0], m = sizes[L]
     cdef Py_ssize_t l, i, start, bs, off, w_off
     cdef floating* p = &params[0]
@@ -222,7 +224,7 @@ cdef int _train_epoch(const floating[:, ::1] X, const floating[:, ::1] T,
             inp = Y[l]
 
         # loss, G = ∂L/∂Y_last, then δ_last = G ⊙ f'(Y_last)
-        batch_loss = loss_and_grad(loss_kind, Y[L - 1], T_in, labels_in, G[L - 1], bs, m)
+        batch_loss = loss_and_grad(loss_kind, Y[L - 1], T_in, labels_in, G[L - 1], bs, m, loss_scale)
         if not isfinite(batch_loss):
             return STATUS_NONFINITE_LOSS
         _activation_grad(G[L - 1], Y[L - 1], G[L - 1], bs * m, activations[L - 1])
@@ -236,7 +238,7 @@ cdef int _train_epoch(const floating[:, ::1] X, const floating[:, ::1] T,
                                  bs, sizes[l], sizes[l + 1], n_threads)
 
         # gradient descent
-        if _optimizer_step(opt, p, dp, &state_a[0], &state_b[0], &sizes[0], L, n_threads):
+        if _optimizer_step(opt, p, dp, &state_a[0], &state_b[0], &sizes[0], L, bs, n_threads):
             return STATUS_NONFINITE_STEP
         loss_sum[0] += batch_loss * bs
         n_seen[0] += bs
@@ -257,7 +259,8 @@ def train_epoch(const floating[:, ::1] X, const floating[:, ::1] T, const Py_ssi
                 floating[::1] state_a, floating[::1] state_b,
                 floating[::1] work, Py_ssize_t[::1] label_buf,
                 const Py_ssize_t[::1] sizes, const int[::1] activations,
-                int loss_kind, Py_ssize_t batch_size, dict optimizer, int n_threads):
+                int loss_kind, double loss_scale, Py_ssize_t batch_size, dict optimizer,
+                int n_threads):
     """One epoch of minibatch training, entirely without the GIL.
 
     Returns (status, summed loss over completed steps, samples in completed
@@ -273,8 +276,8 @@ def train_epoch(const floating[:, ::1] X, const floating[:, ::1] T, const Py_ssi
         raise ValueError("cprop's training loop supports at most 64 layers")
     with nogil:
         status = _train_epoch(X, T, labels, order, gather, params, grads, state_a, state_b,
-                              work, label_buf, sizes, activations, loss_kind, batch_size,
-                              &opt, n_threads, &loss_sum, &n_seen)
+                              work, label_buf, sizes, activations, loss_kind, loss_scale,
+                              batch_size, &opt, n_threads, &loss_sum, &n_seen)
     if status == STATUS_INTERRUPTED:
         optimizer["step"] = opt.step
         _raise_pending()

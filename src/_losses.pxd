@@ -1,5 +1,7 @@
 # Losses in one place. Each returns the mean loss (accumulated in double) and
 # writes G = ∂loss/∂out, the gradient with respect to the network's raw output.
+# Both are multiplied by `scale` (1 for torch's conventions; the scikit-learn
+# layer uses it to reproduce scikit-learn's sums and halves).
 #   mse:                  L = mean((out - T)²)                     G = 2(out - T) / (n·m)
 #   cross_entropy:        L = mean_i(logsumexp(out_i) - out_i[y_i])  G = (softmax(out) - onehot(y)) / n
 #   binary_cross_entropy: L = mean(max(z,0) - z·t + log(1 + e^-|z|))  G = (σ(z) - t) / (n·m)
@@ -14,23 +16,23 @@ cdef enum:
 
 
 cdef inline double mse(const floating* out, const floating* T, floating* G,
-                       Py_ssize_t n, Py_ssize_t m) noexcept nogil:
+                       Py_ssize_t n, Py_ssize_t m, double scale) noexcept nogil:
     cdef Py_ssize_t i
     cdef double total = 0, d
-    cdef floating scale = <floating> (2.0 / (n * m))
+    cdef floating g_scale = <floating> (scale * 2.0 / (n * m))
     for i in range(n * m):
         d = <double> out[i] - <double> T[i]
         total += d * d
-        G[i] = scale * (out[i] - T[i])
-    return total / (n * m)
+        G[i] = g_scale * (out[i] - T[i])
+    return scale * total / (n * m)
 
 
 cdef inline double cross_entropy(const floating* out, const Py_ssize_t* labels, floating* G,
-                                 Py_ssize_t n, Py_ssize_t m) noexcept nogil:
+                                 Py_ssize_t n, Py_ssize_t m, double scale) noexcept nogil:
     cdef Py_ssize_t i, j
     cdef double total = 0
     cdef floating zmax, sumexp
-    cdef floating inv_n = <floating> (1.0 / n)
+    cdef floating inv_n = <floating> (scale / n)
     cdef const floating* z
     cdef floating* g
     for i in range(n):
@@ -50,26 +52,26 @@ cdef inline double cross_entropy(const floating* out, const Py_ssize_t* labels, 
         for j in range(m):
             g[j] *= sumexp
         g[labels[i]] -= inv_n
-    return total / n
+    return scale * total / n
 
 
 cdef inline double binary_cross_entropy(const floating* out, const floating* T, floating* G,
-                                        Py_ssize_t n, Py_ssize_t m) noexcept nogil:
+                                        Py_ssize_t n, Py_ssize_t m, double scale) noexcept nogil:
     cdef Py_ssize_t i
     cdef double total = 0, z
-    cdef floating scale = <floating> (1.0 / (n * m))
+    cdef floating g_scale = <floating> (scale / (n * m))
     for i in range(n * m):
         z = out[i]
         total += (z if z > 0 else 0) - z * T[i] + log1p(exp(-fabs(z)))
-        G[i] = scale * (sigmoid(out[i]) - T[i])
-    return total / (n * m)
+        G[i] = g_scale * (sigmoid(out[i]) - T[i])
+    return scale * total / (n * m)
 
 
 cdef inline double loss_and_grad(int kind, const floating* out, const floating* T,
                                  const Py_ssize_t* labels, floating* G,
-                                 Py_ssize_t n, Py_ssize_t m) noexcept nogil:
+                                 Py_ssize_t n, Py_ssize_t m, double scale) noexcept nogil:
     if kind == CROSS_ENTROPY:
-        return cross_entropy(out, labels, G, n, m)
+        return cross_entropy(out, labels, G, n, m, scale)
     if kind == BINARY_CROSS_ENTROPY:
-        return binary_cross_entropy(out, T, G, n, m)
-    return mse(out, T, G, n, m)
+        return binary_cross_entropy(out, T, G, n, m, scale)
+    return mse(out, T, G, n, m, scale)

@@ -24,6 +24,7 @@ cdef struct Optim:
     int kind
     double lr, momentum, weight_decay, beta1, beta2, eps
     bint nesterov, decoupled, decay_bias
+    bint decay_per_sample       # weight decay divided by the batch's size (scikit-learn's alpha)
     Py_ssize_t step             # Adam's t: steps taken so far
 
 
@@ -151,9 +152,11 @@ cdef inline Py_ssize_t _optim_chunk(const Optim* opt, floating* p, const floatin
 
 cdef inline Py_ssize_t optim_step(const Optim* opt, floating* p, const floating* g,
                                   floating* a, floating* b, Py_ssize_t lo, Py_ssize_t hi,
-                                  bint decay, int n_threads) noexcept nogil:
+                                  bint decay, Py_ssize_t batch_rows, int n_threads) noexcept nogil:
     """One optimizer step on p[lo:hi] (Adam's t already advanced); a, b: its state arrays."""
-    cdef floating wd = <floating> opt.weight_decay if decay else 0
+    cdef floating wd = 0
+    if decay:
+        wd = <floating> (opt.weight_decay / batch_rows if opt.decay_per_sample else opt.weight_decay)
     cdef floating step_size = 0, sqrt_bc2 = 0
     cdef Py_ssize_t rejected = 0, n = hi - lo
     cdef int t, nt = n_threads
