@@ -12,7 +12,7 @@ from cpython.exc cimport PyErr_CheckSignals
 from _openmp cimport CPROP_OPENMP, omp_get_max_threads
 from _activations cimport activation_grad as _activation_grad
 from _dense cimport dense_forward as _dense_forward, dense_param_grads, dense_input_grad
-from _losses cimport loss_and_grad
+from _losses cimport loss_and_grad, CROSS_ENTROPY
 from _optim cimport Optim, optim_step, ADAM
 
 OPENMP = bool(CPROP_OPENMP)
@@ -196,14 +196,10 @@ cdef int _train_epoch(const floating[:, ::1] X, const floating[:, ::1] T,
     while start < n:
         bs = batch_size if start + batch_size <= n else n - start
 
-        # gather the minibatch (rows of X chosen by the shuffled order)
-        if gather:
-            for i in range(bs):
-                memcpy(Xb + i * d, &X[order[start + i], 0], d * sizeof(floating))
-            X_in = Xb
-        else:
-            X_in = &X[start, 0]
-        if loss_kind == 1:  # cross_entropy: integer labels
+        # the minibatch: rows order[start:start+bs] of X, gathered into Xb by
+        # the first layer's threads (or, unshuffled, X's own rows in place)
+        X_in = Xb if gather else &X[start, 0]
+        if loss_kind == CROSS_ENTROPY:  # integer labels
             if gather:
                 for i in range(bs):
                     label_buf[i] = labels[order[start + i]]
@@ -218,10 +214,11 @@ cdef int _train_epoch(const floating[:, ::1] X, const floating[:, ::1] T,
             T_in = &T[start, 0]
 
         # forward: Y_l = f_l(Y_{l-1}·W_l + b_l)
-        inp = X_in
-        for l in range(L):
-            _dense_forward(inp, W[l], b[l], Y[l], bs, sizes[l], sizes[l + 1], activations[l], n_threads)
-            inp = Y[l]
+        _dense_forward(X_in, W[0], b[0], Y[0], bs, d, sizes[1], activations[0], n_threads,
+                       &X[0, 0], &order[start] if gather else NULL)
+        for l in range(1, L):
+            _dense_forward(Y[l - 1], W[l], b[l], Y[l], bs, sizes[l], sizes[l + 1], activations[l],
+                           n_threads)
 
         # loss, G = ∂L/∂Y_last, then δ_last = G ⊙ f'(Y_last)
         batch_loss = loss_and_grad(loss_kind, Y[L - 1], T_in, labels_in, G[L - 1], bs, m, loss_scale)
@@ -264,9 +261,11 @@ def train_epoch(const floating[:, ::1] X, const floating[:, ::1] T, const Py_ssi
     """One epoch of minibatch training, entirely without the GIL.
 
     Returns (status, summed loss over completed steps, samples in completed
-    steps, Adam's step count). On a non-finite loss or update the epoch stops
-    before that step changes anything; on Ctrl-C it stops after the step in
-    progress and the KeyboardInterrupt propagates.
+    steps, Adam's step count). On a non-finite loss the epoch stops before
+    that step changes anything; on a non-finite update it stops after it, the
+    parameters whose new value would not be finite keeping their old one; on
+    Ctrl-C it stops after the step in progress and the KeyboardInterrupt
+    propagates.
     """
     cdef Optim opt = make_optim(optimizer)
     cdef double loss_sum = 0

@@ -11,6 +11,7 @@
 # timing. Kernels trust their inputs: the Python layer validated them.
 from cython cimport floating
 from cython.parallel cimport prange
+from libc.string cimport memcpy
 from _blas cimport gemm
 from _activations cimport bias_activation, activation_grad
 
@@ -43,16 +44,35 @@ cdef inline void dense_forward_rows(const floating* X, const floating* W, const 
     bias_activation(Y + r0 * n_out, b, r1 - r0, n_out, activation)
 
 
+cdef inline void gather_dense_forward_rows(const floating* source, const Py_ssize_t* rows,
+                                           floating* X, const floating* W, const floating* b,
+                                           floating* Y, Py_ssize_t r0, Py_ssize_t r1,
+                                           Py_ssize_t n_in, Py_ssize_t n_out,
+                                           int activation) noexcept nogil:
+    """X[r] = source[rows[r]] for r in [r0, r1) (when rows is given), then Y[r0:r1] = f(X[r0:r1]·W + b)."""
+    cdef Py_ssize_t r
+    if rows != NULL:
+        for r in range(r0, r1):
+            memcpy(X + r * n_in, source + rows[r] * n_in, n_in * sizeof(floating))
+    dense_forward_rows(X, W, b, Y, r0, r1, n_in, n_out, activation)
+
+
 cdef inline void dense_forward(const floating* X, const floating* W, const floating* b,
                                floating* Y, Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out,
-                               int activation, int n_threads) noexcept nogil:
-    """Y = f(X·W + b), rows split across threads."""
+                               int activation, int n_threads,
+                               const floating* source=NULL, const Py_ssize_t* rows=NULL) noexcept nogil:
+    """Y = f(X·W + b), rows split across threads.
+
+    With `rows`, X is first gathered from source (X[r] = source[rows[r]]) by the
+    same threads, each copying the rows it is about to multiply.
+    """
     cdef int t, nt = threads_for(2.0 * n * n_in * n_out, n, n_threads)
     if nt == 1:
-        dense_forward_rows(X, W, b, Y, 0, n, n_in, n_out, activation)
+        gather_dense_forward_rows(source, rows, <floating*> X, W, b, Y, 0, n, n_in, n_out, activation)
         return
     for t in prange(nt, num_threads=nt, schedule='static', nogil=True):
-        dense_forward_rows(X, W, b, Y, n * t // nt, n * (t + 1) // nt, n_in, n_out, activation)
+        gather_dense_forward_rows(source, rows, <floating*> X, W, b, Y, n * t // nt, n * (t + 1) // nt,
+                                  n_in, n_out, activation)
 
 
 cdef inline void dense_param_grads_part(const floating* X, const floating* delta,
