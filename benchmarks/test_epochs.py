@@ -1,0 +1,33 @@
+"""Epoch level: one training epoch of each ``cprop bench`` workload, cprop and every installed peer.
+
+Workloads and runners come from :mod:`cprop.bench`, so the suite and the
+``cprop bench`` command always time the same thing. pytest-benchmark groups
+the frameworks of one workload together.
+"""
+import functools
+
+import pytest
+
+from cprop import bench
+
+PEER_MODULES = {"cprop": None, "torch": "torch", "sklearn": "sklearn", "numpy": None}
+
+
+@functools.lru_cache(maxsize=None)
+def _data(name, n_samples, dtype):
+    return bench.WORKLOADS[name].make_data(n_samples, dtype)
+
+
+@pytest.mark.parametrize("framework", list(PEER_MODULES))
+@pytest.mark.parametrize("workload", list(bench.WORKLOADS.values()), ids=list(bench.WORKLOADS))
+def test_epoch(benchmark, measure, workload, framework, n_threads, dtype, samples_scale):
+    """One shuffled epoch of SGD(lr=0.01, momentum=0.9), built outside the timer."""
+    if PEER_MODULES[framework]:
+        pytest.importorskip(PEER_MODULES[framework])
+    n_samples = workload.epoch_samples(samples_scale)
+    X, y = _data(workload.name, n_samples, dtype)
+    runner = bench.RUNNERS[framework](workload, X, y, n_threads)
+    benchmark.group = f"epoch {workload.name} {workload.layers} batch {workload.batch_size}, {n_samples:,} samples"
+    with runner.limits():
+        measure(runner.epoch, rounds=3, samples=n_samples, flops=n_samples * workload.flops_per_sample,
+                min_round_seconds=0)
