@@ -11,7 +11,7 @@ import ctypes
 import os
 import threading
 
-from . import _core
+from ._lazy import core as _core
 from ._validation import check_positive_int
 
 _num_threads = None

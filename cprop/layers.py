@@ -1,7 +1,7 @@
 """The Dense layer: ``Y = f(X·W + b)`` forward, ``dW = Xᵀ·δ, db = Σδ, dX = δ·Wᵀ`` backward."""
 import numpy as np
 
-from . import _core
+from ._lazy import core as _core
 from ._threads import resolve_threads, single_threaded_blas
 from ._validation import check_positive_int
 from .activations import NAMES, activation_code

@@ -10,7 +10,7 @@ The gradient is what :meth:`cprop.Sequential.backward` takes.
 """
 import numpy as np
 
-from . import _core
+from ._lazy import core as _core
 from ._validation import check_labels, check_targets
 
 # name -> kernel code (src/_losses.pxd)

@@ -7,7 +7,7 @@ AdamW: as Adam, but decay is decoupled: p *= 1 - lr·wd, and g' = g.
 """
 import numpy as np
 
-from . import _core
+from ._lazy import core as _core
 from ._threads import resolve_threads, single_threaded_blas
 from ._validation import check_real
 

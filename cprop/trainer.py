@@ -5,7 +5,7 @@ import warnings
 
 import numpy as np
 
-from . import _core
+from ._lazy import core as _core
 from . import io as _io
 from ._threads import resolve_threads, single_threaded_blas
 from ._validation import check_X, check_positive_int, check_real
