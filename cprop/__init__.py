@@ -7,7 +7,8 @@ epoch is one call into Cython that runs without the GIL.
 """
 __version__ = "0.1.0"
 
-from . import losses, datasets
+from . import callbacks, datasets, losses, schedules
+from .callbacks import Callback, Checkpoint, EarlyStopping
 from ._threads import get_num_threads, set_num_threads
 from .gradcheck import gradient_check
 from .io import CpropFileError
@@ -39,6 +40,7 @@ def show_config(file=None):
 
 __all__ = [
     "Dense", "Sequential", "Trainer", "History", "SGD", "Adam", "AdamW", "losses", "datasets",
+    "callbacks", "schedules", "Callback", "Checkpoint", "EarlyStopping",
     "gradient_check", "load", "set_num_threads", "get_num_threads", "show_config",
     "DivergenceError", "CpropFileError", "__version__",
 ]

@@ -15,7 +15,6 @@ from ._validation import check_labels, check_targets
 
 # name -> kernel code (src/_losses.pxd)
 LOSSES = {"mse": 0, "cross_entropy": 1, "binary_cross_entropy": 2}
-CLASSIFICATION = ("cross_entropy", "binary_cross_entropy")
 
 
 def loss_code(name):

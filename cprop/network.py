@@ -180,6 +180,65 @@ class Sequential:
         self._forward_rows = None
         return out
 
+    # -- PyTorch interop -----------------------------------------------------
+    _TORCH_ACTIVATIONS = {"ReLU": "relu", "LeakyReLU": "leaky_relu", "Sigmoid": "sigmoid",
+                          "Tanh": "tanh", "Identity": "identity"}
+
+    @classmethod
+    def from_torch(cls, module):
+        """A Sequential with the weights of a ``torch.nn.Sequential`` of Linear layers, each
+        optionally followed by ReLU, LeakyReLU(0.01), Sigmoid, Tanh or Identity.
+
+        The weights are copied exactly (cprop's W is torch's ``weight.T``); the dtype
+        follows the module's (float32 or float64).
+        """
+        import torch
+        if not isinstance(module, torch.nn.Sequential):
+            raise TypeError(f"from_torch needs a torch.nn.Sequential, got {type(module).__name__}")
+        specs, dtype = [], None
+        for i, m in enumerate(module):
+            kind = type(m).__name__
+            if isinstance(m, torch.nn.Linear):
+                if m.bias is None:
+                    raise ValueError(f"module[{i}]: Linear layers need a bias (bias=True)")
+                specs.append([m, "identity"])
+                dtype = m.weight.dtype
+            elif kind in cls._TORCH_ACTIVATIONS and specs and specs[-1][1] == "identity":
+                if kind == "LeakyReLU" and m.negative_slope != 0.01:
+                    raise ValueError(f"module[{i}]: cprop's leaky_relu has slope 0.01, got {m.negative_slope}")
+                specs[-1][1] = cls._TORCH_ACTIVATIONS[kind]
+            else:
+                raise ValueError(f"module[{i}] ({kind}) cannot be converted: expected Linear layers, each "
+                                 f"optionally followed by one of {sorted(cls._TORCH_ACTIVATIONS)}")
+        if not specs:
+            raise ValueError("the module has no Linear layer")
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"weights must be float32 or float64, got {dtype}")
+        net = cls([Dense(m.in_features, m.out_features, act) for m, act in specs],
+                  dtype="float64" if dtype == torch.float64 else "float32", seed=0)
+        with torch.no_grad():
+            for layer, (m, _) in zip(net.layers, specs):
+                layer.W[...] = m.weight.detach().cpu().numpy().T
+                layer.b[...] = m.bias.detach().cpu().numpy()
+        return net
+
+    def to_torch(self):
+        """A ``torch.nn.Sequential`` (Linear + activation modules) with exactly these weights."""
+        import torch
+        dtype = torch.float64 if self.dtype == np.float64 else torch.float32
+        modules = []
+        for layer in self.layers:
+            linear = torch.nn.Linear(layer.n_in, layer.n_out, dtype=dtype)
+            with torch.no_grad():
+                linear.weight.copy_(torch.from_numpy(np.ascontiguousarray(layer.W.T)))
+                linear.bias.copy_(torch.from_numpy(layer.b.copy()))
+            modules.append(linear)
+            act = {"relu": torch.nn.ReLU, "leaky_relu": lambda: torch.nn.LeakyReLU(0.01),
+                   "sigmoid": torch.nn.Sigmoid, "tanh": torch.nn.Tanh}.get(layer.activation)
+            if act is not None:
+                modules.append(act())
+        return torch.nn.Sequential(*modules)
+
     # -- files -------------------------------------------------------------
     def save(self, path):
         """Write the architecture and parameters to `path` (.npz, no pickle, atomic)."""

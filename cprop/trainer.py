@@ -9,7 +9,8 @@ from ._lazy import core as _core
 from . import io as _io
 from ._threads import resolve_threads, single_threaded_blas
 from ._validation import check_X, check_positive_int, check_real
-from .losses import CLASSIFICATION, LOSSES, loss_code, prepare_targets
+from .callbacks import Checkpoint, as_callbacks
+from .losses import LOSSES, loss_code, prepare_targets
 from .network import Sequential, network_from_meta
 from .optim import OPTIMIZERS, SGD, Optimizer
 
@@ -42,6 +43,41 @@ class History:
 
     def as_dict(self):
         return {k: list(getattr(self, k)) for k in self.FIELDS}
+
+    def plot(self, path=None):
+        """Draw loss (and validation loss) and, when logged, validation accuracy per epoch.
+
+        Needs matplotlib (``pip install "cprop[plot]"``). Saves a PNG to `path`
+        when given; returns the matplotlib Figure.
+        """
+        try:
+            import matplotlib
+            if path is not None:
+                matplotlib.use("Agg", force=False)
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise ImportError('History.plot needs matplotlib: pip install "cprop[plot]"') from None
+        epochs = np.arange(1, len(self) + 1)
+        panels = 2 if self.val_accuracy else 1
+        fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.5), squeeze=False)
+        ax = axes[0, 0]
+        ax.plot(epochs, self.loss, label="loss")
+        if self.val_loss:
+            ax.plot(epochs[:len(self.val_loss)], self.val_loss, label="val_loss")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log" if min(self.loss, default=1) > 0 else "linear")
+        ax.legend()
+        if self.val_accuracy:
+            ax = axes[0, 1]
+            ax.plot(epochs[:len(self.val_accuracy)], self.val_accuracy, label="val_accuracy", color="C2")
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("accuracy")
+            ax.legend()
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=100)
+        return fig
 
     @classmethod
     def from_dict(cls, d):
@@ -95,6 +131,7 @@ class Trainer:
         self.loss_scale = check_real(loss_scale, "loss_scale", low=0, low_open=True)
         self.epochs_done = 0
         self.history = History()
+        self.extra = {}   # JSON-serialisable notes saved with the trainer (the CLI keeps classes, scaling)
 
     # -- training ----------------------------------------------------------
     def _prepare(self, X, y, name="X"):
@@ -102,29 +139,66 @@ class Trainer:
         T, labels = prepare_targets(self.loss, y, X.shape[0], self.net.n_outputs, self.net.dtype)
         return X, T, labels
 
-    def fit(self, X, y, epochs=1, validation_data=None, callbacks=(), verbose=False):
+    def fit(self, X, y, epochs=1, validation_data=None, validation_split=None, callbacks=(),
+            verbose=False, checkpoint=None, checkpoint_every=1):
         """Train for `epochs` passes over (X, y); returns the History (also ``self.history``).
 
-        Each epoch runs in one compiled call: shuffle by index, gather each
-        minibatch, forward, loss, backward and update for every batch
-        (including a ragged last one), with all buffers allocated once here.
+        Each epoch runs in one compiled call without the GIL: shuffle by index,
+        gather each minibatch, forward, loss, backward and update for every
+        batch (including a ragged last one), with every buffer allocated once
+        here. X is not copied when it is already C-contiguous in the network's dtype.
 
         Parameters
         ----------
         X : array-like (n_samples, n_features)
-        y : labels (n_samples,) for cross_entropy; targets (n_samples, n_outputs) otherwise
+        y : labels (n_samples,) for cross_entropy; targets (n_samples, n_outputs)
+            (or (n_samples,) for one output) for mse and binary_cross_entropy
         epochs : int >= 0
-        validation_data : (X_val, y_val), optional — adds val_loss (and val_accuracy)
-        callbacks : callables ``f(trainer, epoch, logs)`` run after each epoch;
-            returning True stops training
-        verbose : bool — print one line per epoch
+        validation_data : (X_val, y_val), optional — logs val_loss (and val_accuracy)
+        validation_split : float in (0, 1), optional — hold out this fraction of
+            (X, y), chosen at random with the trainer's seed, as validation data
+        callbacks : Callback or callables ``f(trainer, epoch, logs)`` run after
+            each epoch; returning True stops training (see cprop.callbacks,
+            cprop.schedules)
+        verbose : bool — show progress (a tqdm bar when tqdm is installed,
+            else one line per epoch)
+        checkpoint : path, optional — save the trainer there (atomically) every
+            `checkpoint_every` epochs and at the end; ``Trainer.load`` resumes it
+
+        Raises
+        ------
+        DivergenceError — the loss or an update became non-finite (with
+            ``on_divergence="raise"``); the network keeps its last finite parameters.
+        KeyboardInterrupt — Ctrl-C takes effect between batches; the network keeps
+            the parameters of the last completed step, the history its completed epochs.
         """
         epochs = check_positive_int(epochs, "epochs", minimum=0)
         X, T, labels = self._prepare(X, y)
-        if validation_data is not None:
+        if validation_split is not None:
+            if validation_data is not None:
+                raise ValueError("pass validation_data or validation_split, not both")
+            split = check_real(validation_split, "validation_split", low=0, high=1,
+                               low_open=True, high_open=True)
+            n_val = int(round(split * X.shape[0]))
+            if n_val < 1 or n_val >= X.shape[0]:
+                raise ValueError(f"validation_split={split} leaves {n_val} of {X.shape[0]} samples for "
+                                 "validation; need at least 1 and fewer than all")
+            perm = self.rng.permutation(X.shape[0])
+            val, train = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+            Xv, Tv, labels_v = X[val], T[val] if T.shape[0] else T, labels[val] if labels.shape[0] else labels
+            X, T, labels = X[train], T[train] if T.shape[0] else T, labels[train] if labels.shape[0] else labels
+            has_validation = True
+        elif validation_data is not None:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
                 raise ValueError("validation_data must be a pair (X_val, y_val)")
             Xv, Tv, labels_v = self._prepare(*validation_data, name="validation X")
+            has_validation = True
+        else:
+            has_validation = False
+        callbacks = as_callbacks(callbacks)
+        if checkpoint is not None:
+            callbacks.append(Checkpoint(checkpoint, checkpoint_every))
+
         n = X.shape[0]
         batch_size = min(self.batch_size, n)
         gather = self.shuffle
@@ -135,49 +209,59 @@ class Trainer:
         n_threads = resolve_threads(self.n_threads)
         order = np.arange(n, dtype=np.intp)
         code = LOSSES[self.loss]
+        progress = _Progress(epochs, verbose)
 
-        for _ in range(epochs):
-            if self.shuffle:
-                order = self.rng.permutation(n).astype(np.intp, copy=False)
-            cfg = self.optimizer.config()
-            cfg["step"] = self.optimizer.step_count
-            start = time.perf_counter()
-            try:
-                with single_threaded_blas():
-                    status, loss_sum, n_seen, step = _core.train_epoch(
-                        X, T, labels, order, gather, net.params, net.grads, state_a, state_b,
-                        work, label_buf, net.sizes, net.activations, code, self.loss_scale,
-                        batch_size, cfg, n_threads)
-            except KeyboardInterrupt:
-                # the interrupted epoch's completed steps are kept; Adam's count with them
-                self.optimizer.step_count = cfg["step"]
-                net._has_grads = False
-                raise
-            self.optimizer.step_count = step
-            net._has_grads, net._grad_rows = True, n - (n - 1) // batch_size * batch_size
-            elapsed = time.perf_counter() - start
-            if status != _core.OK:
-                what = "loss" if status == _core.NONFINITE_LOSS else "update"
-                msg = (f"training diverged in epoch {self.epochs_done + 1} after {n_seen} samples: "
-                       f"the {what} became non-finite. The network keeps its last finite parameters; "
-                       "lower the learning rate or scale the inputs.")
-                if self.on_divergence == "raise":
-                    raise DivergenceError(msg)
-                warnings.warn(msg, RuntimeWarning, stacklevel=2)
-                break
-            self.epochs_done += 1
-            logs = {"loss": loss_sum / n_seen, "lr": self.optimizer.lr, "time": elapsed,
-                    "samples_per_second": n / elapsed if elapsed > 0 else math.inf}
-            if validation_data is not None:
-                logs.update(self._evaluate_prepared(Xv, Tv, labels_v, prefix="val_"))
-            self.history.append(**logs)
-            if verbose:
-                extra = "".join(f"  {k} {v:.4f}" for k, v in logs.items() if k.startswith("val_"))
-                print(f"epoch {self.epochs_done:4d}  loss {logs['loss']:.4f}{extra}  "
-                      f"{logs['samples_per_second']:,.0f} samples/s", flush=True)
-            if any(cb(self, self.epochs_done, logs) is True for cb in callbacks):
-                break
+        for cb in callbacks:
+            cb.on_train_begin(self)
+        try:
+            for _ in range(epochs):
+                if self.shuffle:
+                    order = self.rng.permutation(n).astype(np.intp, copy=False)
+                cfg = self.optimizer.config()
+                cfg["step"] = self.optimizer.step_count
+                start = time.perf_counter()
+                try:
+                    with single_threaded_blas():
+                        status, loss_sum, n_seen, step = _core.train_epoch(
+                            X, T, labels, order, gather, net.params, net.grads, state_a, state_b,
+                            work, label_buf, net.sizes, net.activations, code, self.loss_scale,
+                            batch_size, cfg, n_threads)
+                except KeyboardInterrupt:
+                    # the interrupted epoch's completed steps are kept; Adam's count with them
+                    self.optimizer.step_count = cfg["step"]
+                    net._has_grads = False
+                    raise
+                self.optimizer.step_count = step
+                net._has_grads, net._grad_rows = True, n - (n - 1) // batch_size * batch_size
+                elapsed = time.perf_counter() - start
+                if status != _core.OK:
+                    self._diverged(status, n_seen)
+                    break
+                self.epochs_done += 1
+                logs = {"loss": loss_sum / n_seen, "lr": self.optimizer.lr, "time": elapsed,
+                        "samples_per_second": n / elapsed if elapsed > 0 else math.inf}
+                if has_validation:
+                    logs.update(self._evaluate_prepared(Xv, Tv, labels_v, prefix="val_"))
+                self.history.append(**logs)
+                progress.update(self.epochs_done, logs)
+                # every callback sees every epoch, even when an earlier one asks to stop
+                stop = [cb.on_epoch_end(self, self.epochs_done, logs) is True for cb in callbacks]
+                if any(stop):
+                    break
+        finally:
+            progress.close()
+        for cb in callbacks:
+            cb.on_train_end(self)
         return self.history
+
+    def _diverged(self, status, n_seen):
+        what = "loss" if status == _core.NONFINITE_LOSS else "update"
+        msg = (f"training diverged in epoch {self.epochs_done + 1} after {n_seen} samples: "
+               f"the {what} became non-finite. The network keeps its last finite parameters; "
+               "lower the learning rate or scale the inputs.")
+        if self.on_divergence == "raise":
+            raise DivergenceError(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
     # -- evaluation --------------------------------------------------------
     def _evaluate_prepared(self, X, T, labels, prefix=""):
@@ -229,6 +313,7 @@ class Trainer:
             "epochs_done": self.epochs_done,
             "rng_state": self.rng.bit_generator.state,
             "history": self.history.as_dict(),
+            "extra": self.extra,
         }
         arrays = {"params": self.net.params}
         if opt.state is not None:
@@ -271,6 +356,43 @@ class Trainer:
             if not isinstance(meta["history"], dict) or not isinstance(meta["shuffle"], bool):
                 raise ValueError("history must be a mapping and shuffle a boolean")
             trainer.history = History.from_dict(meta["history"])
+            trainer.extra = meta.get("extra", {})
+            if not isinstance(trainer.extra, dict):
+                raise ValueError("extra must be a mapping")
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise _io.CpropFileError(f"{path!r}: invalid trainer in file ({exc})") from None
         return trainer
+
+
+class _Progress:
+    """Per-epoch progress for fit(verbose=True): a tqdm bar when tqdm is installed, else lines."""
+
+    def __init__(self, epochs, verbose):
+        self.bar = None
+        self.verbose = bool(verbose)
+        if self.verbose:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=epochs, unit="epoch", desc="fit")
+
+    @staticmethod
+    def _describe(logs):
+        parts = [f"loss {logs['loss']:.4f}"]
+        parts += [f"{k} {v:.4f}" for k, v in logs.items() if k.startswith("val_")]
+        parts.append(f"{logs['samples_per_second']:,.0f} samples/s")
+        return parts
+
+    def update(self, epoch, logs):
+        if not self.verbose:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix_str("  ".join(self._describe(logs)), refresh=False)
+            self.bar.update(1)
+        else:
+            print(f"epoch {epoch:4d}  " + "  ".join(self._describe(logs)), flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,111 @@
+"""Callbacks: code that runs between epochs of :meth:`cprop.Trainer.fit`.
+
+A callback is a :class:`Callback` or any callable ``f(trainer, epoch, logs)``
+(called after each epoch; returning True stops training). ``logs`` holds the
+epoch's ``loss``, ``lr``, ``time``, ``samples_per_second`` and, with validation
+data, ``val_loss`` (and ``val_accuracy``).
+"""
+import math
+
+import numpy as np
+
+from ._validation import check_positive_int, check_real
+
+
+class Callback:
+    """Base class: override the hooks you need."""
+
+    def on_train_begin(self, trainer):
+        """Before the first epoch of a fit."""
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        """After each epoch (`epoch` counts from 1 over the trainer's life); return True to stop."""
+
+    def on_train_end(self, trainer):
+        """After the last epoch of a fit, stopped early or not."""
+
+
+class FunctionCallback(Callback):
+    """Wraps a plain function ``f(trainer, epoch, logs)`` as an epoch-end callback."""
+
+    def __init__(self, fn):
+        if not callable(fn):
+            raise TypeError(f"callbacks must be callables or cprop.callbacks.Callback, got {fn!r}")
+        self.fn = fn
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        return self.fn(trainer, epoch, logs)
+
+
+def as_callbacks(callbacks):
+    """A list of Callback objects from Callbacks and plain callables."""
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, Callback) or callable(callbacks):
+        callbacks = [callbacks]
+    return [cb if isinstance(cb, Callback) else FunctionCallback(cb) for cb in callbacks]
+
+
+class EarlyStopping(Callback):
+    """Stop when a monitored value has not improved for `patience` epochs.
+
+    Parameters
+    ----------
+    monitor : str, default "val_loss" — a key of the epoch logs ("loss", "val_loss", "val_accuracy")
+    patience : int, default 10 — epochs without improvement before stopping
+    min_delta : float, default 0 — smaller changes do not count as improvement
+    mode : {"auto", "min", "max"} — "auto": max for accuracies, min otherwise
+    restore_best : bool, default True — put back the best epoch's parameters at the end
+    """
+
+    def __init__(self, monitor="val_loss", patience=10, min_delta=0.0, mode="auto", restore_best=True):
+        self.monitor = monitor
+        self.patience = check_positive_int(patience, "patience", minimum=0)
+        self.min_delta = check_real(min_delta, "min_delta", low=0)
+        if mode not in ("auto", "min", "max"):
+            raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+        self.mode = ("max" if "acc" in monitor else "min") if mode == "auto" else mode
+        self.restore_best = bool(restore_best)
+
+    def on_train_begin(self, trainer):
+        self.best = -math.inf if self.mode == "max" else math.inf
+        self.best_epoch = None
+        self.best_params = None
+        self.wait = 0
+        self.stopped_epoch = None
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        if self.monitor not in logs:
+            raise ValueError(f"EarlyStopping monitors {self.monitor!r}, which this fit does not log "
+                             f"(it logs {sorted(logs)}); pass validation_data or validation_split")
+        value = logs[self.monitor]
+        better = (value > self.best + self.min_delta) if self.mode == "max" else (value < self.best - self.min_delta)
+        if better:
+            self.best, self.best_epoch, self.wait = value, epoch, 0
+            if self.restore_best:
+                self.best_params = trainer.net.params.copy()
+            return False
+        self.wait += 1
+        if self.wait > self.patience:
+            self.stopped_epoch = epoch
+            return True
+        return False
+
+    def on_train_end(self, trainer):
+        if self.restore_best and self.best_params is not None:
+            trainer.net.params[...] = self.best_params
+
+
+class Checkpoint(Callback):
+    """Save the trainer (``trainer.save(path)``, atomic) every `every` epochs and at the end."""
+
+    def __init__(self, path, every=1):
+        self.path = path
+        self.every = check_positive_int(every, "checkpoint_every")
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        if epoch % self.every == 0:
+            trainer.save(self.path)
+
+    def on_train_end(self, trainer):
+        trainer.save(self.path)
