@@ -44,3 +44,11 @@ __all__ = [
     "gradient_check", "load", "set_num_threads", "get_num_threads", "show_config",
     "DivergenceError", "CpropFileError", "__version__",
 ]
+
+
+def __getattr__(name):
+    # cprop.sklearn needs scikit-learn, so it is imported on first use only
+    if name == "sklearn":
+        import importlib
+        return importlib.import_module("cprop.sklearn")
+    raise AttributeError(f"module 'cprop' has no attribute {name!r}")

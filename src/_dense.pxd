@@ -18,7 +18,7 @@ from _activations cimport bias_activation, activation_grad
 # Starting an OpenMP region costs a few microseconds; a product smaller than
 # this many floating-point operations per thread is faster on one thread.
 cdef enum:
-    MIN_FLOPS_PER_THREAD = 1 << 18
+    MIN_FLOPS_PER_THREAD = 1 << 20
 
 
 cdef inline int threads_for(double flops, Py_ssize_t n_chunks, int n_threads) noexcept nogil:

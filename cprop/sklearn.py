@@ -1,0 +1,711 @@
+"""scikit-learn drop-in estimators: :class:`MLPClassifier` and :class:`MLPRegressor`.
+
+They take scikit-learn's ``sklearn.neural_network`` parameters (same names,
+defaults and meaning) and train with cprop: a :class:`cprop.Sequential` of
+:class:`cprop.Dense` layers (the output layer is identity: the loss fuses the
+softmax or sigmoid) and one :meth:`cprop.Trainer.fit` call whose per-epoch
+callback does scikit-learn's bookkeeping (loss curve, ``tol`` /
+``n_iter_no_change``, early stopping, learning-rate schedules,
+ConvergenceWarning).
+
+scikit-learn's conventions and how cprop reproduces them:
+
+- loss and gradient: sklearn's squared error has gradient ``(p - y)/n``, i.e.
+  cprop's ``mse`` × n_outputs/2; its log-loss is cprop's
+  ``binary_cross_entropy`` × n_outputs (binary, multi-label) or
+  ``cross_entropy`` × 1 (softmax). The factor is ``Trainer(loss_scale=...)``.
+- L2: ``alpha·W / batch_size`` added to the weights' gradient, biases not
+  decayed: ``weight_decay=alpha, decay_bias=False, decay_per_sample=True``.
+- SGD: sklearn's ``v = μv - lr·g; p += v`` (Nesterov ``p += μv - lr·g``) is
+  torch's ``v = μv + g; p -= lr·v`` with sklearn's v = -lr × torch's v; when
+  the learning rate changes between epochs (invscaling, adaptive) cprop's
+  velocity is rescaled by old_lr/new_lr so the two stay the same update.
+- initial weights: drawn exactly as sklearn draws them (Glorot-uniform weights
+  *and* biases from ``check_random_state(random_state)``), so the same
+  ``random_state`` starts both from the same point.
+
+Known differences from scikit-learn (documented, deliberate):
+
+- ``solver="lbfgs"`` and the regressor's ``loss="poisson"`` are not supported
+  (ValueError); ``sample_weight`` is not accepted; sparse X is rejected.
+- ``momentum`` must be < 1 (sklearn allows 1).
+- Adam: cprop adds ε to ``√v/√(1-β2ᵗ)`` (torch), sklearn to ``√v``; this is
+  sklearn's update with ε scaled by ``√(1-β2ᵗ)`` (smaller in the first steps).
+- ``loss_`` / ``loss_curve_``: the data term is exact (summed over the epoch's
+  batches at their pre-update weights, as sklearn). sklearn adds
+  ``alpha/2·‖W‖²/n`` once per *batch* at that batch's weights; cprop knows the
+  weights only at epoch boundaries and interpolates ‖W‖² linearly between them
+  (exact with one batch per epoch, second order otherwise).
+- the shuffling order differs (cprop's generator, seeded from random_state).
+- log-loss is computed from logits without sklearn's clipping of
+  probabilities at machine epsilon.
+- a diverging fit stops at the failing batch with the last finite weights
+  (sklearn carries on with NaN): ValueError, or with early stopping a
+  RuntimeWarning and the best weights, as sklearn ends up.
+- ``coefs_`` and ``intercepts_`` are views of the live cprop network's
+  parameters: modify them in place (``coefs_[0][...] = W``) to change the
+  model; assigning new arrays to the lists does not.
+"""
+import math
+import warnings
+from numbers import Integral, Real
+
+import numpy as np
+from scipy.special import expit, log_expit
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, _fit_context, is_classifier
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import accuracy_score, r2_score
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import LabelBinarizer
+from sklearn.utils import check_random_state, column_or_1d
+from sklearn.utils._param_validation import Interval, Options, StrOptions
+from sklearn.utils.metaestimators import available_if
+from sklearn.utils.multiclass import _check_partial_fit_first_call, type_of_target, unique_labels
+try:
+    from sklearn.utils.validation import check_is_fitted, validate_data
+except ImportError as exc:  # validate_data is public from scikit-learn 1.6 on
+    raise ImportError("cprop.sklearn needs scikit-learn >= 1.6") from exc
+
+from .layers import Dense
+from .network import Sequential
+from .optim import SGD, Adam
+from .trainer import DivergenceError, Trainer
+
+__all__ = ["MLPClassifier", "MLPRegressor"]
+
+# sklearn's activation names -> cprop's
+_ACTIVATIONS = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}
+
+# out_activation_ -> (cprop loss, loss_scale(n_outputs) that gives sklearn's gradient)
+_LOSSES = {
+    "softmax": ("cross_entropy", lambda n_outputs: 1.0),
+    "logistic": ("binary_cross_entropy", lambda n_outputs: float(n_outputs)),
+    "identity": ("mse", lambda n_outputs: n_outputs / 2.0),
+}
+
+
+def _stochastic_solver(estimator):
+    """partial_fit exists for the stochastic solvers only (as in scikit-learn)."""
+    if estimator.solver not in ("sgd", "adam"):
+        raise AttributeError(f"partial_fit is only available for stochastic optimizers. "
+                             f"{estimator.solver} is not stochastic.")
+    return True
+
+
+class _BaseMLP(BaseEstimator):
+    """Shared fit / partial_fit / predict machinery; use MLPClassifier or MLPRegressor."""
+
+    _parameter_constraints: dict = {
+        "hidden_layer_sizes": ["array-like", Interval(Integral, 1, None, closed="left")],
+        "activation": [StrOptions({"identity", "logistic", "tanh", "relu"})],
+        # lbfgs passes validation so that fit can say clearly it is not supported
+        "solver": [StrOptions({"lbfgs", "sgd", "adam"})],
+        "alpha": [Interval(Real, 0, None, closed="left")],
+        "batch_size": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
+        "learning_rate": [StrOptions({"constant", "invscaling", "adaptive"})],
+        "learning_rate_init": [Interval(Real, 0, None, closed="neither")],
+        "power_t": [Interval(Real, 0, None, closed="left")],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "shuffle": ["boolean"],
+        "random_state": ["random_state"],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "verbose": ["verbose"],
+        "warm_start": ["boolean"],
+        "momentum": [Interval(Real, 0, 1, closed="left")],   # cprop's SGD needs μ < 1
+        "nesterovs_momentum": ["boolean"],
+        "early_stopping": ["boolean"],
+        "validation_fraction": [Interval(Real, 0, 1, closed="left")],
+        "beta_1": [Interval(Real, 0, 1, closed="left")],
+        "beta_2": [Interval(Real, 0, 1, closed="left")],
+        "epsilon": [Interval(Real, 0, None, closed="neither")],
+        "n_iter_no_change": [Interval(Integral, 1, None, closed="left"), Options(Real, {np.inf})],
+        "max_fun": [Interval(Integral, 1, None, closed="left")],
+    }
+
+    # -- set-up --------------------------------------------------------------
+    def _hidden_layer_sizes(self):
+        sizes = self.hidden_layer_sizes
+        sizes = list(sizes) if hasattr(sizes, "__iter__") else [sizes]
+        if any(s <= 0 for s in sizes):
+            raise ValueError(f"hidden_layer_sizes must be > 0, got {sizes}.")
+        return [int(s) for s in sizes]
+
+    def _check_supported(self):
+        if self.solver == "lbfgs":
+            raise ValueError(
+                "solver='lbfgs' is not supported by cprop.sklearn: cprop trains by minibatch "
+                "gradient descent; use solver='adam' or solver='sgd' (or "
+                "sklearn.neural_network for L-BFGS).")
+
+    def _initialize(self, layer_units, dtype):
+        """Fresh network (weights drawn as sklearn draws them) and fit bookkeeping."""
+        self.n_iter_ = 0
+        self.t_ = 0
+        self.n_layers_ = len(layer_units)
+        self.out_activation_ = self._output_activation()
+        layers = [Dense(layer_units[i], layer_units[i + 1], _ACTIVATIONS[self.activation])
+                  for i in range(len(layer_units) - 2)]
+        layers.append(Dense(layer_units[-2], layer_units[-1], "identity"))
+        self._net = Sequential(layers, dtype=dtype, seed=0)
+        # sklearn's _init_coef: Glorot-uniform for weights and biases, in this order
+        factor = 2.0 if self.activation == "logistic" else 6.0
+        for layer in self._net.layers:
+            bound = np.sqrt(factor / (layer.n_in + layer.n_out))
+            layer.W[...] = self._random_state.uniform(-bound, bound, (layer.n_in, layer.n_out))
+            layer.b[...] = self._random_state.uniform(-bound, bound, layer.n_out)
+        self._bind_params()
+        self._best_params = self._net.params.copy()
+        self.loss_curve_ = []
+        self._no_improvement_count = 0
+        if self.early_stopping:
+            self.validation_scores_ = []
+            self.best_validation_score_ = -np.inf
+            self.best_loss_ = None
+        else:
+            self.best_loss_ = np.inf
+            self.validation_scores_ = None
+            self.best_validation_score_ = None
+
+    def _bind_params(self):
+        """coefs_ / intercepts_ as views of the network's live parameters."""
+        self.coefs_ = [layer.W for layer in self._net.layers]
+        self.intercepts_ = [layer.b for layer in self._net.layers]
+
+    def _network(self):
+        """The cprop network, after adopting any coefs_ / intercepts_ arrays assigned since
+        the last fit (in-place changes need nothing: the lists hold views)."""
+        net = getattr(self, "_net", None)
+        coefs, intercepts = list(self.coefs_), list(self.intercepts_)
+        if (net is not None and len(coefs) == len(intercepts) == len(net.layers)
+                and all(c is l.W and b is l.b for c, b, l in zip(coefs, intercepts, net.layers))):
+            return net
+        coefs = [np.asarray(c) for c in coefs]
+        intercepts = [np.asarray(b).reshape(-1) for b in intercepts]
+        if (not coefs or len(coefs) != len(intercepts) or any(c.ndim != 2 for c in coefs)
+                or any(coefs[i].shape[1] != coefs[i + 1].shape[0] for i in range(len(coefs) - 1))
+                or any(b.shape[0] != c.shape[1] for c, b in zip(coefs, intercepts))):
+            raise ValueError("coefs_ and intercepts_ must be lists of chaining (n_in, n_out) "
+                             "weight matrices and (n_out,) bias vectors")
+        dtype = net.dtype if net is not None else (
+            np.float32 if coefs[0].dtype == np.float32 else np.float64)
+        hidden = _ACTIVATIONS[self.activation]
+        layers = [Dense(c.shape[0], c.shape[1], hidden) for c in coefs[:-1]]
+        layers.append(Dense(coefs[-1].shape[0], coefs[-1].shape[1], "identity"))
+        self._net = Sequential(layers, dtype=dtype, seed=0)
+        for layer, W, b in zip(self._net.layers, coefs, intercepts):
+            layer.W[...] = W
+            layer.b[...] = b
+        self._bind_params()
+        self._best_params = self._net.params.copy()
+        return self._net
+
+    def _continue_with(self, layer_units):
+        """Warm start / partial_fit: check the existing network still fits the data and parameters."""
+        self._network()
+        sizes = [int(s) for s in self._net.sizes]
+        if sizes != list(layer_units):
+            raise ValueError(
+                f"cannot continue training a network of layer sizes {sizes} with data and "
+                f"hidden_layer_sizes that need {list(layer_units)}; fit with warm_start=False")
+        hidden = _ACTIVATIONS[self.activation]
+        if any(layer.activation != hidden for layer in self._net.layers[:-1]):
+            # as sklearn: the new activation applies to the existing weights
+            arch = self._net.architecture()
+            arch["activations"] = [hidden] * (len(sizes) - 2) + ["identity"]
+            self._net = Sequential.from_architecture(arch, self._net.params)
+            self._bind_params()
+        # a warm start may switch early stopping on or off
+        if self.early_stopping and getattr(self, "validation_scores_", None) is None:
+            self.validation_scores_, self.best_validation_score_ = [], -np.inf
+            self._best_params = self._net.params.copy()
+        if not self.early_stopping and getattr(self, "best_loss_", None) is None:
+            self.best_loss_ = np.inf
+
+    def _new_optimizer(self):
+        if self.solver == "sgd":
+            opt = SGD(lr=self.learning_rate_init, momentum=self.momentum,
+                      nesterov=bool(self.nesterovs_momentum and self.momentum > 0))
+        else:
+            opt = Adam(lr=self.learning_rate_init, betas=(self.beta_1, self.beta_2), eps=self.epsilon)
+        # sklearn's L2: alpha·W / batch_size on weights only
+        opt.weight_decay = float(self.alpha)
+        opt.decay_bias = False
+        opt.decay_per_sample = True
+        return opt
+
+    def _set_learning_rate(self, lr):
+        """Change SGD's learning rate between epochs, keeping sklearn's velocity (-lr × cprop's)."""
+        opt = self._optimizer
+        if opt.momentum > 0 and opt.state is not None and lr > 0:
+            for v in opt.state:
+                v *= opt.lr / lr
+        opt.lr = lr
+
+    # -- fitting ---------------------------------------------------------------
+    def _fit(self, X, y, incremental=False):
+        self._check_supported()
+        hidden = self._hidden_layer_sizes()
+        first_pass = not hasattr(self, "coefs_") or (not self.warm_start and not incremental)
+        X, y = self._validate_input(X, y, incremental, reset=first_pass)
+        if y.ndim == 1:
+            y = y.reshape(-1, 1)
+        self.n_outputs_ = y.shape[1]
+        layer_units = [X.shape[1], *hidden, self.n_outputs_]
+        self._random_state = check_random_state(self.random_state)
+        if first_pass:
+            # float32 X trains a float32 network; everything else float64 (as sklearn)
+            self._initialize(layer_units, X.dtype)
+        else:
+            self._continue_with(layer_units)
+        X = np.ascontiguousarray(X, dtype=self._net.dtype)
+        self._fit_stochastic(X, y, incremental)
+        return self
+
+    def _fit_stochastic(self, X, y, incremental):
+        if not incremental or not hasattr(self, "_optimizer"):
+            self._optimizer = self._new_optimizer()
+        if self.early_stopping and incremental:
+            raise ValueError("partial_fit does not support early_stopping=True")
+        early_stopping = self.early_stopping
+        if early_stopping:
+            # as sklearn: stratify single-output classification only
+            stratify = y if is_classifier(self) and self.n_outputs_ == 1 else None
+            X, X_val, y, y_val = train_test_split(
+                X, y, random_state=self._random_state, test_size=self.validation_fraction,
+                stratify=stratify)
+            if X_val.shape[0] < 2:
+                raise ValueError("The validation set is too small. Increase 'validation_fraction' "
+                                 "or the size of your dataset.")
+            if is_classifier(self):
+                y_val = self._label_binarizer.inverse_transform(y_val)
+        n_samples = X.shape[0]
+        if self.batch_size == "auto":
+            batch_size = min(200, n_samples)
+        else:
+            if self.batch_size > n_samples:
+                warnings.warn("Got `batch_size` less than 1 or larger than sample size. "
+                              "It is going to be clipped")
+            batch_size = int(np.clip(self.batch_size, 1, n_samples))
+        n_batches = math.ceil(n_samples / batch_size)
+
+        loss_name, scale = _LOSSES[self.out_activation_]
+        # sklearn reports the squared error averaged over outputs (its gradient sums over them)
+        report = 1.0 / self.n_outputs_ if loss_name == "mse" else 1.0
+        targets = np.ascontiguousarray(y.argmax(axis=1)) if loss_name == "cross_entropy" else y
+        seed = self._random_state.randint(np.iinfo(np.int32).max) if self.shuffle else None
+        trainer = Trainer(self._net, loss=loss_name, optimizer=self._optimizer, batch_size=batch_size,
+                          shuffle=self.shuffle, seed=seed, loss_scale=scale(self.n_outputs_))
+        alpha = float(self.alpha)
+        sq_weights = [self._sum_squared_weights()] if alpha > 0 else None
+
+        def end_of_epoch(trainer, epoch, logs):
+            """sklearn's per-iteration bookkeeping; True stops training."""
+            self.n_iter_ += 1
+            self.t_ += n_samples
+            loss = logs["loss"] * report
+            if alpha > 0:
+                # sklearn adds alpha/2·‖W_k‖²/n for every batch k at its pre-update weights;
+                # interpolate ‖W‖² linearly between this epoch's two ends
+                start, end = sq_weights[0], self._sum_squared_weights()
+                loss += 0.5 * alpha * (n_batches * start + (n_batches - 1) / 2 * (end - start)) / n_samples
+                sq_weights[0] = end
+            self.loss_ = loss
+            self.loss_curve_.append(loss)
+            if self.verbose:
+                print("Iteration %d, loss = %.8f" % (self.n_iter_, self.loss_))
+            if early_stopping:
+                self._update_validation(X_val, y_val)
+            else:
+                self._update_no_improvement(loss)
+            if self.solver == "sgd" and self.learning_rate == "invscaling":
+                self._set_learning_rate(self.learning_rate_init / (self.t_ + 1) ** self.power_t)
+            if self._no_improvement_count > self.n_iter_no_change:
+                what = "Validation score" if early_stopping else "Training loss"
+                msg = (f"{what} did not improve more than tol={self.tol:f} for "
+                       f"{self.n_iter_no_change} consecutive epochs.")
+                if (self.solver == "sgd" and self.learning_rate == "adaptive"
+                        and self._optimizer.lr > 1e-6):
+                    self._set_learning_rate(self._optimizer.lr / 5.0)
+                    self._no_improvement_count = 0
+                    if self.verbose:
+                        print(msg + " Setting learning rate to %f" % self._optimizer.lr)
+                else:
+                    if self.verbose:
+                        print(msg + " Stopping.")
+                    return True
+            if incremental:
+                return True
+            if self.n_iter_ == self.max_iter:
+                warnings.warn("Stochastic Optimizer: Maximum iterations (%d) reached and the "
+                              "optimization hasn't converged yet." % self.max_iter, ConvergenceWarning)
+            return False
+
+        self.n_iter_ = 0
+        try:
+            trainer.fit(X, targets, epochs=1 if incremental else self.max_iter,
+                        callbacks=[end_of_epoch])
+        except DivergenceError as exc:
+            if early_stopping:
+                # as sklearn: a diverging fit with early stopping keeps its best weights
+                warnings.warn(str(exc), RuntimeWarning)
+            else:
+                raise ValueError("Solver produced non-finite parameter weights. The input data may "
+                                 f"contain large values and need to be preprocessed. ({exc})") from exc
+        except KeyboardInterrupt:
+            warnings.warn("Training interrupted by user.")
+        if early_stopping:
+            self._net.params[...] = self._best_params   # restore the best weights
+
+    def _sum_squared_weights(self):
+        with np.errstate(over="ignore"):   # huge but finite weights: an infinite L2 term
+            return float(sum(np.dot(W.ravel(), W.ravel()) for W in self.coefs_))
+
+    def _update_no_improvement(self, loss):
+        if loss > self.best_loss_ - self.tol:
+            self._no_improvement_count += 1
+        else:
+            self._no_improvement_count = 0
+        if loss < self.best_loss_:
+            self.best_loss_ = loss
+
+    def _update_validation(self, X_val, y_val):
+        score = self._score(X_val, y_val)
+        self.validation_scores_.append(score)
+        if self.verbose:
+            print("Validation score: %f" % score)
+        if score < self.best_validation_score_ + self.tol:
+            self._no_improvement_count += 1
+        else:
+            self._no_improvement_count = 0
+        if score > self.best_validation_score_:
+            self.best_validation_score_ = score
+            self._best_params = self._net.params.copy()
+
+    def _score(self, X, y):
+        """Validation score from validated X (accuracy or R²); NaN when predictions are not finite."""
+        raw = self._net.predict_raw(X)
+        if not np.isfinite(raw).all():
+            return np.nan
+        return self._score_function(y, self._predict_from_raw(raw))
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y):
+        """Fit the model to data matrix X and targets y.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+            Class labels (classification) or real targets (regression).
+
+        Returns
+        -------
+        self
+        """
+        return self._fit(X, y, incremental=False)
+
+    # -- prediction -------------------------------------------------------------
+    def _raw_output(self, X):
+        """The network's raw output (logits for classification) for unvalidated X."""
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=(np.float64, np.float32))
+        return self._network().predict_raw(X)
+
+    # -- pickling: coefs_ / intercepts_ are views, so rebind them after loading --
+    def __getstate__(self):
+        if "_net" in self.__dict__:
+            self._network()   # adopt assigned coefs_ / intercepts_ before dropping them
+        state = super().__getstate__()
+        if "_net" in state:
+            state = {k: v for k, v in state.items() if k not in ("coefs_", "intercepts_")}
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "_net" in self.__dict__:
+            self._bind_params()
+            opt = self.__dict__.get("_optimizer")
+            if opt is not None and opt.state is not None:
+                opt.state = [np.array(s) for s in opt.state]   # writable, even from a memmap
+
+
+class MLPClassifier(ClassifierMixin, _BaseMLP):
+    """Multi-layer perceptron classifier trained by cprop, with scikit-learn's interface.
+
+    Parameters are those of :class:`sklearn.neural_network.MLPClassifier`
+    (same names, defaults and meaning), except that ``solver`` must be
+    "adam" or "sgd" and ``max_fun`` (an L-BFGS setting) is accepted and
+    unused. See the module docstring for the remaining small differences.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+    loss_ : float — the loss of the last epoch, L2 term included
+    best_loss_ : float or None — the lowest loss_ (None with early stopping)
+    loss_curve_ : list of float — loss_ of every epoch
+    validation_scores_ : list of float or None — accuracy on the held-out
+        validation_fraction, per epoch (early stopping only)
+    best_validation_score_ : float or None
+    t_ : int — training samples seen
+    coefs_, intercepts_ : lists of ndarray — views of the network's W (n_in, n_out) and b
+    n_features_in_, feature_names_in_, n_iter_, n_layers_, n_outputs_
+    out_activation_ : {"softmax", "logistic"} — softmax for multi-class, one
+        logistic output per label for binary and multi-label targets
+    """
+
+    def __init__(
+        self,
+        hidden_layer_sizes=(100,),
+        activation="relu",
+        *,
+        solver="adam",
+        alpha=0.0001,
+        batch_size="auto",
+        learning_rate="constant",
+        learning_rate_init=0.001,
+        power_t=0.5,
+        max_iter=200,
+        shuffle=True,
+        random_state=None,
+        tol=1e-4,
+        verbose=False,
+        warm_start=False,
+        momentum=0.9,
+        nesterovs_momentum=True,
+        early_stopping=False,
+        validation_fraction=0.1,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-8,
+        n_iter_no_change=10,
+        max_fun=15000,
+    ):
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.activation = activation
+        self.solver = solver
+        self.alpha = alpha
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.learning_rate_init = learning_rate_init
+        self.power_t = power_t
+        self.max_iter = max_iter
+        self.shuffle = shuffle
+        self.random_state = random_state
+        self.tol = tol
+        self.verbose = verbose
+        self.warm_start = warm_start
+        self.momentum = momentum
+        self.nesterovs_momentum = nesterovs_momentum
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
+        self.n_iter_no_change = n_iter_no_change
+        self.max_fun = max_fun
+
+    _score_function = staticmethod(accuracy_score)
+
+    def _output_activation(self):
+        return "softmax" if self._label_binarizer.y_type_ == "multiclass" else "logistic"
+
+    def _validate_input(self, X, y, incremental, reset):
+        X, y = validate_data(self, X, y, multi_output=True, dtype=(np.float64, np.float32),
+                             reset=reset)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = column_or_1d(y, warn=True)
+        # as sklearn: (re)define classes_ on a fresh fit, else check compatibility
+        if not hasattr(self, "classes_") or (not self.warm_start and not incremental):
+            self._label_binarizer = LabelBinarizer()
+            self._label_binarizer.fit(y)
+            self.classes_ = self._label_binarizer.classes_
+        else:
+            classes = unique_labels(y)
+            if self.warm_start:
+                if set(classes) != set(self.classes_):
+                    raise ValueError(
+                        "warm_start can only be used where `y` has the same classes as in the "
+                        f"previous call to fit. Previously got {self.classes_}, `y` has {classes}")
+            elif len(np.setdiff1d(classes, self.classes_, assume_unique=True)):
+                raise ValueError(f"`y` has classes not in `self.classes_`. `self.classes_` has "
+                                 f"{self.classes_}. 'y' has {classes}.")
+        # one column per output: (n, 1) binary, one-hot multi-class, indicator multi-label
+        return X, self._label_binarizer.transform(y).astype(bool)
+
+    @available_if(_stochastic_solver)
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y, classes=None):
+        """One epoch over (X, y), continuing from the current state.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,) or (n_samples, n_labels)
+        classes : array of shape (n_classes,) — all the classes; required on
+            the first call (unless y is a multi-label indicator), ignored after.
+
+        Returns
+        -------
+        self
+        """
+        if _check_partial_fit_first_call(self, classes):
+            self._label_binarizer = LabelBinarizer()
+            if type_of_target(y).startswith("multilabel"):
+                self._label_binarizer.fit(y)
+            else:
+                self._label_binarizer.fit(classes)
+        return self._fit(X, y, incremental=True)
+
+    def _proba_from_raw(self, raw):
+        z = raw.astype(np.float64)
+        if self.out_activation_ == "softmax":
+            z -= z.max(axis=1, keepdims=True)
+            np.exp(z, out=z)
+            z /= z.sum(axis=1, keepdims=True)
+            return z
+        return expit(z)
+
+    def _predict_from_raw(self, raw):
+        proba = self._proba_from_raw(raw)
+        return self._label_binarizer.inverse_transform(proba.ravel() if self.n_outputs_ == 1 else proba)
+
+    def predict(self, X):
+        """Predicted classes, shape (n_samples,) (or (n_samples, n_labels) for multi-label)."""
+        return self._predict_from_raw(self._raw_output(X))
+
+    def predict_proba(self, X):
+        """Probability of each class in ``classes_`` order, shape (n_samples, n_classes).
+
+        Binary targets give two columns (1 - p, p); multi-label targets one
+        independent probability per label.
+        """
+        raw = self._raw_output(X)
+        proba = self._proba_from_raw(raw)
+        if self.n_outputs_ == 1:
+            proba = np.hstack([1 - proba, proba])
+        return proba.astype(raw.dtype, copy=False)
+
+    def predict_log_proba(self, X):
+        """log(predict_proba(X)), computed from the logits (no underflow to -inf)."""
+        raw = self._raw_output(X)
+        z = raw.astype(np.float64)
+        if self.out_activation_ == "softmax":
+            z -= z.max(axis=1, keepdims=True)
+            log_proba = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        elif self.n_outputs_ == 1:
+            log_proba = np.hstack([log_expit(-z), log_expit(z)])
+        else:
+            log_proba = log_expit(z)
+        return log_proba.astype(raw.dtype, copy=False)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_label = True
+        return tags
+
+
+class MLPRegressor(RegressorMixin, _BaseMLP):
+    """Multi-layer perceptron regressor trained by cprop, with scikit-learn's interface.
+
+    Minimises the squared error; parameters are those of
+    :class:`sklearn.neural_network.MLPRegressor` (same names, defaults and
+    meaning), except that ``loss`` must be "squared_error", ``solver`` "adam"
+    or "sgd", and ``max_fun`` is accepted and unused. Multi-output targets
+    (y of shape (n_samples, n_outputs)) train one network with n_outputs
+    outputs. Attributes as :class:`MLPClassifier` (without ``classes_``;
+    ``validation_scores_`` holds R²; ``out_activation_`` is "identity").
+    """
+
+    _parameter_constraints: dict = {
+        **_BaseMLP._parameter_constraints,
+        "loss": [StrOptions({"squared_error", "poisson"})],
+    }
+
+    def __init__(
+        self,
+        loss="squared_error",
+        hidden_layer_sizes=(100,),
+        activation="relu",
+        *,
+        solver="adam",
+        alpha=0.0001,
+        batch_size="auto",
+        learning_rate="constant",
+        learning_rate_init=0.001,
+        power_t=0.5,
+        max_iter=200,
+        shuffle=True,
+        random_state=None,
+        tol=1e-4,
+        verbose=False,
+        warm_start=False,
+        momentum=0.9,
+        nesterovs_momentum=True,
+        early_stopping=False,
+        validation_fraction=0.1,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-8,
+        n_iter_no_change=10,
+        max_fun=15000,
+    ):
+        self.loss = loss
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.activation = activation
+        self.solver = solver
+        self.alpha = alpha
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.learning_rate_init = learning_rate_init
+        self.power_t = power_t
+        self.max_iter = max_iter
+        self.shuffle = shuffle
+        self.random_state = random_state
+        self.tol = tol
+        self.verbose = verbose
+        self.warm_start = warm_start
+        self.momentum = momentum
+        self.nesterovs_momentum = nesterovs_momentum
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
+        self.n_iter_no_change = n_iter_no_change
+        self.max_fun = max_fun
+
+    _score_function = staticmethod(r2_score)
+
+    def _check_supported(self):
+        super()._check_supported()
+        if self.loss != "squared_error":
+            raise ValueError(f"loss={self.loss!r} is not supported by cprop.sklearn: "
+                             "only loss='squared_error'")
+
+    def _output_activation(self):
+        return "identity"
+
+    def _validate_input(self, X, y, incremental, reset):
+        X, y = validate_data(self, X, y, multi_output=True, y_numeric=True,
+                             dtype=(np.float64, np.float32), reset=reset)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = column_or_1d(y, warn=True)
+        return X, y
+
+    @available_if(_stochastic_solver)
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y):
+        """One epoch over (X, y), continuing from the current state; returns self."""
+        return self._fit(X, y, incremental=True)
+
+    def _predict_from_raw(self, raw):
+        return raw.ravel() if raw.shape[1] == 1 else raw
+
+    def predict(self, X):
+        """Predicted values, shape (n_samples,) or (n_samples, n_outputs)."""
+        return self._predict_from_raw(self._raw_output(X))
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        return tags

@@ -1,0 +1,430 @@
+"""cprop.sklearn: scikit-learn's estimator checks, tools (Pipeline, GridSearchCV, pickle,
+clone), accuracy next to sklearn's own MLP, and step-for-step agreement with it."""
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+
+pytest.importorskip("sklearn", minversion="1.6")
+
+from sklearn import neural_network as sk                                    # noqa: E402
+from sklearn.base import clone                                               # noqa: E402
+from sklearn.exceptions import ConvergenceWarning, NotFittedError            # noqa: E402
+from sklearn.model_selection import GridSearchCV, train_test_split           # noqa: E402
+from sklearn.pipeline import make_pipeline                                   # noqa: E402
+from sklearn.preprocessing import StandardScaler                             # noqa: E402
+from sklearn.utils.estimator_checks import parametrize_with_checks           # noqa: E402
+
+import cprop                                                                 # noqa: E402
+from cprop.sklearn import MLPClassifier, MLPRegressor                        # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These problems are tiny: on a shared 2-core machine, OpenMP threads that wait on a
+    busy core cost far more than they save. Results do not depend on the thread count
+    (test_threads_do_not_change_the_fit)."""
+    before = cprop._threads._num_threads
+    cprop.set_num_threads(1)
+    yield
+    cprop.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y = cprop.datasets.load_digits()
+    return train_test_split(X, y, test_size=0.25, random_state=0, stratify=y)
+
+
+@pytest.fixture(scope="module")
+def digits64():
+    """300 digits in float64, for the step-for-step comparisons."""
+    X, y = cprop.datasets.load_digits()
+    return X[:300].astype(np.float64), y[:300]
+
+
+def smooth_target(X):
+    return np.sin(2 * X[:, 0]) + X[:, 1] ** 2 - X[:, 0] * X[:, 2]
+
+
+# -- scikit-learn's own estimator checks ---------------------------------------------
+
+@parametrize_with_checks([
+    MLPClassifier(hidden_layer_sizes=(10,), max_iter=100, random_state=0),
+    MLPRegressor(hidden_layer_sizes=(10,), max_iter=100, learning_rate_init=0.01, random_state=0),
+])
+def test_sklearn_estimator_checks(estimator, check):
+    check(estimator)
+
+
+# -- working with scikit-learn's tools -------------------------------------------------
+
+def test_pipeline_and_grid_search(digits):
+    X_train, X_test, y_train, y_test = digits
+    pipe = make_pipeline(StandardScaler(), MLPClassifier(learning_rate_init=0.01, max_iter=30,
+                                                       random_state=0))
+    grid = GridSearchCV(pipe, {"mlpclassifier__hidden_layer_sizes": [(8,), (32,)],
+                               "mlpclassifier__alpha": [1e-4, 1e-2]}, cv=3)
+
+    grid.fit(X_train[:600], y_train[:600])
+
+    assert grid.best_params_["mlpclassifier__hidden_layer_sizes"] == (32,)
+    assert grid.score(X_test, y_test) > 0.9
+    assert len(grid.cv_results_["mean_test_score"]) == 4
+
+
+def test_pickle_round_trip_predicts_identically_and_keeps_training(digits):
+    X_train, X_test, y_train, _ = digits
+    clf = MLPClassifier((16,), max_iter=5, random_state=0).fit(X_train, y_train)
+
+    loaded = pickle.loads(pickle.dumps(clf))
+
+    assert_array_equal(loaded.predict_proba(X_test), clf.predict_proba(X_test))
+    assert_array_equal(loaded.predict(X_test), clf.predict(X_test))
+    # coefs_ are again views of the loaded network, and training carries on alike
+    assert loaded.coefs_[0].base is not None
+    clf.partial_fit(X_train, y_train)
+    loaded.partial_fit(X_train, y_train)
+    for a, b in zip(loaded.coefs_ + loaded.intercepts_, clf.coefs_ + clf.intercepts_):
+        assert_array_equal(a, b)
+
+
+def test_clone_gives_an_unfitted_copy_with_the_same_parameters(digits):
+    X_train, _, y_train, _ = digits
+    clf = MLPClassifier((16,), solver="sgd", alpha=1e-3, max_iter=3, random_state=0).fit(X_train, y_train)
+
+    copy = clone(clf)
+
+    assert copy.get_params() == clf.get_params()
+    with pytest.raises(NotFittedError):
+        copy.predict(X_train)
+    copy.fit(X_train, y_train)
+    assert_array_equal(copy.predict_proba(X_train), clf.predict_proba(X_train))
+
+
+# -- learning: next to scikit-learn's MLP ------------------------------------------------
+
+@pytest.mark.parametrize("solver", ["adam", "sgd"])
+def test_digits_accuracy_comparable_to_sklearn(digits, solver):
+    X_train, X_test, y_train, y_test = digits
+    params = dict(hidden_layer_sizes=(64,), solver=solver, max_iter=60, random_state=0,
+                  learning_rate_init=0.01 if solver == "sgd" else 0.001)
+
+    ours = MLPClassifier(**params).fit(X_train, y_train).score(X_test, y_test)
+    theirs = sk.MLPClassifier(**params).fit(X_train, y_train).score(X_test, y_test)
+
+    assert ours >= 0.95 and theirs >= 0.95
+    assert abs(ours - theirs) <= 0.02
+
+
+def test_regression_of_a_smooth_target_reaches_high_r2():
+    X = np.random.default_rng(0).uniform(-1, 1, (600, 3))
+    X_train, X_test, y_train, y_test = train_test_split(X, smooth_target(X), random_state=0)
+
+    reg = MLPRegressor(hidden_layer_sizes=(32,), learning_rate_init=0.01, max_iter=300, random_state=0)
+    reg.fit(X_train, y_train)
+
+    assert reg.score(X_test, y_test) > 0.95
+
+
+# -- the conventions, step for step against scikit-learn ----------------------------------
+
+def exact_params(**overrides):
+    """SGD without shuffling: cprop and sklearn then take the same steps from the same
+    initial weights (drawn the same way from random_state)."""
+    params = dict(hidden_layer_sizes=(16, 8), activation="tanh", solver="sgd", shuffle=False,
+                  learning_rate_init=0.05, momentum=0.9, alpha=1e-4, batch_size=64, max_iter=5,
+                  tol=0.0, random_state=0)
+    params.update(overrides)
+    return params
+
+
+def targets(kind, X, y):
+    return {"multiclass": y, "binary": y % 2,
+            "multilabel": np.c_[y % 2, y > 4, y == 3].astype(int),
+            "multioutput": np.c_[np.sin(3 * X[:, 10]) + X[:, 20], X[:, 30] ** 2],
+            "regression": np.sin(3 * X[:, 10]) + X[:, 20]}[kind]
+
+
+def fit_both(X, t, regression, **params):
+    ours, theirs = (MLPRegressor, sk.MLPRegressor) if regression else (MLPClassifier, sk.MLPClassifier)
+    return ours(**params).fit(X, t), theirs(**params).fit(X, t)
+
+
+def assert_same_fit(ours, theirs, loss_rtol=1e-10):
+    assert ours.n_iter_ == theirs.n_iter_ and ours.t_ == theirs.t_
+    assert ours.out_activation_ == theirs.out_activation_
+    for a, b in zip(ours.coefs_ + ours.intercepts_, theirs.coefs_ + theirs.intercepts_):
+        assert a.dtype == b.dtype
+        assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert_allclose(ours.loss_curve_, theirs.loss_curve_, rtol=loss_rtol)
+    assert ours.loss_ == pytest.approx(theirs.loss_, rel=loss_rtol)
+
+
+@pytest.mark.parametrize("nesterov", [False, True], ids=["momentum", "nesterov"])
+@pytest.mark.parametrize("kind", ["multiclass", "binary", "multilabel", "multioutput", "regression"])
+def test_sgd_matches_sklearn_step_for_step(digits64, kind, nesterov):
+    X, y = digits64
+    ours, theirs = fit_both(X, targets(kind, X, y), kind in ("multioutput", "regression"),
+                            **exact_params(nesterovs_momentum=nesterov))
+
+    # weights to rounding; loss_curve_ to the interpolated L2 term (see cprop.sklearn)
+    assert_same_fit(ours, theirs, loss_rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["multiclass", "multilabel", "multioutput"])
+def test_full_batch_loss_curve_is_exact(digits64, kind):
+    X, y = digits64
+    ours, theirs = fit_both(X, targets(kind, X, y), kind == "multioutput",
+                            **exact_params(batch_size=len(X), alpha=1e-2))
+
+    assert_same_fit(ours, theirs)
+
+
+@pytest.mark.parametrize("schedule", [
+    dict(learning_rate="invscaling", learning_rate_init=0.5, power_t=0.5),
+    dict(learning_rate="adaptive", tol=10.0, n_iter_no_change=1, max_iter=12),
+    dict(learning_rate="adaptive", tol=10.0, n_iter_no_change=1, max_iter=40, learning_rate_init=1e-5),
+    dict(learning_rate="constant", tol=1e-2, max_iter=200),
+    dict(momentum=0.0, nesterovs_momentum=False),
+], ids=["invscaling", "adaptive", "adaptive-stops", "tol-stops", "no-momentum"])
+def test_schedules_and_stopping_match_sklearn(digits64, schedule):
+    X, y = digits64
+    ours, theirs = fit_both(X, y, False, **exact_params(batch_size=len(X), **schedule))
+
+    assert_same_fit(ours, theirs)
+    assert ours._optimizer.lr == pytest.approx(theirs._optimizer.learning_rate, rel=1e-12)
+
+
+def test_early_stopping_matches_sklearn_and_restores_the_best_weights(digits64):
+    X, y = digits64
+    ours, theirs = fit_both(X, y, False, **exact_params(early_stopping=True, n_iter_no_change=3,
+                                                        max_iter=40, batch_size=50))
+
+    assert_same_fit(ours, theirs, loss_rtol=1e-5)
+    assert_allclose(ours.validation_scores_, theirs.validation_scores_)
+    assert ours.best_validation_score_ == theirs.best_validation_score_
+    assert ours.best_loss_ is None and theirs.best_loss_ is None
+
+
+def test_weights_copied_from_sklearn_train_on_alike(digits64):
+    """Assigned coefs_/intercepts_ are adopted: continue sklearn's fit in cprop."""
+    X, y = digits64
+    theirs = sk.MLPClassifier(**exact_params(random_state=1, max_iter=2, warm_start=True)).fit(X, y)
+    ours = MLPClassifier(**exact_params(random_state=2, max_iter=1, warm_start=True)).fit(X, y)
+
+    ours.coefs_ = [W.copy() for W in theirs.coefs_]
+    ours.intercepts_ = [b.copy() for b in theirs.intercepts_]
+    assert_allclose(ours.predict_proba(X), theirs.predict_proba(X), rtol=1e-12)
+    ours.set_params(max_iter=3).fit(X, y)
+    theirs.set_params(max_iter=3).fit(X, y)
+
+    assert_allclose(ours.loss_curve_[1:], theirs.loss_curve_[2:], rtol=1e-5)
+    for a, b in zip(ours.coefs_ + ours.intercepts_, theirs.coefs_ + theirs.intercepts_):
+        assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_adam_matches_sklearn_up_to_epsilon_placement(digits64):
+    X, y = digits64
+    # ε is added to √v by sklearn, to √v/√(1-β2ᵗ) by cprop: with ε negligible they agree
+    ours, theirs = fit_both(X, y, False, **exact_params(solver="adam", learning_rate_init=0.01,
+                                                        epsilon=1e-15, alpha=0.0))
+
+    for a, b in zip(ours.coefs_ + ours.intercepts_, theirs.coefs_ + theirs.intercepts_):
+        assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    assert_allclose(ours.loss_curve_, theirs.loss_curve_, rtol=1e-9)
+
+
+def test_threads_do_not_change_the_fit(digits64):
+    X, y = digits64
+    params = exact_params(hidden_layer_sizes=(64,), shuffle=True, max_iter=3)
+    one = MLPClassifier(**params).fit(X, y)
+    cprop.set_num_threads(2)
+    try:
+        two = MLPClassifier(**params).fit(X, y)
+    finally:
+        cprop.set_num_threads(1)
+
+    for a, b in zip(one.coefs_ + one.intercepts_, two.coefs_ + two.intercepts_):
+        assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+# -- targets, dtypes, attributes ------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
+def test_network_dtype_follows_X(digits, dtype):
+    X_train, _, y_train, _ = digits
+    X = (X_train[:200] * 16).astype(dtype)
+    expected = np.float32 if dtype == np.float32 else np.float64
+
+    clf = MLPClassifier((8,), max_iter=2, random_state=0).fit(X, y_train[:200])
+    reg = MLPRegressor(hidden_layer_sizes=(8,), max_iter=2, random_state=0).fit(X, y_train[:200].astype(float))
+
+    for est in (clf, reg):
+        assert all(a.dtype == expected for a in est.coefs_ + est.intercepts_)
+    assert clf.predict_proba(X).dtype == expected
+    assert reg.predict(X).dtype == expected
+
+
+def test_multilabel_classification(digits):
+    X_train, X_test, y_train, y_test = digits
+    Y_train = np.c_[y_train % 2, y_train > 4, y_train == 3]
+
+    clf = MLPClassifier((32,), max_iter=100, random_state=0).fit(X_train, Y_train)
+
+    assert clf.out_activation_ == "logistic" and clf.n_outputs_ == 3
+    assert_array_equal(clf.classes_, [0, 1, 2])
+    proba = clf.predict_proba(X_test)
+    assert proba.shape == (len(X_test), 3) and ((proba >= 0) & (proba <= 1)).all()
+    assert_array_equal(clf.predict(X_test), proba > 0.5)
+    assert clf.score(X_test, np.c_[y_test % 2, y_test > 4, y_test == 3]) > 0.85
+
+
+def test_multioutput_regression():
+    X = np.random.default_rng(1).uniform(-1, 1, (400, 3))
+    Y = np.c_[smooth_target(X), X[:, 0] - 2 * X[:, 1]]
+
+    reg = MLPRegressor(hidden_layer_sizes=(32,), learning_rate_init=0.01, max_iter=200, random_state=0).fit(X, Y)
+
+    assert reg.n_outputs_ == 2 and reg.out_activation_ == "identity"
+    assert reg.predict(X).shape == (400, 2)
+    assert reg.score(X, Y) > 0.9
+
+
+def test_binary_classification_has_one_logistic_output(digits):
+    X_train, X_test, y_train, _ = digits
+    labels = np.where(y_train % 2, "odd", "even")
+
+    clf = MLPClassifier((16,), max_iter=20, random_state=0).fit(X_train, labels)
+
+    assert clf.out_activation_ == "logistic" and clf.n_outputs_ == 1
+    assert clf.coefs_[-1].shape == (16, 1)
+    proba = clf.predict_proba(X_test)
+    assert proba.shape == (len(X_test), 2)
+    assert_array_equal(clf.predict(X_test), clf.classes_[(proba[:, 1] > 0.5).astype(int)])
+
+
+def test_predict_proba_rows_sum_to_one_and_log_proba_is_its_log(digits):
+    X_train, X_test, y_train, _ = digits
+    clf = MLPClassifier((16,), max_iter=20, random_state=0).fit(X_train, y_train)
+
+    proba = clf.predict_proba(X_test)
+
+    assert clf.out_activation_ == "softmax" and proba.shape == (len(X_test), 10)
+    assert_allclose(proba.sum(axis=1), 1, rtol=1e-6)
+    assert_allclose(clf.predict_log_proba(X_test), np.log(proba), rtol=1e-5, atol=1e-6)
+    assert_array_equal(clf.predict(X_test), clf.classes_[proba.argmax(axis=1)])
+
+
+def test_fitted_attributes(digits):
+    X_train, _, y_train, _ = digits
+    clf = MLPClassifier((16, 8), max_iter=4, random_state=0).fit(X_train, y_train)
+
+    assert clf.n_features_in_ == 64 and clf.n_layers_ == 4 and clf.n_outputs_ == 10
+    assert [W.shape for W in clf.coefs_] == [(64, 16), (16, 8), (8, 10)]
+    assert [b.shape for b in clf.intercepts_] == [(16,), (8,), (10,)]
+    assert clf.n_iter_ == 4 and clf.t_ == 4 * len(X_train) and len(clf.loss_curve_) == 4
+    assert clf.loss_ == clf.loss_curve_[-1] and clf.best_loss_ == min(clf.loss_curve_)
+    assert clf.validation_scores_ is None and clf.best_validation_score_ is None
+
+
+def test_coefs_are_live_views_of_the_network(digits):
+    X_train, X_test, y_train, _ = digits
+    clf = MLPClassifier((16,), max_iter=3, random_state=0).fit(X_train, y_train)
+    before = clf.predict_proba(X_test)
+
+    clf.coefs_[-1][...] = 0
+    clf.intercepts_[-1][...] = 0
+
+    assert_allclose(clf.predict_proba(X_test), 0.1, rtol=1e-6)
+    assert not np.allclose(before, 0.1)
+
+
+# -- partial_fit, warm start, stopping ----------------------------------------------------
+
+def test_partial_fit(digits):
+    X_train, X_test, y_train, y_test = digits
+    clf = MLPClassifier((32,), random_state=0)
+    with pytest.raises(ValueError, match="classes must be passed"):
+        clf.partial_fit(X_train, y_train)
+
+    clf.partial_fit(X_train[:100], y_train[:100], classes=np.arange(10))
+    first_loss = clf.loss_
+    for _ in range(30):
+        clf.partial_fit(X_train, y_train)
+
+    assert clf.n_iter_ == 1 and len(clf.loss_curve_) == 31
+    assert clf.t_ == 100 + 30 * len(X_train)
+    assert clf.loss_ < first_loss / 3
+    assert clf.score(X_test, y_test) > 0.9
+    with pytest.raises(ValueError, match="not in `self.classes_`"):
+        clf.partial_fit(X_train[:5], y_train[:5] + 10)
+
+
+def test_partial_fit_regressor_matches_fit_epoch_by_epoch(digits64):
+    X, y = digits64
+    t = targets("regression", X, y)
+    fitted = MLPRegressor(**exact_params(max_iter=3)).fit(X, t)
+    stepped = MLPRegressor(**exact_params())
+    for _ in range(3):
+        stepped.partial_fit(X, t)
+
+    for a, b in zip(stepped.coefs_, fitted.coefs_):
+        assert_allclose(a, b, rtol=1e-12)
+    assert_allclose(stepped.loss_curve_, fitted.loss_curve_, rtol=1e-12)
+
+
+def test_warm_start_continues_from_the_fitted_weights(digits):
+    X_train, _, y_train, _ = digits
+    clf = MLPClassifier((16,), max_iter=5, warm_start=True, random_state=0).fit(X_train, y_train)
+    loss_after_5 = clf.loss_
+
+    clf.fit(X_train, y_train)
+
+    assert len(clf.loss_curve_) == 10 and clf.n_iter_ == 5
+    assert clf.loss_ < loss_after_5
+    with pytest.raises(ValueError, match="same classes"):
+        clf.fit(X_train, y_train % 3)
+
+
+def test_convergence_warning_only_when_max_iter_is_reached(digits):
+    X_train, _, y_train, _ = digits
+    with pytest.warns(ConvergenceWarning, match="Maximum iterations \\(3\\)"):
+        MLPClassifier((8,), max_iter=3, random_state=0).fit(X_train, y_train)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        clf = MLPClassifier((8,), max_iter=100, tol=1.0, n_iter_no_change=2, random_state=0)
+        clf.fit(X_train, y_train)
+    # epoch 1 sets best_loss_; epochs 2, 3, 4 do not improve on it by 1.0: 3 > 2 stops
+    assert clf.n_iter_ == 4
+
+
+def test_diverging_fit():
+    X = np.random.default_rng(0).normal(size=(100, 4)) * 1e3
+    y = X.sum(axis=1) ** 3
+    params = dict(hidden_layer_sizes=(8,), activation="identity", solver="sgd",
+                  learning_rate_init=10.0, max_iter=20, random_state=0)
+
+    with pytest.raises(ValueError, match="non-finite"):
+        MLPRegressor(**params).fit(X, y)
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        reg = MLPRegressor(early_stopping=True, **params).fit(X, y)
+    assert all(np.isfinite(W).all() for W in reg.coefs_ + reg.intercepts_)
+
+
+# -- what is not supported says so ----------------------------------------------------------
+
+def test_unsupported_options_raise_clearly(digits):
+    X_train, _, y_train, _ = digits
+    with pytest.raises(ValueError, match="lbfgs.*not supported"):
+        MLPClassifier(solver="lbfgs").fit(X_train, y_train)
+    with pytest.raises(ValueError, match="poisson.*not supported"):
+        MLPRegressor(loss="poisson").fit(X_train, y_train)
+    assert not hasattr(MLPClassifier(solver="lbfgs"), "partial_fit")
+    with pytest.raises(ValueError, match="early_stopping"):
+        MLPClassifier(early_stopping=True).partial_fit(X_train, y_train, classes=np.arange(10))
