@@ -7,7 +7,6 @@ data, ``val_loss`` (and ``val_accuracy``).
 """
 import math
 
-import numpy as np
 
 from ._validation import check_positive_int, check_real
 

@@ -2,7 +2,7 @@
 import numpy as np
 
 from ._lazy import core as _core
-from ._threads import resolve_threads, single_threaded_blas
+from ._threads import single_threaded_blas
 from ._validation import check_positive_int
 from .activations import NAMES, activation_code
 
