@@ -4,6 +4,7 @@
 # Private: cprop/ validates every argument (shapes, dtypes, contiguity, label
 # range) before calling in here; these functions trust what they are given.
 from cython cimport floating
+from cython.parallel cimport prange
 from libc.math cimport isfinite
 from libc.string cimport memcpy
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
@@ -11,9 +12,10 @@ from cpython.exc cimport PyErr_CheckSignals
 
 from _openmp cimport CPROP_OPENMP, omp_get_max_threads
 from _activations cimport activation_grad as _activation_grad
-from _dense cimport dense_forward as _dense_forward, dense_param_grads, dense_input_grad
+from _dense cimport (dense_forward as _dense_forward, dense_param_grads, dense_param_grads_part,
+                     dense_input_grad, threads_for)
 from _losses cimport loss_and_grad, CROSS_ENTROPY
-from _optim cimport Optim, optim_step, ADAM
+from _optim cimport Optim, optim_range, optim_step, ADAM
 
 OPENMP = bool(CPROP_OPENMP)
 
@@ -112,6 +114,43 @@ cdef Py_ssize_t _optimizer_step(Optim* opt, floating* params, const floating* gr
     return rejected
 
 
+cdef Py_ssize_t _layer_step_part(Optim* opt, const floating* inp, const floating* delta,
+                                 floating* W, floating* b, floating* dW, floating* db,
+                                 floating* a, floating* b_state, Py_ssize_t off,
+                                 Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out,
+                                 Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """Rows r0:r1 of dW = inpᵀ·δ and entries c0:c1 of db = Σδ, then the optimizer step on
+    exactly those rows of W and entries of b, while they are still in this core's cache.
+    `off`: W's offset in the flat parameters (b follows W); a, b_state: the state arrays."""
+    cdef Py_ssize_t n_W = n_in * n_out
+    cdef floating* p = W - off
+    dense_param_grads_part(inp, delta, dW, db, n, n_in, n_out, r0, r1, c0, c1)
+    return (optim_range(opt, p, dW - off, a, b_state, off + r0 * n_out, off + r1 * n_out, True, n)
+            + optim_range(opt, p, dW - off, a, b_state, off + n_W + c0, off + n_W + c1,
+                          opt.decay_bias, n))
+
+
+cdef Py_ssize_t _layer_grads_and_step(Optim* opt, const floating* inp, const floating* delta,
+                                      floating* params, floating* grads, floating* a,
+                                      floating* b_state, Py_ssize_t off, Py_ssize_t n,
+                                      Py_ssize_t n_in, Py_ssize_t n_out, int n_threads) noexcept nogil:
+    """dW = inpᵀ·δ, db = Σδ and the step on W, b (at params[off:]), fused per thread."""
+    cdef int t, nt = threads_for(2.0 * n * n_in * n_out, n_in, n_threads)
+    cdef Py_ssize_t rejected = 0
+    cdef floating* W = params + off
+    cdef floating* dW = grads + off
+    cdef floating* b = W + n_in * n_out
+    cdef floating* db = dW + n_in * n_out
+    if nt == 1:
+        return _layer_step_part(opt, inp, delta, W, b, dW, db, a, b_state, off, n, n_in, n_out,
+                                0, n_in, 0, n_out)
+    for t in prange(nt, num_threads=nt, schedule='static', nogil=True):
+        rejected += _layer_step_part(opt, inp, delta, W, b, dW, db, a, b_state, off, n, n_in, n_out,
+                                     n_in * t // nt, n_in * (t + 1) // nt,
+                                     n_out * t // nt, n_out * (t + 1) // nt)
+    return rejected
+
+
 def optimizer_step(dict config, floating[::1] params, const floating[::1] grads,
                    floating[::1] state_a, floating[::1] state_b, const Py_ssize_t[::1] sizes,
                    Py_ssize_t batch_rows, int n_threads):
@@ -164,25 +203,23 @@ cdef int _train_epoch(const floating[:, ::1] X, const floating[:, ::1] T,
     cdef const floating* X_in
     cdef const floating* T_in = NULL
     cdef const Py_ssize_t* labels_in = NULL
-    cdef const floating* inp
     cdef double batch_loss
     cdef timespec last
-    # per-layer pointers into the flat parameters, gradients and workspace
+    # per-layer pointers into the flat parameters and the workspace
     cdef floating* W[64]
     cdef floating* b[64]
-    cdef floating* dW[64]
-    cdef floating* db[64]
     cdef floating* Y[64]
     cdef floating* G[64]
+    cdef Py_ssize_t offsets[64]
+    cdef Py_ssize_t rejected
 
     off = batch_size * d if gather else 0
     w_off = 0
     for l in range(L):
+        offsets[l] = w_off
         W[l] = p + w_off
-        dW[l] = dp + w_off
         w_off += sizes[l] * sizes[l + 1]
         b[l] = p + w_off
-        db[l] = dp + w_off
         w_off += sizes[l + 1]
         Y[l] = &work[0] + off
         off += batch_size * sizes[l + 1]
@@ -226,16 +263,20 @@ cdef int _train_epoch(const floating[:, ::1] X, const floating[:, ::1] T,
             return STATUS_NONFINITE_LOSS
         _activation_grad(G[L - 1], Y[L - 1], G[L - 1], bs * m, activations[L - 1])
 
-        # backward: dW_l = Y_{l-1}ᵀ·δ_l, db_l = Σ δ_l, δ_{l-1} = (δ_l·W_lᵀ) ⊙ f'_{l-1}(Y_{l-1})
+        # backward, last layer first: δ_{l-1} = (δ_l·W_lᵀ) ⊙ f'_{l-1}(Y_{l-1}) while W_l is
+        # still unchanged, then dW_l = Y_{l-1}ᵀ·δ_l, db_l = Σ δ_l and the optimizer's step
+        # on W_l, b_l, fused per thread
+        if opt.kind == ADAM:
+            opt.step += 1
+        rejected = 0
         for l in range(L - 1, -1, -1):
-            inp = X_in if l == 0 else Y[l - 1]
-            dense_param_grads(inp, G[l], dW[l], db[l], bs, sizes[l], sizes[l + 1], n_threads)
             if l > 0:
                 dense_input_grad(G[l], W[l], G[l - 1], Y[l - 1], activations[l - 1],
                                  bs, sizes[l], sizes[l + 1], n_threads)
-
-        # gradient descent
-        if _optimizer_step(opt, p, dp, &state_a[0], &state_b[0], &sizes[0], L, bs, n_threads):
+            rejected += _layer_grads_and_step(opt, X_in if l == 0 else Y[l - 1], G[l], p, dp,
+                                              &state_a[0], &state_b[0], offsets[l], bs,
+                                              sizes[l], sizes[l + 1], n_threads)
+        if rejected:
             return STATUS_NONFINITE_STEP
         loss_sum[0] += batch_loss * bs
         n_seen[0] += bs

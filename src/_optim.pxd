@@ -140,38 +140,37 @@ cdef inline Py_ssize_t adam_range(floating* p, const floating* g, floating* m, f
     return rejected
 
 
-cdef inline Py_ssize_t _optim_chunk(const Optim* opt, floating* p, const floating* g,
-                                    floating* a, floating* b, Py_ssize_t lo, Py_ssize_t hi,
-                                    floating wd, floating step_size, floating sqrt_bc2) noexcept nogil:
+cdef inline Py_ssize_t optim_range(const Optim* opt, floating* p, const floating* g,
+                                   floating* a, floating* b, Py_ssize_t lo, Py_ssize_t hi,
+                                   bint decay, Py_ssize_t batch_rows) noexcept nogil:
+    """One optimizer step on p[lo:hi] on this thread (Adam's t already advanced).
+
+    a, b: the state arrays (momentum; Adam's m and v), laid out like p. `decay`:
+    whether weight decay applies to this range; `batch_rows`: the batch's size.
+    """
+    cdef floating wd = 0
+    if decay:
+        wd = <floating> (opt.weight_decay / batch_rows if opt.decay_per_sample else opt.weight_decay)
     if opt.kind == ADAM:
         return adam_range(p, g, a, b, lo, hi, <floating> opt.lr, <floating> opt.beta1,
                           <floating> opt.beta2, <floating> opt.eps, wd, opt.decoupled,
-                          step_size, sqrt_bc2)
-    return sgd_range(p, g, a, lo, hi, <floating> opt.lr, <floating> opt.momentum, wd, opt.nesterov)
+                          <floating> (opt.lr / (1 - pow(opt.beta1, <double> opt.step))),
+                          <floating> sqrt(1 - pow(opt.beta2, <double> opt.step)))
+    return sgd_range(p, g, a if opt.momentum != 0 else NULL, lo, hi, <floating> opt.lr,
+                     <floating> opt.momentum, wd, opt.nesterov)
 
 
 cdef inline Py_ssize_t optim_step(const Optim* opt, floating* p, const floating* g,
                                   floating* a, floating* b, Py_ssize_t lo, Py_ssize_t hi,
                                   bint decay, Py_ssize_t batch_rows, int n_threads) noexcept nogil:
-    """One optimizer step on p[lo:hi] (Adam's t already advanced); a, b: its state arrays."""
-    cdef floating wd = 0
-    if decay:
-        wd = <floating> (opt.weight_decay / batch_rows if opt.decay_per_sample else opt.weight_decay)
-    cdef floating step_size = 0, sqrt_bc2 = 0
+    """optim_range over p[lo:hi], split across threads when it is large enough to pay."""
     cdef Py_ssize_t rejected = 0, n = hi - lo
     cdef int t, nt = n_threads
     if n // MIN_PARAMS_PER_THREAD < nt:
         nt = <int> (n // MIN_PARAMS_PER_THREAD)
-    if nt < 1:
-        nt = 1
-    if opt.kind == ADAM:
-        step_size = <floating> (opt.lr / (1 - pow(opt.beta1, <double> opt.step)))
-        sqrt_bc2 = <floating> sqrt(1 - pow(opt.beta2, <double> opt.step))
-    if opt.kind == SGD and opt.momentum == 0:
-        a = NULL
-    if nt == 1:
-        return _optim_chunk(opt, p, g, a, b, lo, hi, wd, step_size, sqrt_bc2)
+    if nt <= 1:
+        return optim_range(opt, p, g, a, b, lo, hi, decay, batch_rows)
     for t in prange(nt, num_threads=nt, schedule='static', nogil=True):
-        rejected += _optim_chunk(opt, p, g, a, b, lo + n * t // nt, lo + n * (t + 1) // nt,
-                                 wd, step_size, sqrt_bc2)
+        rejected += optim_range(opt, p, g, a, b, lo + n * t // nt, lo + n * (t + 1) // nt,
+                                decay, batch_rows)
     return rejected

@@ -1,5 +1,6 @@
 """Data: the bundled UCI handwritten digits, and a reader for MNIST's IDX files."""
 import gzip
+import zlib
 import os
 import struct
 
@@ -30,8 +31,11 @@ _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f
 def read_idx(path):
     """An array from an IDX file (MNIST's format), gzipped or not."""
     opener = gzip.open if _is_gzip(path) else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise ValueError(f"{path!r}: corrupt or truncated gzip data ({exc})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_TYPES:
         raise ValueError(f"{path!r} is not an IDX file (bad magic number)")
     ndim = data[3]
