@@ -46,12 +46,13 @@ def as_callbacks(callbacks):
 
 
 class EarlyStopping(Callback):
-    """Stop when a monitored value has not improved for `patience` epochs.
+    """Stop after more than `patience` epochs without improvement of a monitored value
+    (counted as scikit-learn's n_iter_no_change and torch's ReduceLROnPlateau count).
 
     Parameters
     ----------
     monitor : str, default "val_loss" — a key of the epoch logs ("loss", "val_loss", "val_accuracy")
-    patience : int, default 10 — epochs without improvement before stopping
+    patience : int, default 10 — epochs without improvement tolerated; the next one stops
     min_delta : float, default 0 — smaller changes do not count as improvement
     mode : {"auto", "min", "max"} — "auto": max for accuracies, min otherwise
     restore_best : bool, default True — put back the best epoch's parameters at the end

@@ -35,6 +35,8 @@ def save_archive(path, meta, arrays):
     disk midway leaves any previous file untouched."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"cannot save to {path!r}: directory {directory!r} does not exist")
     meta = dict(meta, format=FORMAT, version=VERSION)
     payload = {META_KEY: np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)}
     for name, arr in arrays.items():
@@ -59,6 +61,8 @@ def load_archive(path, kind=None):
     path = os.fspath(path)
     with open(path, "rb") as f:
         data = f.read()
+    if not data.startswith(b"PK"):
+        raise CpropFileError(f"{path!r} is not a cprop file (not an .npz archive)")
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}

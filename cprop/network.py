@@ -73,14 +73,17 @@ class Sequential:
     # -- structure ---------------------------------------------------------
     @property
     def n_inputs(self):
+        """Features per input sample (the first layer's n_in)."""
         return int(self.sizes[0])
 
     @property
     def n_outputs(self):
+        """Width of the raw output (the last layer's n_out)."""
         return int(self.sizes[-1])
 
     @property
     def n_params(self):
+        """Number of trainable parameters (weights and biases)."""
         return self.params.size
 
     def __repr__(self):
@@ -103,6 +106,7 @@ class Sequential:
 
     @classmethod
     def from_architecture(cls, arch, params=None):
+        """A network from :meth:`architecture`'s dict, with `params` (flat) copied in when given."""
         sizes, acts = arch["sizes"], arch["activations"]
         net = cls([Dense(sizes[i], sizes[i + 1], acts[i]) for i in range(len(acts))],
                   dtype=arch["dtype"], seed=0)

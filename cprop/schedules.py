@@ -32,6 +32,7 @@ class Schedule(Callback):
         trainer.optimizer.lr = float(self.rate(self.t, self.base_lr, logs))
 
     def rate(self, t, base_lr, logs):
+        """The learning rate after `t` epochs, from `base_lr` and the last epoch's logs."""
         raise NotImplementedError
 
 
@@ -85,7 +86,8 @@ class CosineAnnealing(Schedule):
 
 
 class ReduceLROnPlateau(Schedule):
-    """Multiply lr by `factor` when `monitor` has not improved by `min_delta` for `patience` epochs."""
+    """Multiply lr by `factor` after more than `patience` epochs in which `monitor` did not improve
+    by `min_delta` (counted as torch's ReduceLROnPlateau counts)."""
 
     def __init__(self, monitor="val_loss", factor=0.1, patience=10, min_delta=1e-4, lr_min=0.0):
         self.monitor = monitor

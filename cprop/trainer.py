@@ -1,5 +1,6 @@
 """Trainer: minibatch training where each epoch is one compiled call without the GIL."""
 import math
+import os
 import time
 import warnings
 
@@ -37,11 +38,13 @@ class History:
         return f"History(epochs={len(self)}, last={last})"
 
     def append(self, **values):
+        """Record one epoch: the keyword arguments named in FIELDS (others are ignored)."""
         for name in self.FIELDS:
             if name in values and values[name] is not None:
                 getattr(self, name).append(float(values[name]))
 
     def as_dict(self):
+        """The records as a dict of lists (JSON-serialisable; saved with the trainer)."""
         return {k: list(getattr(self, k)) for k in self.FIELDS}
 
     def plot(self, path=None):
@@ -81,6 +84,7 @@ class History:
 
     @classmethod
     def from_dict(cls, d):
+        """A History from :meth:`as_dict`'s output."""
         h = cls()
         for k in cls.FIELDS:
             getattr(h, k).extend(float(v) for v in d.get(k, []))
@@ -197,6 +201,9 @@ class Trainer:
             has_validation = False
         callbacks = as_callbacks(callbacks)
         if checkpoint is not None:
+            directory = os.path.dirname(os.path.abspath(os.fspath(checkpoint)))
+            if not os.path.isdir(directory):
+                raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
             callbacks.append(Checkpoint(checkpoint, checkpoint_every))
 
         n = X.shape[0]
@@ -245,7 +252,7 @@ class Trainer:
                 self.history.append(**logs)
                 progress.update(self.epochs_done, logs)
                 # every callback sees every epoch, even when an earlier one asks to stop
-                stop = [cb.on_epoch_end(self, self.epochs_done, logs) is True for cb in callbacks]
+                stop = [_is_true(cb.on_epoch_end(self, self.epochs_done, logs)) for cb in callbacks]
                 if any(stop):
                     break
         finally:
@@ -362,6 +369,11 @@ class Trainer:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise _io.CpropFileError(f"{path!r}: invalid trainer in file ({exc})") from None
         return trainer
+
+
+def _is_true(value):
+    """A callback's "stop": True or numpy's True; None (no return) and anything else go on."""
+    return isinstance(value, (bool, np.bool_)) and bool(value)
 
 
 class _Progress:
