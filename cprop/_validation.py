@@ -34,8 +34,17 @@ def _as_numeric_array(a, name):
 
 
 def check_finite(arr, name):
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        bad = np.size(arr) - np.count_nonzero(np.isfinite(arr))
+    """ValueError naming `name` when a float array holds NaN or infinity.
+
+    Fast path without a temporary of the array's size: a NaN or an infinity
+    makes the float64 sum non-finite, and finite float32 values cannot
+    overflow it; only when the sum is not finite is every element checked.
+    """
+    if arr.dtype.kind != "f" or np.isfinite(np.sum(arr, dtype=np.float64)):
+        return
+    finite = np.isfinite(arr)
+    if not finite.all():
+        bad = finite.size - np.count_nonzero(finite)
         raise ValueError(f"{name} contains {bad} NaN or infinite value(s); cprop needs finite numbers")
 
 
