@@ -15,6 +15,7 @@ from ._lazy import core as _core
 from ._validation import check_positive_int
 
 _num_threads = None
+MAX_THREADS = 4096
 _lock = threading.Lock()
 _blas_users = 0
 _blas_saved = None
@@ -107,7 +108,7 @@ def get_num_threads():
 def set_num_threads(n):
     """Set how many threads cprop's kernels use (None: back to the default)."""
     global _num_threads
-    _num_threads = None if n is None else check_positive_int(n, "n_threads")
+    _num_threads = None if n is None else check_positive_int(n, "n_threads", maximum=MAX_THREADS)
 
 
 def resolve_threads(n_threads):
@@ -116,4 +117,4 @@ def resolve_threads(n_threads):
         return 1
     if n_threads is None:
         return get_num_threads()
-    return check_positive_int(n_threads, "n_threads")
+    return check_positive_int(n_threads, "n_threads", maximum=MAX_THREADS)

@@ -40,8 +40,11 @@ def check_finite(arr, name):
     makes the float64 sum non-finite, and finite float32 values cannot
     overflow it; only when the sum is not finite is every element checked.
     """
-    if arr.dtype.kind != "f" or np.isfinite(np.sum(arr, dtype=np.float64)):
+    if arr.dtype.kind != "f":
         return
+    with np.errstate(all="ignore"):       # inf + (-inf) in the sum is expected here
+        if np.isfinite(np.sum(arr, dtype=np.float64)):
+            return
     finite = np.isfinite(arr)
     if not finite.all():
         bad = finite.size - np.count_nonzero(finite)
@@ -57,9 +60,19 @@ def check_X(X, dtype, n_features=None, name="X"):
         raise ValueError(f"{name} is empty: got shape {arr.shape}, need at least one sample")
     if n_features is not None and arr.shape[1] != n_features:
         raise ValueError(f"{name} has {arr.shape[1]} features per sample, the network expects {n_features}")
-    arr = np.ascontiguousarray(arr, dtype=dtype)
     check_finite(arr, name)
-    return arr
+    return _converted(arr, dtype, name)
+
+
+def _converted(arr, dtype, name):
+    """arr as C-contiguous `dtype`; ValueError when finite values overflow it (1e300 to float32)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.ascontiguousarray(arr, dtype=dtype)
+    if out is not arr and arr.dtype.kind == "f" and arr.dtype.itemsize > out.dtype.itemsize:
+        if not np.isfinite(np.sum(out, dtype=np.float64)) and not np.isfinite(out).all():
+            raise ValueError(f"{name} has values beyond the range of {np.dtype(dtype).name} "
+                             f"(largest magnitude {np.abs(arr).max():.3g})")
+    return out
 
 
 def check_labels(y, n_samples, n_classes, name="y"):
@@ -75,13 +88,13 @@ def check_labels(y, n_samples, n_classes, name="y"):
         check_finite(arr, name)
         if not np.all(arr == np.round(arr)):
             raise ValueError(f"{name} must be integer class labels for cross_entropy, got non-integer values")
-    labels = arr.astype(np.intp)
-    if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+    # range first, on the values as given: a cast of 1e30 or 2**64 to intp would wrap
+    if arr.size and (arr.min() < 0 or arr.max() >= n_classes):
         raise ValueError(
             f"{name} labels must lie in [0, {n_classes}) for a network with {n_classes} outputs, "
-            f"got values in [{labels.min()}, {labels.max()}]"
+            f"got values in [{arr.min()}, {arr.max()}]"
         )
-    return np.ascontiguousarray(labels)
+    return np.ascontiguousarray(arr, dtype=np.intp)
 
 
 def check_targets(y, n_samples, n_outputs, dtype, name="y", binary=False):
@@ -94,19 +107,32 @@ def check_targets(y, n_samples, n_outputs, dtype, name="y", binary=False):
         raise ValueError(f"{name} must have shape {expected}, got {arr.shape}")
     if arr.shape[0] != n_samples:
         raise ValueError(f"{name} has {arr.shape[0]} rows but X has {n_samples} samples")
-    arr = np.ascontiguousarray(arr, dtype=dtype)
     check_finite(arr, name)
+    arr = _converted(arr, dtype, name)
     if binary and not np.all((arr == 0) | (arr == 1)):
         raise ValueError(f"{name} must hold 0/1 targets for binary_cross_entropy")
     return arr
 
 
-def check_positive_int(value, name, minimum=1):
+# the kernels index with C ints in BLAS calls: sizes beyond this are refused up front
+MAX_SIZE = 2**31 - 1
+
+
+def check_positive_int(value, name, minimum=1, maximum=MAX_SIZE):
+    """An int in [minimum, maximum]; TypeError for non-integers (bools included)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return int(value)
+
+
+def check_bool(value, name):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def check_real(value, name, low=None, high=None, low_open=False, high_open=False):
@@ -121,3 +147,12 @@ def check_real(value, name, low=None, high=None, low_open=False, high_open=False
     if high is not None and (value > high or (high_open and value == high)):
         raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
     return value
+
+
+def check_parameter_values(values, shape, name):
+    """Finite real numbers of exactly `shape`, for copying into live parameters."""
+    arr = _as_numeric_array(values, name)
+    if arr.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {arr.shape}")
+    check_finite(arr, name)
+    return arr

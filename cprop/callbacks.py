@@ -42,6 +42,8 @@ def as_callbacks(callbacks):
         return []
     if isinstance(callbacks, Callback) or callable(callbacks):
         callbacks = [callbacks]
+    if not isinstance(callbacks, (list, tuple)):
+        raise TypeError(f"callbacks must be a Callback, a callable or a list of them, got {callbacks!r}")
     return [cb if isinstance(cb, Callback) else FunctionCallback(cb) for cb in callbacks]
 
 

@@ -2,6 +2,7 @@
 import numpy as np
 
 from .losses import compute, loss_code
+from ._validation import check_positive_int, check_real
 from .network import Sequential
 
 
@@ -30,6 +31,9 @@ def gradient_check(net, X, y, loss="mse", eps=1e-5, max_params=None, seed=0):
     if not isinstance(net, Sequential):
         raise TypeError(f"net must be a cprop.Sequential, got {type(net).__name__}")
     loss_code(loss)
+    eps = check_real(eps, "eps", low=0, low_open=True)
+    if max_params is not None:
+        max_params = check_positive_int(max_params, "max_params")
     net64 = net.astype("float64")
     out = net64.forward(X)
     _, grad = compute(loss, out, y)

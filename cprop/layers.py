@@ -3,7 +3,7 @@ import numpy as np
 
 from ._lazy import core as _core
 from ._threads import single_threaded_blas
-from ._validation import check_positive_int
+from ._validation import check_parameter_values, check_positive_int
 from .activations import NAMES, activation_code
 
 
@@ -32,7 +32,7 @@ class Dense:
         self.n_out = check_positive_int(n_out, "n_out")
         self.activation_code = activation_code(activation)
         self.activation = NAMES[self.activation_code]
-        self.W = self.b = self.dW = self.db = None
+        self._W = self._b = self._dW = self._db = None
         self._X = self._Y = None
 
     def __repr__(self):
@@ -40,7 +40,42 @@ class Dense:
 
     def _bind(self, W, b, dW, db):
         """Point the layer at its slices of the network's flat parameters and gradients."""
-        self.W, self.b, self.dW, self.db = W, b, dW, db
+        self._W, self._b, self._dW, self._db = W, b, dW, db
+
+    # The parameters are views into the network's flat arrays, whose layout the
+    # kernels rely on: assigning copies the values in, after checking them.
+    @property
+    def W(self):
+        """Weights, shape (n_in, n_out): a live view; ``layer.W = A`` copies A in."""
+        return self._W
+
+    @W.setter
+    def W(self, value):
+        self._assign(self._W, value, "W")
+
+    @property
+    def b(self):
+        """Biases, shape (n_out,): a live view; ``layer.b = v`` copies v in."""
+        return self._b
+
+    @b.setter
+    def b(self, value):
+        self._assign(self._b, value, "b")
+
+    @property
+    def dW(self):
+        """∂loss/∂W from the last backward pass (read-only attribute; a view)."""
+        return self._dW
+
+    @property
+    def db(self):
+        """∂loss/∂b from the last backward pass (read-only attribute; a view)."""
+        return self._db
+
+    def _assign(self, target, value, name):
+        if target is None:
+            raise RuntimeError("this Dense has no parameters yet: put it in a cprop.Sequential first")
+        target[...] = check_parameter_values(value, target.shape, f"{name} of {self!r}")
 
     def _forward(self, X, n_threads):
         """Y = f(X·W + b) for a validated C-contiguous X; keeps X and Y for backward."""
@@ -66,5 +101,5 @@ class Dense:
         else:
             limit = np.sqrt(6.0 / (self.n_in + self.n_out))
             W = rng.uniform(-limit, limit, (self.n_in, self.n_out))
-        self.W[...] = W
-        self.b[...] = 0
+        self._W[...] = W
+        self._b[...] = 0

@@ -9,7 +9,7 @@ import numpy as np
 
 from . import io as _io
 from ._threads import resolve_threads
-from ._validation import as_dtype, check_X, check_positive_int
+from ._validation import as_dtype, check_X, check_parameter_values, check_positive_int
 from .layers import Dense
 
 
@@ -54,23 +54,36 @@ class Sequential:
         self.sizes = np.array([layers[0].n_in] + [l.n_out for l in layers], dtype=np.intp)
         self.activations = np.array([l.activation_code for l in layers], dtype=np.intc)
         n_params = sum(l.n_in * l.n_out + l.n_out for l in layers)
-        self.params = np.zeros(n_params, dtype=self.dtype)
-        self.grads = np.zeros(n_params, dtype=self.dtype)
+        self._params = np.zeros(n_params, dtype=self.dtype)
+        self._grads = np.zeros(n_params, dtype=self.dtype)
         self._has_grads = False     # grads hold a backward pass's result
         self._grad_rows = 0         # ... computed over this many samples
         self._forward_rows = None   # rows of the last forward(), for backward's check
         offset = 0
         for layer in layers:
             n_W = layer.n_in * layer.n_out
-            W = self.params[offset:offset + n_W].reshape(layer.n_in, layer.n_out)
-            dW = self.grads[offset:offset + n_W].reshape(layer.n_in, layer.n_out)
-            b = self.params[offset + n_W:offset + n_W + layer.n_out]
-            db = self.grads[offset + n_W:offset + n_W + layer.n_out]
+            W = self._params[offset:offset + n_W].reshape(layer.n_in, layer.n_out)
+            dW = self._grads[offset:offset + n_W].reshape(layer.n_in, layer.n_out)
+            b = self._params[offset + n_W:offset + n_W + layer.n_out]
+            db = self._grads[offset + n_W:offset + n_W + layer.n_out]
             layer._bind(W, b, dW, db)
             offset += n_W + layer.n_out
         self.init_params(seed)
 
     # -- structure ---------------------------------------------------------
+    @property
+    def params(self):
+        """All parameters, one flat array laid out W0 b0 W1 b1 … (each layer's W, b are views).
+
+        Modify it in place (``net.params[...] = p`` or :meth:`set_params`); it cannot be
+        rebound, because the compiled kernels hold its layout.
+        """
+        return self._params
+
+    @property
+    def grads(self):
+        """All gradients of the last backward pass, laid out like :attr:`params`."""
+        return self._grads
     @property
     def n_inputs(self):
         """Features per input sample (the first layer's n_in)."""
@@ -116,12 +129,7 @@ class Sequential:
 
     def set_params(self, params):
         """Copy a flat parameter array (layout W0 b0 W1 b1 …) into the network."""
-        params = np.asarray(params)
-        if params.shape != self.params.shape:
-            raise ValueError(f"params must have shape {self.params.shape}, got {params.shape}")
-        if params.dtype.kind != "f" or not np.isfinite(params).all():
-            raise ValueError("params must be finite floating-point numbers")
-        self.params[...] = params
+        self._params[...] = check_parameter_values(params, self._params.shape, "params")
 
     def copy(self):
         """An independent network with the same architecture and parameters."""
@@ -171,6 +179,7 @@ class Sequential:
 
     def predict_raw(self, X, n_threads=None, chunk_size=16384):
         """Raw outputs for X in chunks (bounded memory); nothing kept for backward."""
+        chunk_size = check_positive_int(chunk_size, "chunk_size")
         X = check_X(X, self.dtype, self.n_inputs)
         n_threads = resolve_threads(n_threads)
         out = np.empty((X.shape[0], self.n_outputs), dtype=self.dtype)

@@ -9,14 +9,13 @@ import numpy as np
 
 from ._lazy import core as _core
 from ._threads import resolve_threads, single_threaded_blas
-from ._validation import check_real
+from ._validation import check_bool, check_real
 
 
 class Optimizer:
     """Base class: holds hyper-parameters and per-network state (flat arrays like the parameters)."""
 
     kind = None
-    n_state = 0
 
     def __init__(self):
         self.state = None      # list of flat arrays, shaped like the network's parameters
@@ -26,13 +25,24 @@ class Optimizer:
         self.decay_bias = True
         self.decay_per_sample = False
 
+    @property
+    def n_state(self):
+        """How many parameter-sized state arrays the update keeps (momentum: 1; Adam: 2)."""
+        raise NotImplementedError
+
     def config(self):
-        """The hyper-parameters as the compiled step reads them."""
+        """The hyper-parameters as the compiled step reads them, checked again here: they
+        are plain attributes that may have been changed since construction."""
+        self.lr = check_real(self.lr, "lr", low=0)
+        self.weight_decay = check_real(self.weight_decay, "weight_decay", low=0)
+        self.decay_bias = check_bool(self.decay_bias, "decay_bias")
+        self.decay_per_sample = check_bool(self.decay_per_sample, "decay_per_sample")
         return {"kind": self.kind, "lr": self.lr, "weight_decay": self.weight_decay,
                 "decay_bias": self.decay_bias, "decay_per_sample": self.decay_per_sample,
                 **self._hyper()}
 
     def _hyper(self):
+        """The optimizer's own hyper-parameters, validated."""
         raise NotImplementedError
 
     def _ensure_state(self, net):
@@ -52,10 +62,13 @@ class Optimizer:
 
     def step(self, net, n_threads=None):
         """Apply one update to every parameter of `net` from its gradients (net.backward first)."""
-        if not getattr(net, "_has_grads", False):
+        from .network import Sequential
+        if not isinstance(net, Sequential):
+            raise TypeError(f"step needs the cprop.Sequential to update, got {type(net).__name__}")
+        if not net._has_grads:
             raise RuntimeError("no gradients to step with: call net.backward(grad) after net.forward(X)")
-        a, b = self._state_pair(net)
         cfg = self.config()
+        a, b = self._state_pair(net)
         cfg["step"] = self.step_count
         with single_threaded_blas():
             rejected, self.step_count = _core.optimizer_step(
@@ -88,17 +101,23 @@ class SGD(Optimizer):
         super().__init__()
         self.lr = check_real(lr, "lr", low=0)
         self.momentum = check_real(momentum, "momentum", low=0, high=1, high_open=True)
-        self.nesterov = bool(nesterov)
+        self.nesterov = nesterov
         self.weight_decay = check_real(weight_decay, "weight_decay", low=0)
-        if self.nesterov and self.momentum == 0:
-            raise ValueError("nesterov=True needs momentum > 0")
-        self.n_state = 1 if self.momentum else 0
+        self._hyper()
+
+    @property
+    def n_state(self):
+        return 1 if self.momentum else 0
 
     def __repr__(self):
         return (f"SGD(lr={self.lr}, momentum={self.momentum}, nesterov={self.nesterov}, "
                 f"weight_decay={self.weight_decay})")
 
     def _hyper(self):
+        self.momentum = check_real(self.momentum, "momentum", low=0, high=1, high_open=True)
+        self.nesterov = check_bool(self.nesterov, "nesterov")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov=True needs momentum > 0")
         return {"momentum": self.momentum, "nesterov": self.nesterov}
 
 
@@ -120,18 +139,24 @@ class Adam(Optimizer):
     def __init__(self, lr=0.001, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__()
         self.lr = check_real(lr, "lr", low=0)
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        self.betas = (check_real(betas[0], "beta1", low=0, high=1, high_open=True),
-                      check_real(betas[1], "beta2", low=0, high=1, high_open=True))
-        self.eps = check_real(eps, "eps", low=0, low_open=True)
+        self.betas = betas
+        self.eps = eps
         self.weight_decay = check_real(weight_decay, "weight_decay", low=0)
+        self._hyper()
 
     def __repr__(self):
         return (f"{type(self).__name__}(lr={self.lr}, betas={self.betas}, eps={self.eps}, "
                 f"weight_decay={self.weight_decay})")
 
     def _hyper(self):
+        betas = self.betas
+        if isinstance(betas, np.ndarray):
+            betas = betas.tolist()
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {self.betas!r}")
+        self.betas = (check_real(betas[0], "beta1", low=0, high=1, high_open=True),
+                      check_real(betas[1], "beta2", low=0, high=1, high_open=True))
+        self.eps = check_real(self.eps, "eps", low=0, low_open=True)
         return {"beta1": self.betas[0], "beta2": self.betas[1], "eps": self.eps,
                 "decoupled": self.decoupled}
 

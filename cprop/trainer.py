@@ -9,7 +9,8 @@ import numpy as np
 from ._lazy import core as _core
 from . import io as _io
 from ._threads import resolve_threads, single_threaded_blas
-from ._validation import check_X, check_positive_int, check_real
+from ._threads import MAX_THREADS
+from ._validation import check_X, check_bool, check_positive_int, check_real
 from .callbacks import Checkpoint, as_callbacks
 from .losses import LOSSES, loss_code, prepare_targets
 from .network import Sequential, network_from_meta
@@ -112,30 +113,38 @@ class Trainer:
 
     def __init__(self, net, loss="mse", optimizer=None, batch_size=32, shuffle=True, seed=None,
                  n_threads=None, on_divergence="raise", loss_scale=1.0):
-        if not isinstance(net, Sequential):
-            raise TypeError(f"net must be a cprop.Sequential, got {type(net).__name__}")
-        loss_code(loss)
-        if optimizer is None:
-            optimizer = SGD(lr=0.01)
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"optimizer must be a cprop optimizer such as cprop.SGD(...), got {optimizer!r}")
-        if on_divergence not in ("raise", "warn"):
-            raise ValueError(f"on_divergence must be 'raise' or 'warn', got {on_divergence!r}")
-        if loss == "cross_entropy" and net.n_outputs < 2:
-            raise ValueError(f"cross_entropy needs a network with >= 2 outputs, this one has {net.n_outputs}")
         self.net = net
         self.loss = loss
-        self.optimizer = optimizer
-        self.batch_size = check_positive_int(batch_size, "batch_size")
-        self.shuffle = bool(shuffle)
+        self.optimizer = optimizer if optimizer is not None else SGD(lr=0.01)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
         self.seed = seed
         self.rng = np.random.default_rng(seed)
-        self.n_threads = None if n_threads is None else check_positive_int(n_threads, "n_threads")
+        self.n_threads = n_threads
         self.on_divergence = on_divergence
-        self.loss_scale = check_real(loss_scale, "loss_scale", low=0, low_open=True)
+        self.loss_scale = loss_scale
+        self._check_settings()
         self.epochs_done = 0
         self.history = History()
         self.extra = {}   # JSON-serialisable notes saved with the trainer (the CLI keeps classes, scaling)
+
+    def _check_settings(self):
+        """Validate the settings (again at each fit: they are plain attributes users may change)."""
+        if not isinstance(self.net, Sequential):
+            raise TypeError(f"net must be a cprop.Sequential, got {type(self.net).__name__}")
+        loss_code(self.loss)
+        if not isinstance(self.optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a cprop optimizer such as cprop.SGD(...), got {self.optimizer!r}")
+        if self.on_divergence not in ("raise", "warn"):
+            raise ValueError(f"on_divergence must be 'raise' or 'warn', got {self.on_divergence!r}")
+        if self.loss == "cross_entropy" and self.net.n_outputs < 2:
+            raise ValueError(f"cross_entropy needs a network with >= 2 outputs, this one has {self.net.n_outputs}")
+        self.batch_size = check_positive_int(self.batch_size, "batch_size")
+        self.shuffle = check_bool(self.shuffle, "shuffle")
+        if self.n_threads is not None:
+            self.n_threads = check_positive_int(self.n_threads, "n_threads", maximum=MAX_THREADS)
+        self.loss_scale = check_real(self.loss_scale, "loss_scale", low=0, low_open=True)
+        self.optimizer.config()
 
     # -- training ----------------------------------------------------------
     def _prepare(self, X, y, name="X"):
@@ -176,7 +185,8 @@ class Trainer:
         KeyboardInterrupt — Ctrl-C takes effect between batches; the network keeps
             the parameters of the last completed step, the history its completed epochs.
         """
-        epochs = check_positive_int(epochs, "epochs", minimum=0)
+        epochs = check_positive_int(epochs, "epochs", minimum=0, maximum=None)
+        self._check_settings()
         X, T, labels = self._prepare(X, y)
         if validation_split is not None:
             if validation_data is not None:
@@ -201,6 +211,7 @@ class Trainer:
             has_validation = False
         callbacks = as_callbacks(callbacks)
         if checkpoint is not None:
+            checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
             directory = os.path.dirname(os.path.abspath(os.fspath(checkpoint)))
             if not os.path.isdir(directory):
                 raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
@@ -212,7 +223,6 @@ class Trainer:
         net = self.net
         work = np.empty(_core.workspace_size(net.sizes, batch_size, gather), dtype=net.dtype)
         label_buf = np.empty(batch_size, dtype=np.intp)
-        state_a, state_b = self.optimizer._state_pair(net)
         n_threads = resolve_threads(self.n_threads)
         order = np.arange(n, dtype=np.intp)
         code = LOSSES[self.loss]
@@ -224,7 +234,8 @@ class Trainer:
             for _ in range(epochs):
                 if self.shuffle:
                     order = self.rng.permutation(n).astype(np.intp, copy=False)
-                cfg = self.optimizer.config()
+                cfg = self.optimizer.config()     # a callback may have changed the optimizer
+                state_a, state_b = self.optimizer._state_pair(net)
                 cfg["step"] = self.optimizer.step_count
                 start = time.perf_counter()
                 try:

@@ -8,7 +8,12 @@ from cython.parallel cimport prange
 from libc.math cimport isfinite
 from libc.string cimport memcpy
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
-from cpython.exc cimport PyErr_CheckSignals
+
+cdef extern from "Python.h":
+    # declared here without an exception clause: a KeyboardInterrupt raised by
+    # a signal handler must stay set for train_epoch to propagate, not be
+    # reported and swallowed inside the noexcept epoch
+    int PyErr_CheckSignals()
 
 from _openmp cimport CPROP_OPENMP, omp_get_max_threads
 from _activations cimport activation_grad as _activation_grad

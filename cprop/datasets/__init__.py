@@ -1,5 +1,6 @@
 """Data: the bundled UCI handwritten digits, and a reader for MNIST's IDX files."""
 import gzip
+import math
 import zlib
 import os
 import struct
@@ -44,7 +45,7 @@ def read_idx(path):
         raise ValueError(f"{path!r}: truncated IDX header")
     shape = struct.unpack(">" + "I" * ndim, data[4:header])
     dtype = np.dtype(_IDX_TYPES[data[2]])
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize   # exact: no int64 wrap-around
     if len(data) - header != expected:
         raise ValueError(f"{path!r}: IDX header promises {expected} bytes of data for shape {shape}, "
                          f"file has {len(data) - header}")

@@ -1,0 +1,403 @@
+"""Training that fails safe: divergence, Ctrl-C, concurrent use from threads, and no copy of X.
+
+After every failure mode here the network's parameters, the optimizer's state and the
+history are finite: whatever stopped the training, the model left behind can still be used
+and saved.
+"""
+import concurrent.futures
+import importlib
+import json
+import math
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+
+import numpy as np
+import pytest
+from numpy.testing import assert_array_equal
+
+import cprop
+
+
+def assert_all_finite(trainer):
+    """Parameters, optimizer state and every history entry are finite; history matches epochs_done."""
+    assert np.isfinite(trainer.net.params).all()
+    for state in trainer.optimizer.state or []:
+        assert np.isfinite(state).all()
+    for field, values in trainer.history.as_dict().items():
+        assert all(math.isfinite(v) for v in values), (field, values)
+    assert len(trainer.history) == trainer.epochs_done
+
+
+def unscaled_problem(loss, n=200, seed=0):
+    """Raw features in the thousands: far too large for an unscaled step of 1e6."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 10)) * 1000
+    if loss == "cross_entropy":
+        return X, rng.integers(0, 3, n)
+    if loss == "binary_cross_entropy":
+        return X, rng.integers(0, 2, (n, 3)).astype(np.float64)
+    return X, rng.normal(size=(n, 3)) * 1000
+
+
+def absurd_trainer(loss, dtype, optimizer, on_divergence="raise"):
+    net = cprop.Sequential([cprop.Dense(10, 16, "relu"), cprop.Dense(16, 3)], dtype=dtype, seed=0)
+    return cprop.Trainer(net, loss=loss, optimizer=optimizer, batch_size=8, seed=0, on_divergence=on_divergence)
+
+
+ABSURD_OPTIMIZERS = {"SGD lr=1e6": lambda: cprop.SGD(lr=1e6),
+                     "SGD lr=1e6 momentum": lambda: cprop.SGD(lr=1e6, momentum=0.9),
+                     "SGD lr=1e6 nesterov decay": lambda: cprop.SGD(lr=1e6, momentum=0.5, nesterov=True,
+                                                                    weight_decay=0.1)}
+
+
+# -- divergence ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("optimizer", ABSURD_OPTIMIZERS)
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy", "binary_cross_entropy"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_divergence_raises_and_leaves_finite_parameters(dtype, loss, optimizer):
+    X, y = unscaled_problem(loss)
+    trainer = absurd_trainer(loss, dtype, ABSURD_OPTIMIZERS[optimizer]())
+
+    with pytest.raises(cprop.DivergenceError, match="diverged"):
+        trainer.fit(X, y, epochs=20, validation_data=(X, y))
+
+    assert_all_finite(trainer)
+    assert trainer.epochs_done < 20
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_divergence_warns_and_stops(dtype, loss):
+    X, y = unscaled_problem(loss)
+    trainer = absurd_trainer(loss, dtype, cprop.SGD(lr=1e6, momentum=0.9), on_divergence="warn")
+    epochs_run = []
+
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        history = trainer.fit(X, y, epochs=20, callbacks=[lambda t, epoch, logs: epochs_run.append(epoch)])
+
+    assert history is trainer.history and len(history) < 20
+    assert epochs_run == list(range(1, len(history) + 1))        # no callback after the divergence
+    assert_all_finite(trainer)
+
+
+def test_divergence_midway_keeps_the_finite_epochs(tmp_path):
+    # two sane epochs, then a learning-rate schedule goes absurd
+    X, y = unscaled_problem("mse")
+    X, y = X / 1000, y / 1000
+    trainer = absurd_trainer("mse", "float32", cprop.SGD(lr=1e-3, momentum=0.9))
+
+    def schedule(t, epoch, logs):
+        if epoch == 2:
+            t.optimizer.lr = 1e38
+
+    with pytest.raises(cprop.DivergenceError, match="epoch 3"):
+        trainer.fit(X, y, epochs=10, callbacks=[schedule])
+
+    assert trainer.epochs_done == 2 and len(trainer.history) == 2
+    assert_all_finite(trainer)
+    # what is left is a valid model: it saves, and loads back (loading refuses non-finite values)
+    trainer.save(tmp_path / "after-divergence.npz")
+    assert_array_equal(cprop.Trainer.load(tmp_path / "after-divergence.npz").net.params, trainer.net.params)
+
+
+def test_nan_weights_set_by_hand_are_not_trained_on():
+    # a network whose weights the user broke: training stops, nothing non-finite spreads
+    X, y = unscaled_problem("cross_entropy")
+    trainer = absurd_trainer("cross_entropy", "float32", cprop.SGD(lr=0.01))
+    trainer.net.layers[1].W[0, 0] = np.nan
+
+    with pytest.raises(cprop.DivergenceError):
+        trainer.fit(X / 1000, y, epochs=2)
+
+    assert np.isnan(trainer.net.params).sum() == 1     # only the one the user put there
+    assert trainer.epochs_done == 0
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_step_with_an_overflowing_update_keeps_finite_values(name):
+    net = cprop.Sequential([cprop.Dense(4, 3, "tanh"), cprop.Dense(3, 2)], seed=0)
+    optimizer = {"SGD": lambda: cprop.SGD(lr=1e30, momentum=0.9), "Adam": lambda: cprop.Adam(lr=1e38),
+                 "AdamW": lambda: cprop.AdamW(lr=1e38)}[name]()
+    for _ in range(3):
+        net.forward(np.ones((3, 4)))
+        net.backward(np.full((3, 2), 1e30, dtype=np.float32))
+        with pytest.raises(FloatingPointError, match="non-finite"):
+            optimizer.step(net)
+        assert np.isfinite(net.params).all()
+        assert all(np.isfinite(state).all() for state in optimizer.state)
+
+
+def test_an_exception_in_a_callback_leaves_a_consistent_trainer():
+    X, y = unscaled_problem("cross_entropy")
+    trainer = absurd_trainer("cross_entropy", "float32", cprop.Adam(lr=1e-3))
+
+    def fail_in_epoch_two(t, epoch, logs):
+        if epoch == 2:
+            raise RuntimeError("callback failed")
+
+    with pytest.raises(RuntimeError, match="callback failed"):
+        trainer.fit(X / 1000, y, epochs=5, callbacks=[fail_in_epoch_two])
+
+    assert trainer.epochs_done == 2
+    assert_all_finite(trainer)
+
+
+# -- Ctrl-C ----------------------------------------------------------------------------------
+# The epoch runs without the GIL; it takes the GIL back every few tens of milliseconds to let
+# Python's SIGINT handler raise. The child measures nothing itself but the moment it caught
+# KeyboardInterrupt on CLOCK_MONOTONIC, which is one clock for every process on Linux.
+
+INTERRUPTED_FIT = """
+import json, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)   # even if SIGINT was ignored by our parent
+import numpy as np
+import cprop
+
+rng = np.random.default_rng(0)
+X = rng.random((20000, 784), dtype=np.float32)     # an MNIST-sized problem: seconds per epoch
+y = rng.integers(0, 10, 20000)
+net = cprop.Sequential([cprop.Dense(784, 256, "relu"), cprop.Dense(256, 10)], seed=0)
+trainer = cprop.Trainer(net, loss="cross_entropy", optimizer=cprop.Adam(lr=1e-3), batch_size=64, seed=0)
+initial = net.params.copy()
+print("READY", flush=True)
+try:
+    trainer.fit(X, y, epochs=1000)
+    result = {"interrupted": False}
+except KeyboardInterrupt:
+    caught = time.monotonic()
+    result = {
+        "interrupted": True, "caught": caught,
+        "params_finite": bool(np.isfinite(net.params).all()),
+        "state_finite": all(bool(np.isfinite(s).all()) for s in trainer.optimizer.state),
+        "trained": bool((net.params != initial).any()),
+        "epochs_done": trainer.epochs_done, "history": len(trainer.history),
+        "history_finite": all(np.isfinite(v).all() for v in trainer.history.as_dict().values()),
+        "step_count": trainer.optimizer.step_count,
+    }
+    # the interrupted trainer carries on
+    trainer.fit(X[:640], y[:640], epochs=1)
+    result["fit_after"] = bool(np.isfinite(net.params).all())
+    result["history_after"] = len(trainer.history)
+print(json.dumps(result), flush=True)
+"""
+
+
+def read_line(proc, timeout):
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    return proc.stdout.readline() if ready else ""
+
+
+def test_ctrl_c_stops_a_long_fit_quickly_and_safely(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED_FIT], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, cwd=tmp_path)
+    try:
+        assert read_line(proc, timeout=60).strip() == "READY", proc.stderr.read() if proc.poll() is not None else ""
+        time.sleep(1.0)                                 # well inside the first of many epochs
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"the fit was still running 10 s after SIGINT; its stderr:\n{err[-3000:]}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+    assert proc.returncode == 0, f"exit code {proc.returncode}\n{err[-3000:]}"
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["interrupted"]
+    reaction = result["caught"] - sent
+    assert 0 <= reaction < 1.0, f"KeyboardInterrupt came {reaction:.3f} s after SIGINT"
+    assert result["params_finite"] and result["state_finite"] and result["history_finite"]
+    assert result["trained"]                            # it was interrupted mid-training, not before
+    assert result["history"] == result["epochs_done"]
+    assert result["fit_after"] and result["history_after"] == result["history"] + 1
+
+
+# -- threads ---------------------------------------------------------------------------------
+
+def test_concurrent_predictions_equal_serial_ones():
+    rng = np.random.default_rng(0)
+    net = cprop.Sequential([cprop.Dense(32, 128, "relu"), cprop.Dense(128, 64, "tanh"), cprop.Dense(64, 10)],
+                           seed=0)
+    trainer = cprop.Trainer(net, loss="cross_entropy")
+    inputs = [rng.normal(size=(int(rng.integers(1, 800)), 32)).astype(np.float32) for _ in range(50)]
+
+    def predict(i):
+        # three entries in turn: the raw outputs, the probabilities, the labels
+        X = inputs[i]
+        return (net.predict_raw(X), trainer.predict_proba(X), trainer.predict(X))[i % 3]
+
+    serial = [predict(i) for i in range(50)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent_ = list(pool.map(predict, range(50)))
+
+    for expected, got in zip(serial, concurrent_):
+        assert got.dtype == expected.dtype
+        assert_array_equal(got, expected)
+
+
+def test_concurrent_forward_and_predict_on_one_model():
+    # forward keeps activations for backward; concurrent calls must still return their own outputs
+    rng = np.random.default_rng(1)
+    net = cprop.Sequential([cprop.Dense(16, 256, "sigmoid"), cprop.Dense(256, 4)], seed=0)
+    inputs = [rng.normal(size=(300 + i, 16)) for i in range(50)]
+    serial = [net.predict_raw(X) for X in inputs]
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda i: (net.forward if i % 2 else net.predict_raw)(inputs[i]), range(50)))
+
+    for expected, got in zip(serial, results):
+        assert_array_equal(got, expected)
+
+
+def train_one(seed, barrier=None):
+    # big enough for the multi-threaded kernels (and to overlap), small enough to take well under 1 s
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(3000, 64)).astype(np.float32)
+    y = rng.integers(0, 10, 3000)
+    net = cprop.Sequential([cprop.Dense(64, 256, "relu"), cprop.Dense(256, 10)], seed=seed)
+    trainer = cprop.Trainer(net, loss="cross_entropy", optimizer=cprop.Adam(lr=1e-3),
+                            batch_size=256, seed=seed)
+    if barrier is not None:
+        barrier.wait()
+    trainer.fit(X, y, epochs=4)
+    return net.params.copy(), list(trainer.history.loss)
+
+
+def test_two_models_train_in_parallel_threads_as_they_train_alone():
+    alone = [train_one(seed) for seed in (1, 2)]
+
+    barrier = threading.Barrier(2)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        together = list(pool.map(lambda seed: train_one(seed, barrier), (1, 2)))
+
+    for (params_alone, loss_alone), (params_together, loss_together) in zip(alone, together):
+        assert_array_equal(params_together, params_alone)
+        assert loss_together == loss_alone
+    assert not np.array_equal(alone[0][0], alone[1][0])
+
+
+def test_training_releases_the_gil():
+    # a Python thread that wants the GIL every millisecond keeps running while fits run; with a
+    # switch interval of 1 s, an epoch that held the GIL would starve it
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(2000, 100)).astype(np.float32), rng.integers(0, 10, 2000)
+    net = cprop.Sequential([cprop.Dense(100, 256, "relu"), cprop.Dense(256, 10)], seed=0)
+    trainer = cprop.Trainer(net, loss="cross_entropy", batch_size=500, n_threads=1)
+    ticks, done = [], threading.Event()
+
+    def count():
+        while not done.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.001)
+
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)
+    counter = threading.Thread(target=count)
+    try:
+        counter.start()
+        start = time.perf_counter()
+        while time.perf_counter() - start < 0.3:
+            trainer.fit(X, y, epochs=1)
+        end = time.perf_counter()
+    finally:
+        done.set()
+        counter.join()
+        sys.setswitchinterval(previous)
+    during = [t for t in ticks if start <= t <= end]
+    assert len(during) >= 30, f"{len(during)} ticks in {end - start:.2f} s of training"
+    assert np.isfinite(net.params).all()
+
+
+# -- fit does not copy X -------------------------------------------------------------------------
+
+@pytest.fixture
+def spy_on_train_epoch(monkeypatch):
+    """The X arrays the compiled epoch was given."""
+    seen = []
+    core = importlib.import_module("cprop.trainer")._core      # what Trainer.fit calls into
+    real = core.train_epoch
+
+    def spy(X, *args, **kwargs):
+        seen.append(X)
+        return real(X, *args, **kwargs)
+
+    monkeypatch.setattr(core, "train_epoch", spy)
+    return seen
+
+
+def writable_and_read_only(X, tmp_path):
+    memmap = np.memmap(tmp_path / "X.dat", dtype=X.dtype, mode="w+", shape=X.shape)
+    memmap[...] = X
+    memmap.flush()
+    return [X, np.memmap(tmp_path / "X.dat", dtype=X.dtype, mode="r", shape=X.shape)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fit_passes_a_matching_x_to_the_kernel_uncopied(dtype, spy_on_train_epoch, tmp_path):
+    rng = np.random.default_rng(0)
+    for X in writable_and_read_only(rng.normal(size=(300, 20)).astype(dtype), tmp_path):
+        net = cprop.Sequential([cprop.Dense(20, 8, "relu"), cprop.Dense(8, 3)], dtype=dtype, seed=0)
+        trainer = cprop.Trainer(net, loss="cross_entropy", batch_size=32, seed=0)
+        spy_on_train_epoch.clear()
+
+        trainer.fit(X, rng.integers(0, 3, 300), epochs=2)
+
+        assert len(spy_on_train_epoch) == 2
+        for seen in spy_on_train_epoch:
+            assert np.shares_memory(seen, X) and seen.shape == X.shape
+
+
+def test_fit_converts_other_x_once(spy_on_train_epoch):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 20))            # float64 for a float32 network: one conversion
+    net = cprop.Sequential([cprop.Dense(20, 3)], seed=0)
+
+    cprop.Trainer(net, loss="cross_entropy").fit(X, rng.integers(0, 3, 300), epochs=3)
+
+    assert len(spy_on_train_epoch) == 3
+    assert all(seen is spy_on_train_epoch[0] for seen in spy_on_train_epoch)
+    assert spy_on_train_epoch[0].dtype == np.float32 and spy_on_train_epoch[0].flags.c_contiguous
+
+
+def test_fit_memory_stays_far_below_the_size_of_x():
+    # What a fit needs besides X (labels, the shuffled order, a workspace for one batch, the
+    # history, a temporary mask for the finiteness check) is a fraction of X; a copy of X, even
+    # in float16, would be at least half its size. NumPy reports its buffers to tracemalloc.
+    rng = np.random.default_rng(0)
+    X = rng.random((20000, 100), dtype=np.float32)
+    y = rng.integers(0, 10, 20000)
+    net = cprop.Sequential([cprop.Dense(100, 16, "relu"), cprop.Dense(16, 10)], seed=0)
+    trainer = cprop.Trainer(net, loss="cross_entropy", batch_size=64, seed=0)
+    trainer.fit(X[:100], y[:100])        # first call's imports and caches out of the way
+
+    tracemalloc.start()
+    try:
+        trainer.fit(X, y, epochs=2)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert peak < X.nbytes / 2, f"fit allocated {peak / 1e6:.1f} MB for an X of {X.nbytes / 1e6:.1f} MB"
+
+
+def test_tracemalloc_would_see_a_copy_of_x():
+    # the control for the test above: a copy of X does show up
+    X = np.random.default_rng(0).random((20000, 100), dtype=np.float32)
+    tracemalloc.start()
+    try:
+        X.astype(np.float64)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak >= X.nbytes
