@@ -5,10 +5,13 @@ All parameters live in one contiguous array ``params`` laid out W0 b0 W1 b1 …
 views into them, the optimizer updates them in one pass, and a saved model is
 that one array plus its architecture.
 """
+import threading
+
 import numpy as np
 
 from . import io as _io
-from ._threads import resolve_threads
+from ._lazy import core as _core
+from ._threads import resolve_threads, single_threaded_blas
 from ._validation import as_dtype, check_X, check_parameter_values, check_positive_int
 from .layers import Dense
 
@@ -177,21 +180,34 @@ class Sequential:
         self._grad_rows = rows
         return self
 
-    def predict_raw(self, X, n_threads=None, chunk_size=16384):
-        """Raw outputs for X in chunks (bounded memory); nothing kept for backward."""
-        chunk_size = check_positive_int(chunk_size, "chunk_size")
+    def predict_raw(self, X, n_threads=None, chunk_size=None):
+        """Raw outputs for X, nothing kept for backward: the inference path.
+
+        One compiled call runs every layer over chunks of `chunk_size` rows
+        (default: as many as keep one layer's output near 1 MB), so that the
+        intermediate outputs stay in cache; their buffers are kept per thread
+        and reused by the next call of the same size.
+        """
         X = check_X(X, self.dtype, self.n_inputs)
         n_threads = resolve_threads(n_threads)
+        widest = int(self.sizes[1:].max())
+        if chunk_size is None:
+            chunk_size = max(256, (1 << 18) // widest)
+        chunk_size = min(check_positive_int(chunk_size, "chunk_size"), X.shape[0])
+        work = self._inference_workspace(2 * chunk_size * widest)
         out = np.empty((X.shape[0], self.n_outputs), dtype=self.dtype)
-        for start in range(0, X.shape[0], chunk_size):
-            Y = X[start:start + chunk_size]
-            for layer in self.layers:
-                Y = layer._forward(Y, n_threads)
-            out[start:start + chunk_size] = Y
-        for layer in self.layers:
-            layer._X = layer._Y = None
-        self._forward_rows = None
+        with single_threaded_blas():
+            _core.forward(X, self._params, self.sizes, self.activations, work, out, chunk_size, n_threads)
         return out
+
+    def _inference_workspace(self, size):
+        """A float buffer of `size` for this thread, reused across calls (fresh pages cost
+        more than the arithmetic of a small network's forward pass)."""
+        local = self.__dict__.setdefault("_local", threading.local())
+        work = getattr(local, "work", None)
+        if work is None or work.size < size:
+            work = local.work = np.empty(size, dtype=self.dtype)
+        return work
 
     # -- PyTorch interop -----------------------------------------------------
     _TORCH_ACTIVATIONS = {"ReLU": "relu", "LeakyReLU": "leaky_relu", "Sigmoid": "sigmoid",
@@ -259,7 +275,7 @@ class Sequential:
                          {"params": self.params})
 
     def __getstate__(self):
-        return {"architecture": self.architecture(), "params": self.params.copy()}
+        return {"architecture": self.architecture(), "params": self._params.copy()}
 
     def __setstate__(self, state):
         net = Sequential.from_architecture(state["architecture"], state["params"])

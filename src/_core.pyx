@@ -53,6 +53,31 @@ def dense_forward(const floating[:, ::1] X, const floating[:, ::1] W, const floa
                        activation, n_threads)
 
 
+def forward(const floating[:, ::1] X, const floating[::1] params, const Py_ssize_t[::1] sizes,
+            const int[::1] activations, floating[::1] work, floating[:, ::1] out,
+            Py_ssize_t chunk_rows, int n_threads):
+    """out = the network's raw output for X, in chunks of chunk_rows rows so that the
+    intermediate outputs (ping-ponging between the two halves of `work`, each
+    chunk_rows × the widest layer) stay in cache. One call, no GIL, nothing kept."""
+    cdef Py_ssize_t L = sizes.shape[0] - 1, n = X.shape[0], start, rows, l, off
+    cdef Py_ssize_t half = work.shape[0] // 2
+    cdef const floating* inp
+    cdef floating* dst
+    with nogil:
+        start = 0
+        while start < n:
+            rows = chunk_rows if start + chunk_rows <= n else n - start
+            inp = &X[start, 0]
+            off = 0
+            for l in range(L):
+                dst = &out[start, 0] if l == L - 1 else &work[0] + (l % 2) * half
+                _dense_forward(inp, &params[0] + off, &params[0] + off + sizes[l] * sizes[l + 1], dst,
+                               rows, sizes[l], sizes[l + 1], activations[l], n_threads)
+                off += sizes[l] * sizes[l + 1] + sizes[l + 1]
+                inp = dst
+            start += rows
+
+
 def activation_grad(const floating[:, ::1] G, const floating[:, ::1] Y, floating[:, ::1] delta,
                     int activation):
     """δ = G ⊙ f'(z), with f' written through the output Y = f(z)."""
