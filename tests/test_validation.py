@@ -746,7 +746,7 @@ def test_per_call_thread_counts_are_checked(call):
 
 
 @pytest.mark.parametrize("chunk_size, error", [(0, ValueError), (-1, ValueError), (-16384, ValueError),
-                                               (1.5, TypeError), (None, TypeError)], ids=str)
+                                               (1.5, TypeError), ("64", TypeError)], ids=str)
 def test_predict_raw_refuses_bad_chunk_sizes(chunk_size, error):
     # a negative chunk would skip the loop and return np.empty's uninitialised memory
     with pytest.raises(error, match="chunk_size"):
@@ -795,13 +795,24 @@ def test_backward_before_forward_is_a_runtime_error():
     assert not net.grads.any()
 
 
-def test_backward_after_predict_raw_is_a_runtime_error():
-    # predict_raw keeps no activations, so there is nothing to backpropagate through
+def test_backward_without_forward_is_a_runtime_error_even_after_predict_raw():
+    # predict_raw keeps no activations, so it does not make backward possible
     net = make_net()
-    net.forward(X_GOOD)
     net.predict_raw(X_GOOD)
     with pytest.raises(RuntimeError, match="forward"):
         net.backward(np.zeros((N_SAMPLES, N_CLASSES), dtype=np.float32))
+
+
+def test_predict_raw_leaves_the_last_forward_for_backward():
+    # inference in between does not disturb the activations backward pairs with
+    grad = np.random.default_rng(1).standard_normal((N_SAMPLES, N_CLASSES)).astype(np.float32)
+    a, b = make_net(), make_net()
+    a.forward(X_GOOD)
+    a.backward(grad)
+    b.forward(X_GOOD)
+    b.predict_raw(X_GOOD[:5] * 3)
+    b.backward(grad)
+    assert_array_equal(a.grads, b.grads)
 
 
 def test_backward_takes_the_shape_of_the_latest_forward():
