@@ -6,6 +6,8 @@ cores (OpenBLAS's and OpenMP's) make training many times slower. So while a
 kernel runs, the BLAS behind ``scipy.linalg.cython_blas`` is held at one
 thread, and put back afterwards.
 """
+from __future__ import annotations
+
 import contextlib
 import ctypes
 import os
@@ -100,12 +102,12 @@ def single_threaded_blas():
                 setter(_blas_saved)
 
 
-def get_num_threads():
+def get_num_threads() -> int:
     """Threads cprop's kernels use: set_num_threads's value, else OMP_NUM_THREADS, else all cores."""
     return _num_threads if _num_threads is not None else max(1, _core.max_threads())
 
 
-def set_num_threads(n):
+def set_num_threads(n: int | None) -> None:
     """Set how many threads cprop's kernels use (None: back to the default)."""
     global _num_threads
     _num_threads = None if n is None else check_positive_int(n, "n_threads", maximum=MAX_THREADS)

@@ -1,12 +1,16 @@
 """Backprop checked against central finite differences."""
+from __future__ import annotations
+
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .losses import compute, loss_code
 from ._validation import check_positive_int, check_real
 from .network import Sequential
 
 
-def gradient_check(net, X, y, loss="mse", eps=1e-5, max_params=None, seed=0):
+def gradient_check(net: Sequential, X: ArrayLike, y: ArrayLike, loss: str = "mse", eps: float = 1e-5,
+                   max_params: int | None = None, seed: int = 0) -> float:
     """Largest relative error between backprop's gradients and central finite differences.
 
     Works on a float64 copy of `net` (the network itself is not changed). For each

@@ -1,4 +1,6 @@
 """The Dense layer: ``Y = f(X·W + b)`` forward, ``dW = Xᵀ·δ, db = Σδ, dX = δ·Wᵀ`` backward."""
+from __future__ import annotations
+
 import numpy as np
 
 from ._lazy import core as _core
@@ -27,7 +29,7 @@ class Dense:
         network's flat gradient array.
     """
 
-    def __init__(self, n_in, n_out, activation=None):
+    def __init__(self, n_in: int, n_out: int, activation: str | None = None) -> None:
         self.n_in = check_positive_int(n_in, "n_in")
         self.n_out = check_positive_int(n_out, "n_out")
         self.activation_code = activation_code(activation)
@@ -45,7 +47,7 @@ class Dense:
     # The parameters are views into the network's flat arrays, whose layout the
     # kernels rely on: assigning copies the values in, after checking them.
     @property
-    def W(self):
+    def W(self) -> np.ndarray:
         """Weights, shape (n_in, n_out): a live view; ``layer.W = A`` copies A in."""
         return self._W
 
@@ -54,7 +56,7 @@ class Dense:
         self._assign(self._W, value, "W")
 
     @property
-    def b(self):
+    def b(self) -> np.ndarray:
         """Biases, shape (n_out,): a live view; ``layer.b = v`` copies v in."""
         return self._b
 
@@ -63,12 +65,12 @@ class Dense:
         self._assign(self._b, value, "b")
 
     @property
-    def dW(self):
+    def dW(self) -> np.ndarray:
         """∂loss/∂W from the last backward pass (read-only attribute; a view)."""
         return self._dW
 
     @property
-    def db(self):
+    def db(self) -> np.ndarray:
         """∂loss/∂b from the last backward pass (read-only attribute; a view)."""
         return self._db
 
@@ -94,7 +96,7 @@ class Dense:
             _core.dense_backward(self._X, self.W, delta, self.dW, self.db, dX, n_threads)
         return dX
 
-    def init_params(self, rng):
+    def init_params(self, rng: np.random.Generator) -> None:
         """He-normal W for the relu family, Glorot-uniform otherwise; b = 0."""
         if self.activation in ("relu", "leaky_relu"):
             W = rng.standard_normal((self.n_in, self.n_out)) * np.sqrt(2.0 / self.n_in)

@@ -8,7 +8,10 @@
 
 The gradient is what :meth:`cprop.Sequential.backward` takes.
 """
+from __future__ import annotations
+
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ._lazy import core as _core
 from ._validation import check_labels, check_targets
@@ -47,7 +50,7 @@ def prepare_targets(name, y, n_samples, n_outputs, dtype):
     return T, np.empty(0, np.intp)
 
 
-def compute(name, out, y):
+def compute(name: str, out: np.ndarray, y: ArrayLike) -> tuple[float, np.ndarray]:
     """Mean loss `name` of `out` against `y`, and its gradient with respect to `out`."""
     code = loss_code(name)
     out = _check_output(out)
@@ -57,18 +60,18 @@ def compute(name, out, y):
     return value, grad
 
 
-def mse(out, y):
+def mse(out: np.ndarray, y: ArrayLike) -> tuple[float, np.ndarray]:
     """Mean squared error ``mean((out - y)²)`` and its gradient ``2(out - y)/out.size``."""
     return compute("mse", out, y)
 
 
-def cross_entropy(out, y):
+def cross_entropy(out: np.ndarray, y: ArrayLike) -> tuple[float, np.ndarray]:
     """Softmax cross-entropy of logits `out` against integer labels `y`, and its gradient
     ``(softmax(out) - onehot(y)) / n_samples``."""
     return compute("cross_entropy", out, y)
 
 
-def binary_cross_entropy(out, y):
+def binary_cross_entropy(out: np.ndarray, y: ArrayLike) -> tuple[float, np.ndarray]:
     """Sigmoid binary cross-entropy of logits `out` against 0/1 targets `y`, and its
     gradient ``(sigmoid(out) - y) / out.size``."""
     return compute("binary_cross_entropy", out, y)

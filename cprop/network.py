@@ -5,9 +5,15 @@ All parameters live in one contiguous array ``params`` laid out W0 b0 W1 b1 …
 views into them, the optimizer updates them in one pass, and a saved model is
 that one array plus its architecture.
 """
+from __future__ import annotations
+
+import os
 import threading
 
+from typing import Sequence
+
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 from . import io as _io
 from ._lazy import core as _core
@@ -35,7 +41,8 @@ class Sequential:
     (2, 3)
     """
 
-    def __init__(self, layers, dtype="float32", seed=None):
+    def __init__(self, layers: Sequence[Dense], dtype: DTypeLike = "float32",
+                 seed: int | np.random.Generator | None = None) -> None:
         layers = list(layers) if not isinstance(layers, Dense) else [layers]
         if not layers:
             raise ValueError("Sequential needs at least one Dense layer")
@@ -75,7 +82,7 @@ class Sequential:
 
     # -- structure ---------------------------------------------------------
     @property
-    def params(self):
+    def params(self) -> np.ndarray:
         """All parameters, one flat array laid out W0 b0 W1 b1 … (each layer's W, b are views).
 
         Modify it in place (``net.params[...] = p`` or :meth:`set_params`); it cannot be
@@ -84,21 +91,21 @@ class Sequential:
         return self._params
 
     @property
-    def grads(self):
+    def grads(self) -> np.ndarray:
         """All gradients of the last backward pass, laid out like :attr:`params`."""
         return self._grads
     @property
-    def n_inputs(self):
+    def n_inputs(self) -> int:
         """Features per input sample (the first layer's n_in)."""
         return int(self.sizes[0])
 
     @property
-    def n_outputs(self):
+    def n_outputs(self) -> int:
         """Width of the raw output (the last layer's n_out)."""
         return int(self.sizes[-1])
 
     @property
-    def n_params(self):
+    def n_params(self) -> int:
         """Number of trainable parameters (weights and biases)."""
         return self.params.size
 
@@ -106,7 +113,7 @@ class Sequential:
         inner = ",\n    ".join(repr(l) for l in self.layers)
         return f"Sequential([\n    {inner},\n], dtype={np.dtype(self.dtype).name!r})"
 
-    def init_params(self, seed=None):
+    def init_params(self, seed: int | np.random.Generator | None = None) -> None:
         """Re-initialise every layer's weights from `seed` (int, None or a numpy Generator)."""
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
         for layer in self.layers:
@@ -114,14 +121,14 @@ class Sequential:
         self.grads[...] = 0
         self._has_grads = False
 
-    def architecture(self):
+    def architecture(self) -> dict:
         """The layer widths and activation names, as saved in files."""
         return {"sizes": [int(s) for s in self.sizes],
                 "activations": [l.activation for l in self.layers],
                 "dtype": np.dtype(self.dtype).name}
 
     @classmethod
-    def from_architecture(cls, arch, params=None):
+    def from_architecture(cls, arch: dict, params: ArrayLike | None = None) -> Sequential:
         """A network from :meth:`architecture`'s dict, with `params` (flat) copied in when given."""
         sizes, acts = arch["sizes"], arch["activations"]
         net = cls([Dense(sizes[i], sizes[i + 1], acts[i]) for i in range(len(acts))],
@@ -130,21 +137,21 @@ class Sequential:
             net.set_params(params)
         return net
 
-    def set_params(self, params):
+    def set_params(self, params: ArrayLike) -> None:
         """Copy a flat parameter array (layout W0 b0 W1 b1 …) into the network."""
         self._params[...] = check_parameter_values(params, self._params.shape, "params")
 
-    def copy(self):
+    def copy(self) -> Sequential:
         """An independent network with the same architecture and parameters."""
         return Sequential.from_architecture(self.architecture(), self.params)
 
-    def astype(self, dtype):
+    def astype(self, dtype: DTypeLike) -> Sequential:
         """A copy of the network with parameters in `dtype`."""
         arch = dict(self.architecture(), dtype=np.dtype(as_dtype(dtype)).name)
         return Sequential.from_architecture(arch, self.params)
 
     # -- the two passes ----------------------------------------------------
-    def forward(self, X, n_threads=None):
+    def forward(self, X: ArrayLike, n_threads: int | None = None) -> np.ndarray:
         """Raw output of the last layer (logits for the classification losses).
 
         Keeps each layer's input and output for :meth:`backward`.
@@ -157,7 +164,7 @@ class Sequential:
         self._forward_rows = X.shape[0]
         return out
 
-    def backward(self, grad_out, n_threads=None):
+    def backward(self, grad_out: np.ndarray, n_threads: int | None = None) -> Sequential:
         """Backpropagate ∂L/∂output (as returned by a cprop.losses function) through every layer.
 
         Fills ``layer.dW`` and ``layer.db`` of every layer (views of ``self.grads``).
@@ -180,7 +187,8 @@ class Sequential:
         self._grad_rows = rows
         return self
 
-    def predict_raw(self, X, n_threads=None, chunk_size=None):
+    def predict_raw(self, X: ArrayLike, n_threads: int | None = None,
+                    chunk_size: int | None = None) -> np.ndarray:
         """Raw outputs for X, nothing kept for backward: the inference path.
 
         One compiled call runs every layer over chunks of `chunk_size` rows
@@ -214,7 +222,7 @@ class Sequential:
                           "Tanh": "tanh", "Identity": "identity"}
 
     @classmethod
-    def from_torch(cls, module):
+    def from_torch(cls, module) -> Sequential:
         """A Sequential with the weights of a ``torch.nn.Sequential`` of Linear layers, each
         optionally followed by ReLU, LeakyReLU(0.01), Sigmoid, Tanh or Identity.
 
@@ -269,7 +277,7 @@ class Sequential:
         return torch.nn.Sequential(*modules)
 
     # -- files -------------------------------------------------------------
-    def save(self, path):
+    def save(self, path: str | os.PathLike) -> None:
         """Write the architecture and parameters to `path` (.npz, no pickle, atomic)."""
         _io.save_archive(path, {"kind": "network", "architecture": self.architecture()},
                          {"params": self.params})
@@ -304,7 +312,7 @@ def network_from_meta(meta, arrays, path):
         raise _io.CpropFileError(f"{path!r}: invalid network in file ({exc})") from None
 
 
-def load(path):
+def load(path: str | os.PathLike) -> Sequential:
     """Load a network saved by :meth:`Sequential.save` (or the network of a saved Trainer)."""
     meta, arrays = _io.load_archive(path, kind=("network", "trainer"))
     return network_from_meta(meta, arrays, path)

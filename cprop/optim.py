@@ -5,6 +5,8 @@ Adam:  g' = g + wd·p;  m = β1·m + (1-β1)·g';  v = β2·v + (1-β2)·g'²;
        p -= lr/(1-β1ᵗ) · m / (√v/√(1-β2ᵗ) + ε)
 AdamW: as Adam, but decay is decoupled: p *= 1 - lr·wd, and g' = g.
 """
+from __future__ import annotations
+
 import numpy as np
 
 from ._lazy import core as _core
@@ -30,7 +32,7 @@ class Optimizer:
         """How many parameter-sized state arrays the update keeps (momentum: 1; Adam: 2)."""
         raise NotImplementedError
 
-    def config(self):
+    def config(self) -> dict:
         """The hyper-parameters as the compiled step reads them, checked again here: they
         are plain attributes that may have been changed since construction."""
         self.lr = check_real(self.lr, "lr", low=0)
@@ -60,7 +62,7 @@ class Optimizer:
         state = self._ensure_state(net)
         return state[0], state[1] if len(state) > 1 else state[0]
 
-    def step(self, net, n_threads=None):
+    def step(self, net, n_threads: int | None = None) -> None:
         """Apply one update to every parameter of `net` from its gradients (net.backward first)."""
         from .network import Sequential
         if not isinstance(net, Sequential):
@@ -78,7 +80,7 @@ class Optimizer:
                 f"the update would have made {rejected} parameter(s) non-finite; "
                 "they keep their previous values (lower the learning rate)")
 
-    def reset(self):
+    def reset(self) -> None:
         """Forget the state (momentum, moments, step count)."""
         self.state = None
         self.step_count = 0
@@ -97,7 +99,8 @@ class SGD(Optimizer):
 
     kind = 0
 
-    def __init__(self, lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0):
+    def __init__(self, lr: float = 0.01, momentum: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0) -> None:
         super().__init__()
         self.lr = check_real(lr, "lr", low=0)
         self.momentum = check_real(momentum, "momentum", low=0, high=1, high_open=True)
@@ -136,7 +139,8 @@ class Adam(Optimizer):
     n_state = 2
     decoupled = False
 
-    def __init__(self, lr=0.001, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    def __init__(self, lr: float = 0.001, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0) -> None:
         super().__init__()
         self.lr = check_real(lr, "lr", low=0)
         self.betas = betas
@@ -166,7 +170,8 @@ class AdamW(Adam):
 
     decoupled = True
 
-    def __init__(self, lr=0.001, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+    def __init__(self, lr: float = 0.001, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01) -> None:
         super().__init__(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 

@@ -1,10 +1,13 @@
 """Trainer: minibatch training where each epoch is one compiled call without the GIL."""
+from __future__ import annotations
+
 import math
 import os
 import time
 import warnings
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ._lazy import core as _core
 from . import io as _io
@@ -44,11 +47,11 @@ class History:
             if name in values and values[name] is not None:
                 getattr(self, name).append(float(values[name]))
 
-    def as_dict(self):
+    def as_dict(self) -> dict:
         """The records as a dict of lists (JSON-serialisable; saved with the trainer)."""
         return {k: list(getattr(self, k)) for k in self.FIELDS}
 
-    def plot(self, path=None):
+    def plot(self, path: str | os.PathLike | None = None):
         """Draw loss (and validation loss) and, when logged, validation accuracy per epoch.
 
         Needs matplotlib (``pip install "cprop[plot]"``). Saves a PNG to `path`
@@ -84,7 +87,7 @@ class History:
         return fig
 
     @classmethod
-    def from_dict(cls, d):
+    def from_dict(cls, d: dict) -> History:
         """A History from :meth:`as_dict`'s output."""
         h = cls()
         for k in cls.FIELDS:
@@ -111,8 +114,10 @@ class Trainer:
         (cprop.sklearn uses it to reproduce scikit-learn's loss conventions).
     """
 
-    def __init__(self, net, loss="mse", optimizer=None, batch_size=32, shuffle=True, seed=None,
-                 n_threads=None, on_divergence="raise", loss_scale=1.0):
+    def __init__(self, net: Sequential, loss: str = "mse", optimizer: Optimizer | None = None,
+                 batch_size: int = 32, shuffle: bool = True, seed: int | None = None,
+                 n_threads: int | None = None, on_divergence: str = "raise",
+                 loss_scale: float = 1.0) -> None:
         self.net = net
         self.loss = loss
         self.optimizer = optimizer if optimizer is not None else SGD(lr=0.01)
@@ -152,8 +157,10 @@ class Trainer:
         T, labels = prepare_targets(self.loss, y, X.shape[0], self.net.n_outputs, self.net.dtype)
         return X, T, labels
 
-    def fit(self, X, y, epochs=1, validation_data=None, validation_split=None, callbacks=(),
-            verbose=False, checkpoint=None, checkpoint_every=1):
+    def fit(self, X: ArrayLike, y: ArrayLike, epochs: int = 1,
+            validation_data: tuple[ArrayLike, ArrayLike] | None = None,
+            validation_split: float | None = None, callbacks=(), verbose: bool = False,
+            checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 1) -> History:
         """Train for `epochs` passes over (X, y); returns the History (also ``self.history``).
 
         Each epoch runs in one compiled call without the GIL: shuffle by index,
@@ -292,11 +299,11 @@ class Trainer:
             result[prefix + "accuracy"] = float(np.mean((out > 0) == (T > 0.5)))
         return result
 
-    def evaluate(self, X, y):
+    def evaluate(self, X: ArrayLike, y: ArrayLike) -> dict[str, float]:
         """``{"loss": ...}`` on (X, y), plus ``"accuracy"`` for the classification losses."""
         return self._evaluate_prepared(*self._prepare(X, y))
 
-    def predict(self, X):
+    def predict(self, X: ArrayLike) -> np.ndarray:
         """Class labels (cross_entropy), 0/1 (binary_cross_entropy) or values (mse)."""
         out = self.net.predict_raw(X, n_threads=self.n_threads)
         if self.loss == "cross_entropy":
@@ -306,7 +313,7 @@ class Trainer:
             return y[:, 0] if y.shape[1] == 1 else y
         return out[:, 0] if out.shape[1] == 1 else out
 
-    def predict_proba(self, X):
+    def predict_proba(self, X: ArrayLike) -> np.ndarray:
         """Class probabilities: softmax (cross_entropy) or sigmoid (binary_cross_entropy)."""
         out = self.net.predict_raw(X, n_threads=self.n_threads).astype(np.float64)
         if self.loss == "cross_entropy":
@@ -318,7 +325,7 @@ class Trainer:
         raise ValueError("predict_proba needs a classification loss")
 
     # -- files -------------------------------------------------------------
-    def save(self, path):
+    def save(self, path: str | os.PathLike) -> None:
         """Write network, optimizer state, epoch count, random state and history (atomic, no pickle)."""
         opt = self.optimizer
         meta = {
@@ -339,7 +346,7 @@ class Trainer:
         _io.save_archive(path, meta, arrays)
 
     @classmethod
-    def load(cls, path):
+    def load(cls, path: str | os.PathLike) -> Trainer:
         """A Trainer exactly as saved: fitting on continues as if never interrupted."""
         meta, arrays = _io.load_archive(path, kind=("trainer",))
         net = network_from_meta(meta, arrays, path)

@@ -1,4 +1,6 @@
 """Data: the bundled UCI handwritten digits, and a reader for MNIST's IDX files."""
+from __future__ import annotations
+
 import gzip
 import math
 import zlib
@@ -10,7 +12,7 @@ import numpy as np
 _DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
-def load_digits(scale=True):
+def load_digits(scale: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """The UCI handwritten-digits set: 1,797 8×8 images, classes 0-9 (CC BY 4.0, bundled).
 
     Returns
@@ -29,7 +31,7 @@ def load_digits(scale=True):
 _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def read_idx(path):
+def read_idx(path: str | os.PathLike) -> np.ndarray:
     """An array from an IDX file (MNIST's format), gzipped or not."""
     opener = gzip.open if _is_gzip(path) else open
     try:
@@ -57,7 +59,7 @@ def _is_gzip(path):
         return f.read(2) == b"\x1f\x8b"
 
 
-def load_mnist(path, kind="train"):
+def load_mnist(path: str | os.PathLike, kind: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """MNIST (or Fashion-MNIST) from the standard IDX files in directory `path`.
 
     Looks for ``{train,t10k}-images-idx3-ubyte[.gz]`` and ``…-labels-idx1-ubyte[.gz]``.
