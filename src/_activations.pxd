@@ -34,15 +34,15 @@ cdef inline floating sigmoid(floating z) noexcept nogil:
 
 
 cdef inline void bias_activation(floating* Z, const floating* b,
-                                 Py_ssize_t n_rows, Py_ssize_t n_cols,
+                                 Py_ssize_t n_rows, Py_ssize_t n_cols, Py_ssize_t ldz,
                                  int activation) noexcept nogil:
-    """Z[i, j] := f(Z[i, j] + b[j]), in place, one pass."""
+    """Z[i, j] := f(Z[i, j] + b[j]), in place, one pass; row i of Z starts at Z + i·ldz."""
     cdef Py_ssize_t i, j
     cdef floating z
     cdef floating* row
     cdef floating slope = <floating> LEAKY_SLOPE_PERMILLE / 1000
     for i in range(n_rows):
-        row = Z + i * n_cols
+        row = Z + i * ldz
         if activation == RELU:
             for j in range(n_cols):
                 z = row[j] + b[j]

@@ -6,7 +6,7 @@
 #
 # Products go to BLAS (one thread each); everything around them is fused into
 # the pass that follows the product. Large products are split between cprop's
-# own OpenMP threads (rows of Y, dX and dW), so that no
+# own OpenMP threads (columns of Y and dX, rows of dW), so that no
 # thread ever reduces into another's output and results do not depend on
 # timing. Kernels trust their inputs: the Python layer validated them.
 from cython cimport floating
@@ -32,47 +32,62 @@ cdef inline int threads_for(double flops, Py_ssize_t n_chunks, int n_threads) no
     return nt if nt > 1 else 1
 
 
-cdef inline void dense_forward_rows(const floating* X, const floating* W, const floating* b,
-                                    floating* Y, Py_ssize_t r0, Py_ssize_t r1,
-                                    Py_ssize_t n_in, Py_ssize_t n_out, int activation) noexcept nogil:
-    """Y[r0:r1] = f(X[r0:r1]·W + b)."""
-    if r1 <= r0:
+cdef inline void dense_forward_block(const floating* X, const floating* W, const floating* b,
+                                     floating* Y, Py_ssize_t r0, Py_ssize_t r1,
+                                     Py_ssize_t c0, Py_ssize_t c1,
+                                     Py_ssize_t n_in, Py_ssize_t n_out, int activation) noexcept nogil:
+    """Y[r0:r1, c0:c1] = f(X[r0:r1]·W[:, c0:c1] + b[c0:c1])."""
+    if r1 <= r0 or c1 <= c0:
         return
-    gemm(False, False, <int> (r1 - r0), <int> n_out, <int> n_in,
-         <floating> 1, X + r0 * n_in, <int> n_in, W, <int> n_out,
-         <floating> 0, Y + r0 * n_out, <int> n_out)
-    bias_activation(Y + r0 * n_out, b, r1 - r0, n_out, activation)
+    gemm(False, False, <int> (r1 - r0), <int> (c1 - c0), <int> n_in,
+         <floating> 1, X + r0 * n_in, <int> n_in, W + c0, <int> n_out,
+         <floating> 0, Y + r0 * n_out + c0, <int> n_out)
+    bias_activation(Y + r0 * n_out + c0, b + c0, r1 - r0, c1 - c0, n_out, activation)
 
 
-cdef inline void gather_dense_forward_rows(const floating* source, const Py_ssize_t* rows,
-                                           floating* X, const floating* W, const floating* b,
-                                           floating* Y, Py_ssize_t r0, Py_ssize_t r1,
-                                           Py_ssize_t n_in, Py_ssize_t n_out,
-                                           int activation) noexcept nogil:
-    """X[r] = source[rows[r]] for r in [r0, r1) (when rows is given), then Y[r0:r1] = f(X[r0:r1]·W + b)."""
+cdef inline void gather_rows(const floating* source, const Py_ssize_t* rows, floating* X,
+                             Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t n_in) noexcept nogil:
+    """X[r] = source[rows[r]] for r in [r0, r1): the shuffled minibatch."""
     cdef Py_ssize_t r
-    if rows != NULL:
-        for r in range(r0, r1):
-            memcpy(X + r * n_in, source + rows[r] * n_in, n_in * sizeof(floating))
-    dense_forward_rows(X, W, b, Y, r0, r1, n_in, n_out, activation)
+    for r in range(r0, r1):
+        memcpy(X + r * n_in, source + rows[r] * n_in, n_in * sizeof(floating))
+
+
+cdef inline Py_ssize_t _col_split(Py_ssize_t n_cols, int t, int nt) noexcept nogil:
+    """Start of thread t's columns: multiples of 16, so threads never share a cache line."""
+    if t >= nt:
+        return n_cols
+    return (n_cols * t // nt) & ~(<Py_ssize_t> 15)
 
 
 cdef inline void dense_forward(const floating* X, const floating* W, const floating* b,
                                floating* Y, Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out,
                                int activation, int n_threads,
                                const floating* source=NULL, const Py_ssize_t* rows=NULL) noexcept nogil:
-    """Y = f(X·W + b), rows split across threads.
+    """Y = f(X·W + b).
 
-    With `rows`, X is first gathered from source (X[r] = source[rows[r]]) by the
-    same threads, each copying the rows it is about to multiply.
+    Threads split the columns of Y, so each packs only its slice of W (the large
+    operand at minibatch sizes); layers too narrow for that split the rows.
+    With `rows`, X is first gathered from source (X[r] = source[rows[r]]), the
+    threads splitting the copying.
     """
     cdef int t, nt = threads_for(2.0 * n * n_in * n_out, n, n_threads)
+    if rows != NULL:
+        if nt == 1:
+            gather_rows(source, rows, <floating*> X, 0, n, n_in)
+        else:
+            for t in prange(nt, num_threads=nt, schedule='static', nogil=True):
+                gather_rows(source, rows, <floating*> X, n * t // nt, n * (t + 1) // nt, n_in)
     if nt == 1:
-        gather_dense_forward_rows(source, rows, <floating*> X, W, b, Y, 0, n, n_in, n_out, activation)
-        return
-    for t in prange(nt, num_threads=nt, schedule='static', nogil=True):
-        gather_dense_forward_rows(source, rows, <floating*> X, W, b, Y, n * t // nt, n * (t + 1) // nt,
-                                  n_in, n_out, activation)
+        dense_forward_block(X, W, b, Y, 0, n, 0, n_out, n_in, n_out, activation)
+    elif n_out >= 32 * nt:
+        for t in prange(nt, num_threads=nt, schedule='static', nogil=True):
+            dense_forward_block(X, W, b, Y, 0, n, _col_split(n_out, t, nt), _col_split(n_out, t + 1, nt),
+                                n_in, n_out, activation)
+    else:
+        for t in prange(nt, num_threads=nt, schedule='static', nogil=True):
+            dense_forward_block(X, W, b, Y, n * t // nt, n * (t + 1) // nt, 0, n_out,
+                                n_in, n_out, activation)
 
 
 cdef inline void dense_param_grads_part(const floating* X, const floating* delta,
@@ -110,30 +125,38 @@ cdef inline void dense_param_grads(const floating* X, const floating* delta,
                                n_out * t // nt, n_out * (t + 1) // nt)
 
 
-cdef inline void dense_input_grad_rows(const floating* delta, const floating* W, floating* dX,
-                                       const floating* Y_prev, int activation_prev,
-                                       Py_ssize_t r0, Py_ssize_t r1,
-                                       Py_ssize_t n_in, Py_ssize_t n_out) noexcept nogil:
-    """dX[r0:r1] = δ[r0:r1]·Wᵀ; then, when Y_prev is given, δ_prev = dX ⊙ f'_prev(Y_prev) in place."""
-    if r1 <= r0:
+cdef inline void dense_input_grad_block(const floating* delta, const floating* W, floating* dX,
+                                        const floating* Y_prev, int activation_prev,
+                                        Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1,
+                                        Py_ssize_t n_in, Py_ssize_t n_out) noexcept nogil:
+    """dX[r0:r1, c0:c1] = δ[r0:r1]·W[c0:c1]ᵀ; then, when Y_prev is given,
+    δ_prev = dX ⊙ f'_prev(Y_prev) on the same block, in place."""
+    cdef Py_ssize_t i
+    if r1 <= r0 or c1 <= c0:
         return
-    gemm(False, True, <int> (r1 - r0), <int> n_in, <int> n_out,
-         <floating> 1, delta + r0 * n_out, <int> n_out, W, <int> n_out,
-         <floating> 0, dX + r0 * n_in, <int> n_in)
+    gemm(False, True, <int> (r1 - r0), <int> (c1 - c0), <int> n_out,
+         <floating> 1, delta + r0 * n_out, <int> n_out, W + c0 * n_out, <int> n_out,
+         <floating> 0, dX + r0 * n_in + c0, <int> n_in)
     if Y_prev != NULL:
-        activation_grad(dX + r0 * n_in, Y_prev + r0 * n_in, dX + r0 * n_in,
-                        (r1 - r0) * n_in, activation_prev)
+        for i in range(r0, r1):
+            activation_grad(dX + i * n_in + c0, Y_prev + i * n_in + c0, dX + i * n_in + c0,
+                            c1 - c0, activation_prev)
 
 
 cdef inline void dense_input_grad(const floating* delta, const floating* W, floating* dX,
                                   const floating* Y_prev, int activation_prev,
                                   Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out,
                                   int n_threads) noexcept nogil:
-    """dX = δ·Wᵀ (fused with the previous layer's f' when Y_prev is given), rows split across threads."""
+    """dX = δ·Wᵀ (fused with the previous layer's f' when Y_prev is given); threads split
+    the columns of dX (each packs its rows of W), or the rows for narrow layers."""
     cdef int t, nt = threads_for(2.0 * n * n_in * n_out, n, n_threads)
     if nt == 1:
-        dense_input_grad_rows(delta, W, dX, Y_prev, activation_prev, 0, n, n_in, n_out)
-        return
-    for t in prange(nt, num_threads=nt, schedule='static', nogil=True):
-        dense_input_grad_rows(delta, W, dX, Y_prev, activation_prev,
-                              n * t // nt, n * (t + 1) // nt, n_in, n_out)
+        dense_input_grad_block(delta, W, dX, Y_prev, activation_prev, 0, n, 0, n_in, n_in, n_out)
+    elif n_in >= 32 * nt:
+        for t in prange(nt, num_threads=nt, schedule='static', nogil=True):
+            dense_input_grad_block(delta, W, dX, Y_prev, activation_prev, 0, n,
+                                   _col_split(n_in, t, nt), _col_split(n_in, t + 1, nt), n_in, n_out)
+    else:
+        for t in prange(nt, num_threads=nt, schedule='static', nogil=True):
+            dense_input_grad_block(delta, W, dX, Y_prev, activation_prev,
+                                   n * t // nt, n * (t + 1) // nt, 0, n_in, n_in, n_out)
