@@ -37,13 +37,14 @@ def check_finite(arr, name):
     """ValueError naming `name` when a float array holds NaN or infinity.
 
     Fast path without a temporary of the array's size: a NaN or an infinity
-    makes the float64 sum non-finite, and finite float32 values cannot
-    overflow it; only when the sum is not finite is every element checked.
+    makes the sum non-finite (inf - inf is NaN). Only when the sum is not
+    finite (which finite values can also cause, by overflowing it) is every
+    element checked.
     """
     if arr.dtype.kind != "f":
         return
-    with np.errstate(all="ignore"):       # inf + (-inf) in the sum is expected here
-        if np.isfinite(np.sum(arr, dtype=np.float64)):
+    with np.errstate(all="ignore"):       # inf + (-inf) or overflow in the sum are expected here
+        if np.isfinite(np.sum(arr)):
             return
     finite = np.isfinite(arr)
     if not finite.all():
@@ -69,7 +70,9 @@ def _converted(arr, dtype, name):
     with np.errstate(over="ignore", invalid="ignore"):
         out = np.ascontiguousarray(arr, dtype=dtype)
     if out is not arr and arr.dtype.kind == "f" and arr.dtype.itemsize > out.dtype.itemsize:
-        if not np.isfinite(np.sum(out, dtype=np.float64)) and not np.isfinite(out).all():
+        with np.errstate(all="ignore"):
+            overflow = not np.isfinite(np.sum(out)) and not np.isfinite(out).all()
+        if overflow:
             raise ValueError(f"{name} has values beyond the range of {np.dtype(dtype).name} "
                              f"(largest magnitude {np.abs(arr).max():.3g})")
     return out

@@ -66,8 +66,9 @@ cdef inline void dense_forward(const floating* X, const floating* W, const float
                                const floating* source=NULL, const Py_ssize_t* rows=NULL) noexcept nogil:
     """Y = f(X·W + b).
 
-    Threads split the columns of Y, so each packs only its slice of W (the large
-    operand at minibatch sizes); layers too narrow for that split the rows.
+    Each thread packs the whole of one operand and its share of the other, so
+    threads split whichever is larger: the columns of Y (W's) when there are
+    fewer rows than columns, as in minibatch training; else the rows (X's).
     With `rows`, X is first gathered from source (X[r] = source[rows[r]]), the
     threads splitting the copying.
     """
@@ -80,7 +81,7 @@ cdef inline void dense_forward(const floating* X, const floating* W, const float
                 gather_rows(source, rows, <floating*> X, n * t // nt, n * (t + 1) // nt, n_in)
     if nt == 1:
         dense_forward_block(X, W, b, Y, 0, n, 0, n_out, n_in, n_out, activation)
-    elif n_out >= 32 * nt:
+    elif n < n_out and n_out >= 32 * nt:
         for t in prange(nt, num_threads=nt, schedule='static', nogil=True):
             dense_forward_block(X, W, b, Y, 0, n, _col_split(n_out, t, nt), _col_split(n_out, t + 1, nt),
                                 n_in, n_out, activation)
@@ -148,11 +149,11 @@ cdef inline void dense_input_grad(const floating* delta, const floating* W, floa
                                   Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out,
                                   int n_threads) noexcept nogil:
     """dX = δ·Wᵀ (fused with the previous layer's f' when Y_prev is given); threads split
-    the columns of dX (each packs its rows of W), or the rows for narrow layers."""
+    the columns of dX (W's rows) when there are fewer rows than columns, else the rows."""
     cdef int t, nt = threads_for(2.0 * n * n_in * n_out, n, n_threads)
     if nt == 1:
         dense_input_grad_block(delta, W, dX, Y_prev, activation_prev, 0, n, 0, n_in, n_in, n_out)
-    elif n_in >= 32 * nt:
+    elif n < n_in and n_in >= 32 * nt:
         for t in prange(nt, num_threads=nt, schedule='static', nogil=True):
             dense_input_grad_block(delta, W, dX, Y_prev, activation_prev, 0, n,
                                    _col_split(n_in, t, nt), _col_split(n_in, t + 1, nt), n_in, n_out)
