@@ -192,15 +192,16 @@ class Sequential:
         """Raw outputs for X, nothing kept for backward: the inference path.
 
         One compiled call runs every layer over chunks of `chunk_size` rows
-        (default: as many as keep one layer's output near 1 MB), so that the
-        intermediate outputs stay in cache; their buffers are kept per thread
-        and reused by the next call of the same size.
+        (default: at least 2048, so each chunk's products are large enough for
+        BLAS to run near its peak, and more for narrow networks, up to a layer
+        output of about 1 MB, which stays in cache); the intermediate buffers
+        are kept per thread and reused by the next call.
         """
         X = check_X(X, self.dtype, self.n_inputs)
         n_threads = resolve_threads(n_threads)
         widest = int(self.sizes[1:].max())
         if chunk_size is None:
-            chunk_size = max(256, (1 << 18) // widest)
+            chunk_size = max(2048, (1 << 18) // widest)
         chunk_size = min(check_positive_int(chunk_size, "chunk_size"), X.shape[0])
         work = self._inference_workspace(2 * chunk_size * widest)
         out = np.empty((X.shape[0], self.n_outputs), dtype=self.dtype)
