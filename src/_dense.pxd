@@ -72,7 +72,9 @@ cdef inline void dense_forward(const floating* X, const floating* W, const float
     With `rows`, X is first gathered from source (X[r] = source[rows[r]]), the
     threads splitting the copying.
     """
-    cdef int t, nt = threads_for(2.0 * n * n_in * n_out, n, n_threads)
+    # the output pass (bias, activation, the GEMM's stores) weighs as much as the
+    # products when n_in is small
+    cdef int t, nt = threads_for(2.0 * n * n_in * n_out + 16.0 * n * n_out, n, n_threads)
     if rows != NULL:
         if nt == 1:
             gather_rows(source, rows, <floating*> X, 0, n, n_in)
