@@ -145,37 +145,32 @@ cdef Py_ssize_t _optimizer_step(Optim* opt, floating* params, const floating* gr
 
 
 cdef Py_ssize_t _layer_step_part(Optim* opt, const floating* inp, const floating* delta,
-                                 floating* W, floating* b, floating* dW, floating* db,
-                                 floating* a, floating* b_state, Py_ssize_t off,
-                                 Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out,
+                                 floating* params, floating* grads, floating* a, floating* b_state,
+                                 Py_ssize_t off, Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out,
                                  Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
     """Rows r0:r1 of dW = inpᵀ·δ and entries c0:c1 of db = Σδ, then the optimizer step on
     exactly those rows of W and entries of b, while they are still in this core's cache.
-    `off`: W's offset in the flat parameters (b follows W); a, b_state: the state arrays."""
-    cdef Py_ssize_t n_W = n_in * n_out
-    cdef floating* p = W - off
-    dense_param_grads_part(inp, delta, dW, db, n, n_in, n_out, r0, r1, c0, c1)
-    return (optim_range(opt, p, dW - off, a, b_state, off + r0 * n_out, off + r1 * n_out, True, n)
-            + optim_range(opt, p, dW - off, a, b_state, off + n_W + c0, off + n_W + c1,
-                          opt.decay_bias, n))
+    The layer's W starts at params[off] (b follows it), its gradients likewise in grads;
+    a, b_state: the optimizer's state arrays, laid out like params."""
+    cdef Py_ssize_t b_off = off + n_in * n_out
+    dense_param_grads_part(inp, delta, grads + off, grads + b_off, n, n_in, n_out, r0, r1, c0, c1)
+    return (optim_range(opt, params, grads, a, b_state, off + r0 * n_out, off + r1 * n_out, True, n)
+            + optim_range(opt, params, grads, a, b_state, b_off + c0, b_off + c1, opt.decay_bias, n))
 
 
 cdef Py_ssize_t _layer_grads_and_step(Optim* opt, const floating* inp, const floating* delta,
                                       floating* params, floating* grads, floating* a,
                                       floating* b_state, Py_ssize_t off, Py_ssize_t n,
                                       Py_ssize_t n_in, Py_ssize_t n_out, int n_threads) noexcept nogil:
-    """dW = inpᵀ·δ, db = Σδ and the step on W, b (at params[off:]), fused per thread."""
+    """dW = inpᵀ·δ, db = Σδ and the step on W, b (at params[off:]), fused per thread;
+    threads split the rows of W and the entries of b."""
     cdef int t, nt = threads_for(2.0 * n * n_in * n_out, n_in, n_threads)
     cdef Py_ssize_t rejected = 0
-    cdef floating* W = params + off
-    cdef floating* dW = grads + off
-    cdef floating* b = W + n_in * n_out
-    cdef floating* db = dW + n_in * n_out
     if nt == 1:
-        return _layer_step_part(opt, inp, delta, W, b, dW, db, a, b_state, off, n, n_in, n_out,
+        return _layer_step_part(opt, inp, delta, params, grads, a, b_state, off, n, n_in, n_out,
                                 0, n_in, 0, n_out)
     for t in prange(nt, num_threads=nt, schedule='static', nogil=True):
-        rejected += _layer_step_part(opt, inp, delta, W, b, dW, db, a, b_state, off, n, n_in, n_out,
+        rejected += _layer_step_part(opt, inp, delta, params, grads, a, b_state, off, n, n_in, n_out,
                                      n_in * t // nt, n_in * (t + 1) // nt,
                                      n_out * t // nt, n_out * (t + 1) // nt)
     return rejected
