@@ -108,7 +108,13 @@ def get_num_threads() -> int:
 
 
 def set_num_threads(n: int | None) -> None:
-    """Set how many threads cprop's kernels use (None: back to the default)."""
+    """Set how many threads cprop's kernels use.
+
+    Parameters
+    ----------
+    n : int in [1, 4096] or None
+        None goes back to the default: ``OMP_NUM_THREADS`` when set, else all cores.
+    """
     global _num_threads
     _num_threads = None if n is None else check_positive_int(n, "n_threads", maximum=MAX_THREADS)
 

@@ -155,6 +155,18 @@ class Sequential:
         """Raw output of the last layer (logits for the classification losses).
 
         Keeps each layer's input and output for :meth:`backward`.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_inputs)
+            Any real dtype, any memory layout; converted to the network's dtype
+            (no copy when it is already C-contiguous in that dtype).
+        n_threads : int, optional
+            Threads for the kernels (default: :func:`cprop.get_num_threads`).
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_outputs), the network's dtype
         """
         X = check_X(X, self.dtype, self.n_inputs)
         n_threads = resolve_threads(n_threads)
@@ -165,9 +177,22 @@ class Sequential:
         return out
 
     def backward(self, grad_out: np.ndarray, n_threads: int | None = None) -> Sequential:
-        """Backpropagate ∂L/∂output (as returned by a cprop.losses function) through every layer.
+        """Backpropagate ∂L/∂output through every layer, last layer first.
 
-        Fills ``layer.dW`` and ``layer.db`` of every layer (views of ``self.grads``).
+        Per layer: ``δ = G ⊙ f'(Y)``, ``dW = Xᵀ·δ``, ``db = Σ δ``, and ``G = δ·Wᵀ``
+        for the layer below.
+
+        Parameters
+        ----------
+        grad_out : ndarray of shape (n_samples, n_outputs)
+            ∂loss/∂output for the last :meth:`forward`, as returned by a
+            ``cprop.losses`` function.
+        n_threads : int, optional
+
+        Returns
+        -------
+        self — with ``layer.dW`` and ``layer.db`` of every layer (views of
+        :attr:`grads`) filled in.
         """
         rows = getattr(self, "_forward_rows", None)
         if rows is None:
@@ -279,7 +304,13 @@ class Sequential:
 
     # -- files -------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write the architecture and parameters to `path` (.npz, no pickle, atomic)."""
+        """Write the architecture and parameters to `path`.
+
+        The format is an .npz archive without pickles (see :mod:`cprop.io`),
+        written to a temporary file in the same directory and renamed over
+        `path`, so an interrupted save never destroys a previous file.
+        Read it back with :func:`cprop.load`.
+        """
         _io.save_archive(path, {"kind": "network", "architecture": self.architecture()},
                          {"params": self.params})
 
@@ -314,6 +345,21 @@ def network_from_meta(meta, arrays, path):
 
 
 def load(path: str | os.PathLike) -> Sequential:
-    """Load a network saved by :meth:`Sequential.save` (or the network of a saved Trainer)."""
+    """Load a network saved by :meth:`Sequential.save` (or the network of a saved Trainer).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+
+    Returns
+    -------
+    Sequential
+
+    Raises
+    ------
+    cprop.CpropFileError
+        The file is truncated, corrupted, foreign or of a newer format; nothing
+        in it is unpickled or executed.
+    """
     meta, arrays = _io.load_archive(path, kind=("network", "trainer"))
     return network_from_meta(meta, arrays, path)

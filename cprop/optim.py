@@ -63,7 +63,20 @@ class Optimizer:
         return state[0], state[1] if len(state) > 1 else state[0]
 
     def step(self, net, n_threads: int | None = None) -> None:
-        """Apply one update to every parameter of `net` from its gradients (net.backward first)."""
+        """Apply one update to every parameter of `net` from its gradients.
+
+        Parameters
+        ----------
+        net : Sequential
+            A network whose :meth:`~cprop.Sequential.backward` has run.
+        n_threads : int, optional
+
+        Raises
+        ------
+        RuntimeError — no gradients yet.
+        FloatingPointError — the update would have made parameters non-finite;
+            those keep their previous values.
+        """
         from .network import Sequential
         if not isinstance(net, Sequential):
             raise TypeError(f"step needs the cprop.Sequential to update, got {type(net).__name__}")

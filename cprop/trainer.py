@@ -300,11 +300,29 @@ class Trainer:
         return result
 
     def evaluate(self, X: ArrayLike, y: ArrayLike) -> dict[str, float]:
-        """``{"loss": ...}`` on (X, y), plus ``"accuracy"`` for the classification losses."""
+        """Mean loss on (X, y), and accuracy for the classification losses.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_inputs)
+        y : targets, as for :meth:`fit`
+
+        Returns
+        -------
+        dict — ``{"loss": float}``, plus ``"accuracy"`` for cross_entropy and
+        binary_cross_entropy
+        """
         return self._evaluate_prepared(*self._prepare(X, y))
 
     def predict(self, X: ArrayLike) -> np.ndarray:
-        """Class labels (cross_entropy), 0/1 (binary_cross_entropy) or values (mse)."""
+        """Predictions for X.
+
+        Returns
+        -------
+        ndarray — class labels of shape (n_samples,) for cross_entropy; 0/1 for
+        binary_cross_entropy (shape (n_samples,) with one output, else
+        (n_samples, n_outputs)); values for mse, likewise.
+        """
         out = self.net.predict_raw(X, n_threads=self.n_threads)
         if self.loss == "cross_entropy":
             return out.argmax(axis=1)
@@ -314,7 +332,17 @@ class Trainer:
         return out[:, 0] if out.shape[1] == 1 else out
 
     def predict_proba(self, X: ArrayLike) -> np.ndarray:
-        """Class probabilities: softmax (cross_entropy) or sigmoid (binary_cross_entropy)."""
+        """Class probabilities for X.
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_outputs), float64 — softmax of the
+        logits (cross_entropy) or their sigmoid (binary_cross_entropy).
+
+        Raises
+        ------
+        ValueError — the trainer's loss is mse.
+        """
         out = self.net.predict_raw(X, n_threads=self.n_threads).astype(np.float64)
         if self.loss == "cross_entropy":
             out -= out.max(axis=1, keepdims=True)
@@ -326,7 +354,13 @@ class Trainer:
 
     # -- files -------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write network, optimizer state, epoch count, random state and history (atomic, no pickle)."""
+        """Write everything needed to continue training to `path`.
+
+        The archive (npz, no pickle, written atomically) holds the network, the
+        optimizer's hyper-parameters and state, the epoch count, the shuffling
+        generator's state and the history: :meth:`load` then :meth:`fit`
+        continues exactly as if training had never stopped.
+        """
         opt = self.optimizer
         meta = {
             "kind": "trainer",
@@ -347,7 +381,15 @@ class Trainer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Trainer:
-        """A Trainer exactly as saved: fitting on continues as if never interrupted."""
+        """A Trainer exactly as saved by :meth:`save`.
+
+        Fitting 2 epochs, saving, loading and fitting 2 more gives the same
+        weights, bit for bit, as fitting 4.
+
+        Raises
+        ------
+        cprop.CpropFileError — not a valid cprop trainer file.
+        """
         meta, arrays = _io.load_archive(path, kind=("trainer",))
         net = network_from_meta(meta, arrays, path)
         try:
