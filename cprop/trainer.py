@@ -198,24 +198,12 @@ class Trainer:
         if validation_split is not None:
             if validation_data is not None:
                 raise ValueError("pass validation_data or validation_split, not both")
-            split = check_real(validation_split, "validation_split", low=0, high=1,
-                               low_open=True, high_open=True)
-            n_val = int(round(split * X.shape[0]))
-            if n_val < 1 or n_val >= X.shape[0]:
-                raise ValueError(f"validation_split={split} leaves {n_val} of {X.shape[0]} samples for "
-                                 "validation; need at least 1 and fewer than all")
-            perm = self.rng.permutation(X.shape[0])
-            val, train = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-            Xv, Tv, labels_v = X[val], T[val] if T.shape[0] else T, labels[val] if labels.shape[0] else labels
-            X, T, labels = X[train], T[train] if T.shape[0] else T, labels[train] if labels.shape[0] else labels
-            has_validation = True
+            (X, T, labels), (Xv, Tv, labels_v) = self._split(X, T, labels, validation_split)
         elif validation_data is not None:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
                 raise ValueError("validation_data must be a pair (X_val, y_val)")
             Xv, Tv, labels_v = self._prepare(*validation_data, name="validation X")
-            has_validation = True
-        else:
-            has_validation = False
+        has_validation = validation_split is not None or validation_data is not None
         callbacks = as_callbacks(callbacks)
         if checkpoint is not None:
             checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
@@ -278,6 +266,19 @@ class Trainer:
         for cb in callbacks:
             cb.on_train_end(self)
         return self.history
+
+    def _split(self, X, T, labels, fraction):
+        """((X, T, labels) to train on, the same held out): a random `fraction` of the
+        samples, drawn with the trainer's generator, held out for validation."""
+        fraction = check_real(fraction, "validation_split", low=0, high=1, low_open=True, high_open=True)
+        n_val = int(round(fraction * X.shape[0]))
+        if n_val < 1 or n_val >= X.shape[0]:
+            raise ValueError(f"validation_split={fraction} leaves {n_val} of {X.shape[0]} samples for "
+                             "validation; need at least 1 and fewer than all")
+        perm = self.rng.permutation(X.shape[0])
+        parts = np.sort(perm[n_val:]), np.sort(perm[:n_val])
+        # T (float targets) or labels is an empty placeholder, depending on the loss
+        return tuple(tuple(a[idx] if a.shape[0] else a for a in (X, T, labels)) for idx in parts)
 
     def _diverged(self, status, n_seen):
         what = "loss" if status == _core.NONFINITE_LOSS else "update"
