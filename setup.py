@@ -60,7 +60,11 @@ directives = {
     "cdivision": True,
     "embedsignature": True,
 }
-compile_args = ["-O3"]
+# -fno-trapping-math lets gcc evaluate both arms of a select (`z if z > 0 else
+# slope * z`, the clamps in _exp), without which loops over activations do not
+# vectorize; cprop never enables floating-point traps, and NaN/inf semantics are
+# unchanged (unlike -ffast-math). -fno-math-errno: nothing reads errno.
+compile_args = ["-O3", "-fno-trapping-math", "-fno-math-errno"]
 if _env_flag("CPROP_NATIVE"):
     compile_args.append("-march=native")
 

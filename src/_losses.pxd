@@ -42,9 +42,10 @@ cdef inline double cross_entropy(const floating* out, const Py_ssize_t* labels, 
         for j in range(1, m):
             if z[j] > zmax:
                 zmax = z[j]
+        for j in range(m):   # apart from the sum, so that it vectorizes
+            g[j] = _exp(z[j] - zmax)
         sumexp = 0
         for j in range(m):
-            g[j] = _exp(z[j] - zmax)
             sumexp += g[j]
         # log-sum-exp shifted by the max: never overflows
         total += zmax + log(sumexp) - z[labels[i]]

@@ -58,6 +58,43 @@ def test_dense_backward(shape, activation, dtype, tol, rng):
     assert_allclose(dX_kernel, dX, **tol)
 
 
+def _elementwise(z, activation):
+    """f(z) elementwise through the dense kernel: one row of z times the identity matrix."""
+    z = np.ascontiguousarray(z).reshape(1, -1)
+    W = np.eye(z.shape[1], dtype=z.dtype)
+    Y = np.empty_like(z)
+    _core.dense_forward(z, W, np.zeros(z.shape[1], z.dtype), Y, CODES[activation], 1)
+    return Y.ravel()
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
+def test_sigmoid_tanh_within_a_few_ulp(activation, dtype):
+    # cprop evaluates e^x, σ and tanh itself (vectorized); held to a few units in
+    # the last place over the whole range: the tanh series near 0, both tails
+    # and the switch-over points between the formulas
+    z = np.concatenate([np.linspace(-30, 30, 6001), np.geomspace(1e-30, 40, 2000),
+                        -np.geomspace(1e-30, 40, 2000), [0.0, 0.125, -0.125, 0.1249999]]).astype(dtype)
+    exact = ref.ACTIVATIONS[activation](z.astype(np.longdouble)).astype(np.float64)
+
+    got = _elementwise(z, activation).astype(np.float64)
+
+    eps, tiny = np.finfo(dtype).eps, np.finfo(dtype).tiny
+    normal = np.abs(exact) > 1e3 * tiny      # below that, a clamped tail may differ (still ~0)
+    assert_allclose(got[normal], exact[normal], rtol=4 * eps, atol=0)
+    assert np.all(np.abs(got[~normal]) <= 1e3 * tiny)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
+def test_sigmoid_tanh_keep_nan_and_saturate_at_infinity(activation, dtype):
+    # one value per call: through the identity product a NaN would reach every column
+    got = np.array([_elementwise(np.array([z], dtype), activation)[0]
+                    for z in [np.nan, np.inf, -np.inf, 1e30, -1e30]])
+
+    assert np.isnan(got[0])                  # NaN is never hidden: divergence stays detectable
+    low = 0.0 if activation == "sigmoid" else -1.0
+    assert_allclose(got[1:], [1.0, low, 1.0, low], atol=np.finfo(dtype).tiny * 1e3, rtol=0)
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_activation_grad_kernel(activation, dtype, tol, rng):
     Y = ref.ACTIVATIONS[activation](rng.normal(0, 2, (6, 11))).astype(dtype)
