@@ -4,7 +4,7 @@
 # Private: cprop/ validates every argument (shapes, dtypes, contiguity, label
 # range) before calling in here; these functions trust what they are given.
 from cython cimport floating
-from cython.parallel cimport prange
+from cython.parallel cimport parallel, prange
 from libc.math cimport isfinite
 from libc.string cimport memcpy
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
@@ -15,10 +15,12 @@ cdef extern from "Python.h":
     # reported and swallowed inside the noexcept epoch
     int PyErr_CheckSignals()
 
-from _openmp cimport CPROP_OPENMP, omp_get_max_threads
+from libc.stdlib cimport calloc, free
+from _openmp cimport CPROP_OPENMP, omp_get_max_threads, omp_get_thread_num, cprop_barrier
 from _activations cimport activation_grad as _activation_grad
-from _dense cimport (dense_forward as _dense_forward, dense_param_grads, dense_param_grads_part,
-                     dense_input_grad, threads_for)
+from _dense cimport (dense_forward as _dense_forward, dense_forward_block, dense_param_grads,
+                     dense_param_grads_part, dense_input_grad, dense_input_grad_block, gather_rows,
+                     threads_for, _col_split)
 from _losses cimport loss_and_grad, CROSS_ENTROPY
 from _optim cimport Optim, optim_range, optim_step, ADAM
 
@@ -30,6 +32,7 @@ cdef enum:
     STATUS_NONFINITE_LOSS = 1
     STATUS_NONFINITE_STEP = 2
     STATUS_INTERRUPTED = 3
+    STATUS_NO_MEMORY = 4
 
 OK = STATUS_OK
 NONFINITE_LOSS = STATUS_NONFINITE_LOSS
@@ -158,24 +161,6 @@ cdef Py_ssize_t _layer_step_part(Optim* opt, const floating* inp, const floating
             + optim_range(opt, params, grads, a, b_state, b_off + c0, b_off + c1, opt.decay_bias, n))
 
 
-cdef Py_ssize_t _layer_grads_and_step(Optim* opt, const floating* inp, const floating* delta,
-                                      floating* params, floating* grads, floating* a,
-                                      floating* b_state, Py_ssize_t off, Py_ssize_t n,
-                                      Py_ssize_t n_in, Py_ssize_t n_out, int n_threads) noexcept nogil:
-    """dW = inpᵀ·δ, db = Σδ and the step on W, b (at params[off:]), fused per thread;
-    threads split the rows of W and the entries of b."""
-    cdef int t, nt = threads_for(2.0 * n * n_in * n_out, n_in, n_threads)
-    cdef Py_ssize_t rejected = 0
-    if nt == 1:
-        return _layer_step_part(opt, inp, delta, params, grads, a, b_state, off, n, n_in, n_out,
-                                0, n_in, 0, n_out)
-    for t in prange(nt, num_threads=nt, schedule='static', nogil=True):
-        rejected += _layer_step_part(opt, inp, delta, params, grads, a, b_state, off, n, n_in, n_out,
-                                     n_in * t // nt, n_in * (t + 1) // nt,
-                                     n_out * t // nt, n_out * (t + 1) // nt)
-    return rejected
-
-
 def optimizer_step(dict config, floating[::1] params, const floating[::1] grads,
                    floating[::1] state_a, floating[::1] state_b, const Py_ssize_t[::1] sizes,
                    Py_ssize_t batch_rows, int n_threads):
@@ -211,32 +196,47 @@ cdef inline bint _interrupted(timespec* last) noexcept nogil:
         return PyErr_CheckSignals() != 0
 
 
-cdef int _train_epoch(const floating[:, ::1] X, const floating[:, ::1] T,
-                      const Py_ssize_t[::1] labels, const Py_ssize_t[::1] order, bint gather,
-                      floating[::1] params, floating[::1] grads,
-                      floating[::1] state_a, floating[::1] state_b,
-                      floating[::1] work, Py_ssize_t[::1] label_buf,
-                      const Py_ssize_t[::1] sizes, const int[::1] activations,
-                      int loss_kind, double loss_scale, Py_ssize_t batch_size, Optim* opt,
-                      int n_threads, double* loss_sum, Py_ssize_t* n_seen) noexcept nogil:
+cdef int _epoch_worker(const floating[:, ::1] X, const floating[:, ::1] T,
+                       const Py_ssize_t[::1] labels, const Py_ssize_t[::1] order, bint gather,
+                       floating[::1] params, floating[::1] grads,
+                       floating[::1] state_a, floating[::1] state_b,
+                       floating[::1] work, Py_ssize_t[::1] label_buf,
+                       const Py_ssize_t[::1] sizes, const int[::1] activations,
+                       int loss_kind, double loss_scale, Py_ssize_t batch_size, Optim* shared_opt,
+                       int t, int nt, double* part_loss, Py_ssize_t* part_rejected,
+                       int* interrupted, double* loss_sum, Py_ssize_t* n_seen) noexcept nogil:
+    """Thread t of nt's share of one epoch; every thread runs this same loop.
+
+    Thread t owns rows r0:r1 of each minibatch: it gathers them, carries them
+    forward through every layer, takes their loss and carries their δ back
+    through every layer, touching no other thread's rows. Then (barrier) it
+    computes its slice of each layer's dW = inpᵀ·δ over the whole batch and
+    steps those parameters; (barrier) the next batch. Two barriers a batch,
+    no thread start-up, and each thread's activations stay in its own cache.
+    Every decision (non-finite loss or step, Ctrl-C) is taken by all threads
+    alike from the shared per-thread partials, so they leave the loop together.
+    """
     cdef Py_ssize_t L = sizes.shape[0] - 1, n = X.shape[0], d = sizes[0], m = sizes[L]
-    cdef Py_ssize_t l, i, start, bs, off, w_off
+    cdef Py_ssize_t l, i, k, start, bs, off, w_off, r0, r1, rejected
+    cdef Optim opt = shared_opt[0]   # a private copy: Adam's step count advances in each alike
     cdef floating* p = &params[0]
     cdef floating* dp = &grads[0]
     cdef floating* Xb = &work[0]
     cdef floating* Tb
     cdef const floating* X_in
+    cdef const floating* inp
     cdef const floating* T_in = NULL
     cdef const Py_ssize_t* labels_in = NULL
     cdef double batch_loss
     cdef timespec last
+    cdef int status = STATUS_OK
+    cdef bint shared
     # per-layer pointers into the flat parameters and the workspace
     cdef floating* W[64]
     cdef floating* b[64]
     cdef floating* Y[64]
     cdef floating* G[64]
     cdef Py_ssize_t offsets[64]
-    cdef Py_ssize_t rejected
 
     off = batch_size * d if gather else 0
     w_off = 0
@@ -257,58 +257,165 @@ cdef int _train_epoch(const floating[:, ::1] X, const floating[:, ::1] T,
     start = 0
     while start < n:
         bs = batch_size if start + batch_size <= n else n - start
+        r0 = bs * t // nt
+        r1 = bs * (t + 1) // nt
 
-        # the minibatch: rows order[start:start+bs] of X, gathered into Xb by
-        # the first layer's threads (or, unshuffled, X's own rows in place)
-        X_in = Xb if gather else &X[start, 0]
+        # this thread's rows of the minibatch: rows order[start+r0 : start+r1] of X
+        # gathered into Xb (or, unshuffled, X's own rows in place)
+        if gather:
+            gather_rows(&X[0, 0], &order[start], Xb, r0, r1, d)
+            X_in = Xb
+        else:
+            X_in = &X[start, 0]
         if loss_kind == CROSS_ENTROPY:  # integer labels
             if gather:
-                for i in range(bs):
+                for i in range(r0, r1):
                     label_buf[i] = labels[order[start + i]]
                 labels_in = &label_buf[0]
             else:
                 labels_in = &labels[start]
         elif gather:
-            for i in range(bs):
+            for i in range(r0, r1):
                 memcpy(Tb + i * m, &T[order[start + i], 0], m * sizeof(floating))
             T_in = Tb
         else:
             T_in = &T[start, 0]
 
-        # forward: Y_l = f_l(Y_{l-1}·W_l + b_l)
-        _dense_forward(X_in, W[0], b[0], Y[0], bs, d, sizes[1], activations[0], n_threads,
-                       &X[0, 0], &order[start] if gather else NULL)
-        for l in range(1, L):
-            _dense_forward(Y[l - 1], W[l], b[l], Y[l], bs, sizes[l], sizes[l + 1], activations[l],
-                           n_threads)
+        # forward: Y_l = f_l(Y_{l-1}·W_l + b_l), on this thread's rows, or on its
+        # columns of all rows for a layer much wider than the batch (where
+        # splitting rows would have every thread pack all of W); around those,
+        # barriers, as their input and output rows are every thread's
+        inp = X_in
+        shared = False   # whether the last output written is whole (all threads synced)
+        for l in range(L):
+            if nt > 1 and bs < sizes[l + 1] and sizes[l + 1] >= 32 * nt:
+                if not shared:
+                    cprop_barrier()
+                dense_forward_block(inp, W[l], b[l], Y[l], 0, bs,
+                                    _col_split(sizes[l + 1], t, nt), _col_split(sizes[l + 1], t + 1, nt),
+                                    sizes[l], sizes[l + 1], activations[l])
+                cprop_barrier()
+                shared = True
+            else:
+                dense_forward_block(inp, W[l], b[l], Y[l], r0, r1, 0, sizes[l + 1],
+                                    sizes[l], sizes[l + 1], activations[l])
+                shared = False
+            inp = Y[l]
 
-        # loss, G = ∂L/∂Y_last, then δ_last = G ⊙ f'(Y_last)
-        batch_loss = loss_and_grad(loss_kind, Y[L - 1], T_in, labels_in, G[L - 1], bs, m, loss_scale)
+        # this thread's part of the batch's mean loss, and its rows of
+        # G = ∂L/∂Y_last (the scale makes a share of rows count as such)
+        part_loss[t] = 0
+        if r1 > r0:
+            part_loss[t] = loss_and_grad(loss_kind, Y[L - 1] + r0 * m,
+                                         T_in + r0 * m if T_in != NULL else NULL,
+                                         labels_in + r0 if labels_in != NULL else NULL,
+                                         G[L - 1] + r0 * m, r1 - r0, m,
+                                         loss_scale * (r1 - r0) / bs)
+            _activation_grad(G[L - 1] + r0 * m, Y[L - 1] + r0 * m, G[L - 1] + r0 * m,
+                             (r1 - r0) * m, activations[L - 1])
+        shared = False
+
+        # backward, last layer first: δ_{l-1} = (δ_l·W_lᵀ) ⊙ f'_{l-1}(Y_{l-1}), with
+        # every W_l still unchanged; split like the forward pass, by dX's width
+        for l in range(L - 1, 0, -1):
+            if nt > 1 and bs < sizes[l] and sizes[l] >= 32 * nt:
+                if not shared:
+                    cprop_barrier()
+                dense_input_grad_block(G[l], W[l], G[l - 1], Y[l - 1], activations[l - 1],
+                                       0, bs, _col_split(sizes[l], t, nt), _col_split(sizes[l], t + 1, nt),
+                                       sizes[l], sizes[l + 1])
+                cprop_barrier()
+                shared = True
+            else:
+                dense_input_grad_block(G[l], W[l], G[l - 1], Y[l - 1], activations[l - 1],
+                                       r0, r1, 0, sizes[l], sizes[l], sizes[l + 1])
+                shared = False
+        if not shared:
+            cprop_barrier()
+
+        batch_loss = 0
+        for k in range(nt):
+            batch_loss += part_loss[k]
         if not isfinite(batch_loss):
-            return STATUS_NONFINITE_LOSS
-        _activation_grad(G[L - 1], Y[L - 1], G[L - 1], bs * m, activations[L - 1])
+            status = STATUS_NONFINITE_LOSS   # before this step changed anything
+            break
 
-        # backward, last layer first: δ_{l-1} = (δ_l·W_lᵀ) ⊙ f'_{l-1}(Y_{l-1}) while W_l is
-        # still unchanged, then dW_l = Y_{l-1}ᵀ·δ_l, db_l = Σ δ_l and the optimizer's step
-        # on W_l, b_l, fused per thread
+        # dW_l = Y_{l-1}ᵀ·δ_l, db_l = Σ δ_l over the whole batch, and the step on
+        # W_l, b_l: thread t takes its slice of W's rows and of b
         if opt.kind == ADAM:
             opt.step += 1
         rejected = 0
         for l in range(L - 1, -1, -1):
-            if l > 0:
-                dense_input_grad(G[l], W[l], G[l - 1], Y[l - 1], activations[l - 1],
-                                 bs, sizes[l], sizes[l + 1], n_threads)
-            rejected += _layer_grads_and_step(opt, X_in if l == 0 else Y[l - 1], G[l], p, dp,
-                                              &state_a[0], &state_b[0], offsets[l], bs,
-                                              sizes[l], sizes[l + 1], n_threads)
+            rejected += _layer_step_part(&opt, X_in if l == 0 else Y[l - 1], G[l], p, dp,
+                                         &state_a[0], &state_b[0], offsets[l], bs,
+                                         sizes[l], sizes[l + 1],
+                                         sizes[l] * t // nt, sizes[l] * (t + 1) // nt,
+                                         sizes[l + 1] * t // nt, sizes[l + 1] * (t + 1) // nt)
+        part_rejected[t] = rejected
+        if t == 0:
+            interrupted[0] = _interrupted(&last)
+        cprop_barrier()
+
+        rejected = 0
+        for k in range(nt):
+            rejected += part_rejected[k]
         if rejected:
-            return STATUS_NONFINITE_STEP
-        loss_sum[0] += batch_loss * bs
-        n_seen[0] += bs
+            status = STATUS_NONFINITE_STEP
+            break
+        if t == 0:
+            loss_sum[0] += batch_loss * bs
+            n_seen[0] += bs
+        if interrupted[0]:
+            status = STATUS_INTERRUPTED
+            break
         start += bs
-        if _interrupted(&last):
-            return STATUS_INTERRUPTED
-    return STATUS_OK
+    if t == 0:
+        shared_opt.step = opt.step
+    return status
+
+
+cdef int _train_epoch(const floating[:, ::1] X, const floating[:, ::1] T,
+                      const Py_ssize_t[::1] labels, const Py_ssize_t[::1] order, bint gather,
+                      floating[::1] params, floating[::1] grads,
+                      floating[::1] state_a, floating[::1] state_b,
+                      floating[::1] work, Py_ssize_t[::1] label_buf,
+                      const Py_ssize_t[::1] sizes, const int[::1] activations,
+                      int loss_kind, double loss_scale, Py_ssize_t batch_size, Optim* opt,
+                      int n_threads, double* loss_sum, Py_ssize_t* n_seen) noexcept nogil:
+    """The epoch on as many of n_threads as a batch's work is worth (see _epoch_worker)."""
+    cdef Py_ssize_t l
+    cdef double flops = 0
+    cdef int t, nt, status = STATUS_OK, interrupted = 0
+    cdef int* statuses
+    cdef double* part_loss
+    cdef Py_ssize_t* part_rejected
+    for l in range(sizes.shape[0] - 1):
+        flops += 6.0 * batch_size * sizes[l] * sizes[l + 1]
+    nt = threads_for(flops, batch_size, n_threads)
+    # shared between the threads (anything assigned inside the parallel block is private)
+    statuses = <int*> calloc(nt, sizeof(int))
+    part_loss = <double*> calloc(nt, sizeof(double))
+    part_rejected = <Py_ssize_t*> calloc(nt, sizeof(Py_ssize_t))
+    if statuses != NULL and part_loss != NULL and part_rejected != NULL:
+        if nt == 1:
+            statuses[0] = _epoch_worker(X, T, labels, order, gather, params, grads, state_a, state_b,
+                                        work, label_buf, sizes, activations, loss_kind, loss_scale,
+                                        batch_size, opt, 0, 1, part_loss, part_rejected, &interrupted,
+                                        loss_sum, n_seen)
+        else:
+            with parallel(num_threads=nt):
+                t = omp_get_thread_num()
+                statuses[t] = _epoch_worker(X, T, labels, order, gather, params, grads, state_a,
+                                            state_b, work, label_buf, sizes, activations, loss_kind,
+                                            loss_scale, batch_size, opt, t, nt, part_loss,
+                                            part_rejected, &interrupted, loss_sum, n_seen)
+        status = statuses[0]
+    else:
+        status = STATUS_NO_MEMORY
+    free(statuses)
+    free(part_loss)
+    free(part_rejected)
+    return status
 
 
 cdef int _raise_pending() except -1:
@@ -343,6 +450,8 @@ def train_epoch(const floating[:, ::1] X, const floating[:, ::1] T, const Py_ssi
         status = _train_epoch(X, T, labels, order, gather, params, grads, state_a, state_b,
                               work, label_buf, sizes, activations, loss_kind, loss_scale,
                               batch_size, &opt, n_threads, &loss_sum, &n_seen)
+    if status == STATUS_NO_MEMORY:
+        raise MemoryError("cprop could not allocate the training loop's per-thread buffers")
     if status == STATUS_INTERRUPTED:
         optimizer["step"] = opt.step
         _raise_pending()

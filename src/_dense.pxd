@@ -5,10 +5,13 @@
 #              dW = Xᵀ·δ,   db = Σ_rows δ,   dX = δ·Wᵀ
 #
 # Products go to BLAS (one thread each); everything around them is fused into
-# the pass that follows the product. Large products are split between cprop's
-# own OpenMP threads (columns of Y and dX, rows of dW), so that no
-# thread ever reduces into another's output and results do not depend on
-# timing. Kernels trust their inputs: the Python layer validated them.
+# the pass that follows the product. The *_block functions compute one block
+# of rows × columns and are the training epoch's building blocks (see
+# _core._epoch_worker); the functions without the suffix split one product
+# between cprop's own OpenMP threads (columns of Y and dX, rows of dW) for the
+# standalone kernels and inference. Either way no thread ever reduces into
+# another's output, so results do not depend on timing. Kernels trust their
+# inputs: the Python layer validated them.
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.string cimport memcpy

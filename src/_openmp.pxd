@@ -7,7 +7,10 @@ cdef extern from *:
     #ifdef _OPENMP
     #include <omp.h>
     #define CPROP_OPENMP 1
+    /* an orphaned barrier: binds to whichever parallel region calls it */
+    static inline void cprop_barrier(void) { _Pragma("omp barrier") }
     #else
+    static inline void cprop_barrier(void) { }
     #define CPROP_OPENMP 0
     static int omp_get_max_threads(void) { return 1; }
     static int omp_get_thread_num(void) { return 0; }
@@ -18,3 +21,4 @@ cdef extern from *:
     int omp_get_max_threads() noexcept nogil
     int omp_get_thread_num() noexcept nogil
     void omp_set_num_threads(int n) noexcept nogil
+    void cprop_barrier() noexcept nogil

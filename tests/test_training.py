@@ -167,23 +167,29 @@ def test_second_epoch_reshuffles(dtype):
         assert_allclose(layer.b, b, **TOLERANCES[dtype])
 
 
-def test_threaded_epoch_equals_reference_epoch():
-    # batches of 256 through 300 -> 200 take the multi-threaded kernels; 600 = 2·256 + 88
+@pytest.mark.parametrize("sizes, batch_size, n, loss", [
+    ([300, 200, 10], 256, 600, "cross_entropy"),      # batch wider than the layers: threads split rows
+    ([300, 400, 300, 10], 64, 129, "cross_entropy"),  # layers wider than the batch: columns; last batch 1 row
+    ([100, 50, 4], 256, 513, "mse"),                  # a last batch of one row: one thread has none
+], ids=["rows", "columns", "one-row-batch"])
+def test_threaded_epoch_equals_reference_epoch(sizes, batch_size, n, loss):
     rng = np.random.default_rng(0)
-    X, y = rng.normal(size=(600, 300)), rng.integers(0, 10, 600)
+    X = rng.normal(size=(n, sizes[0]))
+    y = rng.integers(0, sizes[-1], n) if loss == "cross_entropy" else rng.normal(size=(n, sizes[-1]))
     results = []
     for n_threads in (1, 2):
-        net = make_net([300, 200, 10], hidden="relu")
+        net = make_net(sizes, hidden="relu")
         layers, acts = layers_of(net), activations_of(net)
-        trainer = cprop.Trainer(net, loss="cross_entropy", optimizer=cprop.SGD(lr=0.1, momentum=0.9),
-                                batch_size=256, seed=0, n_threads=n_threads)
-        trainer.fit(X, y, epochs=1)
-        results.append(net.params)
+        trainer = cprop.Trainer(net, loss=loss, optimizer=cprop.SGD(lr=0.1, momentum=0.9),
+                                batch_size=batch_size, seed=0, n_threads=n_threads)
+        history = trainer.fit(X, y, epochs=1)
+        results.append((net.params, history.loss[-1]))
 
-    order = np.random.default_rng(0).permutation(600)
-    ref.train_epoch(layers, acts, X, y, "cross_entropy", order, batch_size=256, lr=0.1, momentum=0.9)
-    assert_allclose(results[1], results[0], **TOLERANCES[np.float64])
-    assert_allclose(results[1], flat(layers), **TOLERANCES[np.float64])
+    order = np.random.default_rng(0).permutation(n)
+    ref.train_epoch(layers, acts, X, y, loss, order, batch_size=batch_size, lr=0.1, momentum=0.9)
+    assert_allclose(results[1][0], results[0][0], **TOLERANCES[np.float64])
+    assert_allclose(results[1][0], flat(layers), **TOLERANCES[np.float64])
+    assert results[1][1] == pytest.approx(results[0][1], rel=1e-12)
 
 
 def test_batch_larger_than_data_is_one_full_batch():
