@@ -4,8 +4,10 @@ Environment switches:
   CPROP_NATIVE=1       add -march=native (faster, but the build then runs only on CPUs like this one)
   CPROP_BOUNDSCHECK=1  compile with Cython's bounds and wraparound checks on, for debugging
   CPROP_NO_OPENMP=1    build without OpenMP even when the compiler has it
+  CPROP_NO_AVX2=1      skip the second, AVX2/FMA build of the core (x86-64 only; chosen at import)
 """
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -21,20 +23,26 @@ def _env_flag(name):
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
 
 
-def _compiler_has_openmp(compiler):
-    """Compile and link a tiny OpenMP program; False on any failure."""
+def _compiler_accepts(compiler, source, flags):
+    """Compile and link a tiny program with `flags`; False on any failure."""
     tmp = tempfile.mkdtemp()
     try:
-        src = os.path.join(tmp, "omp.c")
+        src = os.path.join(tmp, "probe.c")
         with open(src, "w") as f:
-            f.write("#include <omp.h>\nint main(void) { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
-        objects = compiler.compile([src], output_dir=tmp, extra_postargs=["-fopenmp"])
-        compiler.link_executable(objects, os.path.join(tmp, "omp"), extra_postargs=["-fopenmp"])
+            f.write(source)
+        objects = compiler.compile([src], output_dir=tmp, extra_postargs=flags)
+        compiler.link_executable(objects, os.path.join(tmp, "probe"), extra_postargs=flags)
         return True
     except Exception:
         return False
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _compiler_has_openmp(compiler):
+    return _compiler_accepts(
+        compiler, "#include <omp.h>\nint main(void) { return omp_get_max_threads() > 0 ? 0 : 1; }\n",
+        ["-fopenmp"])
 
 
 class BuildExt(build_ext):
@@ -44,6 +52,11 @@ class BuildExt(build_ext):
         use_openmp = not _env_flag("CPROP_NO_OPENMP") and _compiler_has_openmp(self.compiler)
         if not use_openmp:
             print("cprop: building without OpenMP (single-threaded)", file=sys.stderr)
+        if any(ext.name == AVX2_MODULE for ext in self.extensions) and not _compiler_accepts(
+                self.compiler, "int main(void) { return 0; }\n", AVX2_FLAGS):
+            print(f"cprop: the compiler does not take {AVX2_FLAGS}: building the baseline core only",
+                  file=sys.stderr)
+            self.extensions = [ext for ext in self.extensions if ext.name != AVX2_MODULE]
         for ext in self.extensions:
             if use_openmp:
                 ext.extra_compile_args.append("-fopenmp")
@@ -68,15 +81,24 @@ compile_args = ["-O3", "-fno-trapping-math", "-fno-math-errno"]
 if _env_flag("CPROP_NATIVE"):
     compile_args.append("-march=native")
 
-extensions = [
-    Extension(
-        "cprop._core",
-        ["src/_core.pyx"],
-        include_dirs=[numpy.get_include()],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        extra_compile_args=list(compile_args),
-    )
-]
+# The core is built twice on x86-64: for any CPU, and for x86-64-v3 (AVX2, FMA;
+# most CPUs since 2013-2015), which cprop imports when the CPU has them.
+AVX2_MODULE = "cprop._core_avx2"
+AVX2_FLAGS = ["-march=x86-64-v3"]
+build_avx2 = (platform.machine().lower() in ("x86_64", "amd64") and sys.platform != "win32"
+              and not _env_flag("CPROP_NATIVE") and not _env_flag("CPROP_NO_AVX2"))
+
+
+
+def core_extension(name, source, extra_args=()):
+    return Extension(name, [source], include_dirs=[numpy.get_include()],
+                     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+                     extra_compile_args=compile_args + list(extra_args))
+
+
+extensions = [core_extension("cprop._core", "src/_core.pyx")]
+if build_avx2:
+    extensions.append(core_extension(AVX2_MODULE, "src/_core_avx2.pyx", AVX2_FLAGS))
 
 setup(
     ext_modules=cythonize(extensions, include_path=["src"], compiler_directives=directives),

@@ -20,7 +20,8 @@ from .trainer import DivergenceError, History, Trainer
 
 def show_config(file=None):
     """Print (and return as a dict) how this cprop was built and what it will use."""
-    from . import _core, _threads
+    from . import _threads
+    from ._lazy import core as _core
     import numpy, scipy, sys
     info = {
         "cprop": __version__,
@@ -28,6 +29,7 @@ def show_config(file=None):
         "numpy": numpy.__version__,
         "scipy": scipy.__version__,
         "openmp": bool(_core.OPENMP),
+        "simd": _core.variant(),
         "threads": get_num_threads(),
         "blas": _threads.blas_info(),
     }

@@ -1,17 +1,62 @@
-"""The compiled core, imported on first use.
+"""The compiled core, chosen for this CPU and imported on first use.
 
 ``cprop._core`` cimports scipy's Cython BLAS, and importing that imports all of
 scipy.linalg (about 0.15 s); ``import cprop`` should not pay for it until a
 kernel is actually called.
+
+On x86-64 the core is built twice (see setup.py): ``_core`` for any CPU and
+``_core_avx2`` for CPUs with AVX2 and FMA, which is used when this CPU has
+them. ``CPROP_CORE=baseline`` (or ``avx2``) in the environment overrides the
+choice, e.g. to test both builds on one machine.
 """
 import importlib
+import importlib.util
+import os
+
+VARIANTS = {"baseline": "cprop._core", "avx2": "cprop._core_avx2"}
+
+
+def cpu_has_avx2():
+    """Whether this CPU (and OS) runs AVX2 and FMA code, as NumPy's own dispatch detects it."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__ as features
+        except ImportError:
+            return False
+    return bool(features.get("AVX2")) and bool(features.get("FMA3"))
+
+
+def choose_variant():
+    """'avx2' or 'baseline': the CPROP_CORE override, else the best this CPU runs."""
+    requested = os.environ.get("CPROP_CORE", "").strip().lower()
+    if requested and requested not in VARIANTS:
+        raise ImportError(f"CPROP_CORE must be one of {sorted(VARIANTS)}, got {requested!r}")
+    if requested:
+        return requested
+    return "avx2" if cpu_has_avx2() and importlib.util.find_spec(VARIANTS["avx2"]) else "baseline"
 
 
 class _LazyCore:
-    """Stands in for ``cprop._core``: the first access to each name imports it and caches it."""
+    """Stands in for the compiled core: the first access to each name imports it and caches it."""
+
+    def __init__(self):
+        self._module = None
+
+    def module(self):
+        """The compiled module itself (imported now if it was not yet)."""
+        if self._module is None:
+            self._module = importlib.import_module(VARIANTS[choose_variant()])
+        return self._module
+
+    def variant(self):
+        """Which build is in use: 'avx2' or 'baseline'."""
+        name = self.module().__name__
+        return next(key for key, module in VARIANTS.items() if module == name)
 
     def __getattr__(self, name):
-        value = getattr(importlib.import_module("cprop._core"), name)
+        value = getattr(self.module(), name)
         setattr(self, name, value)
         return value
 

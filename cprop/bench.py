@@ -530,7 +530,8 @@ def available_cores():
 def machine_info():
     """CPU, cores, load, and the versions of Python, cprop and every peer."""
     import cprop
-    from cprop import _core, _threads
+    from cprop import _threads
+    from cprop._lazy import core as _core
     try:
         load = os.getloadavg()[0]
     except OSError:
@@ -544,6 +545,7 @@ def machine_info():
         "python": platform.python_version(),
         "cprop": cprop.__version__,
         "cprop_openmp": bool(_core.OPENMP),
+        "cprop_simd": _core.variant(),
         "cprop_blas": _threads.blas_info(),
         "numpy": np.__version__,
         "scipy": _version("scipy"),

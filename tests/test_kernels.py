@@ -1,11 +1,17 @@
 """Each compiled kernel against the NumPy reference, over float32 and float64."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 from numpy.testing import assert_allclose, assert_array_equal
 
 import cprop
-from cprop import _core
+from cprop._lazy import core as _core, cpu_has_avx2   # _core: the build this CPU uses
 from cprop.activations import ACTIVATIONS as CODES
 
 import reference as ref
@@ -375,3 +381,40 @@ def test_predict_raw_equals_forward_across_chunks(dtype, rng):
     X = rng.normal(size=(50, 5))
 
     assert_array_equal(net.predict_raw(X, chunk_size=16), net.forward(X))
+
+
+# -- the two builds of the core ------------------------------------------------------
+
+BUILD_PROBE = """
+import json, sys
+import numpy as np
+import cprop
+X, y = cprop.datasets.load_digits()
+X = X[:400].astype(np.float64)
+out = {"simd": cprop.show_config(file=open("/dev/null", "w"))["simd"]}
+for act, opt in [("relu", cprop.SGD(lr=0.05, momentum=0.9)), ("tanh", cprop.Adam(lr=1e-3)),
+                 ("sigmoid", cprop.AdamW(lr=1e-3, weight_decay=0.01))]:
+    net = cprop.Sequential([cprop.Dense(64, 32, act), cprop.Dense(32, 10)], dtype=np.float64, seed=0)
+    cprop.Trainer(net, "cross_entropy", opt, batch_size=32, seed=0).fit(X, y[:400], epochs=3)
+    out[act] = net.params.tolist()
+print(json.dumps(out))
+"""
+
+
+def _train_with_build(variant):
+    env = dict(os.environ, CPROP_CORE=variant)
+    proc = subprocess.run([sys.executable, "-c", BUILD_PROBE], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cprop._core_avx2") is None or not cpu_has_avx2(),
+                    reason="no AVX2 build of the core, or a CPU without AVX2/FMA")
+def test_avx2_and_baseline_builds_train_alike():
+    # the same source compiled twice: only rounding (FMA contraction) may differ
+    baseline, avx2 = _train_with_build("baseline"), _train_with_build("avx2")
+
+    assert baseline.pop("simd") == "baseline" and avx2.pop("simd") == "avx2"
+    for act in baseline:
+        assert_allclose(avx2[act], baseline[act], rtol=1e-8, atol=1e-10, err_msg=act)
