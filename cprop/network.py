@@ -216,19 +216,19 @@ class Sequential:
                     chunk_size: int | None = None) -> np.ndarray:
         """Raw outputs for X, nothing kept for backward: the inference path.
 
-        One compiled call runs every layer over chunks of `chunk_size` rows
-        (default: at least 2048, so each chunk's products are large enough for
-        BLAS to run near its peak, and more for narrow networks, up to a layer
-        output of about 1 MB, which stays in cache); the intermediate buffers
-        are kept per thread and reused by the next call.
+        One compiled call: each thread takes a share of the rows and runs it
+        through every layer in chunks of `chunk_size` rows (default: as many
+        as keep a layer's output near 128 KB, at least 256, so that it stays
+        in the core's cache while the products stay large enough for BLAS);
+        the intermediate buffers are kept per thread and reused by the next call.
         """
         X = check_X(X, self.dtype, self.n_inputs)
         n_threads = resolve_threads(n_threads)
         widest = int(self.sizes[1:].max())
         if chunk_size is None:
-            chunk_size = max(2048, (1 << 18) // widest)
+            chunk_size = max(256, (128 << 10) // (widest * np.dtype(self.dtype).itemsize))
         chunk_size = min(check_positive_int(chunk_size, "chunk_size"), X.shape[0])
-        work = self._inference_workspace(2 * chunk_size * widest)
+        work = self._inference_workspace(n_threads * 2 * chunk_size * widest)
         out = np.empty((X.shape[0], self.n_outputs), dtype=self.dtype)
         with single_threaded_blas():
             _core.forward(X, self._params, self.sizes, self.activations, work, out, chunk_size, n_threads)

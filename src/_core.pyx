@@ -56,29 +56,53 @@ def dense_forward(const floating[:, ::1] X, const floating[:, ::1] W, const floa
                        activation, n_threads)
 
 
+cdef void _forward_rows(const floating* X, const floating* params, const Py_ssize_t[::1] sizes,
+                        const int[::1] activations, floating* work, Py_ssize_t half,
+                        floating* out, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t chunk_rows) noexcept nogil:
+    """out[r0:r1] = the network's raw output for X[r0:r1], chunk_rows rows at a time on this
+    thread, the intermediate outputs ping-ponging between work[:half] and work[half:]."""
+    cdef Py_ssize_t L = sizes.shape[0] - 1, d = sizes[0], m = sizes[L], start, rows, l, off
+    cdef const floating* inp
+    cdef floating* dst
+    start = r0
+    while start < r1:
+        rows = chunk_rows if start + chunk_rows <= r1 else r1 - start
+        inp = X + start * d
+        off = 0
+        for l in range(L):
+            dst = out + start * m if l == L - 1 else work + (l % 2) * half
+            dense_forward_block(inp, params + off, params + off + sizes[l] * sizes[l + 1], dst,
+                                0, rows, 0, sizes[l + 1], sizes[l], sizes[l + 1], activations[l])
+            off += sizes[l] * sizes[l + 1] + sizes[l + 1]
+            inp = dst
+        start += rows
+
+
 def forward(const floating[:, ::1] X, const floating[::1] params, const Py_ssize_t[::1] sizes,
             const int[::1] activations, floating[::1] work, floating[:, ::1] out,
             Py_ssize_t chunk_rows, int n_threads):
-    """out = the network's raw output for X, in chunks of chunk_rows rows so that the
-    intermediate outputs (ping-ponging between the two halves of `work`, each
-    chunk_rows × the widest layer) stay in cache. One call, no GIL, nothing kept."""
-    cdef Py_ssize_t L = sizes.shape[0] - 1, n = X.shape[0], start, rows, l, off
-    cdef Py_ssize_t half = work.shape[0] // 2
-    cdef const floating* inp
-    cdef floating* dst
+    """out = the network's raw output for X: one call, no GIL, nothing kept.
+
+    Each thread takes a contiguous share of the rows and carries it through
+    every layer, chunk_rows rows at a time, in its own slice of `work`
+    (n_threads slices of 2 × chunk_rows × the widest layer): no thread waits
+    for another, and each chunk's intermediate outputs stay in its core's cache.
+    """
+    cdef Py_ssize_t L = sizes.shape[0] - 1, n = X.shape[0], l, per_thread
+    cdef double flops = 0
+    cdef int t, nt
+    for l in range(L):
+        flops += 2.0 * n * sizes[l] * sizes[l + 1]
+    nt = threads_for(flops, n, n_threads)
+    per_thread = work.shape[0] // n_threads   # each thread's slice: two halves
     with nogil:
-        start = 0
-        while start < n:
-            rows = chunk_rows if start + chunk_rows <= n else n - start
-            inp = &X[start, 0]
-            off = 0
-            for l in range(L):
-                dst = &out[start, 0] if l == L - 1 else &work[0] + (l % 2) * half
-                _dense_forward(inp, &params[0] + off, &params[0] + off + sizes[l] * sizes[l + 1], dst,
-                               rows, sizes[l], sizes[l + 1], activations[l], n_threads)
-                off += sizes[l] * sizes[l + 1] + sizes[l + 1]
-                inp = dst
-            start += rows
+        if nt == 1:
+            _forward_rows(&X[0, 0], &params[0], sizes, activations, &work[0], per_thread // 2,
+                          &out[0, 0], 0, n, chunk_rows)
+        else:
+            for t in prange(nt, num_threads=nt, schedule='static'):
+                _forward_rows(&X[0, 0], &params[0], sizes, activations, &work[0] + t * per_thread,
+                              per_thread // 2, &out[0, 0], n * t // nt, n * (t + 1) // nt, chunk_rows)
 
 
 def activation_grad(const floating[:, ::1] G, const floating[:, ::1] Y, floating[:, ::1] delta,

@@ -401,19 +401,20 @@ print(json.dumps(out))
 """
 
 
-def _train_with_build(variant):
+def _train_with_build(variant, cwd):
     env = dict(os.environ, CPROP_CORE=variant)
+    # cwd: not the source tree, whose uncompiled cprop/ would shadow the installed one
     proc = subprocess.run([sys.executable, "-c", BUILD_PROBE], capture_output=True, text=True,
-                          timeout=300, env=env)
+                          timeout=300, env=env, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(importlib.util.find_spec("cprop._core_avx2") is None or not cpu_has_avx2(),
                     reason="no AVX2 build of the core, or a CPU without AVX2/FMA")
-def test_avx2_and_baseline_builds_train_alike():
+def test_avx2_and_baseline_builds_train_alike(tmp_path):
     # the same source compiled twice: only rounding (FMA contraction) may differ
-    baseline, avx2 = _train_with_build("baseline"), _train_with_build("avx2")
+    baseline, avx2 = _train_with_build("baseline", tmp_path), _train_with_build("avx2", tmp_path)
 
     assert baseline.pop("simd") == "baseline" and avx2.pop("simd") == "avx2"
     for act in baseline:
