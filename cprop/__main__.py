@@ -190,7 +190,7 @@ def build_parser():
     p.add_argument("--out", help="write predictions here instead of printing them")
     p.set_defaults(func=_predict)
 
-    p = sub.add_parser("info", help="version, OpenMP, threads and BLAS in use",
+    p = sub.add_parser("info", help="version, OpenMP, SIMD build, threads and BLAS in use",
                        description="Show how cprop was built and which threads and BLAS it uses.")
     p.set_defaults(func=_info)
 

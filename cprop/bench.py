@@ -747,7 +747,7 @@ def format_report(report):
     used = ["python", "numpy"] + [_PEER_PACKAGES[p] for p in settings["frameworks"] if p in PEERS and p != "numpy"]
     threads = f"{settings['threads']} thread{'s' * (settings['threads'] != 1)}"
     lines = [
-        f"cprop {info['cprop']} bench: {info['cpu']}, {info['available_cores']} cores"
+        f"cprop {info['cprop']} ({info['cprop_simd']} build) bench: {info['cpu']}, {info['available_cores']} cores"
         + (f" (load average {load:.2f} at start)" if load is not None else "")
         + f"; {threads}, {settings['dtype']}, {rounds} round{'s' * (rounds != 1)}",
         f"GEMM peak {gemm['gflops']:.1f} GFLOP/s: median of {len(gemm['seconds'])} numpy {settings['dtype']} "
