@@ -576,6 +576,10 @@ def add_arguments(parser):
     parser.add_argument("--json", metavar="PATH", help="write every figure and the machine info to PATH")
     parser.add_argument("--plot", metavar="PATH", help="bar chart of samples/s (needs matplotlib)")
     parser.add_argument("--quick", action="store_true", help="one round on short epochs: a smoke test")
+    parser.add_argument("--estimators", action="store_true",
+                        help="instead of the workloads, compare cprop.sklearn.MLPClassifier with "
+                             "scikit-learn's on the same settings: fit time and held-out accuracy "
+                             "(--samples-scale scales the epochs)")
 
 
 def _parse_workloads(values):
@@ -693,6 +697,8 @@ def run(args):
         raise ValueError(f"--rounds must be >= 1, got {rounds}")
     if not scale > 0:
         raise ValueError(f"--samples-scale must be > 0, got {scale}")
+    if getattr(args, "estimators", False):
+        return _run_estimators(args, n_threads, rounds, scale)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         print("cprop bench: error: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
         return 2
@@ -729,14 +735,31 @@ def run(args):
         report["machine"]["load_average_1min_end"] = os.getloadavg()[0]
     except OSError:
         pass
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"\nwrote {args.json}")
+    _write_json(report, args.json)
     if args.plot:
         plot(report, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def _run_estimators(args, n_threads, rounds, scale):
+    """``cprop bench --estimators``: see :mod:`cprop.bench_estimators`."""
+    if args.plot:
+        raise ValueError("--plot draws the workloads' chart; it does not go with --estimators")
+    for name in ("sklearn", "threadpoolctl"):
+        if importlib.util.find_spec(name) is None:
+            raise ValueError(f"--estimators needs {name} (pip install \"cprop[bench]\")")
+    from .bench_estimators import run_estimators
+    report = run_estimators(n_threads, rounds, scale)
+    _write_json(report, args.json)
+    return 0
+
+
+def _write_json(report, path):
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"\nwrote {path}")
 
 
 def format_report(report):

@@ -139,6 +139,33 @@ def test_bench_quick_prints_a_table(tmp_path):
     assert any(row and row[0] == "numpy" for row in rows)          # the peer's row
 
 
+def test_bench_estimators_compares_the_drop_in_with_sklearn(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("threadpoolctl")
+    from cprop import bench_estimators
+
+    out = tmp_path / "est.json"
+    assert main(["bench", "--estimators", "--quick", "--threads", "1", "--json", str(out)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    import json
+    report = json.loads(out.read_text())
+    assert [e["case"] for e in report["estimators"]] == list(bench_estimators.ESTIMATOR_CASES)
+    for entry in report["estimators"]:
+        # same parameters, the same number of epochs done by both, a positive ratio
+        assert {len(res["seconds"]) for res in entry["estimators"].values()} == {1}
+        n_iter = {res["n_iter"][0] for res in entry["estimators"].values()}
+        assert n_iter == {entry["params"]["max_iter"]}
+        assert entry["sklearn_over_cprop"] > 0
+        assert all(0 <= res["accuracy"][0] <= 1 for res in entry["estimators"].values())
+        printed = [row for row in rows if row[:1] == [entry["case"]]]
+        assert printed and printed[0][3] == "cprop" and printed[0][6].endswith("x")
+
+
+def test_bench_estimators_refuses_a_plot(capsys):
+    code = main(["bench", "--estimators", "--quick", "--plot", "x.png"])
+    assert_clean_error(code, capsys.readouterr().err, "bench", "--plot", "--estimators")
+
+
 def test_bench_refuses_an_unknown_workload(capsys):
     code = main(["bench", "--quick", "--workload", "huge", "--peers", "none"])
     assert_clean_error(code, capsys.readouterr().err, "bench", "huge", "tiny")
