@@ -217,16 +217,18 @@ class Sequential:
         """Raw outputs for X, nothing kept for backward: the inference path.
 
         One compiled call: each thread takes a share of the rows and runs it
-        through every layer in chunks of `chunk_size` rows (default: as many
-        as keep a layer's output near 128 KB, at least 256, so that it stays
-        in the core's cache while the products stay large enough for BLAS);
-        the intermediate buffers are kept per thread and reused by the next call.
+        through every layer in chunks of `chunk_size` rows; the intermediate
+        buffers are kept per thread and reused by the next call. The default
+        makes a layer's output about 1 MB (512 to 4096 rows): every chunk
+        re-packs each W for BLAS, and on this project's 2-core machine chunks
+        of 1024-2048 rows ran 784-128-10 and 784-256-256-256-10 networks 3-4%
+        faster than chunks of 256 rows sized for L2.
         """
         X = check_X(X, self.dtype, self.n_inputs)
         n_threads = resolve_threads(n_threads)
         widest = int(self.sizes[1:].max())
         if chunk_size is None:
-            chunk_size = max(256, (128 << 10) // (widest * np.dtype(self.dtype).itemsize))
+            chunk_size = min(4096, max(512, (1 << 20) // (widest * np.dtype(self.dtype).itemsize)))
         chunk_size = min(check_positive_int(chunk_size, "chunk_size"), X.shape[0])
         work = self._inference_workspace(n_threads * 2 * chunk_size * widest)
         out = np.empty((X.shape[0], self.n_outputs), dtype=self.dtype)

@@ -383,6 +383,14 @@ def test_predict_raw_equals_forward_across_chunks(dtype, rng):
     assert_array_equal(net.predict_raw(X, chunk_size=16), net.forward(X))
 
 
+def test_predict_raw_default_chunks_equal_forward_on_many_rows(dtype, rng):
+    # 9,000 rows: more than one default chunk (at most 4,096 rows) on each of two threads
+    net = make_net([5, 7, 3], dtype=dtype)
+    X = rng.normal(size=(9000, 5))
+
+    assert_array_equal(net.predict_raw(X, n_threads=2), net.forward(X, n_threads=1))
+
+
 # -- the two builds of the core ------------------------------------------------------
 
 BUILD_PROBE = """
