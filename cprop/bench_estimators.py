@@ -81,8 +81,10 @@ def _fit_and_score(make, params, data):
 def bench_estimator(case, n_threads, rounds, scale=1.0):
     """Fit cprop.sklearn's and scikit-learn's MLPClassifier on `case`, alternating, `rounds` times each.
 
-    Returns ``{"cprop": {...}, "sklearn": {...}}``, each with per-round
-    ``seconds``, ``accuracy`` and ``n_iter``.
+    Returns the case's report: its data size and parameters, ``estimators``
+    (``{"cprop": {...}, "sklearn": {...}}``, each with per-round ``seconds``,
+    ``accuracy`` and ``n_iter``) and ``sklearn_over_cprop``, the ratio of the
+    median fit times.
     """
     from threadpoolctl import threadpool_limits
     from sklearn.neural_network import MLPClassifier as SklearnMLP
