@@ -6,7 +6,6 @@
 from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.math cimport isfinite
-from libc.string cimport memcpy
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 cdef extern from "Python.h":
@@ -299,8 +298,7 @@ cdef int _epoch_worker(const floating[:, ::1] X, const floating[:, ::1] T,
             else:
                 labels_in = &labels[start]
         elif gather:
-            for i in range(r0, r1):
-                memcpy(Tb + i * m, &T[order[start + i], 0], m * sizeof(floating))
+            gather_rows(&T[0, 0], &order[start], Tb, r0, r1, m)
             T_in = Tb
         else:
             T_in = &T[start, 0]
