@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bench import SEED, _header, _line, available_cores, machine_info, rotated, settle
+from .bench import SEED, _header, _line, machine_info, rotated, settle
 
 
 @dataclass(frozen=True)

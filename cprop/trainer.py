@@ -212,17 +212,8 @@ class Trainer:
                 raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
             callbacks.append(Checkpoint(checkpoint, checkpoint_every))
 
-        n = X.shape[0]
-        batch_size = min(self.batch_size, n)
-        gather = self.shuffle
-        net = self.net
-        work = np.empty(_core.workspace_size(net.sizes, batch_size, gather), dtype=net.dtype)
-        label_buf = np.empty(batch_size, dtype=np.intp)
-        n_threads = resolve_threads(self.n_threads)
-        order = np.arange(n, dtype=np.intp)
-        code = LOSSES[self.loss]
+        buffers = self._buffers(X.shape[0])
         progress = _Progress(epochs, verbose)
-
         for cb in callbacks:
             cb.on_train_begin(self)
         # BLAS is held at one thread for the whole fit, not set and restored
@@ -232,31 +223,9 @@ class Trainer:
         try:
             with single_threaded_blas():
                 for _ in range(epochs):
-                    if self.shuffle:
-                        order = self.rng.permutation(n).astype(np.intp, copy=False)
-                    cfg = self.optimizer.config()     # a callback may have changed the optimizer
-                    state_a, state_b = self.optimizer._state_pair(net)
-                    cfg["step"] = self.optimizer.step_count
-                    start = time.perf_counter()
-                    try:
-                        status, loss_sum, n_seen, step = _core.train_epoch(
-                            X, T, labels, order, gather, net.params, net.grads, state_a, state_b,
-                            work, label_buf, net.sizes, net.activations, code, self.loss_scale,
-                            batch_size, cfg, n_threads)
-                    except KeyboardInterrupt:
-                        # the interrupted epoch's completed steps are kept; Adam's count with them
-                        self.optimizer.step_count = cfg["step"]
-                        net._has_grads = False
-                        raise
-                    self.optimizer.step_count = step
-                    net._has_grads, net._grad_rows = True, n - (n - 1) // batch_size * batch_size
-                    elapsed = time.perf_counter() - start
-                    if status != _core.OK:
-                        self._diverged(status, n_seen)
+                    logs = self._epoch(X, T, labels, buffers)
+                    if logs is None:          # diverged, with on_divergence="warn"
                         break
-                    self.epochs_done += 1
-                    logs = {"loss": loss_sum / n_seen, "lr": self.optimizer.lr, "time": elapsed,
-                            "samples_per_second": n / elapsed if elapsed > 0 else math.inf}
                     if has_validation:
                         logs.update(self._evaluate_prepared(Xv, Tv, labels_v, prefix="val_"))
                     self.history.append(**logs)
@@ -270,6 +239,46 @@ class Trainer:
         for cb in callbacks:
             cb.on_train_end(self)
         return self.history
+
+    def _buffers(self, n):
+        """What every epoch of a fit over n samples reuses: batch size, workspace, label buffer,
+        thread count, sample order (shuffled in place of the identity when shuffling)."""
+        batch_size = min(self.batch_size, n)
+        net = self.net
+        return {"batch_size": batch_size, "gather": self.shuffle,
+                "work": np.empty(_core.workspace_size(net.sizes, batch_size, self.shuffle), dtype=net.dtype),
+                "label_buf": np.empty(batch_size, dtype=np.intp),
+                "n_threads": resolve_threads(self.n_threads),
+                "order": np.arange(n, dtype=np.intp)}
+
+    def _epoch(self, X, T, labels, buffers):
+        """One compiled epoch over (X, T, labels): its logs, or None when it diverged and
+        on_divergence is "warn" (with "raise", DivergenceError)."""
+        net, n, batch_size = self.net, X.shape[0], buffers["batch_size"]
+        order = self.rng.permutation(n).astype(np.intp, copy=False) if self.shuffle else buffers["order"]
+        cfg = self.optimizer.config()     # a callback may have changed the optimizer
+        state_a, state_b = self.optimizer._state_pair(net)
+        cfg["step"] = self.optimizer.step_count
+        start = time.perf_counter()
+        try:
+            status, loss_sum, n_seen, step = _core.train_epoch(
+                X, T, labels, order, buffers["gather"], net.params, net.grads, state_a, state_b,
+                buffers["work"], buffers["label_buf"], net.sizes, net.activations, LOSSES[self.loss],
+                self.loss_scale, batch_size, cfg, buffers["n_threads"])
+        except KeyboardInterrupt:
+            # the interrupted epoch's completed steps are kept; Adam's count with them
+            self.optimizer.step_count = cfg["step"]
+            net._has_grads = False
+            raise
+        self.optimizer.step_count = step
+        net._has_grads, net._grad_rows = True, n - (n - 1) // batch_size * batch_size
+        elapsed = time.perf_counter() - start
+        if status != _core.OK:
+            self._diverged(status, n_seen)
+            return None
+        self.epochs_done += 1
+        return {"loss": loss_sum / n_seen, "lr": self.optimizer.lr, "time": elapsed,
+                "samples_per_second": n / elapsed if elapsed > 0 else math.inf}
 
     def _split(self, X, T, labels, fraction):
         """((X, T, labels) to train on, the same held out): a random `fraction` of the
