@@ -579,7 +579,8 @@ def add_arguments(parser):
     parser.add_argument("--estimators", action="store_true",
                         help="instead of the workloads, compare cprop.sklearn.MLPClassifier with "
                              "scikit-learn's on the same settings: fit time and held-out accuracy "
-                             "(--samples-scale scales the epochs)")
+                             "(--samples-scale scales the epochs; --threads, --rounds, --quick and "
+                             "--json apply)")
 
 
 def _parse_workloads(values):
@@ -686,8 +687,6 @@ def _inference_lines(entry):
 
 def run(args):
     """Run ``cprop bench`` with parsed arguments; print the tables; returns the exit code."""
-    workloads = [WORKLOADS[n] for n in _parse_workloads(args.workload)]
-    peers = _parse_peers(args.peers)
     n_threads = args.threads if args.threads is not None else available_cores()
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 5)
     scale = args.samples_scale if args.samples_scale is not None else (0.05 if args.quick else 1.0)
@@ -699,6 +698,8 @@ def run(args):
         raise ValueError(f"--samples-scale must be > 0, got {scale}")
     if getattr(args, "estimators", False):
         return _run_estimators(args, n_threads, rounds, scale)
+    workloads = [WORKLOADS[n] for n in _parse_workloads(args.workload)]
+    peers = _parse_peers(args.peers)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         print("cprop bench: error: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
         return 2
@@ -744,11 +745,14 @@ def run(args):
 
 def _run_estimators(args, n_threads, rounds, scale):
     """``cprop bench --estimators``: see :mod:`cprop.bench_estimators`."""
-    if args.plot:
-        raise ValueError("--plot draws the workloads' chart; it does not go with --estimators")
-    for name in ("sklearn", "threadpoolctl"):
-        if importlib.util.find_spec(name) is None:
-            raise ValueError(f"--estimators needs {name} (pip install \"cprop[bench]\")")
+    for option, given in (("--plot", args.plot), ("--workload", args.workload), ("--peers", args.peers),
+                          ("--dtype float64", args.dtype != "float32")):
+        if given:
+            raise ValueError(f"{option} is for the workloads; --estimators compares float32 "
+                             "MLPClassifier fits of its own cases")
+    for module, package in (("sklearn", "scikit-learn"), ("threadpoolctl", "threadpoolctl")):
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(f"--estimators needs {package} (pip install {package})")
     from .bench_estimators import run_estimators
     report = run_estimators(n_threads, rounds, scale)
     _write_json(report, args.json)

@@ -167,6 +167,8 @@ class Trainer:
         gather each minibatch, forward, loss, backward and update for every
         batch (including a ragged last one), with every buffer allocated once
         here. X is not copied when it is already C-contiguous in the network's dtype.
+        For the whole fit, callbacks and validation included, the BLAS behind
+        ``scipy.linalg`` is held at one thread (cprop's threads call it).
 
         Parameters
         ----------
@@ -300,7 +302,7 @@ class Trainer:
                "lower the learning rate or scale the inputs.")
         if self.on_divergence == "raise":
             raise DivergenceError(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)   # _diverged < _epoch < fit < the caller
 
     # -- evaluation --------------------------------------------------------
     def _evaluate_prepared(self, X, T, labels, prefix=""):

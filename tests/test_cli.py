@@ -161,9 +161,11 @@ def test_bench_estimators_compares_the_drop_in_with_sklearn(tmp_path, capsys):
         assert printed and printed[0][3] == "cprop" and printed[0][6].endswith("x")
 
 
-def test_bench_estimators_refuses_a_plot(capsys):
-    code = main(["bench", "--estimators", "--quick", "--plot", "x.png"])
-    assert_clean_error(code, capsys.readouterr().err, "bench", "--plot", "--estimators")
+@pytest.mark.parametrize("option", [["--plot", "x.png"], ["--peers", "torch"], ["--workload", "tiny"],
+                                    ["--dtype", "float64"]], ids=lambda o: o[0])
+def test_bench_estimators_refuses_the_workloads_options(option, capsys):
+    code = main(["bench", "--estimators", "--quick", *option])
+    assert_clean_error(code, capsys.readouterr().err, "bench", option[0], "--estimators")
 
 
 def test_bench_refuses_an_unknown_workload(capsys):

@@ -384,8 +384,8 @@ def test_predict_raw_equals_forward_across_chunks(dtype, rng):
 
 
 def test_predict_raw_default_chunks_equal_forward_on_many_rows(dtype, rng):
-    # 9,000 rows: more than one default chunk (at most 4,096 rows) on each of two threads
-    net = make_net([5, 7, 3], dtype=dtype)
+    # 9,000 rows: two threads (9 MFLOP), each with more than one default chunk (4,096 rows here)
+    net = make_net([5, 64, 3], dtype=dtype)
     X = rng.normal(size=(9000, 5))
 
     assert_array_equal(net.predict_raw(X, n_threads=2), net.forward(X, n_threads=1))

@@ -78,8 +78,10 @@ def test_divergence_warns_and_stops(dtype, loss):
     trainer = absurd_trainer(loss, dtype, cprop.SGD(lr=1e6, momentum=0.9), on_divergence="warn")
     epochs_run = []
 
-    with pytest.warns(RuntimeWarning, match="diverged"):
+    with pytest.warns(RuntimeWarning, match="diverged") as caught:
         history = trainer.fit(X, y, epochs=20, callbacks=[lambda t, epoch, logs: epochs_run.append(epoch)])
+
+    assert [w.filename for w in caught if "diverged" in str(w.message)] == [__file__]   # points at the fit call
 
     assert history is trainer.history and len(history) < 20
     assert epochs_run == list(range(1, len(history) + 1))        # no callback after the divergence
