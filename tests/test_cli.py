@@ -145,7 +145,12 @@ def test_bench_estimators_compares_the_drop_in_with_sklearn(tmp_path, capsys):
     from cprop import bench_estimators
 
     out = tmp_path / "est.json"
-    assert main(["bench", "--estimators", "--quick", "--threads", "1", "--json", str(out)]) == 0
+    cprop.set_num_threads(2)
+    try:
+        assert main(["bench", "--estimators", "--quick", "--threads", "1", "--json", str(out)]) == 0
+        assert cprop.get_num_threads() == 2            # the bench's --threads did not stick
+    finally:
+        cprop.set_num_threads(None)
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]
     import json
     report = json.loads(out.read_text())
