@@ -119,6 +119,18 @@ def set_num_threads(n: int | None) -> None:
     _num_threads = None if n is None else check_positive_int(n, "n_threads", maximum=MAX_THREADS)
 
 
+@contextlib.contextmanager
+def num_threads(n):
+    """set_num_threads(n) for the duration, then the previous setting back (unset included)."""
+    global _num_threads
+    saved = _num_threads
+    set_num_threads(n)
+    try:
+        yield
+    finally:
+        _num_threads = saved
+
+
 def resolve_threads(n_threads):
     """An explicit n_threads, or the global setting; 1 in a build without OpenMP."""
     if not _core.OPENMP:

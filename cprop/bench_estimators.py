@@ -99,21 +99,16 @@ def bench_estimator(case, n_threads, rounds, scale=1.0):
     params = case.estimator_params(scale)
     makers = {"cprop": CpropMLP, "sklearn": SklearnMLP}
     results = {name: {"seconds": [], "accuracy": [], "n_iter": []} for name in makers}
-    saved = _threads._num_threads
-    _threads.set_num_threads(n_threads)
-    try:
-        with threadpool_limits(limits=n_threads, user_api="blas"):
-            for make in makers.values():   # one-off costs (cprop's core, caches) outside the timing
-                _fit_and_score(make, dict(params, max_iter=1, n_iter_no_change=1), data)
-            for r in range(rounds):
-                for name in rotated(list(makers), r):
-                    settle()
-                    seconds, accuracy, n_iter = _fit_and_score(makers[name], params, data)
-                    results[name]["seconds"].append(seconds)
-                    results[name]["accuracy"].append(accuracy)
-                    results[name]["n_iter"].append(n_iter)
-    finally:
-        _threads._num_threads = saved
+    with _threads.num_threads(n_threads), threadpool_limits(limits=n_threads, user_api="blas"):
+        for make in makers.values():   # one-off costs (cprop's core, caches) outside the timing
+            _fit_and_score(make, dict(params, max_iter=1, n_iter_no_change=1), data)
+        for r in range(rounds):
+            for name in rotated(list(makers), r):
+                settle()
+                seconds, accuracy, n_iter = _fit_and_score(makers[name], params, data)
+                results[name]["seconds"].append(seconds)
+                results[name]["accuracy"].append(accuracy)
+                results[name]["n_iter"].append(n_iter)
     return {"case": case.name, "data": case.data, "n_train": len(data[0]), "n_features": data[0].shape[1],
             "params": {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()},
             "estimators": results,
