@@ -7,6 +7,10 @@ epoch is one call into Cython that runs without the GIL.
 """
 __version__ = "0.1.0"
 
+from ._lazy import check_built as _check_built
+_check_built()   # an uncompiled source checkout says so here, not at the first kernel call
+del _check_built
+
 from . import callbacks, datasets, losses, schedules
 from .callbacks import Callback, Checkpoint, EarlyStopping
 from ._threads import get_num_threads, set_num_threads

@@ -38,6 +38,24 @@ def choose_variant():
     return "avx2" if cpu_has_avx2() and importlib.util.find_spec(VARIANTS["avx2"]) else "baseline"
 
 
+def check_built():
+    """Raise ImportError saying what to run when this cprop folder has no compiled core:
+    typically Python started in a source checkout whose ``cprop/`` shadows the install."""
+    if importlib.util.find_spec(VARIANTS["baseline"]) is not None:
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    if os.path.exists(os.path.join(root, "setup.py")):
+        raise ImportError(
+            f"cprop's compiled core is not built in this source checkout ({here}), which Python "
+            "imported instead of any installed cprop because the current directory comes first "
+            f"on sys.path. Build it here: run `pip install .` in {root} (it builds the core in "
+            "place as well), or `python setup.py build_ext --inplace`; or start Python from "
+            "another directory to use the installed package.")
+    raise ImportError(f"cprop's compiled core (cprop._core) is missing from {here}: this "
+                      "installation is broken; reinstall cprop (pip install --force-reinstall cprop)")
+
+
 class _LazyCore:
     """Stands in for the compiled core: the first access to each name imports it and caches it."""
 

@@ -239,8 +239,8 @@ def check_predict(X):
     out = outcomes[0][1]
     n = as_array(X).shape[0]
     assert out.shape == (n, N_CLASSES) and out.dtype == np.float32
-    assert_array_equal(outcomes[1][1], out)
-    assert_array_equal(outcomes[3][1], out.argmax(axis=1))
+    assert_allclose(outcomes[1][1], out, rtol=1e-5, atol=1e-6)     # chunks: other product shapes
+    assert_array_equal(outcomes[3][1], outcomes[1][1].argmax(axis=1))   # predict is predict_raw's argmax
     values = moderate(X)
     if values is not None:
         layers = [(layer.W.astype(np.float64), layer.b.astype(np.float64)) for layer in NET.layers]
@@ -438,7 +438,7 @@ def check_parameters(case):
         kwargs = {name: kw[k] for name, k in (("n_threads", "a"), ("chunk_size", "b")) if k in kw}
         ok, out = attempt(PARAMETER_ERRORS, NET.predict_raw, X_SMALL, **kwargs)
         if ok:
-            assert_array_equal(out, NET.predict_raw(X_SMALL))
+            assert_allclose(out, NET.predict_raw(X_SMALL), rtol=1e-5, atol=1e-6)  # chunking changes shapes
     elif entry == "step":
         net = make_net()
         net.forward(X_SMALL)

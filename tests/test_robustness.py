@@ -18,7 +18,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from numpy.testing import assert_array_equal
+from numpy.testing import assert_allclose, assert_array_equal
 
 import cprop
 
@@ -259,7 +259,8 @@ def test_concurrent_forward_and_predict_on_one_model():
         results = list(pool.map(lambda i: (net.forward if i % 2 else net.predict_raw)(inputs[i]), range(50)))
 
     for expected, got in zip(serial, results):
-        assert_array_equal(got, expected)
+        # forward's products and predict_raw's chunks differ in shape: equal within rounding
+        assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def train_one(seed, barrier=None):
