@@ -9,8 +9,32 @@ from ._validation import check_positive_int, check_real
 from .network import Sequential
 
 
+class GradientCheck(float):
+    """The largest relative error (a float), knowing whether it is below its tolerance.
+
+    ``bool(result.passed)``; ``result.tol`` is the tolerance it was held to.
+    """
+
+    def __new__(cls, error: float, tol: float):
+        self = super().__new__(cls, error)
+        self.tol = tol
+        return self
+
+    @property
+    def passed(self) -> bool:
+        """Whether backprop agrees with the finite differences: error <= tol."""
+        return float(self) <= self.tol
+
+    def __repr__(self):
+        verdict = "passed" if self.passed else "FAILED"
+        return f"GradientCheck(max_rel_error={float(self):.3g}, tol={self.tol:g}, {verdict})"
+
+    def __reduce__(self):
+        return (GradientCheck, (float(self), self.tol))
+
+
 def gradient_check(net: Sequential, X: ArrayLike, y: ArrayLike, loss: str = "mse", eps: float = 1e-5,
-                   max_params: int | None = None, seed: int = 0) -> float:
+                   max_params: int | None = None, seed: int = 0, tol: float = 1e-6) -> GradientCheck:
     """Largest relative error between backprop's gradients and central finite differences.
 
     Works on a float64 copy of `net` (the network itself is not changed). For each
@@ -26,16 +50,25 @@ def gradient_check(net: Sequential, X: ArrayLike, y: ArrayLike, loss: str = "mse
     loss : {"mse", "cross_entropy", "binary_cross_entropy"}
     eps : float, the finite-difference step
     max_params : int or None — check only this many randomly chosen parameters
+    tol : float, the error below which the check passes (default 1e-6)
 
     Returns
     -------
-    float — the maximum relative error (below 1e-6 when backprop is right; the
-    finite differences' own error is about eps² · |f'''| plus 1e-16 / eps)
+    GradientCheck — a float, the maximum relative error (below 1e-6 when backprop
+    is right; the finite differences' own error is about eps² · |f'''| plus
+    1e-16 / eps), with ``.passed`` (error <= tol) and ``.tol``.
+
+    Examples
+    --------
+    >>> result = gradient_check(net, X, y, loss="cross_entropy")   # doctest: +SKIP
+    >>> result.passed, float(result)                                 # doctest: +SKIP
+    (True, 3.1e-09)
     """
     if not isinstance(net, Sequential):
         raise TypeError(f"net must be a cprop.Sequential, got {type(net).__name__}")
     loss_code(loss)
     eps = check_real(eps, "eps", low=0, low_open=True)
+    tol = check_real(tol, "tol", low=0)
     if max_params is not None:
         max_params = check_positive_int(max_params, "max_params")
     net64 = net.astype("float64")
@@ -58,4 +91,5 @@ def gradient_check(net: Sequential, X: ArrayLike, y: ArrayLike, loss: str = "mse
         numeric[k] = (plus - minus) / (2 * eps)
     a = analytic[idx]
     floor = max(1e-3 * max(np.abs(a).max(), np.abs(numeric).max()), 1e-12)
-    return float(np.max(np.abs(a - numeric) / np.maximum(np.maximum(np.abs(a), np.abs(numeric)), floor)))
+    error = float(np.max(np.abs(a - numeric) / np.maximum(np.maximum(np.abs(a), np.abs(numeric)), floor)))
+    return GradientCheck(error, tol)

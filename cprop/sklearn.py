@@ -52,7 +52,11 @@ from numbers import Integral, Real
 
 import numpy as np
 from scipy.special import expit, log_expit
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, _fit_context, is_classifier
+try:
+    from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, _fit_context, is_classifier
+except ImportError as exc:   # scikit-learn is an optional extra
+    raise ImportError('cprop.sklearn needs scikit-learn: pip install "cprop[sklearn]" '
+                      f"(or pip install scikit-learn); the import failed with: {exc}") from exc
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import accuracy_score, r2_score
 from sklearn.model_selection import train_test_split
@@ -170,14 +174,16 @@ class _BaseMLP(BaseEstimator):
         """coefs_ / intercepts_ as views of the network's live parameters."""
         self.coefs_ = [layer.W for layer in self._net.layers]
         self.intercepts_ = [layer.b for layer in self._net.layers]
+        self._bound = tuple(self.coefs_), tuple(self.intercepts_)   # to tell later assignments
 
     def _network(self):
         """The cprop network, after adopting any coefs_ / intercepts_ arrays assigned since
         the last fit (in-place changes need nothing: the lists hold views)."""
         net = getattr(self, "_net", None)
         coefs, intercepts = list(self.coefs_), list(self.intercepts_)
-        if (net is not None and len(coefs) == len(intercepts) == len(net.layers)
-                and all(c is l.W and b is l.b for c, b, l in zip(coefs, intercepts, net.layers))):
+        bound = getattr(self, "_bound", ((), ()))
+        if (net is not None and len(coefs) == len(intercepts) == len(bound[0]) == len(net.layers)
+                and all(c is bc and b is bb for c, b, bc, bb in zip(coefs, intercepts, *bound))):
             return net
         coefs = [np.asarray(c) for c in coefs]
         intercepts = [np.asarray(b).reshape(-1) for b in intercepts]

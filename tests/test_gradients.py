@@ -21,7 +21,8 @@ def test_gradient_check(activation, loss, output, sizes, rng):
     X = rng.normal(size=(8, sizes[0]))
     y = make_targets(loss, 8, sizes[-1], rng)
 
-    assert cprop.gradient_check(net, X, y, loss=loss) < 1e-6
+    result = cprop.gradient_check(net, X, y, loss=loss)
+    assert result < 1e-6 and result.passed
 
 
 def test_gradient_check_catches_a_wrong_gradient(rng, monkeypatch):
@@ -34,7 +35,9 @@ def test_gradient_check_catches_a_wrong_gradient(rng, monkeypatch):
         return backward(self, grad_out / 2, n_threads)
 
     monkeypatch.setattr(cprop.Sequential, "backward", half_backward)
-    assert cprop.gradient_check(net, X, y, loss="mse") > 0.4
+    result = cprop.gradient_check(net, X, y, loss="mse")
+    assert result > 0.4 and not result.passed
+    assert "FAILED" in repr(result) and result.tol == 1e-6
 
 
 @pytest.mark.parametrize("loss", LOSSES)
