@@ -28,6 +28,10 @@ def _as_numeric_array(a, name):
         arr = np.asarray(a)
     else:
         raise TypeError(f"{name} must be an array-like of numbers, got {type(a).__name__}")
+    if arr is a:
+        # a view of our own: the caller's array object can be reshaped in place
+        # (arr.shape = ...) by a callback or another thread after we checked it
+        arr = arr.view()
     if arr.dtype.kind not in "biuf":
         raise TypeError(f"{name} must hold real numbers (bool, int or float), got dtype {arr.dtype}")
     return arr

@@ -7,6 +7,7 @@ that one array plus its architecture.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -19,7 +20,13 @@ from . import io as _io
 from ._lazy import core as _core
 from ._threads import resolve_threads, single_threaded_blas
 from ._validation import as_dtype, check_X, check_parameter_values, check_positive_int
-from .layers import Dense
+from .layers import Dense, structure_setter
+
+
+def _frozen(array):
+    """`array`, made read-only for good: views of it cannot be made writeable again."""
+    array.flags.writeable = False
+    return array
 
 
 class Sequential:
@@ -46,11 +53,16 @@ class Sequential:
         layers = list(layers) if not isinstance(layers, Dense) else [layers]
         if not layers:
             raise ValueError("Sequential needs at least one Dense layer")
+        seen = set()
         for i, layer in enumerate(layers):
             if not isinstance(layer, Dense):
                 raise TypeError(f"layers[{i}] must be a cprop.Dense, got {type(layer).__name__}")
-            if layer.W is not None:
+            if layer._params is not None:
                 raise ValueError(f"layers[{i}] already belongs to a network; create a new Dense")
+            if id(layer) in seen:
+                raise ValueError(f"layers[{i}] is the same Dense object as an earlier layer; "
+                                 "a layer can appear in a network once (create a new Dense)")
+            seen.add(id(layer))
         for i in range(len(layers) - 1):
             if layers[i].n_out != layers[i + 1].n_in:
                 raise ValueError(
@@ -58,56 +70,101 @@ class Sequential:
                     f"but layers[{i + 1}] expects {layers[i + 1].n_in}")
         if len(layers) > 64:
             raise ValueError(f"cprop supports up to 64 layers, got {len(layers)}")
-        self.layers = layers
-        self.dtype = as_dtype(dtype)
+        # structure, fixed from here on: the kernels read these, so users get read-only views
+        self._layers = tuple(layers)
+        self._dtype = as_dtype(dtype)
         self.seed = seed
-        self.sizes = np.array([layers[0].n_in] + [l.n_out for l in layers], dtype=np.intp)
-        self.activations = np.array([l.activation_code for l in layers], dtype=np.intc)
-        n_params = sum(l.n_in * l.n_out + l.n_out for l in layers)
-        self._params = np.zeros(n_params, dtype=self.dtype)
-        self._grads = np.zeros(n_params, dtype=self.dtype)
+        self._sizes = _frozen(np.array([layers[0].n_in] + [l.n_out for l in layers], dtype=np.intp))
+        self._activations = _frozen(np.array([l.activation_code for l in layers], dtype=np.intc))
+        n_params = sum(l.n_params for l in layers)
+        self._params = np.zeros(n_params, dtype=self._dtype)
+        self._grads = np.zeros(n_params, dtype=self._dtype)
         self._has_grads = False     # grads hold a backward pass's result
         self._grad_rows = 0         # ... computed over this many samples
-        self._forward_rows = None   # rows of the last forward(), for backward's check
+        self._local = threading.local()     # per thread: forward's tape, inference workspace
+        # held (without waiting) by whatever writes grads or params from a compiled
+        # call: backward, an optimizer step, Trainer.fit; a second thread gets an error
+        self._training_lock = threading.RLock()
         offset = 0
         for layer in layers:
-            n_W = layer.n_in * layer.n_out
-            W = self._params[offset:offset + n_W].reshape(layer.n_in, layer.n_out)
-            dW = self._grads[offset:offset + n_W].reshape(layer.n_in, layer.n_out)
-            b = self._params[offset + n_W:offset + n_W + layer.n_out]
-            db = self._grads[offset + n_W:offset + n_W + layer.n_out]
-            layer._bind(W, b, dW, db)
-            offset += n_W + layer.n_out
+            layer._bind(self._params, self._grads, offset)
+            offset += layer.n_params
         self.init_params(seed)
 
-    # -- structure ---------------------------------------------------------
+    # -- structure (read-only) -----------------------------------------------
+    @property
+    def layers(self) -> tuple:
+        """The layers, in order (a tuple: the structure is fixed once built)."""
+        return self._layers
+
+    layers = layers.setter(structure_setter("layers", "build a new Sequential instead"))
+
+    @property
+    def dtype(self) -> type:
+        """np.float32 or np.float64 (read-only; see :meth:`astype`)."""
+        return self._dtype
+
+    dtype = dtype.setter(structure_setter("dtype", "use net.astype(dtype) for a copy"))
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """Layer widths ``[n_inputs, n_out of each layer...]`` (a read-only array)."""
+        return self._sizes.view()
+
+    sizes = sizes.setter(structure_setter("sizes", "build a new Sequential instead"))
+
+    @property
+    def activations(self) -> np.ndarray:
+        """Kernel codes of the layers' activations (a read-only array)."""
+        return self._activations.view()
+
+    activations = activations.setter(structure_setter("activations", "build a new Sequential instead"))
+
     @property
     def params(self) -> np.ndarray:
         """All parameters, one flat array laid out W0 b0 W1 b1 … (each layer's W, b are views).
 
-        Modify it in place (``net.params[...] = p`` or :meth:`set_params`); it cannot be
-        rebound, because the compiled kernels hold its layout.
+        Modify it in place (``net.params[...] = p`` or :meth:`set_params`). Each access
+        is a fresh view of the network's own array, which the compiled kernels use.
         """
-        return self._params
+        return self._params.view()
+
+    params = params.setter(structure_setter("params", "copy values in with net.params[...] = p or net.set_params(p)"))
 
     @property
     def grads(self) -> np.ndarray:
         """All gradients of the last backward pass, laid out like :attr:`params`."""
-        return self._grads
+        return self._grads.view()
+
+    grads = grads.setter(structure_setter("grads", "gradients are written by backward()"))
+
     @property
     def n_inputs(self) -> int:
         """Features per input sample (the first layer's n_in)."""
-        return int(self.sizes[0])
+        return int(self._sizes[0])
 
     @property
     def n_outputs(self) -> int:
         """Width of the raw output (the last layer's n_out)."""
-        return int(self.sizes[-1])
+        return int(self._sizes[-1])
 
     @property
     def n_params(self) -> int:
         """Number of trainable parameters (weights and biases)."""
-        return self.params.size
+        return self._params.size
+
+    @contextlib.contextmanager
+    def _training(self, what):
+        """Hold the network for a call that writes its gradients or parameters; another
+        thread doing the same meanwhile gets a RuntimeError instead of corrupting them."""
+        if not self._training_lock.acquire(blocking=False):
+            raise RuntimeError(f"{what}: another thread is training this network (backward, an "
+                               "optimizer step or Trainer.fit); train one network from one thread "
+                               "at a time (inference may run from many)")
+        try:
+            yield
+        finally:
+            self._training_lock.release()
 
     def __repr__(self):
         inner = ",\n    ".join(repr(l) for l in self.layers)
@@ -116,9 +173,9 @@ class Sequential:
     def init_params(self, seed: int | np.random.Generator | None = None) -> None:
         """Re-initialise every layer's weights from `seed` (int, None or a numpy Generator)."""
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-        for layer in self.layers:
+        for layer in self._layers:
             layer.init_params(rng)
-        self.grads[...] = 0
+        self._grads[...] = 0
         self._has_grads = False
 
     def architecture(self) -> dict:
@@ -154,7 +211,8 @@ class Sequential:
     def forward(self, X: ArrayLike, n_threads: int | None = None) -> np.ndarray:
         """Raw output of the last layer (logits for the classification losses).
 
-        Keeps each layer's input and output for :meth:`backward`.
+        Keeps each layer's input and output for :meth:`backward` (per thread: a
+        thread's backward uses that thread's last forward).
 
         Parameters
         ----------
@@ -168,13 +226,14 @@ class Sequential:
         -------
         ndarray of shape (n_samples, n_outputs), the network's dtype
         """
-        X = check_X(X, self.dtype, self.n_inputs)
+        self._local.tape = None     # a forward that fails halfway leaves nothing for backward
+        X = check_X(X, self._dtype, self.n_inputs)
         n_threads = resolve_threads(n_threads)
-        out = X
-        for layer in self.layers:
-            out = layer._forward(out, n_threads)
-        self._forward_rows = X.shape[0]
-        return out
+        tape = [X]                  # the input of each layer, then the output
+        for layer in self._layers:
+            tape.append(layer._forward(self._params, tape[-1], n_threads))
+        self._local.tape = tape
+        return tape[-1]
 
     def backward(self, grad_out: np.ndarray, n_threads: int | None = None) -> Sequential:
         """Backpropagate ∂L/∂output through every layer, last layer first.
@@ -185,7 +244,7 @@ class Sequential:
         Parameters
         ----------
         grad_out : ndarray of shape (n_samples, n_outputs)
-            ∂loss/∂output for the last :meth:`forward`, as returned by a
+            ∂loss/∂output for this thread's last :meth:`forward`, as returned by a
             ``cprop.losses`` function.
         n_threads : int, optional
 
@@ -193,23 +252,33 @@ class Sequential:
         -------
         self — with ``layer.dW`` and ``layer.db`` of every layer (views of
         :attr:`grads`) filled in.
+
+        Raises
+        ------
+        RuntimeError — no completed forward() in this thread, or another thread
+            is training this network at the same time.
         """
-        rows = getattr(self, "_forward_rows", None)
-        if rows is None:
-            raise RuntimeError("backward() needs the activations of a forward() call: call net.forward(X) first")
+        tape = getattr(self._local, "tape", None)
+        if tape is None:
+            raise RuntimeError("backward() needs the activations of a completed forward() call in "
+                               "this thread: call net.forward(X) first")
+        rows = tape[0].shape[0]
         if not isinstance(grad_out, np.ndarray) or grad_out.dtype.kind not in "biuf":
             raise TypeError(f"grad_out must be a numeric array, got {type(grad_out).__name__}")
-        if grad_out.shape != (rows, self.n_outputs):
+        G = grad_out.view()   # ours: another thread may reshape the caller's object
+        if G.shape != (rows, self.n_outputs):
             raise ValueError(f"grad_out must have the shape of the last forward output, "
-                             f"({rows}, {self.n_outputs}), got {grad_out.shape}")
-        G = np.ascontiguousarray(grad_out, dtype=self.dtype)
+                             f"({rows}, {self.n_outputs}), got {G.shape}")
+        G = np.ascontiguousarray(G, dtype=self._dtype)
         if not np.isfinite(G).all():
             raise ValueError("grad_out contains NaN or infinite values")
         n_threads = resolve_threads(n_threads)
-        for i in range(len(self.layers) - 1, -1, -1):
-            G = self.layers[i]._backward(G, n_threads, input_grad=i > 0)
-        self._has_grads = True
-        self._grad_rows = rows
+        with self._training("backward"):
+            for i in range(len(self._layers) - 1, -1, -1):
+                G = self._layers[i]._backward(self._params, self._grads, tape[i], tape[i + 1], G,
+                                              n_threads, input_grad=i > 0)
+            self._has_grads = True
+            self._grad_rows = rows
         return self
 
     def predict_raw(self, X: ArrayLike, n_threads: int | None = None,
@@ -224,25 +293,24 @@ class Sequential:
         of 1024-2048 rows ran 784-128-10 and 784-256-256-256-10 networks 3-4%
         faster than chunks of 256 rows sized for L2.
         """
-        X = check_X(X, self.dtype, self.n_inputs)
+        X = check_X(X, self._dtype, self.n_inputs)
         n_threads = resolve_threads(n_threads)
-        widest = int(self.sizes[1:].max())
+        widest = int(self._sizes[1:].max())
         if chunk_size is None:
             chunk_size = min(4096, max(512, (1 << 20) // (widest * np.dtype(self.dtype).itemsize)))
         chunk_size = min(check_positive_int(chunk_size, "chunk_size"), X.shape[0])
         work = self._inference_workspace(n_threads * 2 * chunk_size * widest)
-        out = np.empty((X.shape[0], self.n_outputs), dtype=self.dtype)
+        out = np.empty((X.shape[0], self.n_outputs), dtype=self._dtype)
         with single_threaded_blas():
-            _core.forward(X, self._params, self.sizes, self.activations, work, out, chunk_size, n_threads)
+            _core.forward(X, self._params, self._sizes, self._activations, work, out, chunk_size, n_threads)
         return out
 
     def _inference_workspace(self, size):
         """A float buffer of `size` for this thread, reused across calls (fresh pages cost
         more than the arithmetic of a small network's forward pass)."""
-        local = self.__dict__.setdefault("_local", threading.local())
-        work = getattr(local, "work", None)
+        work = getattr(self._local, "work", None)
         if work is None or work.size < size:
-            work = local.work = np.empty(size, dtype=self.dtype)
+            work = self._local.work = np.empty(size, dtype=self._dtype)
         return work
 
     # -- PyTorch interop -----------------------------------------------------

@@ -11,13 +11,18 @@ import numpy as np
 
 from ._lazy import core as _core
 from ._threads import resolve_threads, single_threaded_blas
-from ._validation import check_bool, check_real
+from ._validation import check_bool, check_positive_int, check_real
 
 
 class Optimizer:
     """Base class: holds hyper-parameters and per-network state (flat arrays like the parameters)."""
 
-    kind = None
+    _KIND = None     # the compiled step's code (src/_optim.pxd)
+
+    @property
+    def kind(self) -> int:
+        """The compiled update's code for this optimizer class (read-only)."""
+        return type(self)._KIND
 
     def __init__(self):
         self.state = None      # list of flat arrays, shaped like the network's parameters
@@ -39,28 +44,38 @@ class Optimizer:
         self.weight_decay = check_real(self.weight_decay, "weight_decay", low=0)
         self.decay_bias = check_bool(self.decay_bias, "decay_bias")
         self.decay_per_sample = check_bool(self.decay_per_sample, "decay_per_sample")
+        self.step_count = check_positive_int(self.step_count, "step_count", minimum=0, maximum=None)
         return {"kind": self.kind, "lr": self.lr, "weight_decay": self.weight_decay,
                 "decay_bias": self.decay_bias, "decay_per_sample": self.decay_per_sample,
-                **self._hyper()}
+                "step": self.step_count, **self._hyper()}
 
     def _hyper(self):
         """The optimizer's own hyper-parameters, validated."""
         raise NotImplementedError
 
-    def _ensure_state(self, net):
-        params = net.params
-        if self.state is None or len(self.state) != max(self.n_state, 1) or any(
-            s.shape != params.shape or s.dtype != params.dtype for s in self.state
-        ):
-            n = max(self.n_state, 1)
-            shape = params.shape if self.n_state else (1,)
-            self.state = [np.zeros(shape, dtype=params.dtype) for _ in range(n)]
-            self.step_count = 0
-        return self.state
+    def _kernel_state(self, net, cfg):
+        """The two state arrays the compiled step with `cfg` reads and writes, checked here,
+        right before the call, against the network's own parameter array.
 
-    def _state_pair(self, net):
-        state = self._ensure_state(net)
-        return state[0], state[1] if len(state) > 1 else state[0]
+        What the step needs follows from `cfg` (Adam: 2 arrays, SGD with momentum: 1, else
+        none, passed as a 1-element placeholder), not from attributes that may have changed
+        since. State that does not fit (``state = None``, another network, a reshaped
+        array) is replaced by zeros, and the step count restarts.
+        """
+        params = net._params
+        n = 2 if cfg["kind"] == Adam._KIND else (1 if cfg.get("momentum") else 0)
+        shape = params.shape if n else (1,)
+        state = self.state
+        state = [s.view() for s in state] if isinstance(state, (list, tuple)) and all(
+            isinstance(s, np.ndarray) for s in state) else None   # views: ours to check
+        if state is None or len(state) != max(n, 1) or any(
+                s.shape != shape or s.dtype != params.dtype or not s.flags.c_contiguous
+                or not s.flags.writeable for s in state):
+            state = [np.zeros(shape, dtype=params.dtype) for _ in range(max(n, 1))]
+            self.state = list(state)
+            self.step_count = 0
+            cfg["step"] = 0
+        return state[0], state[-1]
 
     def step(self, net, n_threads: int | None = None) -> None:
         """Apply one update to every parameter of `net` from its gradients.
@@ -83,11 +98,11 @@ class Optimizer:
         if not net._has_grads:
             raise RuntimeError("no gradients to step with: call net.backward(grad) after net.forward(X)")
         cfg = self.config()
-        a, b = self._state_pair(net)
-        cfg["step"] = self.step_count
-        with single_threaded_blas():
+        a, b = self._kernel_state(net, cfg)
+        n_threads = resolve_threads(n_threads)
+        with net._training("optimizer step"), single_threaded_blas():
             rejected, self.step_count = _core.optimizer_step(
-                cfg, net.params, net.grads, a, b, net.sizes, net._grad_rows, resolve_threads(n_threads))
+                cfg, net._params, net._grads, a, b, net._sizes, net._grad_rows, n_threads)
         if rejected:
             raise FloatingPointError(
                 f"the update would have made {rejected} parameter(s) non-finite; "
@@ -110,7 +125,7 @@ class SGD(Optimizer):
     weight_decay : float >= 0, default 0; L2 added to the gradient of every parameter
     """
 
-    kind = 0
+    _KIND = 0
 
     def __init__(self, lr: float = 0.01, momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0) -> None:
@@ -148,8 +163,8 @@ class Adam(Optimizer):
     weight_decay : float >= 0, default 0
     """
 
-    kind = 1
-    n_state = 2
+    _KIND = 1
+    n_state = property(lambda self: 2, doc="Adam keeps two state arrays (first and second moments).")
     decoupled = False
 
     def __init__(self, lr: float = 0.001, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,

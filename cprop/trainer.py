@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 import warnings
 
@@ -114,6 +115,17 @@ class Trainer:
         (cprop.sklearn uses it to reproduce scikit-learn's loss conventions).
     """
 
+    # what a running fit was started with: changing them from a callback (or another
+    # thread) mid-fit raises instead of reaching the compiled epoch half-changed
+    _FIXED_DURING_FIT = frozenset({"net", "loss", "optimizer", "batch_size", "shuffle", "seed", "rng",
+                                   "n_threads", "on_divergence", "loss_scale"})
+
+    def __setattr__(self, name, value):
+        if name in self._FIXED_DURING_FIT and self.__dict__.get("_fitting"):
+            raise RuntimeError(f"cannot change trainer.{name} while fit() is running (from a callback "
+                               "or another thread); change it before the next fit()")
+        object.__setattr__(self, name, value)
+
     def __init__(self, net: Sequential, loss: str = "mse", optimizer: Optimizer | None = None,
                  batch_size: int = 32, shuffle: bool = True, seed: int | None = None,
                  n_threads: int | None = None, on_divergence: str = "raise",
@@ -129,6 +141,8 @@ class Trainer:
         self.on_divergence = on_divergence
         self.loss_scale = loss_scale
         self._check_settings()
+        self._fitting = False
+        self._fit_lock = threading.Lock()
         self.epochs_done = 0
         self.history = History()
         self.extra = {}   # JSON-serialisable notes saved with the trainer (the CLI keeps classes, scaling)
@@ -194,8 +208,25 @@ class Trainer:
         KeyboardInterrupt — Ctrl-C takes effect between batches; the network keeps
             the parameters of the last completed step, the history its completed epochs.
         """
+        if not self._fit_lock.acquire(blocking=False):
+            raise RuntimeError("this Trainer is already running fit() (in another thread, or fit() "
+                               "was called from one of its callbacks); one fit at a time")
+        try:
+            with self.net._training("Trainer.fit"):
+                self._check_settings()
+                self._fitting = True
+                try:
+                    return self._fit(X, y, epochs, validation_data, validation_split, callbacks,
+                                     verbose, checkpoint, checkpoint_every)
+                finally:
+                    self._fitting = False
+        finally:
+            self._fit_lock.release()
+
+    def _fit(self, X, y, epochs, validation_data, validation_split, callbacks, verbose, checkpoint,
+             checkpoint_every):
+        """fit's body, run with the settings fixed and the network held."""
         epochs = check_positive_int(epochs, "epochs", minimum=0, maximum=None)
-        self._check_settings()
         X, T, labels = self._prepare(X, y)
         if validation_split is not None:
             if validation_data is not None:
@@ -248,7 +279,7 @@ class Trainer:
         batch_size = min(self.batch_size, n)
         net = self.net
         return {"batch_size": batch_size, "gather": self.shuffle,
-                "work": np.empty(_core.workspace_size(net.sizes, batch_size, self.shuffle), dtype=net.dtype),
+                "work": np.empty(_core.workspace_size(net._sizes, batch_size, self.shuffle), dtype=net.dtype),
                 "label_buf": np.empty(batch_size, dtype=np.intp),
                 "n_threads": resolve_threads(self.n_threads),
                 "order": np.arange(n, dtype=np.intp)}
@@ -258,14 +289,13 @@ class Trainer:
         on_divergence is "warn" (with "raise", DivergenceError)."""
         net, n, batch_size = self.net, X.shape[0], buffers["batch_size"]
         order = self.rng.permutation(n).astype(np.intp, copy=False) if self.shuffle else buffers["order"]
-        cfg = self.optimizer.config()     # a callback may have changed the optimizer
-        state_a, state_b = self.optimizer._state_pair(net)
-        cfg["step"] = self.optimizer.step_count
+        cfg = self.optimizer.config()     # a callback may have changed its hyper-parameters
+        state_a, state_b = self.optimizer._kernel_state(net, cfg)
         start = time.perf_counter()
         try:
             status, loss_sum, n_seen, step = _core.train_epoch(
-                X, T, labels, order, buffers["gather"], net.params, net.grads, state_a, state_b,
-                buffers["work"], buffers["label_buf"], net.sizes, net.activations, LOSSES[self.loss],
+                X, T, labels, order, buffers["gather"], net._params, net._grads, state_a, state_b,
+                buffers["work"], buffers["label_buf"], net._sizes, net._activations, LOSSES[self.loss],
                 self.loss_scale, batch_size, cfg, buffers["n_threads"])
         except KeyboardInterrupt:
             # the interrupted epoch's completed steps are kept; Adam's count with them
@@ -302,11 +332,22 @@ class Trainer:
                "lower the learning rate or scale the inputs.")
         if self.on_divergence == "raise":
             raise DivergenceError(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=4)   # _diverged < _epoch < fit < the caller
+        warnings.warn(msg, RuntimeWarning, stacklevel=5)   # _diverged < _epoch < _fit < fit < the caller
 
     # -- evaluation --------------------------------------------------------
-    def _evaluate_prepared(self, X, T, labels, prefix=""):
+    def _raw_output(self, X):
+        """predict_raw's output, with a warning when some rows of it are not finite."""
         out = self.net.predict_raw(X, n_threads=self.n_threads)
+        finite = np.isfinite(out).all(axis=1)
+        if not finite.all():
+            warnings.warn(
+                f"the network's output is NaN or infinite for {np.count_nonzero(~finite)} of "
+                f"{out.shape[0]} rows (it overflowed on these inputs: check their scale); the "
+                "predictions and loss for those rows are meaningless", RuntimeWarning, stacklevel=3)
+        return out
+
+    def _evaluate_prepared(self, X, T, labels, prefix=""):
+        out = self._raw_output(X)
         grad = np.empty_like(out)
         result = {prefix + "loss": _core.loss(LOSSES[self.loss], out, T, labels, grad, self.loss_scale)}
         if self.loss == "cross_entropy":
@@ -337,9 +378,10 @@ class Trainer:
         -------
         ndarray — class labels of shape (n_samples,) for cross_entropy; 0/1 for
         binary_cross_entropy (shape (n_samples,) with one output, else
-        (n_samples, n_outputs)); values for mse, likewise.
+        (n_samples, n_outputs)); values for mse, likewise. Warns (RuntimeWarning)
+        when the network's output is not finite for some rows.
         """
-        out = self.net.predict_raw(X, n_threads=self.n_threads)
+        out = self._raw_output(X)
         if self.loss == "cross_entropy":
             return out.argmax(axis=1)
         if self.loss == "binary_cross_entropy":
@@ -359,14 +401,15 @@ class Trainer:
         ------
         ValueError — the trainer's loss is mse.
         """
-        out = self.net.predict_raw(X, n_threads=self.n_threads).astype(np.float64)
-        if self.loss == "cross_entropy":
-            out -= out.max(axis=1, keepdims=True)
-            np.exp(out, out=out)
-            return out / out.sum(axis=1, keepdims=True)
-        if self.loss == "binary_cross_entropy":
+        if self.loss not in ("cross_entropy", "binary_cross_entropy"):
+            raise ValueError("predict_proba needs a classification loss")
+        out = self._raw_output(X).astype(np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):   # non-finite rows: warned about above
+            if self.loss == "cross_entropy":
+                out -= out.max(axis=1, keepdims=True)
+                np.exp(out, out=out)
+                return out / out.sum(axis=1, keepdims=True)
             return 1.0 / (1.0 + np.exp(-out))
-        raise ValueError("predict_proba needs a classification loss")
 
     # -- files -------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:

@@ -1,0 +1,344 @@
+"""Memory safety from ordinary Python: what users can do to a network, a trainer or an
+optimizer (set attributes, reshape arrays, act from callbacks or other threads) gives a
+clear exception or correct results, never a kernel reading or writing out of bounds.
+
+Cases that crashed the process once run in a subprocess, so that a regression fails
+the test instead of killing pytest.
+"""
+import subprocess
+import sys
+import textwrap
+import threading
+import warnings
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+
+import cprop
+
+import reference as ref
+from conftest import activations_of, flat, layers_of
+
+
+def small_net(sizes=(16, 32, 2), seed=0, dtype="float64"):
+    layers = [cprop.Dense(sizes[i], sizes[i + 1], "relu" if i < len(sizes) - 2 else None)
+              for i in range(len(sizes) - 1)]
+    return cprop.Sequential(layers, dtype=dtype, seed=seed)
+
+
+def run_python(code, timeout=300):
+    """Run `code` in a fresh interpreter; its CompletedProcess (a crash is a negative returncode)."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# -- structure is fixed once built ---------------------------------------------------
+
+@pytest.mark.parametrize("name, value", [("n_in", 1), ("n_out", 1), ("activation", "sigmoid"),
+                                         ("activation_code", 3)])
+def test_layer_structure_is_read_only(name, value):
+    net = small_net()
+    with pytest.raises(AttributeError, match=f"Dense.{name} is fixed"):
+        setattr(net.layers[0], name, value)
+    assert net.layers[0].n_out == 32 and net.layers[0].activation == "relu"
+
+
+@pytest.mark.parametrize("name", ["layers", "sizes", "activations", "dtype", "params", "grads"])
+def test_network_structure_is_read_only(name):
+    net = small_net()
+    with pytest.raises(AttributeError, match=f"Sequential.{name} is fixed"):
+        setattr(net, name, getattr(net, name))
+
+
+def test_sizes_and_activations_cannot_be_written_through():
+    net = small_net()
+    for array in (net.sizes, net.activations):
+        with pytest.raises(ValueError, match="read-only"):
+            array[0] = 1
+        with pytest.raises(ValueError):
+            array.flags.writeable = True
+    assert list(net.sizes) == [16, 32, 2]
+
+
+def test_layer_list_cannot_change():
+    net = small_net()
+    assert isinstance(net.layers, tuple)
+    with pytest.raises(AttributeError):
+        net.layers.pop()
+
+
+def test_reshaping_a_parameter_view_in_place_changes_nothing_the_kernels_see(rng):
+    # NumPy lets anyone set .shape on a view; cprop hands kernels its own arrays
+    net = small_net((16, 2), dtype="float64")
+    X = rng.normal(size=(5, 16))
+    expected = net.forward(X)
+    W = net.layers[0].W
+    W.shape = (2, 16)
+    params = net.params
+    params.shape = (2, -1)
+
+    assert net.layers[0].W.shape == (16, 2) and net.params.ndim == 1
+    assert_array_equal(net.forward(X), expected)
+    assert_allclose(net.predict_raw(X), expected, rtol=1e-12)
+    net.backward(np.ones((5, 2)))
+    assert net.layers[0].dW.shape == (16, 2)
+
+
+def test_assigning_parameters_still_copies_values_in(rng):
+    net = small_net((3, 2))
+    W = rng.normal(size=(3, 2))
+    net.layers[0].W = W
+    net.layers[0].b = [1.0, 2.0]
+    assert_array_equal(net.layers[0].W, W)
+    assert_array_equal(net.params[-2:], [1.0, 2.0])
+    with pytest.raises(ValueError):
+        net.layers[0].W = np.ones((2, 3))
+
+
+def test_the_same_layer_twice_is_refused():
+    layer = cprop.Dense(4, 4, "relu")
+    with pytest.raises(ValueError, match="same Dense object"):
+        cprop.Sequential([layer, layer])
+    net = cprop.Sequential([layer])          # still usable, once
+    with pytest.raises(ValueError, match="already belongs to a network"):
+        cprop.Sequential([layer])
+    assert net.n_params == 20
+
+
+def test_a_forward_that_fails_halfway_leaves_nothing_for_backward(rng, monkeypatch):
+    net = small_net((4, 8, 8, 2))
+    X = rng.normal(size=(6, 4))
+    net.forward(X)                           # a complete forward first: its tape must not survive
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("layer 2")
+
+    monkeypatch.setattr(net.layers[1], "_forward", out_of_memory)
+    with pytest.raises(MemoryError):
+        net.forward(X)
+    with pytest.raises(RuntimeError, match="completed forward"):
+        net.backward(np.ones((6, 2)))
+    assert np.isfinite(net.grads).all()
+
+
+def test_structure_attacks_in_a_subprocess_do_not_crash():
+    # each of these crashed the process (SIGSEGV or glibc abort) when kernels trusted attributes
+    proc = run_python("""
+        import numpy as np, cprop
+        def attempt(f):
+            try:
+                f()
+            except Exception as exc:
+                print(type(exc).__name__)
+        net = cprop.Sequential([cprop.Dense(16, 2)], seed=0)
+        X = np.ones((4, 16), np.float32)
+        attempt(lambda: setattr(net.layers[0], "n_out", 1))
+        W = net.layers[0].W; W.shape = (2, 16)
+        out = net.forward(X); net.backward(np.ones_like(out))
+        def write_sizes(): net.sizes[0] = 1000
+        attempt(write_sizes)
+        trainer = cprop.Trainer(net, loss="mse", batch_size=2)
+        trainer.fit(X, np.zeros((4, 2)), epochs=2)
+        assert np.isfinite(net.params).all()
+        print("survived")
+    """)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == "survived"
+
+
+# -- a trainer's settings while fit runs --------------------------------------------------
+
+@pytest.mark.parametrize("name, value", [("loss", "cross_entropy"), ("batch_size", 1000),
+                                         ("shuffle", False), ("loss_scale", 5.0)])
+def test_changing_fit_settings_from_a_callback_raises(name, value, rng):
+    net = small_net((4, 8, 2))
+    trainer = cprop.Trainer(net, loss="mse", batch_size=4)
+    X, y = rng.normal(size=(20, 4)), rng.normal(size=(20, 2))
+
+    def meddle(trainer, epoch, logs):
+        setattr(trainer, name, value)
+
+    with pytest.raises(RuntimeError, match=f"cannot change trainer.{name} while fit"):
+        trainer.fit(X, y, epochs=3, callbacks=[meddle])
+    assert trainer.epochs_done == 1 and np.isfinite(net.params).all()
+    setattr(trainer, name, value)             # between fits it is allowed
+
+
+def test_swapping_the_network_or_optimizer_mid_fit_raises(rng):
+    net = small_net((4, 8, 2))
+    trainer = cprop.Trainer(net, loss="mse", optimizer=cprop.Adam(), batch_size=4)
+    X, y = rng.normal(size=(20, 4)), rng.normal(size=(20, 2))
+    bigger = small_net((4, 512, 512, 2))
+    for name, value in (("net", bigger), ("optimizer", cprop.SGD())):
+        with pytest.raises(RuntimeError, match=f"trainer.{name}"):
+            trainer.fit(X, y, epochs=2, callbacks=[lambda t, e, l: setattr(t, name, value)])
+    assert trainer.net is net
+
+
+def test_optimizer_hyper_parameters_may_change_mid_fit(rng):
+    # what schedules do: the next epoch uses the new value
+    net = small_net((4, 8, 2))
+    trainer = cprop.Trainer(net, loss="mse", optimizer=cprop.SGD(lr=0.01), batch_size=4)
+    X, y = rng.normal(size=(20, 4)), rng.normal(size=(20, 2))
+    trainer.fit(X, y, epochs=3, callbacks=[lambda t, e, l: setattr(t.optimizer, "lr", 0.0)])
+    after_first = trainer.history.loss
+    assert after_first[1] == pytest.approx(after_first[2])    # lr 0: nothing moves
+
+
+def test_optimizer_structure_attacks_are_refused_or_harmless(rng):
+    net = small_net((4, 8, 2))
+    X, y = rng.normal(size=(20, 4)), rng.normal(size=(20, 2))
+    opt = cprop.SGD(lr=0.01)                 # no momentum: a 1-element state placeholder
+    with pytest.raises(AttributeError):
+        opt.kind = cprop.Adam().kind
+    with pytest.raises(AttributeError):
+        cprop.Adam().n_state = 0
+    trainer = cprop.Trainer(net, loss="mse", optimizer=opt, batch_size=4)
+    trainer.fit(X, y, epochs=1)
+    opt.momentum = 0.9                       # now the step needs a parameter-sized state
+    trainer.fit(X, y, epochs=1)
+    assert opt.state[0].shape == net.params.shape
+    opt.state = [np.zeros(3)]                # a wrong state is replaced, never passed on
+    trainer.fit(X, y, epochs=1)
+    assert opt.state[0].shape == net.params.shape
+    state = opt.state[0]
+    state.shape = (2, -1)                    # reshaped in place: replaced too
+    trainer.fit(X, y, epochs=1)
+    assert opt.state[0].ndim == 1
+    for bad in (-1, "3", 1.5):
+        opt.step_count = bad
+        with pytest.raises((TypeError, ValueError), match="step_count"):
+            trainer.fit(X, y, epochs=1)
+        opt.step_count = 0
+    assert np.isfinite(net.params).all()
+
+
+def test_reshaping_the_callers_X_mid_fit_does_not_reach_the_epoch(rng):
+    net = small_net((8, 4, 2))
+    X, y = rng.normal(size=(40, 8)), rng.normal(size=(40, 2))
+    reference = small_net((8, 4, 2))
+    cprop.Trainer(reference, loss="mse", batch_size=8, seed=0).fit(X.copy(), y, epochs=3)
+
+    def reshape(trainer, epoch, logs):
+        if epoch == 1:
+            X.shape = (80, 4)                # the caller's object; fit holds its own view
+
+    cprop.Trainer(net, loss="mse", batch_size=8, seed=0).fit(X, y, epochs=3, callbacks=[reshape])
+    assert_array_equal(net.params, reference.params)
+
+
+def test_trainer_swaps_in_a_subprocess_do_not_crash():
+    # these two crashed: the empty labels array indexed, and a double free
+    proc = run_python("""
+        import numpy as np, cprop
+        rng = np.random.default_rng(0)
+        X, y = rng.normal(size=(64, 16)), rng.normal(size=(64, 2))
+        for name, value in [("loss", "cross_entropy"),
+                            ("net", cprop.Sequential([cprop.Dense(16, 1024), cprop.Dense(1024, 2)]))]:
+            trainer = cprop.Trainer(cprop.Sequential([cprop.Dense(16, 2)], seed=0), loss="mse")
+            try:
+                trainer.fit(X, y, epochs=3, callbacks=[lambda t, e, l: setattr(t, name, value)])
+            except RuntimeError as exc:
+                print("refused", name)
+        print("survived")
+    """)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["refused", "loss", "refused", "net", "survived"]
+
+
+# -- threads -------------------------------------------------------------------------------
+
+def test_one_trainer_fitting_in_two_threads_raises(rng):
+    net = small_net((4, 8, 2))
+    trainer = cprop.Trainer(net, loss="mse", optimizer=cprop.Adam(), batch_size=4)
+    X, y = rng.normal(size=(20, 4)), rng.normal(size=(20, 2))
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(trainer, epoch, logs):
+        inside.set()
+        release.wait(30)
+
+    worker = threading.Thread(target=trainer.fit, args=(X, y), kwargs={"epochs": 1, "callbacks": [hold]})
+    worker.start()
+    try:
+        assert inside.wait(30)
+        with pytest.raises(RuntimeError, match="already running fit"):
+            trainer.fit(X, y, epochs=1)
+        other = cprop.Trainer(net, loss="mse")      # another trainer on the same network
+        with pytest.raises(RuntimeError, match="another thread is training this network"):
+            other.fit(X, y, epochs=1)
+        out = net.forward(X)                          # inference and forward stay allowed
+        with pytest.raises(RuntimeError, match="another thread is training"):
+            net.backward(np.ones_like(out))
+        with pytest.raises(RuntimeError, match="another thread is training"):
+            cprop.SGD().step(net)
+    finally:
+        release.set()
+        worker.join()
+    assert trainer.optimizer.step_count == 5          # 20 samples / 4 per batch: nothing lost
+    trainer.fit(X, y, epochs=1)
+    assert trainer.optimizer.step_count == 10
+
+
+def test_forward_backward_in_one_thread_while_another_runs_big_forwards(rng):
+    # each thread's backward uses its own forward's activations (this crashed when
+    # layers cached the last X and Y for everyone)
+    net = small_net((32, 64, 4), dtype="float32")
+    X_small = rng.normal(size=(5, 32)).astype(np.float32)
+    X_big = rng.normal(size=(50_000, 32)).astype(np.float32)
+    G = np.ones((5, 4), np.float32)
+    net.forward(X_small)
+    net.backward(G)
+    expected = net.grads.copy()
+    stop = threading.Event()
+    errors = []
+
+    def big_forwards():
+        try:
+            while not stop.is_set():
+                assert net.forward(X_big).shape == (50_000, 4)
+        except Exception as exc:       # pragma: no cover - reported below
+            errors.append(exc)
+
+    worker = threading.Thread(target=big_forwards)
+    worker.start()
+    try:
+        for _ in range(200):
+            net.forward(X_small)
+            net.backward(G)
+            assert_array_equal(net.grads, expected)
+    finally:
+        stop.set()
+        worker.join()
+    assert not errors
+
+
+# -- non-finite outputs ------------------------------------------------------------------------
+
+def test_predictions_from_non_finite_outputs_warn(rng):
+    net = small_net((4, 8, 3), dtype="float32")
+    trainer = cprop.Trainer(net, loss="cross_entropy")
+    net.params[...] = 1e10
+    X = np.full((6, 4), 1e20)                     # overflows float32 inside the network ...
+    X[:3] = rng.uniform(0, 1, size=(3, 4))        # ... these rows do not (3e21 at most)
+    for call in (trainer.predict, trainer.predict_proba):
+        with pytest.warns(RuntimeWarning, match="NaN or infinite for 3 of 6 rows"):
+            call(X)
+    with pytest.warns(RuntimeWarning, match="NaN or infinite"):
+        trainer.evaluate(X, np.zeros(6, int))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer.predict(X[:3])                   # finite rows: no warning
+
+
+def test_gradients_still_match_the_reference_through_views(rng):
+    # the kernels read the flat arrays; the views users see are the same numbers
+    net = small_net((5, 7, 3))
+    X = rng.normal(size=(9, 5))
+    out = net.forward(X)
+    net.backward(np.ones_like(out))
+    layers, acts = layers_of(net), activations_of(net)
+    outputs = ref.forward(layers, acts, X)
+    assert_allclose(out, outputs[-1], rtol=1e-12)
+    assert_allclose(net.grads, flat(ref.backward(layers, acts, X, outputs, np.ones_like(out))), rtol=1e-10)
