@@ -1,6 +1,6 @@
 """ONNX export (cprop.onnx): the graph passes onnx's checker and ONNX Runtime computes what cprop
 computes, for every activation, both dtypes and both heads; the scikit-learn drop-ins convert
-with skl2onnx, alone and in a Pipeline.
+with skl2onnx, alone and in a Pipeline; `cprop export` on the command line.
 
 Skipped without onnx and onnxruntime (pip install "cprop[onnx]"); the drop-in tests also need
 skl2onnx.
@@ -21,6 +21,7 @@ ort = pytest.importorskip("onnxruntime")
 
 import cprop                      # noqa: E402
 import cprop.onnx as cprop_onnx   # noqa: E402
+from cprop.__main__ import main   # noqa: E402
 
 from conftest import ACTIVATIONS, make_net   # noqa: E402
 
@@ -381,3 +382,52 @@ def test_weights_assigned_to_coefs_are_the_ones_converted(skl2onnx):
     assert_allclose(reg.predict(X), np.maximum(X.sum(axis=1, keepdims=True) + reg.intercepts_[0], 0).sum(axis=1)
                     + reg.intercepts_[1], rtol=1e-12)
 
+
+# -- the command line ------------------------------------------------------------------------------
+
+def test_cli_export_of_a_trained_model_takes_raw_features(tmp_path, capsys):
+    X, digit = cprop.datasets.load_digits(scale=False)
+    X, digit = X[:300], digit[:300]
+    header = ",".join(["digit"] + [f"px{i}" for i in range(64)])
+    np.savetxt(tmp_path / "digits.csv", np.column_stack([100 + digit, X]), delimiter=",", header=header,
+               comments="", fmt="%d")
+    assert main(["train", str(tmp_path / "digits.csv"), "--target", "digit", "--epochs", "3", "--quiet",
+                 "--out", str(tmp_path / "model.npz")]) == 0
+    capsys.readouterr()
+
+    assert main(["export", str(tmp_path / "model.npz"), str(tmp_path / "model.onnx"), "--head", "softmax"]) == 0
+
+    out = capsys.readouterr().out
+    assert "model.onnx" in out and "(N, 64) float32" in out and "probabilities (N, 10)" in out
+    assert "standardises" in out and "classes 100 101 102" in out
+    trainer = cprop.Trainer.load(tmp_path / "model.npz")
+    extra = trainer.extra
+    [proba] = run(session(tmp_path / "model.onnx"), X)   # raw pixel counts, as `cprop predict` reads
+    assert_allclose(proba, trainer.predict_proba((X - np.array(extra["mean"])) / np.array(extra["std"])),
+                    rtol=1e-4, atol=1e-5)
+    assert main(["predict", str(tmp_path / "model.npz"), str(tmp_path / "digits.csv"), "--target", "digit",
+                 "--out", str(tmp_path / "pred.txt")]) == 0
+    predicted = np.loadtxt(tmp_path / "pred.txt", dtype=np.int64)
+    assert_array_equal(np.array(extra["classes"])[proba.argmax(axis=1)], predicted)
+
+
+def test_cli_export_of_a_saved_network_and_its_errors(tmp_path, capsys):
+    net = make_net([4, 5, 2], hidden="sigmoid", dtype=np.float64)
+    net.save(tmp_path / "net.npz")
+
+    assert main(["export", str(tmp_path / "net.npz"), str(tmp_path / "net.onnx"), "--opset", "13"]) == 0
+
+    assert "logits (N, 2)" in capsys.readouterr().out
+    X = np.random.default_rng(0).standard_normal((7, 4))
+    [out] = run(session(tmp_path / "net.onnx"), X)
+    assert_allclose(out, net.forward(X), **ORT_TOLERANCE[np.float64])
+
+    (tmp_path / "notes.txt").write_text("not a model")
+    for args, words in [([tmp_path / "notes.txt", tmp_path / "x.onnx"], ["notes.txt", "not a cprop file"]),
+                        ([tmp_path / "net.npz", tmp_path / "x.onnx", "--opset", "3"], ["opset", "13"]),
+                        ([tmp_path / "net.npz", tmp_path / "missing" / "x.onnx"], ["missing", "does not exist"])]:
+        assert main(["export", *map(str, args)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("cprop export: error: ")
+        assert all(word in err[0] for word in words), err
+    assert not (tmp_path / "x.onnx").exists()
