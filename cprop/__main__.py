@@ -140,6 +140,29 @@ def _predict(args):
     return 0
 
 
+def _export(args):
+    """The network of a saved model as an ONNX file; a `cprop train` model's feature
+    scaling goes into the graph, so it takes the raw features as `cprop predict` does."""
+    from . import io as _io
+    from . import onnx as cprop_onnx
+    from .network import network_from_meta
+
+    meta, arrays = _io.load_archive(args.model, kind=("network", "trainer"))
+    net = network_from_meta(meta, arrays, args.model)
+    extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
+    scaling = (extra["mean"], extra["std"]) if "mean" in extra and "std" in extra else None
+    head = None if args.head == "none" else args.head
+    cprop_onnx.export(net, args.out, head=head, opset=args.opset, standardize=scaling)
+    output = cprop_onnx.LOGITS if head is None else cprop_onnx.PROBABILITIES
+    dtype = net.architecture()["dtype"]
+    notes = ["standardises the features as `cprop predict` does"] if scaling else []
+    if "classes" in extra:
+        notes.append(f"columns are the classes {' '.join(map(str, extra['classes']))}")
+    print(f"wrote {args.out}: input {cprop_onnx.INPUT} (N, {net.n_inputs}) {dtype} -> "
+          f"{output} (N, {net.n_outputs})" + "".join(f"; {note}" for note in notes))
+    return 0
+
+
 def _bench(args):
     from . import bench
     return bench.run(args)
@@ -189,6 +212,16 @@ def build_parser():
     p.add_argument("--target", help="a target column to ignore, if DATA has one")
     p.add_argument("--out", help="write predictions here instead of printing them")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("export", help="write a saved model as an ONNX file (needs cprop[onnx])",
+                       description="Write the network of a model saved by `cprop train` (feature scaling "
+                                   "included) or Sequential.save as an ONNX model, for ONNX Runtime.")
+    p.add_argument("model", help="a model file written by `cprop train` or Sequential.save")
+    p.add_argument("out", help="the ONNX file to write")
+    p.add_argument("--head", default="none", choices=["none", "softmax", "sigmoid"],
+                   help="append softmax or sigmoid: output probabilities instead of logits (default none)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset version (default: cprop.onnx.DEFAULT_OPSET)")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("info", help="version, OpenMP, SIMD build, threads and BLAS in use",
                        description="Show how cprop was built and which threads and BLAS it uses.")

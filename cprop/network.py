@@ -372,6 +372,11 @@ class Sequential:
                 modules.append(act())
         return torch.nn.Sequential(*modules)
 
+    def to_onnx(self, path: str | os.PathLike, **kw):
+        """Write the network as an ONNX model: :func:`cprop.onnx.export` (head=, opset=)."""
+        from . import onnx
+        return onnx.export(self, path, **kw)
+
     # -- files -------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write the architecture and parameters to `path`.
