@@ -254,6 +254,69 @@ def test_a_stored_member_declaring_more_than_the_file_holds_is_refused(tmp_path)
     assert memory.peak < 1 << 20
 
 
+def test_read_idx_refuses_a_fifo_and_a_device(fifo):
+    with deadline(20), peak_memory() as memory:
+        with pytest.raises(cprop.CpropFileError, match=mentions("pipe.npz", "FIFO")):
+            cprop.datasets.read_idx(fifo)
+        if os.path.exists("/dev/zero"):
+            with pytest.raises(cprop.CpropFileError, match=mentions("/dev/zero", "character device")):
+                cprop.datasets.read_idx("/dev/zero")
+        with pytest.raises(cprop.CpropFileError, match=mentions("train-images-idx3-ubyte", "FIFO")):
+            cprop.datasets.load_mnist(_mnist_dir_with_a_fifo(fifo.parent))
+    assert memory.peak < 1 << 20
+
+
+def _mnist_dir_with_a_fifo(directory):
+    os.mkfifo(directory / "train-images-idx3-ubyte")
+    (directory / "train-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 0]))
+    return directory
+
+
+def gzip_idx(header_shape, n_data_bytes, code=0x08):
+    header = bytes([0, 0, code, len(header_shape)]) + struct.pack(f">{len(header_shape)}I", *header_shape)
+    return gzip.compress(header + bytes(n_data_bytes), compresslevel=1)
+
+
+def test_gzip_bomb_idx_reads_only_what_its_header_declares(tmp_path):
+    path = tmp_path / "bomb-idx.gz"
+    path.write_bytes(gzip_idx((10,), 64 << 20))              # 10 bytes declared, 64 MB of zeros behind them
+    assert path.stat().st_size < 1 << 20
+    with peak_memory() as memory, pytest.raises(cprop.CpropFileError, match=mentions("bomb-idx.gz", "10")):
+        cprop.datasets.read_idx(path)
+    assert memory.peak < 4 << 20
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gz"])
+def test_idx_declaring_more_than_max_bytes_is_refused_before_reading(gz, tmp_path):
+    path = tmp_path / "big.idx"
+    header = bytes([0, 0, 0x08, 3]) + struct.pack(">3I", 60000, 28, 28)
+    path.write_bytes(gzip.compress(header) if gz else header)
+    with peak_memory() as memory:
+        with pytest.raises(cprop.CpropFileError, match=mentions("big.idx", "47040000", "max_bytes")):
+            cprop.datasets.read_idx(path, max_bytes=1 << 20)
+        with pytest.raises(cprop.CpropFileError, match=mentions("big.idx", "(65535, 65535, 65535)", "max_bytes")):
+            path.write_bytes(bytes([0, 0, 0x08, 3]) + struct.pack(">3I", 65535, 65535, 65535))
+            cprop.datasets.read_idx(path)
+    assert memory.peak < 1 << 20
+
+
+def test_idx_within_max_bytes_still_reads(tmp_path):
+    path = tmp_path / "ok.idx.gz"
+    path.write_bytes(gzip_idx((4, 5), 20))
+    assert cprop.datasets.read_idx(path, max_bytes=20).shape == (4, 5)
+    with pytest.raises(cprop.CpropFileError, match="max_bytes"):
+        cprop.datasets.read_idx(path, max_bytes=19)
+
+
+def test_idx_big_endian_values_come_back_native(tmp_path):
+    values = np.array([[1.5, -2.25], [1e30, -0.0]], dtype=">f4")
+    path = tmp_path / "f.idx"
+    path.write_bytes(bytes([0, 0, 0x0D, 2]) + struct.pack(">2I", 2, 2) + values.tobytes())
+    out = cprop.datasets.read_idx(path)
+    assert out.dtype == np.float32 and out.dtype.isnative and out.flags.writeable
+    assert_array_equal(out, values)
+
+
 # -- crafted members and metadata: always a CpropFileError ----------------------------------------
 
 def test_a_member_that_is_not_a_npy_array_is_refused(tmp_path):
