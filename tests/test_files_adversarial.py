@@ -734,3 +734,51 @@ def test_an_interrupted_save_leaves_no_temporary_file(error, save, tmp_path, mon
     with pytest.raises(type(error) if isinstance(error, BaseException) else error):
         save(tmp_path / "x.npz")
     assert list(tmp_path.iterdir()) == []
+
+
+# -- every byte damaged, and every length cut: a CpropFileError or the identical model --------------
+
+def trainer_state(trainer):
+    opt = trainer.optimizer
+    return (trainer.net.architecture(), trainer.net.params.tobytes(), [s.tobytes() for s in opt.state or []],
+            repr(opt), opt.step_count, opt.decay_bias, opt.decay_per_sample, trainer.loss, trainer.batch_size,
+            trainer.shuffle, trainer.loss_scale, trainer.epochs_done, json.dumps(trainer.rng.bit_generator.state),
+            trainer.history.as_dict(), trainer.extra)
+
+
+def check_damaged(data, path, expected, loaders):
+    path.write_bytes(data)
+    for name in loaders:
+        try:
+            loaded = LOADERS[name](path)
+        except cprop.CpropFileError:
+            continue
+        if name == "Trainer.load":
+            assert trainer_state(loaded) == expected["trainer"]
+        else:
+            assert (loaded.architecture(), loaded.params.tobytes()) == expected["network"]
+
+
+@pytest.mark.parametrize("kind", ["network", "trainer"])
+def test_every_byte_flipped_and_every_truncation(kind, tmp_path):
+    trainer = cprop.Trainer(cprop.Sequential([cprop.Dense(2, 2, "relu"), cprop.Dense(2, 2)], seed=0),
+                            loss="cross_entropy", optimizer=cprop.Adam(lr=0.01), batch_size=4, seed=0)
+    X, y = small_problem(8)
+    trainer.fit(X[:, :2], y, epochs=1)
+    original = tmp_path / "original.npz"
+    (trainer.net if kind == "network" else trainer).save(original)
+    data = original.read_bytes()
+    expected = {"network": (trainer.net.architecture(), trainer.net.params.tobytes())}
+    if kind == "trainer":
+        expected["trainer"] = trainer_state(cprop.Trainer.load(original))
+    # through the loader of the file's kind: cprop.load reads a trainer file with the same code
+    # as a network file, and Trainer.load refuses a network file by its kind
+    loaders = ["cprop.load"] if kind == "network" else ["Trainer.load"]
+    damaged = tmp_path / "damaged.npz"
+    check_damaged(data, damaged, expected, list(LOADERS))            # the control: undamaged, it loads
+    rng = np.random.default_rng(0)
+    for i in range(len(data)):
+        flipped = bytearray(data)
+        flipped[i] ^= int(rng.integers(1, 256))
+        check_damaged(bytes(flipped), damaged, expected, loaders)
+        check_damaged(data[:i], damaged, expected, loaders)
