@@ -312,8 +312,14 @@ class Sequential:
 
         The format is an .npz archive without pickles (see :mod:`cprop.io`),
         written to a temporary file in the same directory and renamed over
-        `path`, so an interrupted save never destroys a previous file.
-        Read it back with :func:`cprop.load`.
+        `path`, so an interrupted save never destroys a previous file. A new
+        file gets the umask's mode, an existing one keeps its mode, and a
+        symbolic link is written through to its target. Read it back with
+        :func:`cprop.load`.
+
+        Raises
+        ------
+        ValueError — empty path. IsADirectoryError — `path` is a directory.
         """
         _io.save_archive(path, {"kind": "network", "architecture": self.architecture()},
                          {"params": self.params})
