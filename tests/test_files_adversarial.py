@@ -319,6 +319,18 @@ def test_idx_big_endian_values_come_back_native(tmp_path):
 
 # -- crafted members and metadata: always a CpropFileError ----------------------------------------
 
+@pytest.mark.parametrize("listed", [True, False], ids=["listed", "old-format"])
+def test_big_endian_parameters_load_as_native(listed, tmp_path):
+    # what NumPy writes on a big-endian machine
+    meta, n = network_meta(listed=listed)
+    values = np.linspace(-1, 1, n).astype(">f4")
+    path = write_zip(tmp_path / "be.npz", {"__cprop__.npy": meta_npy(meta), "params.npy": npy(values)})
+    assert b"'>f4'" in path.read_bytes()
+    net = cprop.load(path)
+    assert net.params.dtype == np.float32 and net.params.dtype.isnative
+    assert_array_equal(net.params, values)
+
+
 def test_a_member_that_is_not_a_npy_array_is_refused(tmp_path):
     meta, n = network_meta(listed=False)
     path = write_zip(tmp_path / "odd.npz", {"__cprop__.npy": meta_npy(meta), "params.npy": npy(np.zeros(n, np.float32)),
