@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 
 from typing import Sequence
@@ -20,6 +21,7 @@ from . import io as _io
 from ._lazy import core as _core
 from ._threads import resolve_threads, single_threaded_blas
 from ._validation import as_dtype, check_X, check_parameter_values, check_positive_int
+from .activations import activation_code
 from .layers import Dense, structure_setter
 
 
@@ -383,8 +385,14 @@ class Sequential:
 
         The format is an .npz archive without pickles (see :mod:`cprop.io`),
         written to a temporary file in the same directory and renamed over
-        `path`, so an interrupted save never destroys a previous file.
-        Read it back with :func:`cprop.load`.
+        `path`, so an interrupted save never destroys a previous file. A new
+        file gets the umask's mode, an existing one keeps its mode, and a
+        symbolic link is written through to its target. Read it back with
+        :func:`cprop.load`.
+
+        Raises
+        ------
+        ValueError — empty path. IsADirectoryError — `path` is a directory.
         """
         _io.save_archive(path, {"kind": "network", "architecture": self.architecture()},
                          {"params": self.params})
@@ -397,24 +405,59 @@ class Sequential:
         self.__dict__.update(net.__dict__)
 
 
-def network_from_meta(meta, arrays, path):
-    """Rebuild a Sequential from a loaded archive, checking everything first."""
+MAX_LAYERS = 64
+_STATE_MEMBER = re.compile(r"state_[0-9]{1,2}")
+
+
+def architecture_from_meta(meta):
+    """(architecture dict, number of parameters) from a file's metadata, every field checked
+    and nothing allocated: the parameter count is what the file's params member must hold.
+    TypeError / ValueError otherwise."""
     arch = meta.get("architecture")
+    if not isinstance(arch, dict):
+        raise TypeError(f"architecture must be a mapping, got {type(arch).__name__}")
+    sizes, acts, dtype = arch.get("sizes"), arch.get("activations"), arch.get("dtype")
+    if not isinstance(sizes, list) or not isinstance(acts, list):
+        raise TypeError("architecture needs lists 'sizes' and 'activations'")
+    if not 1 <= len(acts) <= MAX_LAYERS or len(sizes) != len(acts) + 1:
+        raise ValueError(f"{len(sizes)} sizes and {len(acts)} activations do not describe 1 to "
+                         f"{MAX_LAYERS} layers")
+    sizes = [check_positive_int(s, "size") for s in sizes]
+    for a in acts:
+        activation_code(a)
+    if not isinstance(dtype, str) or dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    n_params = sum(sizes[i] * sizes[i + 1] + sizes[i + 1] for i in range(len(acts)))
+    return {"sizes": sizes, "activations": acts, "dtype": dtype}, n_params
+
+
+def network_from_archive(archive):
+    """The Sequential in an open :class:`cprop.io.Archive` (a network's or a trainer's),
+    its architecture checked before its parameters are read."""
     try:
-        sizes = [check_positive_int(s, "size") for s in arch["sizes"]]
-        acts = list(arch["activations"])
-        dtype = as_dtype(arch["dtype"])
-        if len(acts) != len(sizes) - 1 or not acts:
-            raise ValueError("sizes and activations do not match")
-        expected = sum(sizes[i] * sizes[i + 1] + sizes[i + 1] for i in range(len(acts)))
+        arch, n_params = architecture_from_meta(archive.meta)
+    except (TypeError, ValueError) as exc:
+        raise archive.error(f"invalid network in file ({exc})") from None
+    others = archive.names - {"params"}
+    if (archive.meta.get("kind") == "network" and others) or not all(_STATE_MEMBER.fullmatch(n) for n in others):
+        raise archive.error(f"unexpected member(s) {sorted(others)} in a {archive.meta.get('kind')} file")
+    params = archive.read("params", arch["dtype"], (n_params,))
+    if not np.isfinite(params).all():
+        raise archive.error("params contains non-finite values")
+    return Sequential.from_architecture(arch, params)
+
+
+def network_from_meta(meta, arrays, path):
+    """Rebuild a Sequential from metadata and arrays already in memory, checking everything first."""
+    try:
+        arch, n_params = architecture_from_meta(meta)
         params = arrays["params"]
-        if params.dtype != dtype or params.shape != (expected,):
+        if params.dtype != arch["dtype"] or params.shape != (n_params,):
             raise ValueError(f"params has dtype {params.dtype} and shape {params.shape}, "
-                             f"expected {np.dtype(dtype).name} ({expected},)")
+                             f"expected {arch['dtype']} ({n_params},)")
         if not np.isfinite(params).all():
             raise ValueError("params contains non-finite values")
-        return Sequential.from_architecture({"sizes": sizes, "activations": acts,
-                                             "dtype": np.dtype(dtype).name}, params)
+        return Sequential.from_architecture(arch, params)
     except (TypeError, KeyError, ValueError) as exc:
         raise _io.CpropFileError(f"{path!r}: invalid network in file ({exc})") from None
 
@@ -433,8 +476,9 @@ def load(path: str | os.PathLike) -> Sequential:
     Raises
     ------
     cprop.CpropFileError
-        The file is truncated, corrupted, foreign or of a newer format; nothing
-        in it is unpickled or executed.
+        The file is not a regular file, or is truncated, corrupted, foreign or of
+        a newer format, or describes more data than it holds; nothing in it is
+        unpickled or executed, and no more is read than its architecture needs.
     """
-    meta, arrays = _io.load_archive(path, kind=("network", "trainer"))
-    return network_from_meta(meta, arrays, path)
+    with _io.open_archive(path, kinds=("network", "trainer")) as archive:
+        return network_from_archive(archive)

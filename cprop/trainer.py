@@ -17,7 +17,7 @@ from ._threads import MAX_THREADS
 from ._validation import check_X, check_bool, check_positive_int, check_real
 from .callbacks import Checkpoint, as_callbacks
 from .losses import LOSSES, loss_code, prepare_targets
-from .network import Sequential, network_from_meta
+from .network import Sequential, network_from_archive
 from .optim import OPTIMIZERS, SGD, Optimizer
 
 
@@ -447,47 +447,123 @@ class Trainer:
 
         Raises
         ------
-        cprop.CpropFileError — not a valid cprop trainer file.
+        cprop.CpropFileError — not a valid cprop trainer file; among others, a file
+            missing optimizer state (momentum, Adam's moments) that it lists or that
+            its Adam's step count shows it had (resuming without it would silently
+            train differently), and one whose booleans are not JSON true/false.
         """
-        meta, arrays = _io.load_archive(path, kind=("trainer",))
-        net = network_from_meta(meta, arrays, path)
-        try:
-            o = meta["optimizer"]
-            cfg = o["config"]
-            name = o["name"]
-            if name == "sgd":
-                opt = SGD(lr=cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["nesterov"],
-                          weight_decay=cfg["weight_decay"])
-            elif name in ("adam", "adamw"):
-                opt = OPTIMIZERS[name](lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"],
-                                       weight_decay=cfg["weight_decay"])
-            else:
-                raise ValueError(f"unknown optimizer {name!r}")
-            opt.decay_bias = bool(cfg.get("decay_bias", True))
-            opt.decay_per_sample = bool(cfg.get("decay_per_sample", False))
-            trainer = cls(net, loss=meta["loss"], optimizer=opt, batch_size=meta["batch_size"],
-                          shuffle=meta["shuffle"], loss_scale=meta.get("loss_scale", 1.0))
-            states = [arrays[k] for k in sorted(arrays) if k.startswith("state_")]
-            if states:
-                expected = max(opt.n_state, 1)
-                shape = net.params.shape if opt.n_state else (1,)
-                if len(states) != expected or any(s.shape != shape or s.dtype != net.dtype for s in states):
-                    raise ValueError("optimizer state does not match the network")
-                if not all(np.isfinite(s).all() for s in states):
-                    raise ValueError("optimizer state contains non-finite values")
-                opt.state = [np.ascontiguousarray(s).copy() for s in states]
-            opt.step_count = check_positive_int(o["step_count"], "step_count", minimum=0)
-            trainer.epochs_done = check_positive_int(meta["epochs_done"], "epochs_done", minimum=0)
-            trainer.rng.bit_generator.state = meta["rng_state"]
-            if not isinstance(meta["history"], dict) or not isinstance(meta["shuffle"], bool):
-                raise ValueError("history must be a mapping and shuffle a boolean")
-            trainer.history = History.from_dict(meta["history"])
-            trainer.extra = meta.get("extra", {})
-            if not isinstance(trainer.extra, dict):
-                raise ValueError("extra must be a mapping")
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise _io.CpropFileError(f"{path!r}: invalid trainer in file ({exc})") from None
+        with _io.open_archive(path, kinds=("trainer",)) as archive:
+            net = network_from_archive(archive)
+            meta = archive.meta
+            try:
+                opt = _optimizer_from_meta(meta.get("optimizer"))
+                trainer = cls(net, loss=meta["loss"], optimizer=opt, batch_size=meta["batch_size"],
+                              shuffle=_flag(meta, "shuffle"), loss_scale=meta.get("loss_scale", 1.0))
+                trainer.epochs_done = check_positive_int(meta["epochs_done"], "epochs_done", minimum=0)
+                opt.state = _optimizer_state(archive, opt, net, trainer.epochs_done)
+                trainer.rng.bit_generator.state = _rng_state(meta["rng_state"])
+                trainer.history = _history_from_meta(meta["history"])
+                trainer.extra = meta.get("extra", {})
+                if not isinstance(trainer.extra, dict):
+                    raise TypeError(f"extra must be a mapping, got {type(trainer.extra).__name__}")
+            except _io.CpropFileError:
+                raise
+            except (KeyError, TypeError, ValueError, OverflowError) as exc:
+                raise archive.error(f"invalid trainer in file ({type(exc).__name__}: {exc})") from None
         return trainer
+
+
+def _flag(mapping, key, default=None):
+    """mapping[key], which must be a JSON boolean: "false" is a non-empty string, not False."""
+    if key not in mapping and default is not None:
+        return default
+    value = mapping[key]
+    if type(value) is not bool:
+        raise TypeError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _optimizer_from_meta(o):
+    """The optimizer a trainer file describes, hyper-parameters and step count checked."""
+    if not isinstance(o, dict) or not isinstance(o.get("config"), dict):
+        raise TypeError(f"optimizer must be a mapping with a 'config' mapping, got {o!r:.200}")
+    cfg, name = o["config"], o.get("name")
+    if name == "sgd":
+        opt = SGD(lr=cfg["lr"], momentum=cfg["momentum"], nesterov=_flag(cfg, "nesterov"),
+                  weight_decay=cfg["weight_decay"])
+    elif name in ("adam", "adamw"):
+        opt = OPTIMIZERS[name](lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"],
+                               weight_decay=cfg["weight_decay"])
+    else:
+        raise ValueError(f"unknown optimizer {name!r}")
+    opt.decay_bias = _flag(cfg, "decay_bias", True)
+    opt.decay_per_sample = _flag(cfg, "decay_per_sample", False)
+    opt.step_count = check_positive_int(o["step_count"], "step_count", minimum=0)
+    return opt
+
+
+def _optimizer_state(archive, opt, net, epochs_done):
+    """The optimizer's state arrays from the archive, or None when it has none to carry.
+
+    An optimizer that keeps state (momentum; Adam's moments) and has taken a step
+    must find it in the file, else a resumed fit would silently differ. The file's
+    list of members (written by every save since it was introduced) says which
+    state arrays it holds; a member gone missing is refused by that list. Adam
+    counts its steps, so an Adam file without state is refused whenever its step
+    count is not 0. SGD does not count them: a listed file without momentum was
+    saved without it (say, the optimizer was replaced after a fit), and an older
+    unlisted one, which cannot tell, is loaded with a warning when it has trained.
+    """
+    present = {n for n in archive.names if n.startswith("state_")}
+    if not opt.n_state:
+        # plain SGD keeps one placeholder array, recreated at its next step: nothing to carry
+        if len(present) > 1:
+            raise ValueError(f"plain SGD keeps no state, the file holds {sorted(present)}")
+        return None
+    expected = [f"state_{i}" for i in range(opt.n_state)]
+    if not present:
+        if opt.step_count:
+            raise ValueError(f"the optimizer has taken {opt.step_count} step(s) but its state "
+                             f"{expected} is missing from the file")
+        if not archive.listed and epochs_done:
+            warnings.warn(f"{archive.path!r} predates cprop's member lists and holds no momentum for "
+                          f"its SGD after {epochs_done} epoch(s); resuming starts the momentum from zero",
+                          UserWarning, stacklevel=3)
+        return None
+    if present != set(expected):
+        raise ValueError(f"optimizer state members {sorted(present)}, expected {expected}")
+    states = [archive.read(n, net.dtype, net.params.shape) for n in expected]
+    if not all(np.isfinite(s).all() for s in states):
+        raise ValueError("optimizer state contains non-finite values")
+    return states
+
+
+def _rng_state(state):
+    """A bit generator's state as saved: a mapping whose leaves are names and
+    non-negative integers below 2**128 (numpy itself accepts 1.5 for an integer)."""
+    stack = [state]
+    if not isinstance(state, dict):
+        raise TypeError(f"rng_state must be a mapping, got {state!r:.100}")
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, bool) or not isinstance(item, (str, int)) or (
+                isinstance(item, int) and not 0 <= item < 2**128):
+            raise ValueError(f"rng_state holds {item!r:.100}; expected names and integers in [0, 2**128)")
+    return state
+
+
+def _history_from_meta(d):
+    """History from a file: each field a list of numbers (strings such as "1.5" refused)."""
+    if not isinstance(d, dict):
+        raise TypeError(f"history must be a mapping, got {type(d).__name__}")
+    for k in History.FIELDS:
+        values = d.get(k, [])
+        if not isinstance(values, list) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise TypeError(f"history[{k!r}] must be a list of numbers, got {values!r:.100}")
+    return History.from_dict(d)
 
 
 def _is_true(value):
