@@ -37,7 +37,9 @@ def gradient_check(net: Sequential, X: ArrayLike, y: ArrayLike, loss: str = "mse
                    max_params: int | None = None, seed: int = 0, tol: float = 1e-6) -> GradientCheck:
     """Largest relative error between backprop's gradients and central finite differences.
 
-    Works on a float64 copy of `net` (the network itself is not changed). For each
+    Works on a float64 copy of `net` (the network itself is not changed), in the
+    training pass (BatchNorm with the batch's statistics, Dropout with one fixed
+    mask). For each
     parameter p, the numerical gradient is ``(L(p + eps) - L(p - eps)) / (2·eps)``;
     the error of an entry is ``|analytic - numeric| / max(|analytic|, |numeric|, floor)``
     where ``floor`` is 1e-3 of the largest gradient, so entries far below the
@@ -50,6 +52,8 @@ def gradient_check(net: Sequential, X: ArrayLike, y: ArrayLike, loss: str = "mse
     loss : {"mse", "cross_entropy", "binary_cross_entropy"}
     eps : float, the finite-difference step
     max_params : int or None — check only this many randomly chosen parameters
+    seed : int — the dropout masks (one fixed mask for every evaluation) and the
+        choice of parameters
     tol : float, the error below which the check passes (default 1e-6)
 
     Returns
@@ -72,22 +76,27 @@ def gradient_check(net: Sequential, X: ArrayLike, y: ArrayLike, loss: str = "mse
     if max_params is not None:
         max_params = check_positive_int(max_params, "max_params")
     net64 = net.astype("float64")
-    out = net64.forward(X)
+    # the training pass, with one fixed dropout mask and the batch's statistics, for
+    # the analytic gradient and every finite difference alike
+    seed = check_positive_int(seed, "seed", minimum=0, maximum=None)
+    out = net64.forward(X, training=True, seed=seed)
     _, grad = compute(loss, out, y)
     net64.backward(grad)
     analytic = net64.grads.copy()
+
+    def loss_at(params_index, value):
+        net64._params[params_index] = value
+        return compute(loss, net64.forward(X, training=True, seed=seed), y)[0]
 
     idx = np.arange(net64.n_params)
     if max_params is not None and max_params < idx.size:
         idx = np.random.default_rng(seed).choice(idx, size=max_params, replace=False)
     numeric = np.empty(idx.size)
     for k, i in enumerate(idx):
-        saved = net64.params[i]
-        net64.params[i] = saved + eps
-        plus = compute(loss, net64.predict_raw(X), y)[0]
-        net64.params[i] = saved - eps
-        minus = compute(loss, net64.predict_raw(X), y)[0]
-        net64.params[i] = saved
+        saved = net64._params[i]
+        plus = loss_at(i, saved + eps)
+        minus = loss_at(i, saved - eps)
+        net64._params[i] = saved
         numeric[k] = (plus - minus) / (2 * eps)
     a = analytic[idx]
     floor = max(1e-3 * max(np.abs(a).max(), np.abs(numeric).max()), 1e-12)

@@ -46,7 +46,8 @@ except ImportError:                     # a Python built without lzma cannot rea
     _LZMA_ERRORS = ()
 
 FORMAT = "cprop"
-VERSION = 1
+VERSION = 2              # 2: a list of layers of any kind, running statistics (1: Dense widths)
+READABLE_VERSIONS = (1, 2)
 META_KEY = "__cprop__"
 
 MAX_META_BYTES = 64 << 20     # the JSON: architecture, settings, history — megabytes at most
@@ -226,7 +227,10 @@ class Archive:
         try:
             self._size = os.fstat(self._file.fileno()).st_size
             with self._reading("its zip directory"):
-                self._zip = zipfile.ZipFile(self._file)
+                try:
+                    self._zip = zipfile.ZipFile(self._file)
+                except zipfile.BadZipFile as exc:
+                    raise self.error(f"not a cprop file: {exc}") from None
                 infos = self._zip.infolist()
             self._infos = self._index(infos)
             self.names = frozenset(self._infos) - {META_KEY}
@@ -286,8 +290,8 @@ class Archive:
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise self.error("not a cprop file (its metadata does not say format 'cprop')")
         version = meta.get("version")
-        if type(version) is not int or version != VERSION:
-            raise self.error(f"format version {version!r}; this cprop reads version {VERSION}")
+        if type(version) is not int or version not in READABLE_VERSIONS:
+            raise self.error(f"format version {version!r}; this cprop reads versions {READABLE_VERSIONS}")
         if kinds is not None and meta.get("kind") not in kinds:
             raise self.error(f"holds a {meta.get('kind')!r}, expected one of {tuple(kinds)}")
         return meta

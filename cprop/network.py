@@ -20,9 +20,44 @@ from numpy.typing import ArrayLike, DTypeLike
 from . import io as _io
 from ._lazy import core as _core
 from ._threads import resolve_threads, single_threaded_blas
-from ._validation import as_dtype, check_X, check_parameter_values, check_positive_int
-from .activations import activation_code
-from .layers import Dense, structure_setter
+from ._validation import as_dtype, check_bool, check_X, check_parameter_values, check_positive_int
+from .activations import from_torch_module
+from .layers import BatchNorm, Dense, Dropout, Layer, LayerNorm, layer_from_config, structure_setter
+
+
+def _resolve_widths(layers):
+    """Width-agnostic layers (Dropout) take the width of the layer before them, or after."""
+    for i, layer in enumerate(layers):
+        if layer.n_in is None:
+            neighbour = next((l.n_out for l in reversed(layers[:i]) if l.n_out is not None), None)
+            if neighbour is None:
+                neighbour = next((l.n_in for l in layers[i + 1:] if l.n_in is not None), None)
+            if neighbour is None:
+                raise ValueError("a network of Dropout layers alone has no width: add a Dense layer")
+            layer._set_width(neighbour)
+
+
+class _Columns:
+    """Hands out consecutive offsets: columns of the per-row workspace, or batch statistics."""
+
+    def __init__(self):
+        self.total = 0
+
+    def __call__(self, width):
+        start = self.total
+        self.total += width
+        return start
+
+
+def _build_plan(layers):
+    """The compiled description of the network (src/_plan.pxd): an integer and a float table,
+    one row per layer, the per-row workspace width and the batch-statistics size; frozen."""
+    table = np.full((len(layers), _core.N_PLAN_INT), -1, dtype=np.int64)
+    hyper = np.zeros((len(layers), _core.N_PLAN_FLOAT), dtype=np.float64)
+    columns, bstats = _Columns(), _Columns()
+    for layer, row, h in zip(layers, table, hyper):
+        layer.plan(row, h, columns, bstats, _core.PLAN_INT)
+    return _frozen(table), _frozen(hyper), columns.total, bstats.total
 
 
 def _frozen(array):
@@ -50,48 +85,53 @@ class Sequential:
     (2, 3)
     """
 
-    def __init__(self, layers: Sequence[Dense], dtype: DTypeLike = "float32",
+    def __init__(self, layers: Sequence[Layer], dtype: DTypeLike = "float32",
                  seed: int | np.random.Generator | None = None) -> None:
-        layers = list(layers) if not isinstance(layers, Dense) else [layers]
+        layers = list(layers) if not isinstance(layers, Layer) else [layers]
         if not layers:
-            raise ValueError("Sequential needs at least one Dense layer")
+            raise ValueError("Sequential needs at least one layer")
         seen = set()
         for i, layer in enumerate(layers):
-            if not isinstance(layer, Dense):
-                raise TypeError(f"layers[{i}] must be a cprop.Dense, got {type(layer).__name__}")
+            if not isinstance(layer, Layer):
+                raise TypeError(f"layers[{i}] must be a cprop layer (Dense, Dropout, BatchNorm, "
+                                f"LayerNorm), got {type(layer).__name__}")
             if layer._params is not None:
-                raise ValueError(f"layers[{i}] already belongs to a network; create a new Dense")
+                raise ValueError(f"layers[{i}] already belongs to a network; create a new layer")
             if id(layer) in seen:
-                raise ValueError(f"layers[{i}] is the same Dense object as an earlier layer; "
-                                 "a layer can appear in a network once (create a new Dense)")
+                raise ValueError(f"layers[{i}] is the same {type(layer).__name__} object as an earlier "
+                                 "layer; a layer can appear in a network once (create a new one)")
             seen.add(id(layer))
+        _resolve_widths(layers)
         for i in range(len(layers) - 1):
             if layers[i].n_out != layers[i + 1].n_in:
                 raise ValueError(
                     f"layer sizes do not chain: layers[{i}] outputs {layers[i].n_out} features "
                     f"but layers[{i + 1}] expects {layers[i + 1].n_in}")
-        if len(layers) > 64:
-            raise ValueError(f"cprop supports up to 64 layers, got {len(layers)}")
         # structure, fixed from here on: the kernels read these, so users get read-only views
         self._layers = tuple(layers)
         self._dtype = as_dtype(dtype)
         self.seed = seed
         self._sizes = _frozen(np.array([layers[0].n_in] + [l.n_out for l in layers], dtype=np.intp))
         self._activations = _frozen(np.array([l.activation_code for l in layers], dtype=np.intc))
-        n_params = sum(l.n_params for l in layers)
-        self._params = np.zeros(n_params, dtype=self._dtype)
-        self._grads = np.zeros(n_params, dtype=self._dtype)
+        self._params = np.zeros(sum(l.n_params for l in layers), dtype=self._dtype)
+        self._grads = np.zeros_like(self._params)
+        self._buffers = np.zeros(sum(l.n_buffers for l in layers), dtype=self._dtype)
+        offset = buffer_offset = 0
+        for layer in layers:
+            layer._bind(self._params, self._grads, self._buffers, offset, buffer_offset)
+            offset += layer.n_params
+            buffer_offset += layer.n_buffers
+        self._plan = _build_plan(layers)
         self._has_grads = False     # grads hold a backward pass's result
         self._grad_rows = 0         # ... computed over this many samples
         self._local = threading.local()     # per thread: forward's tape, inference workspace
         # held (without waiting) by whatever writes grads or params from a compiled
         # call: backward, an optimizer step, Trainer.fit; a second thread gets an error
         self._training_lock = threading.RLock()
-        offset = 0
-        for layer in layers:
-            layer._bind(self._params, self._grads, offset)
-            offset += layer.n_params
-        self.init_params(seed)
+        rng = np.random.default_rng(seed) if not isinstance(seed, np.random.Generator) else seed
+        self.init_params(rng)
+        self._dropout_seed = int(rng.integers(2**63))     # masks of forward(training=True)
+        self._training_calls = 0
 
     # -- structure (read-only) -----------------------------------------------
     @property
@@ -152,8 +192,20 @@ class Sequential:
 
     @property
     def n_params(self) -> int:
-        """Number of trainable parameters (weights and biases)."""
+        """Number of trainable parameters."""
         return self._params.size
+
+    @property
+    def buffers(self) -> np.ndarray:
+        """The running statistics of the BatchNorm layers, one flat array (a view)."""
+        return self._buffers.view()
+
+    buffers = buffers.setter(structure_setter("buffers", "copy values in with net.buffers[...] = b"))
+
+    @property
+    def has_training_behaviour(self) -> bool:
+        """Whether training and evaluation differ (Dropout or BatchNorm layers)."""
+        return any(isinstance(l, (Dropout, BatchNorm)) for l in self._layers)
 
     @contextlib.contextmanager
     def _training(self, what):
@@ -181,19 +233,28 @@ class Sequential:
         self._has_grads = False
 
     def architecture(self) -> dict:
-        """The layer widths and activation names, as saved in files."""
-        return {"sizes": [int(s) for s in self.sizes],
-                "activations": [l.activation for l in self.layers],
-                "dtype": np.dtype(self.dtype).name}
+        """The layers' kinds and settings, and the dtype, as saved in files."""
+        return {"layers": [l.config() for l in self._layers], "dtype": np.dtype(self._dtype).name}
 
     @classmethod
-    def from_architecture(cls, arch: dict, params: ArrayLike | None = None) -> Sequential:
-        """A network from :meth:`architecture`'s dict, with `params` (flat) copied in when given."""
-        sizes, acts = arch["sizes"], arch["activations"]
-        net = cls([Dense(sizes[i], sizes[i + 1], acts[i]) for i in range(len(acts))],
-                  dtype=arch["dtype"], seed=0)
+    def from_architecture(cls, arch: dict, params: ArrayLike | None = None,
+                          buffers: ArrayLike | None = None) -> Sequential:
+        """A network from :meth:`architecture`'s dict (or the older form of Dense widths
+        ``sizes`` and ``activations``), with flat `params` and `buffers` copied in when given."""
+        if "layers" in arch:
+            if not isinstance(arch["layers"], list) or not arch["layers"]:
+                raise ValueError("architecture 'layers' must be a non-empty list")
+            layers = [layer_from_config(c) for c in arch["layers"]]
+        else:
+            sizes, acts = arch["sizes"], arch["activations"]
+            if not isinstance(sizes, list) or not isinstance(acts, list) or len(acts) != len(sizes) - 1:
+                raise ValueError("sizes and activations do not match")
+            layers = [Dense(sizes[i], sizes[i + 1], acts[i]) for i in range(len(acts))]
+        net = cls(layers, dtype=arch["dtype"], seed=0)
         if params is not None:
             net.set_params(params)
+        if buffers is not None:
+            net._buffers[...] = check_parameter_values(buffers, net._buffers.shape, "buffers")
         return net
 
     def set_params(self, params: ArrayLike) -> None:
@@ -201,20 +262,21 @@ class Sequential:
         self._params[...] = check_parameter_values(params, self._params.shape, "params")
 
     def copy(self) -> Sequential:
-        """An independent network with the same architecture and parameters."""
-        return Sequential.from_architecture(self.architecture(), self.params)
+        """An independent network with the same architecture, parameters and running statistics."""
+        return Sequential.from_architecture(self.architecture(), self._params, self._buffers)
 
     def astype(self, dtype: DTypeLike) -> Sequential:
         """A copy of the network with parameters in `dtype`."""
         arch = dict(self.architecture(), dtype=np.dtype(as_dtype(dtype)).name)
-        return Sequential.from_architecture(arch, self.params)
+        return Sequential.from_architecture(arch, self._params, self._buffers)
 
     # -- the two passes ----------------------------------------------------
-    def forward(self, X: ArrayLike, n_threads: int | None = None) -> np.ndarray:
+    def forward(self, X: ArrayLike, n_threads: int | None = None, training: bool = False,
+                seed: int | None = None) -> np.ndarray:
         """Raw output of the last layer (logits for the classification losses).
 
-        Keeps each layer's input and output for :meth:`backward` (per thread: a
-        thread's backward uses that thread's last forward).
+        Keeps every layer's output for :meth:`backward` (per thread: a thread's
+        backward uses that thread's last forward).
 
         Parameters
         ----------
@@ -223,6 +285,14 @@ class Sequential:
             (no copy when it is already C-contiguous in that dtype).
         n_threads : int, optional
             Threads for the kernels (default: :func:`cprop.get_num_threads`).
+        training : bool, default False
+            The training pass: Dropout drops, BatchNorm normalizes with the batch's
+            statistics and updates its running ones. False: the evaluation pass
+            (what :meth:`predict_raw` computes). Networks without Dropout and
+            BatchNorm compute the same either way.
+        seed : int, optional
+            The dropout masks' seed for a training pass (default: a new one each
+            call); the same seed gives the same masks.
 
         Returns
         -------
@@ -230,18 +300,36 @@ class Sequential:
         """
         self._local.tape = None     # a forward that fails halfway leaves nothing for backward
         X = check_X(X, self._dtype, self.n_inputs)
+        training = check_bool(training, "training")
         n_threads = resolve_threads(n_threads)
-        tape = [X]                  # the input of each layer, then the output
-        for layer in self._layers:
-            tape.append(layer._forward(self._params, tape[-1], n_threads))
-        self._local.tape = tape
-        return tape[-1]
+        if seed is None:
+            self._training_calls += 1
+            seed = self._dropout_seed + 0x9E3779B97F4A7C15 * self._training_calls
+        else:
+            seed = check_positive_int(seed, "seed", minimum=0, maximum=None)
+        seed &= (1 << 64) - 1
+        n = X.shape[0]
+        table, hyper, row_width, n_bstats = self._plan
+        work = np.empty(n * row_width + n_bstats, dtype=self._dtype)
+        last = table[-1]
+        with single_threaded_blas():
+            if training and any(isinstance(l, BatchNorm) for l in self._layers):
+                with self._training("forward(training=True) with BatchNorm"):   # writes running stats
+                    _core.forward_train(table, hyper, row_width, n_bstats, X, self._params,
+                                        self._buffers, work, training, seed, n_threads)
+            else:
+                _core.forward_train(table, hyper, row_width, n_bstats, X, self._params,
+                                    self._buffers, work, training, seed, n_threads)
+        y = _core.PLAN_INT["y"]
+        self._local.tape = (X, work, training, seed)
+        return work[n * last[y]:n * (last[y] + self.n_outputs)].reshape(n, self.n_outputs).copy()
 
     def backward(self, grad_out: np.ndarray, n_threads: int | None = None) -> Sequential:
         """Backpropagate ∂L/∂output through every layer, last layer first.
 
-        Per layer: ``δ = G ⊙ f'(Y)``, ``dW = Xᵀ·δ``, ``db = Σ δ``, and ``G = δ·Wᵀ``
-        for the layer below.
+        Per Dense layer: ``δ = G ⊙ f'(z)``, ``dW = Xᵀ·δ``, ``db = Σ δ``, and ``G = δ·Wᵀ``
+        for the layer below; normalization and dropout layers likewise by their own
+        rules (src/_norm.pxd, src/_dropout.pxd), in the mode of the forward pass.
 
         Parameters
         ----------
@@ -252,8 +340,7 @@ class Sequential:
 
         Returns
         -------
-        self — with ``layer.dW`` and ``layer.db`` of every layer (views of
-        :attr:`grads`) filled in.
+        self — with the gradients of every layer (views of :attr:`grads`) filled in.
 
         Raises
         ------
@@ -264,7 +351,8 @@ class Sequential:
         if tape is None:
             raise RuntimeError("backward() needs the activations of a completed forward() call in "
                                "this thread: call net.forward(X) first")
-        rows = tape[0].shape[0]
+        X, work, training, seed = tape
+        rows = X.shape[0]
         if not isinstance(grad_out, np.ndarray) or grad_out.dtype.kind not in "biuf":
             raise TypeError(f"grad_out must be a numeric array, got {type(grad_out).__name__}")
         G = grad_out.view()   # ours: another thread may reshape the caller's object
@@ -275,10 +363,10 @@ class Sequential:
         if not np.isfinite(G).all():
             raise ValueError("grad_out contains NaN or infinite values")
         n_threads = resolve_threads(n_threads)
-        with self._training("backward"):
-            for i in range(len(self._layers) - 1, -1, -1):
-                G = self._layers[i]._backward(self._params, self._grads, tape[i], tape[i + 1], G,
-                                              n_threads, input_grad=i > 0)
+        table, hyper, row_width, n_bstats = self._plan
+        with self._training("backward"), single_threaded_blas():
+            _core.backward(table, hyper, row_width, n_bstats, X, G, self._params, self._grads, work,
+                           training, seed, n_threads)
             self._has_grads = True
             self._grad_rows = rows
         return self
@@ -297,14 +385,16 @@ class Sequential:
         """
         X = check_X(X, self._dtype, self.n_inputs)
         n_threads = resolve_threads(n_threads)
+        table, hyper, row_width, n_bstats = self._plan
         widest = int(self._sizes[1:].max())
         if chunk_size is None:
-            chunk_size = min(4096, max(512, (1 << 20) // (widest * np.dtype(self.dtype).itemsize)))
+            chunk_size = min(4096, max(512, (1 << 20) // (widest * np.dtype(self._dtype).itemsize)))
         chunk_size = min(check_positive_int(chunk_size, "chunk_size"), X.shape[0])
-        work = self._inference_workspace(n_threads * 2 * chunk_size * widest)
+        work = self._inference_workspace(n_threads * (chunk_size * row_width + n_bstats))
         out = np.empty((X.shape[0], self.n_outputs), dtype=self._dtype)
         with single_threaded_blas():
-            _core.forward(X, self._params, self._sizes, self._activations, work, out, chunk_size, n_threads)
+            _core.forward(table, hyper, row_width, n_bstats, X, self._params, self._buffers, work, out,
+                          chunk_size, n_threads)
         return out
 
     def _inference_workspace(self, size):
@@ -316,62 +406,102 @@ class Sequential:
         return work
 
     # -- PyTorch interop -----------------------------------------------------
-    _TORCH_ACTIVATIONS = {"ReLU": "relu", "LeakyReLU": "leaky_relu", "Sigmoid": "sigmoid",
-                          "Tanh": "tanh", "Identity": "identity"}
-
     @classmethod
     def from_torch(cls, module) -> Sequential:
-        """A Sequential with the weights of a ``torch.nn.Sequential`` of Linear layers, each
-        optionally followed by ReLU, LeakyReLU(0.01), Sigmoid, Tanh or Identity.
+        """A Sequential with the weights (and running statistics) of a ``torch.nn.Sequential``.
 
-        The weights are copied exactly (cprop's W is torch's ``weight.T``); the dtype
-        follows the module's (float32 or float64).
+        Modules: Linear (with bias), Dropout, BatchNorm1d (with running statistics),
+        LayerNorm (over the last dimension), each optionally followed by one activation:
+        ReLU, LeakyReLU(slope), Sigmoid, Tanh, ELU (alpha 1), Softplus (beta 1), GELU
+        (exact or tanh), SiLU or Identity. The values are copied exactly (cprop's W is
+        torch's ``weight.T``); the dtype follows the module's (float32 or float64), and
+        :meth:`to_torch` gives back the same modules in the same order.
         """
         import torch
-        if not isinstance(module, torch.nn.Sequential):
+        nn = torch.nn
+        if not isinstance(module, nn.Sequential):
             raise TypeError(f"from_torch needs a torch.nn.Sequential, got {type(module).__name__}")
-        specs, dtype = [], None
+        specs, dtype = [], None        # [kind, torch module, activation, alpha]
         for i, m in enumerate(module):
             kind = type(m).__name__
-            if isinstance(m, torch.nn.Linear):
+            try:
+                act = from_torch_module(m)
+            except ValueError as exc:
+                raise ValueError(f"module[{i}] ({kind}): {exc}") from None
+            if act is not None:
+                if not specs or specs[-1][0] == "dropout" or specs[-1][2] != "identity":
+                    raise ValueError(
+                        f"module[{i}] ({kind}) cannot be converted: cprop applies an activation to the "
+                        "output of a Linear, BatchNorm1d or LayerNorm, once")
+                if act[0] != "identity" or kind != "Identity":
+                    specs[-1][2], specs[-1][3] = act
+                continue
+            if isinstance(m, nn.Linear):
                 if m.bias is None:
                     raise ValueError(f"module[{i}]: Linear layers need a bias (bias=True)")
-                specs.append([m, "identity"])
+                specs.append(["dense", m, "identity", 0.0])
                 dtype = m.weight.dtype
-            elif kind in cls._TORCH_ACTIVATIONS and specs and specs[-1][1] == "identity":
-                if kind == "LeakyReLU" and m.negative_slope != 0.01:
-                    raise ValueError(f"module[{i}]: cprop's leaky_relu has slope 0.01, got {m.negative_slope}")
-                specs[-1][1] = cls._TORCH_ACTIVATIONS[kind]
+            elif isinstance(m, nn.Dropout):
+                specs.append(["dropout", m, "identity", 0.0])
+            elif isinstance(m, nn.BatchNorm1d):
+                if not m.track_running_stats or m.momentum is None:
+                    raise ValueError(f"module[{i}]: BatchNorm1d needs running statistics with a momentum")
+                specs.append(["batchnorm", m, "identity", 0.0])
+                dtype = m.running_mean.dtype
+            elif isinstance(m, nn.LayerNorm):
+                if len(m.normalized_shape) != 1:
+                    raise ValueError(f"module[{i}]: LayerNorm must normalize one dimension, "
+                                     f"got normalized_shape={tuple(m.normalized_shape)}")
+                if getattr(m, "bias", None) is None and m.elementwise_affine:
+                    raise ValueError(f"module[{i}]: LayerNorm without bias is not supported")
+                specs.append(["layernorm", m, "identity", 0.0])
             else:
-                raise ValueError(f"module[{i}] ({kind}) cannot be converted: expected Linear layers, each "
-                                 f"optionally followed by one of {sorted(cls._TORCH_ACTIVATIONS)}")
-        if not specs:
+                raise ValueError(f"module[{i}] ({kind}) cannot be converted: expected Linear, Dropout, "
+                                 "BatchNorm1d, LayerNorm and activation modules")
+        if not any(spec[0] == "dense" for spec in specs):
             raise ValueError("the module has no Linear layer")
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"weights must be float32 or float64, got {dtype}")
-        net = cls([Dense(m.in_features, m.out_features, act) for m, act in specs],
-                  dtype="float64" if dtype == torch.float64 else "float32", seed=0)
+        layers = []
+        for kind, m, act, alpha in specs:
+            slope = alpha if act == "leaky_relu" else 0.01
+            if kind == "dense":
+                layers.append(Dense(m.in_features, m.out_features, act, negative_slope=slope))
+            elif kind == "dropout":
+                layers.append(Dropout(m.p))
+            elif kind == "batchnorm":
+                layers.append(BatchNorm(m.num_features, momentum=m.momentum, eps=m.eps, affine=m.affine,
+                                        activation=act, negative_slope=slope))
+            else:
+                layers.append(LayerNorm(m.normalized_shape[0], eps=m.eps,
+                                        elementwise_affine=m.elementwise_affine, activation=act,
+                                        negative_slope=slope))
+        net = cls(layers, dtype="float64" if dtype == torch.float64 else "float32", seed=0)
+
+        def numpy(t):
+            return t.detach().cpu().numpy()
+
         with torch.no_grad():
-            for layer, (m, _) in zip(net.layers, specs):
-                layer.W[...] = m.weight.detach().cpu().numpy().T
-                layer.b[...] = m.bias.detach().cpu().numpy()
+            for layer, (kind, m, _, _) in zip(net.layers, specs):
+                if kind == "dense":
+                    layer.W = numpy(m.weight).T
+                    layer.b = numpy(m.bias)
+                elif kind in ("batchnorm", "layernorm") and layer.gamma is not None:
+                    layer.gamma = numpy(m.weight)
+                    layer.beta = numpy(m.bias)
+                if kind == "batchnorm":
+                    layer.running_mean[...] = numpy(m.running_mean)
+                    layer.running_var[...] = numpy(m.running_var)
         return net
 
     def to_torch(self):
-        """A ``torch.nn.Sequential`` (Linear + activation modules) with exactly these weights."""
+        """A ``torch.nn.Sequential`` with exactly these weights and running statistics: per
+        layer its module (Linear, Dropout, BatchNorm1d, LayerNorm), then its activation's."""
         import torch
-        dtype = torch.float64 if self.dtype == np.float64 else torch.float32
+        dtype = torch.float64 if self._dtype == np.float64 else torch.float32
         modules = []
-        for layer in self.layers:
-            linear = torch.nn.Linear(layer.n_in, layer.n_out, dtype=dtype)
-            with torch.no_grad():
-                linear.weight.copy_(torch.from_numpy(np.ascontiguousarray(layer.W.T)))
-                linear.bias.copy_(torch.from_numpy(layer.b.copy()))
-            modules.append(linear)
-            act = {"relu": torch.nn.ReLU, "leaky_relu": lambda: torch.nn.LeakyReLU(0.01),
-                   "sigmoid": torch.nn.Sigmoid, "tanh": torch.nn.Tanh}.get(layer.activation)
-            if act is not None:
-                modules.append(act())
+        for layer in self._layers:
+            modules.extend(layer._to_torch(dtype))
         return torch.nn.Sequential(*modules)
 
     def to_onnx(self, path: str | os.PathLike, **kw):
@@ -381,7 +511,7 @@ class Sequential:
 
     # -- files -------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write the architecture and parameters to `path`.
+        """Write the architecture, parameters and running statistics to `path`.
 
         The format is an .npz archive without pickles (see :mod:`cprop.io`),
         written to a temporary file in the same directory and renamed over
@@ -395,69 +525,99 @@ class Sequential:
         ValueError — empty path. IsADirectoryError — `path` is a directory.
         """
         _io.save_archive(path, {"kind": "network", "architecture": self.architecture()},
-                         {"params": self.params})
+                         self._arrays())
+
+    def _arrays(self):
+        """The arrays a file holds: params, and buffers when there are running statistics."""
+        arrays = {"params": self._params}
+        if self._buffers.size:
+            arrays["buffers"] = self._buffers
+        return arrays
 
     def __getstate__(self):
-        return {"architecture": self.architecture(), "params": self._params.copy()}
+        return {"architecture": self.architecture(), "params": self._params.copy(),
+                "buffers": self._buffers.copy()}
 
     def __setstate__(self, state):
-        net = Sequential.from_architecture(state["architecture"], state["params"])
+        net = Sequential.from_architecture(state["architecture"], state["params"], state.get("buffers"))
         self.__dict__.update(net.__dict__)
 
 
-MAX_LAYERS = 64
+MAX_LAYERS = 10_000          # in a file: far beyond any real network, so a bad count is refused cheaply
 _STATE_MEMBER = re.compile(r"state_[0-9]{1,2}")
 
 
 def architecture_from_meta(meta):
-    """(architecture dict, number of parameters) from a file's metadata, every field checked
-    and nothing allocated: the parameter count is what the file's params member must hold.
-    TypeError / ValueError otherwise."""
+    """(architecture dict, parameter count, running-statistics count) from a file's metadata,
+    every field checked and nothing allocated: the counts are what the file's params and
+    buffers members must hold. Reads the layer list of format 2 and the Dense widths and
+    activations of format 1. TypeError / ValueError otherwise."""
     arch = meta.get("architecture")
     if not isinstance(arch, dict):
         raise TypeError(f"architecture must be a mapping, got {type(arch).__name__}")
-    sizes, acts, dtype = arch.get("sizes"), arch.get("activations"), arch.get("dtype")
-    if not isinstance(sizes, list) or not isinstance(acts, list):
-        raise TypeError("architecture needs lists 'sizes' and 'activations'")
-    if not 1 <= len(acts) <= MAX_LAYERS or len(sizes) != len(acts) + 1:
-        raise ValueError(f"{len(sizes)} sizes and {len(acts)} activations do not describe 1 to "
-                         f"{MAX_LAYERS} layers")
-    sizes = [check_positive_int(s, "size") for s in sizes]
-    for a in acts:
-        activation_code(a)
+    dtype = arch.get("dtype")
     if not isinstance(dtype, str) or dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-    n_params = sum(sizes[i] * sizes[i + 1] + sizes[i + 1] for i in range(len(acts)))
-    return {"sizes": sizes, "activations": acts, "dtype": dtype}, n_params
+    if "layers" in arch:
+        configs = arch["layers"]
+        if not isinstance(configs, list) or not 1 <= len(configs) <= MAX_LAYERS:
+            raise ValueError(f"architecture 'layers' must be a list of 1 to {MAX_LAYERS} layers")
+        layers = [layer_from_config(c) for c in configs]
+        arch = {"layers": [l.config() for l in layers], "dtype": dtype}
+    else:
+        sizes, acts = arch.get("sizes"), arch.get("activations")
+        if not isinstance(sizes, list) or not isinstance(acts, list):
+            raise TypeError("architecture needs a list 'layers', or lists 'sizes' and 'activations'")
+        if not 1 <= len(acts) <= MAX_LAYERS or len(sizes) != len(acts) + 1:
+            raise ValueError(f"{len(sizes)} sizes and {len(acts)} activations do not describe 1 to "
+                             f"{MAX_LAYERS} layers")
+        layers = [Dense(sizes[i], sizes[i + 1], acts[i]) for i in range(len(acts))]
+        arch = {"sizes": [l.n_in for l in layers[:1]] + [l.n_out for l in layers],
+                "activations": [l.activation for l in layers], "dtype": dtype}
+    _resolve_widths(layers)
+    for i in range(len(layers) - 1):
+        if layers[i].n_out != layers[i + 1].n_in:
+            raise ValueError(f"layers[{i}] outputs {layers[i].n_out} features, layers[{i + 1}] "
+                             f"expects {layers[i + 1].n_in}")
+    return arch, sum(l.n_params for l in layers), sum(l.n_buffers for l in layers)
 
 
 def network_from_archive(archive):
     """The Sequential in an open :class:`cprop.io.Archive` (a network's or a trainer's),
-    its architecture checked before its parameters are read."""
+    its architecture checked before its parameters and running statistics are read."""
     try:
-        arch, n_params = architecture_from_meta(archive.meta)
+        arch, n_params, n_buffers = architecture_from_meta(archive.meta)
     except (TypeError, ValueError) as exc:
         raise archive.error(f"invalid network in file ({exc})") from None
-    others = archive.names - {"params"}
+    expected = {"params"} | ({"buffers"} if n_buffers else set())
+    others = archive.names - expected
     if (archive.meta.get("kind") == "network" and others) or not all(_STATE_MEMBER.fullmatch(n) for n in others):
         raise archive.error(f"unexpected member(s) {sorted(others)} in a {archive.meta.get('kind')} file")
     params = archive.read("params", arch["dtype"], (n_params,))
     if not np.isfinite(params).all():
         raise archive.error("params contains non-finite values")
-    return Sequential.from_architecture(arch, params)
+    buffers = None
+    if n_buffers:
+        buffers = archive.read("buffers", arch["dtype"], (n_buffers,))
+        if not np.isfinite(buffers).all():
+            raise archive.error("buffers contains non-finite values")
+    return Sequential.from_architecture(arch, params, buffers)
 
 
 def network_from_meta(meta, arrays, path):
     """Rebuild a Sequential from metadata and arrays already in memory, checking everything first."""
     try:
-        arch, n_params = architecture_from_meta(meta)
+        arch, n_params, n_buffers = architecture_from_meta(meta)
         params = arrays["params"]
         if params.dtype != arch["dtype"] or params.shape != (n_params,):
             raise ValueError(f"params has dtype {params.dtype} and shape {params.shape}, "
                              f"expected {arch['dtype']} ({n_params},)")
         if not np.isfinite(params).all():
             raise ValueError("params contains non-finite values")
-        return Sequential.from_architecture(arch, params)
+        buffers = arrays.get("buffers") if n_buffers else None
+        if n_buffers and (buffers is None or buffers.shape != (n_buffers,) or not np.isfinite(buffers).all()):
+            raise ValueError(f"buffers must be {n_buffers} finite values")
+        return Sequential.from_architecture(arch, params, buffers)
     except (TypeError, KeyError, ValueError) as exc:
         raise _io.CpropFileError(f"{path!r}: invalid network in file ({exc})") from None
 

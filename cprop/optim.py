@@ -17,12 +17,12 @@ from ._validation import check_bool, check_positive_int, check_real
 class Optimizer:
     """Base class: holds hyper-parameters and per-network state (flat arrays like the parameters)."""
 
-    _KIND = None     # the compiled step's code (src/_optim.pxd)
+    _CORE = None     # the compiled update this class runs (a key of _core.OPTIMIZERS)
 
     @property
     def kind(self) -> int:
         """The compiled update's code for this optimizer class (read-only)."""
-        return type(self)._KIND
+        return _core.OPTIMIZERS[type(self)._CORE]
 
     def __init__(self):
         self.state = None      # list of flat arrays, shaped like the network's parameters
@@ -63,7 +63,7 @@ class Optimizer:
         array) is replaced by zeros, and the step count restarts.
         """
         params = net._params
-        n = 2 if cfg["kind"] == Adam._KIND else (1 if cfg.get("momentum") else 0)
+        n = 2 if cfg["kind"] == _core.OPTIMIZERS["adam"] else (1 if cfg.get("momentum") else 0)
         shape = params.shape if n else (1,)
         state = self.state
         state = [s.view() for s in state] if isinstance(state, (list, tuple)) and all(
@@ -102,7 +102,7 @@ class Optimizer:
         n_threads = resolve_threads(n_threads)
         with net._training("optimizer step"), single_threaded_blas():
             rejected, self.step_count = _core.optimizer_step(
-                cfg, net._params, net._grads, a, b, net._sizes, net._grad_rows, n_threads)
+                cfg, net._plan[0], net._params, net._grads, a, b, net._grad_rows, n_threads)
         if rejected:
             raise FloatingPointError(
                 f"the update would have made {rejected} parameter(s) non-finite; "
@@ -125,7 +125,7 @@ class SGD(Optimizer):
     weight_decay : float >= 0, default 0; L2 added to the gradient of every parameter
     """
 
-    _KIND = 0
+    _CORE = "sgd"
 
     def __init__(self, lr: float = 0.01, momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0) -> None:
@@ -163,7 +163,7 @@ class Adam(Optimizer):
     weight_decay : float >= 0, default 0
     """
 
-    _KIND = 1
+    _CORE = "adam"
     n_state = property(lambda self: 2, doc="Adam keeps two state arrays (first and second moments).")
     decoupled = False
 

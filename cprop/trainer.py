@@ -118,7 +118,7 @@ class Trainer:
     # what a running fit was started with: changing them from a callback (or another
     # thread) mid-fit raises instead of reaching the compiled epoch half-changed
     _FIXED_DURING_FIT = frozenset({"net", "loss", "optimizer", "batch_size", "shuffle", "seed", "rng",
-                                   "n_threads", "on_divergence", "loss_scale"})
+                                   "n_threads", "on_divergence", "loss_scale", "dropout_seed"})
 
     def __setattr__(self, name, value):
         if name in self._FIXED_DURING_FIT and self.__dict__.get("_fitting"):
@@ -143,6 +143,8 @@ class Trainer:
         self._check_settings()
         self._fitting = False
         self._fit_lock = threading.Lock()
+        # the dropout masks' key: from the seed, or fresh entropy (saved with the trainer)
+        self.dropout_seed = int(np.random.default_rng(seed).integers(2**63))
         self.epochs_done = 0
         self.history = History()
         self.extra = {}   # JSON-serialisable notes saved with the trainer (the CLI keeps classes, scaling)
@@ -274,29 +276,34 @@ class Trainer:
         return self.history
 
     def _buffers(self, n):
-        """What every epoch of a fit over n samples reuses: batch size, workspace, label buffer,
-        thread count, sample order (shuffled in place of the identity when shuffling)."""
+        """What every epoch of a fit over n samples reuses: the fit's settings, workspace, label
+        buffer, sample order (shuffled in place of the identity when shuffling)."""
         batch_size = min(self.batch_size, n)
         net = self.net
-        return {"batch_size": batch_size, "gather": self.shuffle,
-                "work": np.empty(_core.workspace_size(net._sizes, batch_size, self.shuffle), dtype=net.dtype),
-                "label_buf": np.empty(batch_size, dtype=np.intp),
-                "n_threads": resolve_threads(self.n_threads),
-                "order": np.arange(n, dtype=np.intp)}
+        _, _, row_width, n_bstats = net._plan
+        settings = {"loss": LOSSES[self.loss], "loss_scale": self.loss_scale, "batch_size": batch_size,
+                    "gather": self.shuffle, "n_threads": resolve_threads(self.n_threads), "seed": 0}
+        size = _core.workspace_size(row_width, n_bstats, net.n_inputs, net.n_outputs, batch_size)
+        return {"settings": settings, "work": np.empty(size, dtype=net.dtype),
+                "label_buf": np.empty(batch_size, dtype=np.intp), "order": np.arange(n, dtype=np.intp)}
 
     def _epoch(self, X, T, labels, buffers):
         """One compiled epoch over (X, T, labels): its logs, or None when it diverged and
         on_divergence is "warn" (with "raise", DivergenceError)."""
-        net, n, batch_size = self.net, X.shape[0], buffers["batch_size"]
+        net, n, settings = self.net, X.shape[0], buffers["settings"]
+        batch_size = settings["batch_size"]
         order = self.rng.permutation(n).astype(np.intp, copy=False) if self.shuffle else buffers["order"]
+        # dropout masks: keyed by the trainer's seed and the epoch, so a resumed fit draws the same
+        settings["seed"] = (self.dropout_seed + 0x9E3779B97F4A7C15 * (self.epochs_done + 1)) & (2**64 - 1)
         cfg = self.optimizer.config()     # a callback may have changed its hyper-parameters
         state_a, state_b = self.optimizer._kernel_state(net, cfg)
+        table, hyper, row_width, n_bstats = net._plan
         start = time.perf_counter()
         try:
             status, loss_sum, n_seen, step = _core.train_epoch(
-                X, T, labels, order, buffers["gather"], net._params, net._grads, state_a, state_b,
-                buffers["work"], buffers["label_buf"], net._sizes, net._activations, LOSSES[self.loss],
-                self.loss_scale, batch_size, cfg, buffers["n_threads"])
+                table, hyper, row_width, n_bstats, settings, cfg, X, T, labels, order,
+                net._params, net._grads, state_a, state_b, net._buffers, buffers["work"],
+                buffers["label_buf"])
         except KeyboardInterrupt:
             # the interrupted epoch's completed steps are kept; Adam's count with them
             self.optimizer.step_count = cfg["step"]
@@ -430,10 +437,11 @@ class Trainer:
             "batch_size": self.batch_size, "shuffle": self.shuffle, "loss_scale": self.loss_scale,
             "epochs_done": self.epochs_done,
             "rng_state": self.rng.bit_generator.state,
+            "dropout_seed": self.dropout_seed,
             "history": self.history.as_dict(),
             "extra": self.extra,
         }
-        arrays = {"params": self.net.params}
+        arrays = self.net._arrays()
         if opt.state is not None:
             arrays.update({f"state_{i}": s for i, s in enumerate(opt.state)})
         _io.save_archive(path, meta, arrays)
@@ -462,6 +470,8 @@ class Trainer:
                 trainer.epochs_done = check_positive_int(meta["epochs_done"], "epochs_done", minimum=0)
                 opt.state = _optimizer_state(archive, opt, net, trainer.epochs_done)
                 trainer.rng.bit_generator.state = _rng_state(meta["rng_state"])
+                trainer.dropout_seed = check_positive_int(meta.get("dropout_seed", 0), "dropout_seed",
+                                                          minimum=0, maximum=2**63)
                 trainer.history = _history_from_meta(meta["history"])
                 trainer.extra = meta.get("extra", {})
                 if not isinstance(trainer.extra, dict):

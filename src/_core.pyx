@@ -15,13 +15,22 @@ cdef extern from "Python.h":
     int PyErr_CheckSignals()
 
 from libc.stdlib cimport calloc, free
+from libc.string cimport memcpy
 from _openmp cimport CPROP_OPENMP, omp_get_max_threads, omp_get_thread_num, cprop_barrier
-from _activations cimport activation_grad as _activation_grad
+from _activations cimport activation_grad as _activation_grad, needs_z, N_ACTIVATIONS
+from _activations cimport (IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH, ELU, SOFTPLUS, GELU,
+                           GELU_TANH, SILU)
 from _dense cimport (dense_forward as _dense_forward, dense_forward_block, dense_param_grads,
                      dense_param_grads_part, dense_input_grad, dense_input_grad_block, gather_rows,
                      threads_for, _col_split)
-from _losses cimport loss_and_grad, CROSS_ENTROPY
-from _optim cimport Optim, optim_range, optim_step, ADAM
+from _dropout cimport dropout_rows, _mix
+from _norm cimport (layernorm_forward_rows, layernorm_backward_rows, batchnorm_stats_cols,
+                    batchnorm_forward_rows, batchnorm_eval_stats, batchnorm_grad_sums_cols,
+                    batchnorm_backward_rows, affine_param_grads_cols)
+from _losses cimport loss_and_grad, CROSS_ENTROPY, MSE, BINARY_CROSS_ENTROPY
+from _optim cimport Optim, optim_range, optim_step, ADAM, SGD
+cimport _plan
+from _plan cimport Plan, DENSE, DROPOUT, BATCHNORM, LAYERNORM
 
 OPENMP = bool(CPROP_OPENMP)
 
@@ -38,6 +47,23 @@ NONFINITE_LOSS = STATUS_NONFINITE_LOSS
 NONFINITE_STEP = STATUS_NONFINITE_STEP
 INTERRUPTED = STATUS_INTERRUPTED
 
+# The compiled enums, for cprop's Python tables (cprop/activations.py, losses.py,
+# optim.py, layers.py read their codes from here; a test checks every name)
+ACTIVATIONS = {"identity": IDENTITY, "relu": RELU, "leaky_relu": LEAKY_RELU, "sigmoid": SIGMOID,
+               "tanh": TANH, "elu": ELU, "softplus": SOFTPLUS, "gelu": GELU, "gelu_tanh": GELU_TANH,
+               "silu": SILU}
+NEEDS_Z = frozenset(name for name, code in ACTIVATIONS.items() if needs_z(code))
+LOSSES = {"mse": MSE, "cross_entropy": CROSS_ENTROPY, "binary_cross_entropy": BINARY_CROSS_ENTROPY}
+OPTIMIZERS = {"sgd": SGD, "adam": ADAM}
+LAYER_KINDS = {"dense": DENSE, "dropout": DROPOUT, "batchnorm": BATCHNORM, "layernorm": LAYERNORM}
+PLAN_INT = {"kind": _plan.KIND, "act": _plan.ACT, "n_in": _plan.N_IN, "n_out": _plan.N_OUT,
+            "param": _plan.PARAM, "n_param": _plan.N_PARAM, "buffer": _plan.BUFFER,
+            "y": _plan.Y_COL, "z": _plan.Z_COL, "xhat": _plan.XHAT_COL, "stat": _plan.STAT_COL,
+            "g": _plan.G_COL, "bstat": _plan.BSTAT}
+PLAN_FLOAT = {"alpha": _plan.ALPHA, "p": _plan.DROP_P, "eps": _plan.EPS, "momentum": _plan.MOMENTUM}
+N_PLAN_INT = _plan.N_PLAN_INT
+N_PLAN_FLOAT = _plan.N_PLAN_FLOAT
+
 # how often the nogil epoch takes the GIL to let Ctrl-C through
 cdef double SIGNAL_CHECK_SECONDS = 0.05
 
@@ -47,68 +73,23 @@ def max_threads():
     return omp_get_max_threads()
 
 
+# -- single kernels (the tests' subjects, and the per-layer reference points) ----------
+
 def dense_forward(const floating[:, ::1] X, const floating[:, ::1] W, const floating[::1] b,
-                  floating[:, ::1] Y, int activation, int n_threads):
+                  floating[:, ::1] Y, int activation, int n_threads, double alpha=0.01):
     """Y = f(X·W + b)."""
     with nogil:
         _dense_forward(&X[0, 0], &W[0, 0], &b[0], &Y[0, 0], X.shape[0], W.shape[0], W.shape[1],
-                       activation, n_threads)
-
-
-cdef void _forward_rows(const floating* X, const floating* params, const Py_ssize_t[::1] sizes,
-                        const int[::1] activations, floating* work, Py_ssize_t half,
-                        floating* out, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t chunk_rows) noexcept nogil:
-    """out[r0:r1] = the network's raw output for X[r0:r1], chunk_rows rows at a time on this
-    thread, the intermediate outputs ping-ponging between work[:half] and work[half:]."""
-    cdef Py_ssize_t L = sizes.shape[0] - 1, d = sizes[0], m = sizes[L], start, rows, l, off
-    cdef const floating* inp
-    cdef floating* dst
-    start = r0
-    while start < r1:
-        rows = chunk_rows if start + chunk_rows <= r1 else r1 - start
-        inp = X + start * d
-        off = 0
-        for l in range(L):
-            dst = out + start * m if l == L - 1 else work + (l % 2) * half
-            dense_forward_block(inp, params + off, params + off + sizes[l] * sizes[l + 1], dst,
-                                0, rows, 0, sizes[l + 1], sizes[l], sizes[l + 1], activations[l])
-            off += sizes[l] * sizes[l + 1] + sizes[l + 1]
-            inp = dst
-        start += rows
-
-
-def forward(const floating[:, ::1] X, const floating[::1] params, const Py_ssize_t[::1] sizes,
-            const int[::1] activations, floating[::1] work, floating[:, ::1] out,
-            Py_ssize_t chunk_rows, int n_threads):
-    """out = the network's raw output for X: one call, no GIL, nothing kept.
-
-    Each thread takes a contiguous share of the rows and carries it through
-    every layer, chunk_rows rows at a time, in its own slice of `work`
-    (n_threads slices of 2 × chunk_rows × the widest layer): no thread waits
-    for another, and each chunk's intermediate outputs stay in its core's cache.
-    """
-    cdef Py_ssize_t L = sizes.shape[0] - 1, n = X.shape[0], l, per_thread
-    cdef double flops = 0
-    cdef int t, nt
-    for l in range(L):
-        flops += 2.0 * n * sizes[l] * sizes[l + 1]
-    nt = threads_for(flops, n, n_threads)
-    per_thread = work.shape[0] // n_threads   # each thread's slice: two halves
-    with nogil:
-        if nt == 1:
-            _forward_rows(&X[0, 0], &params[0], sizes, activations, &work[0], per_thread // 2,
-                          &out[0, 0], 0, n, chunk_rows)
-        else:
-            for t in prange(nt, num_threads=nt, schedule='static'):
-                _forward_rows(&X[0, 0], &params[0], sizes, activations, &work[0] + t * per_thread,
-                              per_thread // 2, &out[0, 0], n * t // nt, n * (t + 1) // nt, chunk_rows)
+                       activation, <floating> alpha, n_threads)
 
 
 def activation_grad(const floating[:, ::1] G, const floating[:, ::1] Y, floating[:, ::1] delta,
-                    int activation):
-    """δ = G ⊙ f'(z), with f' written through the output Y = f(z)."""
+                    int activation, double alpha=0.01, const floating[:, ::1] Z=None):
+    """δ = G ⊙ f'(z), with f' written through the output Y = f(z) (or through Z when given)."""
+    cdef const floating* Z_ptr = NULL if Z is None else &Z[0, 0]
     with nogil:
-        _activation_grad(&G[0, 0], &Y[0, 0], &delta[0, 0], G.shape[0] * G.shape[1], activation)
+        _activation_grad(&G[0, 0], &Y[0, 0], &delta[0, 0], G.shape[0] * G.shape[1], activation,
+                         <floating> alpha, Z_ptr)
 
 
 def dense_backward(const floating[:, ::1] X, const floating[:, ::1] W, const floating[:, ::1] delta,
@@ -136,6 +117,365 @@ def loss(int kind, const floating[:, ::1] out, const floating[:, ::1] T,
     return value
 
 
+# -- the plan ----------------------------------------------------------------------------
+
+cdef Plan make_plan(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ssize_t row_width,
+                    Py_ssize_t n_bstats):
+    cdef Plan P
+    P.t = &table[0, 0]
+    P.f = &hyper[0, 0]
+    P.n_layers = table.shape[0]
+    P.row_width = row_width
+    P.n_bstats = n_bstats
+    return P
+
+
+cdef inline const long long* _row(const Plan* P, Py_ssize_t l) noexcept nogil:
+    return P.t + l * _plan.N_PLAN_INT
+
+
+cdef inline const double* _hyper(const Plan* P, Py_ssize_t l) noexcept nogil:
+    return P.f + l * _plan.N_PLAN_FLOAT
+
+
+cdef inline floating* _col(floating* work, Py_ssize_t rows, long long col) noexcept nogil:
+    """The (rows × width) buffer at column offset `col` of the per-row area, or NULL for -1."""
+    return NULL if col < 0 else work + rows * col
+
+
+cdef inline floating* _bstats(const Plan* P, floating* work, Py_ssize_t rows, const long long* T) noexcept nogil:
+    return work + rows * P.row_width + T[_plan.BSTAT]
+
+
+cdef inline bint _split_columns(Py_ssize_t bs, Py_ssize_t width, int nt) noexcept nogil:
+    """Whether a product over bs rows into `width` columns splits the columns between threads:
+    when the layer is much wider than the batch, splitting rows would have every thread
+    pack all of W."""
+    return nt > 1 and bs < width and width >= 32 * nt
+
+
+cdef inline void _sync(int nt) noexcept nogil:
+    """A barrier of the nt threads of the current pass (nothing to wait for on one)."""
+    if nt > 1:
+        cprop_barrier()
+
+
+# -- the three passes of a batch, as thread t of nt runs them ------------------------------
+#
+# Thread t owns rows r0:r1 of a batch of bs rows and carries them through every
+# layer; a Dense layer much wider than the batch is split by columns instead
+# (barriers around it), and a BatchNorm needs every row for its statistics
+# (barriers around them). The same code serves the training epoch, a training
+# forward/backward from Python, and (one thread) the chunks of inference.
+
+cdef void forward_pass(const Plan* P, floating* params, floating* buffers, floating* work,
+                       Py_ssize_t rows, const floating* X_in, Py_ssize_t bs, int t, int nt,
+                       bint training, unsigned long long seed, long long row_base) noexcept nogil:
+    """Every layer's output for this thread's rows: Y_l = layer_l(Y_{l-1}), Y_{-1} = X_in.
+    `rows`: the row count the workspace was laid out for (>= bs). In evaluation BatchNorm
+    reads its mean and rstd from the batch-statistics area, filled by the caller."""
+    cdef Py_ssize_t l, n_in, n_out, c0, c1
+    cdef Py_ssize_t r0 = bs * t // nt, r1 = bs * (t + 1) // nt
+    cdef const long long* T
+    cdef const double* F
+    cdef const floating* inp = X_in
+    cdef floating* Y
+    cdef floating* W
+    cdef floating* gamma
+    cdef floating* bst
+    cdef floating alpha
+    cdef bint shared = False     # whether the last output is whole (all threads synced)
+    for l in range(P.n_layers):
+        T = _row(P, l)
+        F = _hyper(P, l)
+        n_in = T[_plan.N_IN]
+        n_out = T[_plan.N_OUT]
+        alpha = <floating> F[_plan.ALPHA]
+        Y = _col(work, rows, T[_plan.Y_COL])
+        gamma = params + T[_plan.PARAM] if T[_plan.N_PARAM] else NULL
+        if T[_plan.KIND] == DENSE:
+            # Y = f(X·W + b)
+            W = params + T[_plan.PARAM]
+            if _split_columns(bs, n_out, nt):
+                if not shared:
+                    _sync(nt)
+                dense_forward_block(inp, W, W + n_in * n_out, Y, 0, bs, _col_split(n_out, t, nt),
+                                    _col_split(n_out, t + 1, nt), n_in, n_out, <int> T[_plan.ACT], alpha,
+                                    _col(work, rows, T[_plan.Z_COL]))
+                _sync(nt)
+                shared = True
+            else:
+                dense_forward_block(inp, W, W + n_in * n_out, Y, r0, r1, 0, n_out, n_in, n_out,
+                                    <int> T[_plan.ACT], alpha, _col(work, rows, T[_plan.Z_COL]))
+                shared = False
+        elif T[_plan.KIND] == DROPOUT:
+            # Y = X ⊙ M / (1 - p) in training, X in evaluation
+            if training and F[_plan.DROP_P] > 0:
+                dropout_rows(inp, Y, r0, r1, n_out, F[_plan.DROP_P], seed, row_base, l)
+            elif r1 > r0:
+                memcpy(Y + r0 * n_out, inp + r0 * n_out, (r1 - r0) * n_out * sizeof(floating))
+            shared = False
+        elif T[_plan.KIND] == LAYERNORM:
+            layernorm_forward_rows(inp, Y, _col(work, rows, T[_plan.XHAT_COL]), _col(work, rows, T[_plan.Z_COL]),
+                                   _col(work, rows, T[_plan.STAT_COL]), gamma,
+                                   gamma + n_out if gamma != NULL else NULL, r0, r1, n_out, F[_plan.EPS],
+                                   <int> T[_plan.ACT], alpha)
+            shared = False
+        else:  # BATCHNORM
+            bst = _bstats(P, work, rows, T)      # mean, rstd, Σdx̂, Σdx̂⊙x̂
+            if training:
+                # every row of the input, each thread its slice of the features
+                if not shared:
+                    _sync(nt)
+                c0 = n_out * t // nt
+                c1 = n_out * (t + 1) // nt
+                batchnorm_stats_cols(inp, bst, bst + n_out, buffers + T[_plan.BUFFER],
+                                     buffers + T[_plan.BUFFER] + n_out, bs, n_out, c0, c1,
+                                     F[_plan.EPS], F[_plan.MOMENTUM])
+                _sync(nt)
+            batchnorm_forward_rows(inp, Y, _col(work, rows, T[_plan.XHAT_COL]), _col(work, rows, T[_plan.Z_COL]),
+                                   bst, bst + n_out, gamma, gamma + n_out if gamma != NULL else NULL,
+                                   r0, r1, n_out, <int> T[_plan.ACT], alpha)
+            shared = False
+        inp = Y
+
+
+cdef void backward_pass(const Plan* P, floating* params, floating* work, Py_ssize_t rows,
+                        Py_ssize_t bs, int t, int nt, bint training, unsigned long long seed,
+                        long long row_base) noexcept nogil:
+    """δ of every layer for this thread's rows, last layer first, from δ_last (already in the
+    last layer's G): G_{l-1} = ∂L/∂Y_{l-1} from δ_l, then δ_{l-1} = G_{l-1} ⊙ f'_{l-1} in place.
+    Ends with a barrier: every row of every δ is complete."""
+    cdef Py_ssize_t l, i, n_in, n_out, r0 = bs * t // nt, r1 = bs * (t + 1) // nt
+    cdef const long long* T
+    cdef const long long* Tp
+    cdef const double* F
+    cdef floating* G
+    cdef floating* Gp
+    cdef floating* Yp
+    cdef floating* Zp
+    cdef floating* gamma
+    cdef floating* bst
+    cdef floating* xhat
+    cdef floating alpha_p
+    cdef int act_p
+    cdef bint shared = False
+    for l in range(P.n_layers - 1, 0, -1):
+        T = _row(P, l)
+        F = _hyper(P, l)
+        Tp = _row(P, l - 1)
+        n_in = T[_plan.N_IN]
+        n_out = T[_plan.N_OUT]
+        G = _col(work, rows, T[_plan.G_COL])
+        Gp = _col(work, rows, Tp[_plan.G_COL])
+        Yp = _col(work, rows, Tp[_plan.Y_COL])
+        Zp = _col(work, rows, Tp[_plan.Z_COL])
+        act_p = <int> Tp[_plan.ACT]
+        alpha_p = <floating> _hyper(P, l - 1)[_plan.ALPHA]
+        gamma = params + T[_plan.PARAM] if T[_plan.N_PARAM] else NULL
+        xhat = _col(work, rows, T[_plan.XHAT_COL])
+        if T[_plan.KIND] == DENSE:
+            # G_{l-1} = δ_l·Wᵀ, fused with f'_{l-1}
+            if _split_columns(bs, n_in, nt):
+                if not shared:
+                    _sync(nt)
+                dense_input_grad_block(G, params + T[_plan.PARAM], Gp, Yp, act_p, 0, bs,
+                                       _col_split(n_in, t, nt), _col_split(n_in, t + 1, nt),
+                                       n_in, n_out, alpha_p, Zp)
+                _sync(nt)
+                shared = True
+            else:
+                dense_input_grad_block(G, params + T[_plan.PARAM], Gp, Yp, act_p, r0, r1, 0, n_in,
+                                       n_in, n_out, alpha_p, Zp)
+                shared = False
+            continue
+        if T[_plan.KIND] == DROPOUT:
+            if training and F[_plan.DROP_P] > 0:
+                dropout_rows(G, Gp, r0, r1, n_out, F[_plan.DROP_P], seed, row_base, l)
+            elif r1 > r0:
+                memcpy(Gp + r0 * n_out, G + r0 * n_out, (r1 - r0) * n_out * sizeof(floating))
+        elif T[_plan.KIND] == LAYERNORM:
+            layernorm_backward_rows(G, xhat, _col(work, rows, T[_plan.STAT_COL]), gamma, Gp, r0, r1, n_out)
+        else:  # BATCHNORM
+            bst = _bstats(P, work, rows, T)
+            if training:
+                if not shared:
+                    _sync(nt)
+                batchnorm_grad_sums_cols(G, xhat, gamma, bst + 2 * n_out, bst + 3 * n_out, bs, n_out,
+                                         n_out * t // nt, n_out * (t + 1) // nt)
+                _sync(nt)
+                batchnorm_backward_rows(G, xhat, bst + n_out, gamma, bst + 2 * n_out, bst + 3 * n_out,
+                                        Gp, bs, r0, r1, n_out)
+            else:
+                # evaluation: an affine map per feature, dx = δ·γ·rstd
+                for i in range(r0 * n_out, r1 * n_out):
+                    Gp[i] = G[i] * bst[n_out + i % n_out] * (gamma[i % n_out] if gamma != NULL else 1)
+        for i in range(r0, r1):
+            _activation_grad(Gp + i * n_in, Yp + i * n_in, Gp + i * n_in, n_in, act_p, alpha_p,
+                             NULL if Zp == NULL else Zp + i * n_in)
+        shared = False
+    if not shared:
+        _sync(nt)
+
+
+cdef Py_ssize_t param_pass(const Plan* P, const Optim* opt, floating* params, floating* grads,
+                           floating* state_a, floating* state_b, floating* work, Py_ssize_t rows,
+                           const floating* X_in, Py_ssize_t bs, int t, int nt) noexcept nogil:
+    """Thread t's slice of every layer's parameter gradients over the whole batch
+    (dW = inpᵀ·δ, db = Σδ; dγ = Σδ⊙x̂, dβ = Σδ), then, when opt is not NULL, the optimizer
+    step on exactly that slice while it is in this core's cache. Returns the count of
+    updates refused as non-finite."""
+    cdef Py_ssize_t l, off, n_in, n_out, c0, c1, rejected = 0
+    cdef const long long* T
+    cdef const floating* inp
+    cdef floating* delta
+    for l in range(P.n_layers - 1, -1, -1):
+        T = _row(P, l)
+        if T[_plan.N_PARAM] == 0:
+            continue
+        off = T[_plan.PARAM]
+        n_in = T[_plan.N_IN]
+        n_out = T[_plan.N_OUT]
+        delta = _col(work, rows, T[_plan.G_COL])
+        c0 = n_out * t // nt
+        c1 = n_out * (t + 1) // nt
+        if T[_plan.KIND] == DENSE:
+            inp = X_in if l == 0 else _col(work, rows, _row(P, l - 1)[_plan.Y_COL])
+            dense_param_grads_part(inp, delta, grads + off, grads + off + n_in * n_out, bs, n_in, n_out,
+                                   n_in * t // nt, n_in * (t + 1) // nt, c0, c1)
+            if opt != NULL:
+                rejected += optim_range(opt, params, grads, state_a, state_b, off + (n_in * t // nt) * n_out,
+                                        off + (n_in * (t + 1) // nt) * n_out, True, bs)
+                rejected += optim_range(opt, params, grads, state_a, state_b, off + n_in * n_out + c0,
+                                        off + n_in * n_out + c1, opt.decay_bias, bs)
+        else:  # the affine parameters of a normalization layer: γ then β
+            affine_param_grads_cols(delta, _col(work, rows, T[_plan.XHAT_COL]), grads + off,
+                                    grads + off + n_out, bs, n_out, c0, c1)
+            if opt != NULL:
+                rejected += optim_range(opt, params, grads, state_a, state_b, off + c0, off + c1, True, bs)
+                rejected += optim_range(opt, params, grads, state_a, state_b, off + n_out + c0,
+                                        off + n_out + c1, opt.decay_bias, bs)
+    return rejected
+
+
+cdef void eval_stats(const Plan* P, floating* buffers, floating* work, Py_ssize_t rows) noexcept nogil:
+    """Evaluation-mode mean and rstd of every BatchNorm, from its running estimates."""
+    cdef Py_ssize_t l
+    cdef const long long* T
+    for l in range(P.n_layers):
+        T = _row(P, l)
+        if T[_plan.KIND] == BATCHNORM:
+            batchnorm_eval_stats(buffers + T[_plan.BUFFER], buffers + T[_plan.BUFFER] + T[_plan.N_OUT],
+                                 _bstats(P, work, rows, T), _bstats(P, work, rows, T) + T[_plan.N_OUT],
+                                 T[_plan.N_OUT], _hyper(P, l)[_plan.EPS])
+
+
+cdef double _pass_flops(const Plan* P, Py_ssize_t rows) noexcept nogil:
+    cdef Py_ssize_t l
+    cdef double flops = 0
+    for l in range(P.n_layers):
+        flops += 2.0 * rows * _row(P, l)[_plan.N_IN] * _row(P, l)[_plan.N_OUT] + 8.0 * rows * _row(P, l)[_plan.N_OUT]
+    return flops
+
+
+# -- forward and backward from Python ----------------------------------------------------
+
+def forward_train(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ssize_t row_width,
+                  Py_ssize_t n_bstats, const floating[:, ::1] X, floating[::1] params,
+                  floating[::1] buffers, floating[::1] work, bint training,
+                  unsigned long long seed, int n_threads):
+    """Every layer's output for X into `work` (laid out for X's rows), kept for backward:
+    the training pass (training=True: dropout masks from `seed`, batch statistics, running
+    statistics updated) or the evaluation one."""
+    cdef Plan P = make_plan(table, hyper, row_width, n_bstats)
+    cdef Py_ssize_t n = X.shape[0]
+    cdef int t, nt = threads_for(_pass_flops(&P, n), n, n_threads)
+    cdef floating* buf = &buffers[0] if buffers.shape[0] else NULL
+    with nogil:
+        if not training:
+            eval_stats(&P, buf, &work[0], n)
+        if nt == 1:
+            forward_pass(&P, &params[0], buf, &work[0], n, &X[0, 0], n, 0, 1, training, seed, 0)
+        else:
+            with parallel(num_threads=nt):
+                t = omp_get_thread_num()
+                forward_pass(&P, &params[0], buf, &work[0], n, &X[0, 0], n, t, nt, training, seed, 0)
+
+
+def backward(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ssize_t row_width,
+             Py_ssize_t n_bstats, const floating[:, ::1] X, const floating[:, ::1] grad_out,
+             floating[::1] params, floating[::1] grads, floating[::1] work, bint training,
+             unsigned long long seed, int n_threads):
+    """From ∂L/∂output of the forward_train call that filled `work`: every δ, then every
+    parameter gradient into grads (the network's flat layout)."""
+    cdef Plan P = make_plan(table, hyper, row_width, n_bstats)
+    cdef Py_ssize_t n = X.shape[0], m = grad_out.shape[1]
+    cdef const long long* last = _row(&P, P.n_layers - 1)
+    cdef floating* G_last = &work[0] + n * last[_plan.G_COL]
+    cdef floating* Y_last = &work[0] + n * last[_plan.Y_COL]
+    cdef floating* Z_last = NULL if last[_plan.Z_COL] < 0 else &work[0] + n * last[_plan.Z_COL]
+    cdef int t, nt = threads_for(2 * _pass_flops(&P, n), n, n_threads)
+    with nogil:
+        memcpy(G_last, &grad_out[0, 0], n * m * sizeof(floating))
+        _activation_grad(G_last, Y_last, G_last, n * m, <int> last[_plan.ACT],
+                         <floating> _hyper(&P, P.n_layers - 1)[_plan.ALPHA], Z_last)
+        if nt == 1:
+            backward_pass(&P, &params[0], &work[0], n, n, 0, 1, training, seed, 0)
+            param_pass(&P, <Optim*> NULL, &params[0], &grads[0], <floating*> NULL, <floating*> NULL,
+                       &work[0], n, &X[0, 0], n, 0, 1)
+        else:
+            with parallel(num_threads=nt):
+                t = omp_get_thread_num()
+                backward_pass(&P, &params[0], &work[0], n, n, t, nt, training, seed, 0)
+                param_pass(&P, <Optim*> NULL, &params[0], &grads[0], <floating*> NULL, <floating*> NULL,
+                           &work[0], n, &X[0, 0], n, t, nt)
+
+
+# -- inference ---------------------------------------------------------------------------
+
+def forward(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ssize_t row_width,
+            Py_ssize_t n_bstats, const floating[:, ::1] X, const floating[::1] params,
+            const floating[::1] buffers, floating[::1] work, floating[:, ::1] out,
+            Py_ssize_t chunk_rows, int n_threads):
+    """out = the network's raw output for X in evaluation mode: one call, no GIL, nothing kept.
+
+    Each thread takes a contiguous share of the rows and carries it through every layer,
+    chunk_rows rows at a time, in its own slice of `work` (n_threads slices, each laid out
+    for chunk_rows rows, after one area of evaluation statistics): no thread waits for
+    another, and each chunk's intermediate outputs stay in its core's cache.
+    """
+    cdef Plan P = make_plan(table, hyper, row_width, n_bstats)
+    cdef Py_ssize_t n = X.shape[0], per_thread = chunk_rows * row_width + n_bstats
+    cdef int t, nt = threads_for(_pass_flops(&P, n), n, n_threads)
+    cdef floating* buf = <floating*> &buffers[0] if buffers.shape[0] else NULL
+    with nogil:
+        if nt == 1:
+            _infer_rows(&P, <floating*> &params[0], buf, &work[0], chunk_rows, &X[0, 0], &out[0, 0],
+                        0, n)
+        else:
+            for t in prange(nt, num_threads=nt, schedule='static'):
+                _infer_rows(&P, <floating*> &params[0], buf, &work[0] + t * per_thread, chunk_rows,
+                            &X[0, 0], &out[0, 0], n * t // nt, n * (t + 1) // nt)
+
+
+cdef void _infer_rows(const Plan* P, floating* params, floating* buffers, floating* work,
+                      Py_ssize_t chunk_rows, const floating* X, floating* out,
+                      Py_ssize_t r0, Py_ssize_t r1) noexcept nogil:
+    """out[r0:r1] for X[r0:r1], chunk_rows rows at a time, on this thread alone."""
+    cdef Py_ssize_t start = r0, rows, d = _row(P, 0)[_plan.N_IN]
+    cdef const long long* last = _row(P, P.n_layers - 1)
+    cdef Py_ssize_t m = last[_plan.N_OUT]
+    eval_stats(P, buffers, work, chunk_rows)
+    while start < r1:
+        rows = chunk_rows if start + chunk_rows <= r1 else r1 - start
+        # the workspace is laid out for chunk_rows rows; a shorter last chunk uses its top
+        forward_pass(P, params, buffers, work, chunk_rows, X + start * d, rows, 0, 1, False, 0, 0)
+        memcpy(out + start * m, work + chunk_rows * last[_plan.Y_COL], rows * m * sizeof(floating))
+        start += rows
+
+
+# -- the optimizer, from Python ------------------------------------------------------------
+
 cdef Optim make_optim(dict config):
     cdef Optim opt
     opt.kind = config["kind"]
@@ -153,55 +493,40 @@ cdef Optim make_optim(dict config):
     return opt
 
 
-cdef Py_ssize_t _optimizer_step(Optim* opt, floating* params, const floating* grads,
-                                floating* a, floating* b, const Py_ssize_t* sizes,
-                                Py_ssize_t n_layers, Py_ssize_t batch_rows, int n_threads) noexcept nogil:
-    """One step on every layer's W (decayed) and b (decayed when opt.decay_bias), laid out W0 b0 W1 b1 …"""
-    cdef Py_ssize_t l, off = 0, n_W, rejected = 0
+def optimizer_step(dict config, const long long[:, ::1] table, floating[::1] params,
+                   const floating[::1] grads, floating[::1] state_a, floating[::1] state_b,
+                   Py_ssize_t batch_rows, int n_threads):
+    """One optimizer step over the flat parameters: each layer's weights (W, γ) decayed, its
+    biases (b, β) when decay_bias. Returns (rejected values, Adam's new step count)."""
+    cdef Optim opt = make_optim(config)
+    cdef Py_ssize_t rejected = 0, l, off, n_w
+    cdef const long long* T
     if opt.kind == ADAM:
         opt.step += 1
-    for l in range(n_layers):
-        n_W = sizes[l] * sizes[l + 1]
-        rejected += optim_step(opt, params, grads, a, b, off, off + n_W, True, batch_rows, n_threads)
-        off += n_W
-        rejected += optim_step(opt, params, grads, a, b, off, off + sizes[l + 1],
-                               opt.decay_bias, batch_rows, n_threads)
-        off += sizes[l + 1]
-    return rejected
-
-
-cdef Py_ssize_t _layer_step_part(Optim* opt, const floating* inp, const floating* delta,
-                                 floating* params, floating* grads, floating* a, floating* b_state,
-                                 Py_ssize_t off, Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out,
-                                 Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
-    """Rows r0:r1 of dW = inpᵀ·δ and entries c0:c1 of db = Σδ, then the optimizer step on
-    exactly those rows of W and entries of b, while they are still in this core's cache.
-    The layer's W starts at params[off] (b follows it), its gradients likewise in grads;
-    a, b_state: the optimizer's state arrays, laid out like params."""
-    cdef Py_ssize_t b_off = off + n_in * n_out
-    dense_param_grads_part(inp, delta, grads + off, grads + b_off, n, n_in, n_out, r0, r1, c0, c1)
-    return (optim_range(opt, params, grads, a, b_state, off + r0 * n_out, off + r1 * n_out, True, n)
-            + optim_range(opt, params, grads, a, b_state, b_off + c0, b_off + c1, opt.decay_bias, n))
-
-
-def optimizer_step(dict config, floating[::1] params, const floating[::1] grads,
-                   floating[::1] state_a, floating[::1] state_b, const Py_ssize_t[::1] sizes,
-                   Py_ssize_t batch_rows, int n_threads):
-    """One optimizer step over the flat parameters; returns (rejected values, Adam's new step count)."""
-    cdef Optim opt = make_optim(config)
-    cdef Py_ssize_t rejected
     with nogil:
-        rejected = _optimizer_step(&opt, &params[0], &grads[0], &state_a[0], &state_b[0],
-                                   &sizes[0], sizes.shape[0] - 1, batch_rows, n_threads)
+        for l in range(table.shape[0]):
+            T = &table[l, 0]
+            if T[_plan.N_PARAM] == 0:
+                continue
+            off = T[_plan.PARAM]
+            n_w = T[_plan.N_IN] * T[_plan.N_OUT] if T[_plan.KIND] == DENSE else T[_plan.N_OUT]
+            rejected += optim_step(&opt, &params[0], &grads[0], &state_a[0], &state_b[0], off, off + n_w,
+                                   True, batch_rows, n_threads)
+            rejected += optim_step(&opt, &params[0], &grads[0], &state_a[0], &state_b[0], off + n_w,
+                                   off + T[_plan.N_PARAM], opt.decay_bias, batch_rows, n_threads)
     return rejected, opt.step
 
 
-def workspace_size(const Py_ssize_t[::1] sizes, Py_ssize_t batch_size, bint gather):
-    """Length of the flat workspace train_epoch needs: [Xb] Y_0..Y_L-1 G_0..G_L-1 Tb."""
-    cdef Py_ssize_t l, total = batch_size * sizes[0] if gather else 0
-    for l in range(1, sizes.shape[0]):
-        total += 2 * batch_size * sizes[l]
-    return total + batch_size * sizes[sizes.shape[0] - 1]
+# -- the training epoch --------------------------------------------------------------------
+
+cdef struct Fit:
+    # a fit's settings, as one struct (cprop/trainer.py fills it from its snapshot)
+    int loss_kind
+    double loss_scale
+    Py_ssize_t batch_size
+    bint gather                 # shuffled: gather each minibatch's rows
+    unsigned long long seed     # dropout masks: the trainer's seed mixed with the epoch
+    int n_threads
 
 
 cdef inline bint _interrupted(timespec* last) noexcept nogil:
@@ -219,175 +544,116 @@ cdef inline bint _interrupted(timespec* last) noexcept nogil:
         return PyErr_CheckSignals() != 0
 
 
-cdef int _epoch_worker(const floating[:, ::1] X, const floating[:, ::1] T,
-                       const Py_ssize_t[::1] labels, const Py_ssize_t[::1] order, bint gather,
-                       floating[::1] params, floating[::1] grads,
-                       floating[::1] state_a, floating[::1] state_b,
-                       floating[::1] work, Py_ssize_t[::1] label_buf,
-                       const Py_ssize_t[::1] sizes, const int[::1] activations,
-                       int loss_kind, double loss_scale, Py_ssize_t batch_size, Optim* shared_opt,
-                       int t, int nt, double* part_loss, Py_ssize_t* part_rejected,
-                       int* interrupted, double* loss_sum, Py_ssize_t* n_seen) noexcept nogil:
+cdef struct Shared:
+    # what the epoch's threads share (anything assigned inside a parallel block is private)
+    double* part_loss
+    Py_ssize_t* part_rejected
+    int interrupted
+    double loss_sum
+    Py_ssize_t n_seen
+
+
+cdef int _epoch_worker(const Plan* P, const Fit* fit, const floating[:, ::1] X,
+                       const floating[:, ::1] T, const Py_ssize_t[::1] labels,
+                       const Py_ssize_t[::1] order, floating* params, floating* grads,
+                       floating* state_a, floating* state_b, floating* buffers, floating* work,
+                       Py_ssize_t* label_buf, Optim* shared_opt, Shared* sh, int t, int nt) noexcept nogil:
     """Thread t of nt's share of one epoch; every thread runs this same loop.
 
-    Thread t owns rows r0:r1 of each minibatch: it gathers them, carries them
-    forward through every layer, takes their loss and carries their δ back
-    through every layer, touching no other thread's rows. Then (barrier) it
-    computes its slice of each layer's dW = inpᵀ·δ over the whole batch and
-    steps those parameters; (barrier) the next batch. Two barriers a batch,
-    no thread start-up, and each thread's activations stay in its own cache.
-    Every decision (non-finite loss or step, Ctrl-C) is taken by all threads
-    alike from the shared per-thread partials, so they leave the loop together.
+    Per minibatch: thread t gathers its rows, carries them forward through every
+    layer (forward_pass), takes their loss, carries their δ back (backward_pass,
+    which ends synced), then computes its slice of every parameter gradient over
+    the whole batch and steps it (param_pass); a barrier; the next batch. Every
+    decision (non-finite loss or step, Ctrl-C) is taken by all threads alike from
+    the shared per-thread partials, so they leave the loop together.
     """
-    cdef Py_ssize_t L = sizes.shape[0] - 1, n = X.shape[0], d = sizes[0], m = sizes[L]
-    cdef Py_ssize_t l, i, k, start, bs, off, w_off, r0, r1, rejected
+    cdef Py_ssize_t n = X.shape[0], bsz = fit.batch_size, rows = fit.batch_size
+    cdef const long long* last = _row(P, P.n_layers - 1)
+    cdef Py_ssize_t d = _row(P, 0)[_plan.N_IN], m = last[_plan.N_OUT]
+    cdef Py_ssize_t i, k, start, bs, r0, r1, rejected
     cdef Optim opt = shared_opt[0]   # a private copy: Adam's step count advances in each alike
-    cdef floating* p = &params[0]
-    cdef floating* dp = &grads[0]
-    cdef floating* Xb = &work[0]
-    cdef floating* Tb
+    cdef floating* Xb = work + rows * P.row_width + P.n_bstats
+    cdef floating* Tb = Xb + rows * d
+    cdef floating* Y_last = work + rows * last[_plan.Y_COL]
+    cdef floating* G_last = work + rows * last[_plan.G_COL]
+    cdef floating* Z_last = NULL if last[_plan.Z_COL] < 0 else work + rows * last[_plan.Z_COL]
+    cdef floating alpha_last = <floating> _hyper(P, P.n_layers - 1)[_plan.ALPHA]
     cdef const floating* X_in
-    cdef const floating* inp
     cdef const floating* T_in = NULL
     cdef const Py_ssize_t* labels_in = NULL
     cdef double batch_loss
-    cdef timespec last
+    cdef timespec last_check
     cdef int status = STATUS_OK
-    cdef bint shared
-    # per-layer pointers into the flat parameters and the workspace
-    cdef floating* W[64]
-    cdef floating* b[64]
-    cdef floating* Y[64]
-    cdef floating* G[64]
-    cdef Py_ssize_t offsets[64]
 
-    off = batch_size * d if gather else 0
-    w_off = 0
-    for l in range(L):
-        offsets[l] = w_off
-        W[l] = p + w_off
-        w_off += sizes[l] * sizes[l + 1]
-        b[l] = p + w_off
-        w_off += sizes[l + 1]
-        Y[l] = &work[0] + off
-        off += batch_size * sizes[l + 1]
-    for l in range(L):
-        G[l] = &work[0] + off
-        off += batch_size * sizes[l + 1]
-    Tb = &work[0] + off
-
-    clock_gettime(CLOCK_MONOTONIC, &last)
+    clock_gettime(CLOCK_MONOTONIC, &last_check)
     start = 0
     while start < n:
-        bs = batch_size if start + batch_size <= n else n - start
+        bs = bsz if start + bsz <= n else n - start
         r0 = bs * t // nt
         r1 = bs * (t + 1) // nt
 
         # this thread's rows of the minibatch: rows order[start+r0 : start+r1] of X
         # gathered into Xb (or, unshuffled, X's own rows in place)
-        if gather:
+        if fit.gather:
             gather_rows(&X[0, 0], &order[start], Xb, r0, r1, d)
             X_in = Xb
         else:
             X_in = &X[start, 0]
-        if loss_kind == CROSS_ENTROPY:  # integer labels
-            if gather:
+        if fit.loss_kind == CROSS_ENTROPY:  # integer labels
+            if fit.gather:
                 for i in range(r0, r1):
                     label_buf[i] = labels[order[start + i]]
-                labels_in = &label_buf[0]
+                labels_in = label_buf
             else:
                 labels_in = &labels[start]
-        elif gather:
+        elif fit.gather:
             gather_rows(&T[0, 0], &order[start], Tb, r0, r1, m)
             T_in = Tb
         else:
             T_in = &T[start, 0]
 
-        # forward: Y_l = f_l(Y_{l-1}·W_l + b_l), on this thread's rows, or on its
-        # columns of all rows for a layer much wider than the batch (where
-        # splitting rows would have every thread pack all of W); around those,
-        # barriers, as their input and output rows are every thread's
-        inp = X_in
-        shared = False   # whether the last output written is whole (all threads synced)
-        for l in range(L):
-            if nt > 1 and bs < sizes[l + 1] and sizes[l + 1] >= 32 * nt:
-                if not shared:
-                    cprop_barrier()
-                dense_forward_block(inp, W[l], b[l], Y[l], 0, bs,
-                                    _col_split(sizes[l + 1], t, nt), _col_split(sizes[l + 1], t + 1, nt),
-                                    sizes[l], sizes[l + 1], activations[l])
-                cprop_barrier()
-                shared = True
-            else:
-                dense_forward_block(inp, W[l], b[l], Y[l], r0, r1, 0, sizes[l + 1],
-                                    sizes[l], sizes[l + 1], activations[l])
-                shared = False
-            inp = Y[l]
+        forward_pass(P, params, buffers, work, rows, X_in, bs, t, nt, True, fit.seed, start)
 
         # this thread's part of the batch's mean loss, and its rows of
-        # G = ∂L/∂Y_last (the scale makes a share of rows count as such)
-        part_loss[t] = 0
+        # δ_last = ∂L/∂Y_last ⊙ f'_last (the scale makes a share of rows count as such)
+        sh.part_loss[t] = 0
         if r1 > r0:
-            part_loss[t] = loss_and_grad(loss_kind, Y[L - 1] + r0 * m,
-                                         T_in + r0 * m if T_in != NULL else NULL,
-                                         labels_in + r0 if labels_in != NULL else NULL,
-                                         G[L - 1] + r0 * m, r1 - r0, m,
-                                         loss_scale * (r1 - r0) / bs)
-            _activation_grad(G[L - 1] + r0 * m, Y[L - 1] + r0 * m, G[L - 1] + r0 * m,
-                             (r1 - r0) * m, activations[L - 1])
-        shared = False
+            sh.part_loss[t] = loss_and_grad(fit.loss_kind, Y_last + r0 * m,
+                                            T_in + r0 * m if T_in != NULL else NULL,
+                                            labels_in + r0 if labels_in != NULL else NULL,
+                                            G_last + r0 * m, r1 - r0, m,
+                                            fit.loss_scale * (r1 - r0) / bs)
+            _activation_grad(G_last + r0 * m, Y_last + r0 * m, G_last + r0 * m, (r1 - r0) * m,
+                             <int> last[_plan.ACT], alpha_last,
+                             NULL if Z_last == NULL else Z_last + r0 * m)
 
-        # backward, last layer first: δ_{l-1} = (δ_l·W_lᵀ) ⊙ f'_{l-1}(Y_{l-1}), with
-        # every W_l still unchanged; split like the forward pass, by dX's width
-        for l in range(L - 1, 0, -1):
-            if nt > 1 and bs < sizes[l] and sizes[l] >= 32 * nt:
-                if not shared:
-                    cprop_barrier()
-                dense_input_grad_block(G[l], W[l], G[l - 1], Y[l - 1], activations[l - 1],
-                                       0, bs, _col_split(sizes[l], t, nt), _col_split(sizes[l], t + 1, nt),
-                                       sizes[l], sizes[l + 1])
-                cprop_barrier()
-                shared = True
-            else:
-                dense_input_grad_block(G[l], W[l], G[l - 1], Y[l - 1], activations[l - 1],
-                                       r0, r1, 0, sizes[l], sizes[l], sizes[l + 1])
-                shared = False
-        if not shared:
-            cprop_barrier()
+        backward_pass(P, params, work, rows, bs, t, nt, True, fit.seed, start)
 
         batch_loss = 0
         for k in range(nt):
-            batch_loss += part_loss[k]
+            batch_loss += sh.part_loss[k]
         if not isfinite(batch_loss):
             status = STATUS_NONFINITE_LOSS   # before this step changed anything
             break
 
-        # dW_l = Y_{l-1}ᵀ·δ_l, db_l = Σ δ_l over the whole batch, and the step on
-        # W_l, b_l: thread t takes its slice of W's rows and of b
         if opt.kind == ADAM:
             opt.step += 1
-        rejected = 0
-        for l in range(L - 1, -1, -1):
-            rejected += _layer_step_part(&opt, X_in if l == 0 else Y[l - 1], G[l], p, dp,
-                                         &state_a[0], &state_b[0], offsets[l], bs,
-                                         sizes[l], sizes[l + 1],
-                                         sizes[l] * t // nt, sizes[l] * (t + 1) // nt,
-                                         sizes[l + 1] * t // nt, sizes[l + 1] * (t + 1) // nt)
-        part_rejected[t] = rejected
+        sh.part_rejected[t] = param_pass(P, &opt, params, grads, state_a, state_b, work, rows,
+                                         X_in, bs, t, nt)
         if t == 0:
-            interrupted[0] = _interrupted(&last)
-        cprop_barrier()
+            sh.interrupted = _interrupted(&last_check)
+        _sync(nt)
 
         rejected = 0
         for k in range(nt):
-            rejected += part_rejected[k]
+            rejected += sh.part_rejected[k]
         if rejected:
             status = STATUS_NONFINITE_STEP
             break
         if t == 0:
-            loss_sum[0] += batch_loss * bs
-            n_seen[0] += bs
-        if interrupted[0]:
+            sh.loss_sum += batch_loss * bs
+            sh.n_seen += bs
+        if sh.interrupted:
             status = STATUS_INTERRUPTED
             break
         start += bs
@@ -396,48 +662,11 @@ cdef int _epoch_worker(const floating[:, ::1] X, const floating[:, ::1] T,
     return status
 
 
-cdef int _train_epoch(const floating[:, ::1] X, const floating[:, ::1] T,
-                      const Py_ssize_t[::1] labels, const Py_ssize_t[::1] order, bint gather,
-                      floating[::1] params, floating[::1] grads,
-                      floating[::1] state_a, floating[::1] state_b,
-                      floating[::1] work, Py_ssize_t[::1] label_buf,
-                      const Py_ssize_t[::1] sizes, const int[::1] activations,
-                      int loss_kind, double loss_scale, Py_ssize_t batch_size, Optim* opt,
-                      int n_threads, double* loss_sum, Py_ssize_t* n_seen) noexcept nogil:
-    """The epoch on as many of n_threads as a batch's work is worth (see _epoch_worker)."""
-    cdef Py_ssize_t l
-    cdef double flops = 0
-    cdef int t, nt, status = STATUS_OK, interrupted = 0
-    cdef int* statuses
-    cdef double* part_loss
-    cdef Py_ssize_t* part_rejected
-    for l in range(sizes.shape[0] - 1):
-        flops += 6.0 * batch_size * sizes[l] * sizes[l + 1]
-    nt = threads_for(flops, batch_size, n_threads)
-    # shared between the threads (anything assigned inside the parallel block is private)
-    statuses = <int*> calloc(nt, sizeof(int))
-    part_loss = <double*> calloc(nt, sizeof(double))
-    part_rejected = <Py_ssize_t*> calloc(nt, sizeof(Py_ssize_t))
-    if statuses != NULL and part_loss != NULL and part_rejected != NULL:
-        if nt == 1:
-            statuses[0] = _epoch_worker(X, T, labels, order, gather, params, grads, state_a, state_b,
-                                        work, label_buf, sizes, activations, loss_kind, loss_scale,
-                                        batch_size, opt, 0, 1, part_loss, part_rejected, &interrupted,
-                                        loss_sum, n_seen)
-        else:
-            with parallel(num_threads=nt):
-                t = omp_get_thread_num()
-                statuses[t] = _epoch_worker(X, T, labels, order, gather, params, grads, state_a,
-                                            state_b, work, label_buf, sizes, activations, loss_kind,
-                                            loss_scale, batch_size, opt, t, nt, part_loss,
-                                            part_rejected, &interrupted, loss_sum, n_seen)
-        status = statuses[0]
-    else:
-        status = STATUS_NO_MEMORY
-    free(statuses)
-    free(part_loss)
-    free(part_rejected)
-    return status
+def workspace_size(Py_ssize_t row_width, Py_ssize_t n_bstats, Py_ssize_t n_in, Py_ssize_t n_out,
+                   Py_ssize_t batch_size):
+    """Length of the flat workspace train_epoch needs for minibatches of batch_size rows:
+    the per-row buffers and batch statistics of the plan, then the gathered X and targets."""
+    return batch_size * (row_width + n_in + n_out) + n_bstats
 
 
 cdef int _raise_pending() except -1:
@@ -445,36 +674,62 @@ cdef int _raise_pending() except -1:
     return -1
 
 
-def train_epoch(const floating[:, ::1] X, const floating[:, ::1] T, const Py_ssize_t[::1] labels,
-                const Py_ssize_t[::1] order, bint gather,
-                floating[::1] params, floating[::1] grads,
-                floating[::1] state_a, floating[::1] state_b,
-                floating[::1] work, Py_ssize_t[::1] label_buf,
-                const Py_ssize_t[::1] sizes, const int[::1] activations,
-                int loss_kind, double loss_scale, Py_ssize_t batch_size, dict optimizer,
-                int n_threads):
+def train_epoch(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ssize_t row_width,
+                Py_ssize_t n_bstats, dict settings, dict optimizer,
+                const floating[:, ::1] X, const floating[:, ::1] T, const Py_ssize_t[::1] labels,
+                const Py_ssize_t[::1] order, floating[::1] params, floating[::1] grads,
+                floating[::1] state_a, floating[::1] state_b, floating[::1] buffers,
+                floating[::1] work, Py_ssize_t[::1] label_buf):
     """One epoch of minibatch training, entirely without the GIL.
 
-    Returns (status, summed loss over completed steps, samples in completed
-    steps, Adam's step count). On a non-finite loss the epoch stops before
-    that step changes anything; on a non-finite update it stops after it, the
-    parameters whose new value would not be finite keeping their old one; on
-    Ctrl-C it stops after the step in progress and the KeyboardInterrupt
-    propagates.
+    settings: loss, loss_scale, batch_size, gather, seed, n_threads (the fit's, as one
+    struct in C). Returns (status, summed loss over completed steps, samples in completed
+    steps, Adam's step count). On a non-finite loss the epoch stops before that step
+    changes anything; on a non-finite update it stops after it, the parameters whose new
+    value would not be finite keeping their old one; on Ctrl-C it stops after the step in
+    progress and the KeyboardInterrupt propagates.
     """
+    cdef Plan P = make_plan(table, hyper, row_width, n_bstats)
     cdef Optim opt = make_optim(optimizer)
-    cdef double loss_sum = 0
-    cdef Py_ssize_t n_seen = 0
-    cdef int status
-    if sizes.shape[0] - 1 > 64:
-        raise ValueError("cprop's training loop supports at most 64 layers")
+    cdef Fit fit
+    cdef Shared sh
+    cdef int t, nt, status = STATUS_OK
+    cdef int* statuses
+    cdef floating* buf = &buffers[0] if buffers.shape[0] else NULL
+    fit.loss_kind = settings["loss"]
+    fit.loss_scale = settings["loss_scale"]
+    fit.batch_size = settings["batch_size"]
+    fit.gather = settings["gather"]
+    fit.seed = settings["seed"]
+    fit.n_threads = settings["n_threads"]
+    sh.interrupted = 0
+    sh.loss_sum = 0
+    sh.n_seen = 0
     with nogil:
-        status = _train_epoch(X, T, labels, order, gather, params, grads, state_a, state_b,
-                              work, label_buf, sizes, activations, loss_kind, loss_scale,
-                              batch_size, &opt, n_threads, &loss_sum, &n_seen)
+        nt = threads_for(3 * _pass_flops(&P, fit.batch_size), fit.batch_size, fit.n_threads)
+        statuses = <int*> calloc(nt, sizeof(int))
+        sh.part_loss = <double*> calloc(nt, sizeof(double))
+        sh.part_rejected = <Py_ssize_t*> calloc(nt, sizeof(Py_ssize_t))
+        if statuses != NULL and sh.part_loss != NULL and sh.part_rejected != NULL:
+            if nt == 1:
+                statuses[0] = _epoch_worker(&P, &fit, X, T, labels, order, &params[0], &grads[0],
+                                            &state_a[0], &state_b[0], buf, &work[0], &label_buf[0],
+                                            &opt, &sh, 0, 1)
+            else:
+                with parallel(num_threads=nt):
+                    t = omp_get_thread_num()
+                    statuses[t] = _epoch_worker(&P, &fit, X, T, labels, order, &params[0], &grads[0],
+                                                &state_a[0], &state_b[0], buf, &work[0], &label_buf[0],
+                                                &opt, &sh, t, nt)
+            status = statuses[0]
+        else:
+            status = STATUS_NO_MEMORY
+        free(statuses)
+        free(sh.part_loss)
+        free(sh.part_rejected)
     if status == STATUS_NO_MEMORY:
         raise MemoryError("cprop could not allocate the training loop's per-thread buffers")
     if status == STATUS_INTERRUPTED:
         optimizer["step"] = opt.step
         _raise_pending()
-    return status, loss_sum, n_seen, opt.step
+    return status, sh.loss_sum, sh.n_seen, opt.step

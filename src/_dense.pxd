@@ -38,14 +38,18 @@ cdef inline int threads_for(double flops, Py_ssize_t n_chunks, int n_threads) no
 cdef inline void dense_forward_block(const floating* X, const floating* W, const floating* b,
                                      floating* Y, Py_ssize_t r0, Py_ssize_t r1,
                                      Py_ssize_t c0, Py_ssize_t c1,
-                                     Py_ssize_t n_in, Py_ssize_t n_out, int activation) noexcept nogil:
-    """Y[r0:r1, c0:c1] = f(X[r0:r1]·W[:, c0:c1] + b[c0:c1])."""
+                                     Py_ssize_t n_in, Py_ssize_t n_out, int activation,
+                                     floating alpha, floating* Z=NULL) noexcept nogil:
+    """Y[r0:r1, c0:c1] = f(X[r0:r1]·W[:, c0:c1] + b[c0:c1]); with Z, the pre-activation
+    z = X·W + b is kept there (same layout) for a derivative that needs it."""
     if r1 <= r0 or c1 <= c0:
         return
+    cdef floating* out = Y if Z == NULL else Z
     gemm(False, False, <int> (r1 - r0), <int> (c1 - c0), <int> n_in,
          <floating> 1, X + r0 * n_in, <int> n_in, W + c0, <int> n_out,
-         <floating> 0, Y + r0 * n_out + c0, <int> n_out)
-    bias_activation(Y + r0 * n_out + c0, b + c0, r1 - r0, c1 - c0, n_out, activation)
+         <floating> 0, out + r0 * n_out + c0, <int> n_out)
+    bias_activation(out + r0 * n_out + c0, b + c0, r1 - r0, c1 - c0, n_out, activation, alpha,
+                    NULL if Z == NULL else Y + r0 * n_out + c0)
 
 
 cdef inline void gather_rows(const floating* source, const Py_ssize_t* rows, floating* X,
@@ -65,7 +69,7 @@ cdef inline Py_ssize_t _col_split(Py_ssize_t n_cols, int t, int nt) noexcept nog
 
 cdef inline void dense_forward(const floating* X, const floating* W, const floating* b,
                                floating* Y, Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out,
-                               int activation, int n_threads,
+                               int activation, floating alpha, int n_threads,
                                const floating* source=NULL, const Py_ssize_t* rows=NULL) noexcept nogil:
     """Y = f(X·W + b).
 
@@ -85,15 +89,15 @@ cdef inline void dense_forward(const floating* X, const floating* W, const float
             for t in prange(nt, num_threads=nt, schedule='static', nogil=True):
                 gather_rows(source, rows, <floating*> X, n * t // nt, n * (t + 1) // nt, n_in)
     if nt == 1:
-        dense_forward_block(X, W, b, Y, 0, n, 0, n_out, n_in, n_out, activation)
+        dense_forward_block(X, W, b, Y, 0, n, 0, n_out, n_in, n_out, activation, alpha)
     elif n < n_out and n_out >= 32 * nt:
         for t in prange(nt, num_threads=nt, schedule='static', nogil=True):
             dense_forward_block(X, W, b, Y, 0, n, _col_split(n_out, t, nt), _col_split(n_out, t + 1, nt),
-                                n_in, n_out, activation)
+                                n_in, n_out, activation, alpha)
     else:
         for t in prange(nt, num_threads=nt, schedule='static', nogil=True):
             dense_forward_block(X, W, b, Y, n * t // nt, n * (t + 1) // nt, 0, n_out,
-                                n_in, n_out, activation)
+                                n_in, n_out, activation, alpha)
 
 
 cdef inline void dense_param_grads_part(const floating* X, const floating* delta,
@@ -134,9 +138,10 @@ cdef inline void dense_param_grads(const floating* X, const floating* delta,
 cdef inline void dense_input_grad_block(const floating* delta, const floating* W, floating* dX,
                                         const floating* Y_prev, int activation_prev,
                                         Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0, Py_ssize_t c1,
-                                        Py_ssize_t n_in, Py_ssize_t n_out) noexcept nogil:
+                                        Py_ssize_t n_in, Py_ssize_t n_out, floating alpha_prev=0,
+                                        const floating* Z_prev=NULL) noexcept nogil:
     """dX[r0:r1, c0:c1] = δ[r0:r1]·W[c0:c1]ᵀ; then, when Y_prev is given,
-    δ_prev = dX ⊙ f'_prev(Y_prev) on the same block, in place."""
+    δ_prev = dX ⊙ f'_prev(z_prev) on the same block, in place (through Z_prev when given)."""
     cdef Py_ssize_t i
     if r1 <= r0 or c1 <= c0:
         return
@@ -146,7 +151,8 @@ cdef inline void dense_input_grad_block(const floating* delta, const floating* W
     if Y_prev != NULL:
         for i in range(r0, r1):
             activation_grad(dX + i * n_in + c0, Y_prev + i * n_in + c0, dX + i * n_in + c0,
-                            c1 - c0, activation_prev)
+                            c1 - c0, activation_prev, alpha_prev,
+                            NULL if Z_prev == NULL else Z_prev + i * n_in + c0)
 
 
 cdef inline void dense_input_grad(const floating* delta, const floating* W, floating* dX,

@@ -203,7 +203,7 @@ def test_saved_model_keeps_classes_and_scaling(digits_model):
     assert trainer.extra["features"] == [f"px{i}" for i in range(64)]
     assert len(trainer.extra["mean"]) == len(trainer.extra["std"]) == 64
     assert trainer.epochs_done == 15 and len(trainer.history.val_loss) == 15
-    assert trainer.net.architecture()["sizes"] == [64, 32, 10]
+    assert list(trainer.net.sizes) == [64, 32, 10]
 
 
 def test_predict_without_the_target_column_and_to_a_file(files, digits_model, capsys):

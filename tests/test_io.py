@@ -165,10 +165,10 @@ def test_rewritten_archive_still_loads(saved_file):
 
 
 @pytest.mark.parametrize("changes", [
-    {"version": 2},
+    {"version": 3},
     {"format": "other"},
     {"kind": "tokenizer"},
-    {"architecture": {"sizes": [6, 8, 5, 3], "activations": ["relu", "tanh", "softplus"], "dtype": "float32"}},
+    {"architecture": {"sizes": [6, 8, 5, 3], "activations": ["relu", "tanh", "swish"], "dtype": "float32"}},
     {"architecture": {"sizes": [6, 8, 5, 4], "activations": ["relu", "tanh", "identity"], "dtype": "float32"}},
     {"architecture": {"sizes": [6, 8, 5, 3], "activations": ["relu", "tanh", "identity"], "dtype": "float64"}},
     {"architecture": {"sizes": [6, -8, 5, 3], "activations": ["relu", "tanh", "identity"], "dtype": "float32"}},

@@ -12,7 +12,8 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 import cprop
 from cprop._lazy import core as _core, cpu_has_avx2   # _core: the build this CPU uses
-from cprop.activations import ACTIVATIONS as CODES
+from cprop._lazy import core as _lazy_core
+CODES = _lazy_core.ACTIVATIONS
 
 import reference as ref
 from conftest import ACTIVATIONS, LOSSES, TOLERANCES, activations_of, flat, layers_of, make_net, make_targets

@@ -331,9 +331,9 @@ def spy_on_train_epoch(monkeypatch):
     core = importlib.import_module("cprop.trainer")._core      # what Trainer.fit calls into
     real = core.train_epoch
 
-    def spy(X, *args, **kwargs):
-        seen.append(X)
-        return real(X, *args, **kwargs)
+    def spy(*args, **kwargs):
+        seen.append(args[6])      # train_epoch(table, hyper, row_width, n_bstats, settings, optimizer, X, ...)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(core, "train_epoch", spy)
     return seen

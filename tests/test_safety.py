@@ -112,9 +112,9 @@ def test_a_forward_that_fails_halfway_leaves_nothing_for_backward(rng, monkeypat
     net.forward(X)                           # a complete forward first: its tape must not survive
 
     def out_of_memory(*args, **kwargs):
-        raise MemoryError("layer 2")
+        raise MemoryError("the pass")
 
-    monkeypatch.setattr(net.layers[1], "_forward", out_of_memory)
+    monkeypatch.setattr(cprop.network._core, "forward_train", out_of_memory)
     with pytest.raises(MemoryError):
         net.forward(X)
     with pytest.raises(RuntimeError, match="completed forward"):

@@ -563,9 +563,15 @@ def test_sequential_refuses_bad_layers(layers, error, words):
         cprop.Sequential(layers)
 
 
-def test_sequential_refuses_too_many_layers_and_a_reused_layer():
-    with pytest.raises(ValueError, match=mentions("64", "65")):
-        cprop.Sequential([cprop.Dense(2, 2) for _ in range(65)])
+def test_sequential_takes_many_layers_and_refuses_a_reused_layer(rng):
+    # no fixed layer cap: the plan has a row per layer, however many
+    net = cprop.Sequential([cprop.Dense(2, 2, "tanh") for _ in range(200)], dtype="float64", seed=0)
+    X = rng.normal(size=(5, 2))
+    expected = X
+    for layer in net.layers:
+        expected = np.tanh(expected @ layer.W + layer.b)
+    np.testing.assert_allclose(net.predict_raw(X), expected, rtol=1e-10)
+    cprop.Trainer(net, loss="mse", batch_size=2).fit(X, np.zeros((5, 2)), epochs=1)
     shared = cprop.Dense(3, 2)
     cprop.Sequential([shared])
     with pytest.raises(ValueError, match=mentions("layers[0]", "network")):
