@@ -15,7 +15,7 @@ cdef extern from "Python.h":
     int PyErr_CheckSignals()
 
 from libc.stdlib cimport calloc, free
-from _openmp cimport CPROP_OPENMP, omp_get_max_threads, omp_get_thread_num, cprop_barrier
+from _openmp cimport CPROP_OPENMP, CPROP_OPENMP_VERSION, omp_get_max_threads, omp_get_thread_num, cprop_barrier
 from _activations cimport activation_grad as _activation_grad
 from _dense cimport (dense_forward as _dense_forward, dense_forward_block, dense_param_grads,
                      dense_param_grads_part, dense_input_grad, dense_input_grad_block, gather_rows,
@@ -24,6 +24,7 @@ from _losses cimport loss_and_grad, CROSS_ENTROPY
 from _optim cimport Optim, optim_range, optim_step, ADAM
 
 OPENMP = bool(CPROP_OPENMP)
+OPENMP_VERSION = CPROP_OPENMP_VERSION
 
 # status codes of train_epoch
 cdef enum:
