@@ -3,9 +3,11 @@
 A few commands run in a real subprocess (exit codes, stdout/stderr, no traceback); the rest
 call cprop.__main__.main in-process, which is the same code without an interpreter start.
 """
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,15 +18,22 @@ from cprop.__main__ import main
 SUBCOMMANDS = ["demo", "train", "predict", "info", "bench"]
 
 
+# the subprocess imports the cprop under test (this worktree's in-place build, say), not whichever
+# one its working directory would find first: an installed copy
+CPROP_ROOT = str(Path(cprop.__file__).resolve().parent.parent)
+
+
 def run(*args, cwd, timeout=120):
     """`python -m cprop ARGS` in `cwd`: the CompletedProcess, text output."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [CPROP_ROOT, os.environ.get("PYTHONPATH")])))
     return subprocess.run([sys.executable, "-m", "cprop", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=env)
 
 
-def assert_clean_error(code, err, command, *words):
-    """Exit code 2 and exactly one line on stderr, `cprop COMMAND: error: ...`, naming `words`."""
-    assert code == 2
+def assert_clean_error(code, err, command, *words, status=2):
+    """Exit code `status` (2: a wrong command line; 1: unusable data, files or training run) and
+    exactly one line on stderr, `cprop COMMAND: error: ...`, naming `words`."""
+    assert code == status, err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith(f"cprop {command}: error: "), err
@@ -73,20 +82,26 @@ def digits_model(files):
     """`cprop train` on the digits CSV in a real subprocess: (process, model path)."""
     root = files["root"]
     proc = run("train", "digits.csv", "--target", "digit", "--hidden", "32", "--epochs", "15",
-               "--validation-split", "0.1", "--out", "digits_model.npz", "--quiet", cwd=root)
+               "--validation-split", "0.1", "--out", "digits_model.npz", cwd=root)
     return proc, root / "digits_model.npz"
 
 
 # -- demo, info, help, bench ---------------------------------------------------------------------
 
 def test_demo_prints_held_out_accuracy(tmp_path):
-    proc = run("demo", "--epochs", "5", "--quiet", cwd=tmp_path)
+    proc = run("demo", "--epochs", "5", cwd=tmp_path)
 
     assert proc.returncode == 0, proc.stderr
     match = re.search(r"held-out accuracy (\d+\.\d+)%", proc.stdout)
     assert match, proc.stdout
     assert float(match.group(1)) > 80          # 5 epochs of SGD on the digits: ~95%
-    assert "epoch " not in proc.stdout         # --quiet: no per-epoch lines
+
+
+def test_quiet_demo_prints_nothing(tmp_path):
+    proc = run("demo", "--epochs", "2", "--quiet", cwd=tmp_path)
+
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and proc.stderr == ""
 
 
 def test_info_mentions_openmp_and_threads(tmp_path):
@@ -224,8 +239,7 @@ def test_regression_train_and_predict(data, target, files, tmp_path, capsys):
     data = str(files["root"] / data)
     target_args = ["--target", target] if target else []
 
-    assert main(["train", data, *target_args, "--hidden", "16", "--epochs", "40", "--quiet",
-                 "--out", str(model)]) == 0
+    assert main(["train", data, *target_args, "--hidden", "16", "--epochs", "40", "--out", str(model)]) == 0
     assert "loss mse" in capsys.readouterr().out
     assert main(["predict", str(model), data, *target_args]) == 0
 
@@ -255,12 +269,12 @@ def test_train_on_npz_classification(files, tmp_path, capsys):
 
 def test_missing_file_is_a_clean_error(tmp_path):
     proc = run("train", "no_such.csv", "--target", "y", cwd=tmp_path)
-    assert_clean_error(proc.returncode, proc.stderr, "train", "no_such.csv")
+    assert_clean_error(proc.returncode, proc.stderr, "train", "'no_such.csv'", "no such file", status=1)
 
 
 def test_non_model_file_is_a_clean_error(files):
     proc = run("predict", "digits.csv", "digits_features.csv", cwd=files["root"])
-    assert_clean_error(proc.returncode, proc.stderr, "predict", "digits.csv")
+    assert_clean_error(proc.returncode, proc.stderr, "predict", "digits.csv", status=1)
 
 
 @pytest.mark.parametrize("case", ["unknown target", "bad hidden", "negative hidden", "missing model",
@@ -271,21 +285,22 @@ def test_train_and_predict_errors_in_process(case, files, tmp_path, capsys, monk
     np.savez(tmp_path / "foreign.npz", a=np.zeros(3))
     np.savez(tmp_path / "no_y.npz", X=np.zeros((4, 2)))
     (tmp_path / "one_class.csv").write_text("a,b\n1,0\n2,0\n3,0\n")
-    command, argv, words = {
-        "unknown target": ("train", ["train", root / "digits.csv", "--target", "label"], ["'label'", "digit"]),
-        "bad hidden": ("train", ["train", root / "digits.csv", "--target", "digit", "--hidden", "32,x"],
+    command, argv, status, words = {
+        "unknown target": ("train", ["train", root / "digits.csv", "--target", "label"], 2, ["'label'", "'digit'"]),
+        "bad hidden": ("train", ["train", root / "digits.csv", "--target", "digit", "--hidden", "32,x"], 2,
                        ["--hidden", "32,x"]),
-        "negative hidden": ("train", ["train", root / "digits.csv", "--target", "digit", "--hidden", "-4"],
+        "negative hidden": ("train", ["train", root / "digits.csv", "--target", "digit", "--hidden", "-4"], 2,
                             ["--hidden", "-4"]),
-        "missing model": ("predict", ["predict", tmp_path / "none.npz", root / "digits.csv"], ["none.npz"]),
-        "foreign npz": ("predict", ["predict", tmp_path / "foreign.npz", root / "digits.csv"], ["foreign.npz"]),
-        "npz without y": ("train", ["train", tmp_path / "no_y.npz"], ["target"]),
-        "one class": ("train", ["train", tmp_path / "one_class.csv", "--target", "b"], ["single class"]),
+        "missing model": ("predict", ["predict", tmp_path / "none.npz", root / "digits.csv"], 1, ["none.npz"]),
+        "foreign npz": ("predict", ["predict", tmp_path / "foreign.npz", root / "digits.csv"], 1,
+                        ["foreign.npz"]),
+        "npz without y": ("train", ["train", tmp_path / "no_y.npz"], 2, ["target"]),
+        "one class": ("train", ["train", tmp_path / "one_class.csv", "--target", "b"], 1, ["single class"]),
     }[case]
 
     code = main([str(a) for a in argv])
 
-    assert_clean_error(code, capsys.readouterr().err, command, *words)
+    assert_clean_error(code, capsys.readouterr().err, command, *words, status=status)
     assert not (tmp_path / "model.npz").exists()
 
 
@@ -294,7 +309,7 @@ def test_predict_with_the_wrong_number_of_columns(files, digits_model, capsys):
     root = files["root"]
 
     code = main(["predict", str(model), str(root / "digits_narrow.csv")])
-    assert_clean_error(code, capsys.readouterr().err, "predict", "64", "10")
+    assert_clean_error(code, capsys.readouterr().err, "predict", "64", "10", status=1)
 
     # the target column left in without --target: one column too many, and the message says so
     code = main(["predict", str(model), str(root / "digits.csv")])
