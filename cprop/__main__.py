@@ -198,7 +198,7 @@ def _train(args):
         classes, y = np.unique(y, return_inverse=True)
         if len(classes) < 2:
             raise Failure(f"{args.data!r}: the target {table.target!r} has a single class "
-                          f"({classes[0]!r}); nothing to learn")
+                          f"({classes.tolist()[0]!r}); nothing to learn")
         # whole-number labels print as integers; beyond 2**53 a float is not an exact integer
         if classes.dtype.kind == "f" and np.all(classes == np.round(classes)) and np.abs(classes).max() < 2**53:
             classes = classes.astype(np.int64)
@@ -274,7 +274,7 @@ def _choose_loss(loss, table):
         return "cross_entropy" if y.ndim == 1 and whole and len(np.unique(y)) <= 100 else "mse"
     if text and loss != "cross_entropy":
         raise UsageError(f"--loss {loss} needs a numeric target; {name!r} holds text labels "
-                         f"such as {y[0]!r}")
+                         f"such as {str(y[0])!r}")
     if loss == "cross_entropy" and y.ndim != 1:
         raise UsageError(f"--loss cross_entropy needs one label per row; {name!r} has shape {y.shape}")
     if loss == "binary_cross_entropy" and not np.all((y == 0) | (y == 1)):

@@ -153,9 +153,9 @@ def _read_csv(path, target):
         values = _numbers(cells[:, i])
         if values is None:
             row = next(r for r, cell in enumerate(cells[:, i]) if _numbers(np.array([cell])) is None)
-            raise Failure(f"{path!r}: feature column {names[i]!r} holds {cells[row, i]!r} on line {lines[row]}, "
-                          "not a number; features must be numbers (only the --target column may hold "
-                          "text labels)")
+            raise Failure(f"{path!r}: feature column {names[i]!r} holds {str(cells[row, i])!r} on line "
+                          f"{lines[row]}, not a number; features must be numbers (only the --target column "
+                          "may hold text labels)")
         X[:, j] = values
     y = None
     if col is not None:
@@ -201,7 +201,7 @@ def _check_finite_features(table, cells=None, columns=None):
         return
     row, j = np.argwhere(~finite)[0]
     bad = finite.size - np.count_nonzero(finite)
-    value = repr(cells[row, columns[j]]) if cells is not None else str(table.X[row, j])
+    value = repr(str(cells[row, columns[j]])) if cells is not None else str(table.X[row, j])
     raise Failure(f"{table.path!r}: feature {table.names[j]!r} has {bad} NaN or infinite value(s), the first "
                   f"{value} on {table.where(row)}; cprop needs finite numbers")
 
@@ -217,7 +217,7 @@ def check_finite_target(table):
     row = np.argwhere(~finite)[0][0]
     bad = finite.size - np.count_nonzero(finite)
     raise Failure(f"{table.path!r}: the target {table.target!r} has {bad} NaN or infinite value(s), the "
-                  f"first {y[row]!r} on {table.where(row)}; a target must be finite numbers or class labels")
+                  f"first {float(y[row])} on {table.where(row)}; a target must be finite numbers or class labels")
 
 
 # -- scaling -----------------------------------------------------------------------------------
