@@ -459,6 +459,11 @@ def main(argv=None):
         return 2
     try:
         return args.func(args) or 0
+    except BrokenPipeError:
+        # the reader of stdout went away (`cprop predict ... | head`): not an error to report;
+        # stdout goes to devnull so that the interpreter's final flush does not complain either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except UsageError as exc:
         message, status = str(exc), 2
     except (Failure, CpropFileError, DivergenceError) as exc:

@@ -754,3 +754,19 @@ def test_predict_matches_reordered_columns_by_name(files, digits_model, tmp_path
     in_order = capsys.readouterr().out
     assert main(["predict", str(model), str(reordered)]) == 0
     assert capsys.readouterr().out == in_order
+
+
+def test_predict_into_a_closed_pipe_ends_quietly(tmp_path):
+    # `cprop predict ... | head -1`: more output than a pipe buffers, and the reader gone after a line
+    X = np.random.default_rng(0).normal(size=(50_000, 2))
+    np.savez(tmp_path / "big.npz", X=X, y=X[:, 0] - X[:, 1])
+    assert run("train", "big.npz", "--epochs", "1", "--quiet", cwd=tmp_path).returncode == 0
+    env = dict(os.environ, PYTHONPATH=CPROP_ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "cprop", "predict", "model.npz", "big.npz"], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert float(proc.stdout.readline())
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.wait(timeout=60)
+
+    assert err == ""
