@@ -24,40 +24,32 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-# -- option types: argparse reports their ValueError as "argument --x: invalid ... value" ----------
+# -- option types: argparse turns their ArgumentTypeError into "argument --x: must be ..." --------
+
+def _option(text, kind, fits, expected):
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not fits(value):
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
+    return value
+
 
 def _count(text):
-    """An integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
+    return _option(text, int, lambda v: v >= 1, "an integer >= 1")
 
 
 def _seed(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
+    return _option(text, int, lambda v: v >= 0, "an integer >= 0")
 
 
 def _learning_rate(text):
-    value = float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
-    return value
+    return _option(text, float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
 
 
 def _fraction(text):
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), got {text!r}")
-    return value
-
-
-for _type, _name in [(_count, "count"), (_seed, "seed"), (_learning_rate, "learning rate"),
-                     (_fraction, "fraction")]:
-    _type.__name__ = _name         # argparse names the type in "invalid count value: 'x'"
+    return _option(text, float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 
 
 def _hidden_sizes(text):

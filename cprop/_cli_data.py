@@ -127,7 +127,7 @@ def _read_csv(path, target):
                 if any(cell.strip() for cell in row):
                     records.append((reader.line_num, [cell.strip() for cell in row]))
     except UnicodeDecodeError as exc:
-        raise Failure(f"{path!r} is not UTF-8 text (byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r}); "
+        raise Failure(f"{path!r} is not UTF-8 text (it holds the byte {exc.object[exc.start:exc.start + 1]!r}); "
                       "cprop reads CSV text with a header row, or NPZ archives") from None
     except csv.Error as exc:
         raise Failure(f"{path!r} is not a readable CSV file ({exc})") from None
@@ -145,7 +145,9 @@ def _read_csv(path, target):
     col = None if target is None else _column_index(path, names, target)
     lines = np.array([line for line, _ in rows])
     cells = np.array([row for _, row in rows], dtype=str).reshape(len(rows), len(names))
-    keep = [i for i in range(len(names)) if i != col]
+    # a comma at the end of every line, as some spreadsheets write, makes an unnamed empty column
+    blank = [names[i] == "" and bool(np.all(cells[:, i] == "")) for i in range(len(names))]
+    keep = [i for i in range(len(names)) if i != col and not blank[i]]
     if not keep:
         raise Failure(f"{path!r} has no feature columns besides the target {names[col]!r}")
     X = np.empty((len(rows), len(keep)))

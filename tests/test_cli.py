@@ -770,3 +770,12 @@ def test_predict_into_a_closed_pipe_ends_quietly(tmp_path):
     proc.wait(timeout=60)
 
     assert err == ""
+
+
+def test_a_comma_at_the_end_of_every_line_is_not_a_column(tmp_path, capsys):
+    x, labels = labelled_points(40)
+    (tmp_path / "trailing.csv").write_text("a,b,y,\r\n" + "".join(f"{a},{b},{int(a > 0)},\r\n" for a, b in x))
+
+    assert main(["train", str(tmp_path / "trailing.csv"), "--target", "y", "--quiet",
+                 "--out", str(tmp_path / "m.npz")]) == 0
+    assert cprop.Trainer.load(tmp_path / "m.npz").extra["features"] == ["a", "b"]
