@@ -779,3 +779,19 @@ def test_a_comma_at_the_end_of_every_line_is_not_a_column(tmp_path, capsys):
     assert main(["train", str(tmp_path / "trailing.csv"), "--target", "y", "--quiet",
                  "--out", str(tmp_path / "m.npz")]) == 0
     assert cprop.Trainer.load(tmp_path / "m.npz").extra["features"] == ["a", "b"]
+
+
+@pytest.mark.parametrize("error, words", [
+    (MemoryError("Unable to allocate 37.3 GiB for an array"), ["out of memory", "37.3 GiB"]),
+    (PermissionError(13, "Permission denied", "data.csv"), ["'data.csv': Permission denied"]),
+], ids=["MemoryError", "PermissionError"])
+def test_memory_and_os_errors_while_running_are_one_line(error, words, files, monkeypatch, capsys):
+    from cprop import _cli_data
+
+    def fail(*args):
+        raise error
+    monkeypatch.setattr(_cli_data, "read_table", fail)
+
+    code = main(["train", str(files["root"] / "regression.csv"), "--target", "target"])
+
+    assert_clean_error(code, capsys.readouterr().err, "train", *words, status=1)
