@@ -1,53 +1,55 @@
-"""The ``cprop`` command line: demo, info, bench, train, predict."""
+"""The ``cprop`` command line: demo, info, bench, train, predict.
+
+A mistake a user can make ends the command with one line on stderr,
+``cprop COMMAND: error: ...``, and exit status 2 when the command line is wrong
+(an option's value, a missing option) or 1 when the data, a file or the training
+run is at fault (an unreadable file, text in a feature column, divergence, too
+little memory). A traceback means a bug in cprop.
+"""
 import argparse
+import math
+import os
 import sys
 import time
 
+from ._cli_data import Failure, UsageError
 
-class UsageError(Exception):
-    """A user mistake: printed as one line, exit code 2."""
-
-
-def _demo(args):
-    import numpy as np
-    import cprop
-
-    X, y = cprop.datasets.load_digits()
-    rng = np.random.default_rng(args.seed)
-    order = rng.permutation(len(X))
-    n_test = len(X) // 5
-    test, train = order[:n_test], order[n_test:]
-    net = cprop.Sequential([cprop.Dense(64, args.hidden, "relu"), cprop.Dense(args.hidden, 10)],
-                           seed=args.seed)
-    trainer = cprop.Trainer(net, loss="cross_entropy",
-                            optimizer=cprop.SGD(lr=0.05, momentum=0.9),
-                            batch_size=32, seed=args.seed, n_threads=args.threads)
-    print(f"cprop {cprop.__version__}: training a 64-{args.hidden}-10 relu network on the bundled "
-          f"UCI digits ({len(train)} train / {len(test)} held-out samples)")
-    start = time.perf_counter()
-    history = trainer.fit(X[train], y[train], epochs=args.epochs,
-                          validation_data=(X[test], y[test]), verbose=not args.quiet)
-    seconds = time.perf_counter() - start
-    result = trainer.evaluate(X[test], y[test])
-    print(f"held-out accuracy {result['accuracy']:.2%}  loss {result['loss']:.4f}")
-    print(f"training speed {np.median(history.samples_per_second):,.0f} samples/s (median epoch); "
-          f"{args.epochs} epochs took {sum(history.time):.3f} s, {seconds:.3f} s with validation "
-          f"and start-up")
-    return 0
+DEFAULT_LR = {"sgd": 0.01, "adam": 0.003}
 
 
-def _info(args):
-    import cprop
-    cprop.show_config()
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in the command line's one-line form."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# -- option types: argparse turns their ArgumentTypeError into "argument --x: must be ..." --------
+
+def _option(text, kind, fits, expected):
     try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        print("    (install threadpoolctl to list every thread pool)")
-        return 0
-    for pool in threadpool_info():
-        print(f"    pool: {pool.get('internal_api')} {pool.get('version')} "
-              f"threads={pool.get('num_threads')} {pool.get('filepath')}")
-    return 0
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not fits(value):
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
+    return value
+
+
+def _count(text):
+    return _option(text, int, lambda v: v >= 1, "an integer >= 1")
+
+
+def _seed(text):
+    return _option(text, int, lambda v: v >= 0, "an integer >= 0")
+
+
+def _learning_rate(text):
+    return _option(text, float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
+
+
+def _fraction(text):
+    return _option(text, float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 
 
 def _hidden_sizes(text):
@@ -60,81 +62,255 @@ def _hidden_sizes(text):
     return sizes
 
 
+def _check_threads(n_threads):
+    from ._threads import MAX_THREADS
+    if n_threads is not None and n_threads > MAX_THREADS:
+        raise UsageError(f"--threads must be <= {MAX_THREADS}, got {n_threads}")
+
+
+def _check_network_size(sizes, dtype, n_state, batch_size, option):
+    """UsageError, before anything is allocated, for a network too large for this machine's
+    memory: its parameters, gradients and `n_state` optimizer arrays, and the activations."""
+    import numpy as np
+    from ._cli_data import available_memory
+    from ._validation import MAX_SIZE
+    if max(sizes) > MAX_SIZE:
+        raise UsageError(f"{option}: layer widths must be <= {MAX_SIZE:,}, got {max(sizes):,}")
+    n_params = sum((n_in + 1) * n_out for n_in, n_out in zip(sizes[:-1], sizes[1:]))
+    # activations: a training batch plus the inference chunks of predict/evaluate (both threads' worth)
+    n_values = n_params * (2 + n_state) + 4 * max(batch_size, 4096) * sum(sizes)
+    needed = n_values * np.dtype(dtype).itemsize
+    available = available_memory()
+    if available is not None and needed > available:
+        raise UsageError(f"{option} makes a {'-'.join(map(str, sizes))} network of {n_params:,} parameters, "
+                         f"which needs about {_gib(needed)} of memory; {_gib(available)} is available")
+
+
+def _gib(n_bytes):
+    return f"{n_bytes / 2**30:,.1f} GiB"
+
+
+def _check_out(path, option="--out"):
+    """Failure when `path` cannot be written: checked before any training, not after."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise Failure(f"cannot write {option} {path!r}: directory {directory!r} does not exist")
+    if os.path.isdir(path):
+        raise Failure(f"cannot write {option} {path!r}: it is a directory")
+    if not os.access(directory, os.W_OK):
+        raise Failure(f"cannot write {option} {path!r}: directory {directory!r} is not writable")
+
+
+def _say(args, *text):
+    if not args.quiet:
+        print(*text, flush=True)
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+def _demo(args):
+    import numpy as np
+    import cprop
+
+    _check_threads(args.threads)
+    _check_network_size([64, args.hidden, 10], "float32", 1, 32, f"--hidden {args.hidden}")
+    X, y = cprop.datasets.load_digits()
+    rng = np.random.default_rng(args.seed)
+    order = rng.permutation(len(X))
+    n_test = len(X) // 5
+    test, train = order[:n_test], order[n_test:]
+    net = cprop.Sequential([cprop.Dense(64, args.hidden, "relu"), cprop.Dense(args.hidden, 10)],
+                           seed=args.seed)
+    trainer = cprop.Trainer(net, loss="cross_entropy",
+                            optimizer=cprop.SGD(lr=0.05, momentum=0.9),
+                            batch_size=32, seed=args.seed, n_threads=args.threads)
+    _say(args, f"cprop {cprop.__version__}: training a 64-{args.hidden}-10 relu network on the bundled "
+               f"UCI digits ({len(train)} train / {len(test)} held-out samples)")
+    start = time.perf_counter()
+    history = trainer.fit(X[train], y[train], epochs=args.epochs,
+                          validation_data=(X[test], y[test]), verbose=not args.quiet)
+    seconds = time.perf_counter() - start
+    result = trainer.evaluate(X[test], y[test])
+    _say(args, f"held-out accuracy {result['accuracy']:.2%}  loss {result['loss']:.4f}")
+    _say(args, f"training speed {np.median(history.samples_per_second):,.0f} samples/s (median epoch); "
+               f"{args.epochs} epochs took {sum(history.time):.3f} s, {seconds:.3f} s with validation "
+               f"and start-up")
+    return 0
+
+
+def _info(args):
+    import cprop
+    from ._lazy import core
+    cprop.show_config()
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        print("    (install threadpoolctl to list every thread pool)")
+        return 0
+    for pool in threadpool_info():
+        version = pool.get("version")
+        if version is None and pool.get("user_api") == "openmp":
+            # libgomp does not report its version; the OpenMP API cprop was compiled for
+            version = _openmp_api(getattr(core, "OPENMP_VERSION", 0))
+        version = f" {version}" if version else ""
+        print(f"    pool: {pool.get('internal_api')}{version} "
+              f"threads={pool.get('num_threads')} {pool.get('filepath')}")
+    return 0
+
+
+# the _OPENMP macro's value (yyyymm of the specification) and the version it names
+OPENMP_API = {200505: "2.5", 200805: "3.0", 201107: "3.1", 201307: "4.0", 201511: "4.5",
+              201811: "5.0", 202011: "5.1", 202111: "5.2", 202411: "6.0"}
+
+
+def _openmp_api(macro):
+    if not macro:
+        return None
+    return f"(OpenMP {OPENMP_API.get(macro, macro)} API, _OPENMP={macro})"
+
+
 def _train(args):
     import numpy as np
     import cprop
-    from ._cli_data import read_table
+    from . import _cli_data as data
 
-    X, y, names = read_table(args.data, args.target)
-    if y is None:
+    lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
+    sizes_hidden = _hidden_sizes(args.hidden)
+    _check_threads(args.threads)
+    _check_out(args.out)
+    table = data.read_table(args.data, args.target)
+    if table.y is None:
         raise UsageError("train needs a target: --target COLUMN (CSV) or an array 'y' (NPZ)")
-    X = np.asarray(X, dtype=np.float64)
-    cprop._validation.check_finite(X, "the features")
-    y = np.asarray(y)
-    loss = args.loss
-    if loss == "auto":
-        integral = y.dtype.kind in "iub" or (y.dtype.kind == "f" and np.all(y == np.round(y)))
-        loss = "cross_entropy" if y.ndim == 1 and integral and len(np.unique(y)) <= 100 else "mse"
-    extra = {"features": names}
+    X, y = table.X, table.y
+    if y.dtype.kind != "U":
+        data.check_finite_target(table)
+    loss = _choose_loss(args.loss, table)
+    extra = {"features": table.names}
     if loss == "cross_entropy":
         classes, y = np.unique(y, return_inverse=True)
-        if classes.dtype.kind == "f" and np.all(classes == np.round(classes)):
-            classes = classes.astype(np.int64)
         if len(classes) < 2:
-            raise UsageError("the target has a single class; nothing to learn")
+            raise Failure(f"{args.data!r}: the target {table.target!r} has a single class "
+                          f"({classes.tolist()[0]!r}); nothing to learn")
+        # whole-number labels print as integers; beyond 2**53 a float is not an exact integer
+        if classes.dtype.kind == "f" and np.all(classes == np.round(classes)) and np.abs(classes).max() < 2**53:
+            classes = classes.astype(np.int64)
         extra["classes"] = classes.tolist()
         n_out = len(classes)
     else:
+        y = y.astype(np.float64)
         n_out = 1 if y.ndim == 1 else y.shape[1]
-    # standardise the features; the scaling is saved with the model for predict
-    mean, std = X.mean(axis=0), X.std(axis=0)
-    std[std == 0] = 1.0
-    extra["mean"], extra["std"] = mean.tolist(), std.tolist()
-    X = (X - mean) / std
+    if args.validation_split:
+        n_val = int(round(args.validation_split * X.shape[0]))
+        if not 1 <= n_val < X.shape[0]:
+            raise UsageError(f"--validation-split {args.validation_split} holds out {n_val} of "
+                             f"{X.shape[0]} rows; it must hold out at least one and leave at least one")
 
-    sizes = [X.shape[1]] + _hidden_sizes(args.hidden) + [n_out]
+    sizes = [X.shape[1]] + sizes_hidden + [n_out]
+    optimizer = cprop.SGD(lr=lr, momentum=0.9) if args.optimizer == "sgd" else cprop.Adam(lr=lr)
+    _check_network_size(sizes, args.dtype, optimizer.n_state, args.batch_size, f"--hidden {args.hidden}")
+
+    # standardise the features, and the targets of a regression (mse), so that one default
+    # learning rate fits data on any scale; the model keeps both scalings for predict
+    mean, std = data.column_scaling(X)
+    extra["mean"], extra["std"] = mean.tolist(), std.tolist()
+    X = data.standardize(X, mean, std)
+    scaled = "features"
+    if loss == "mse":
+        columns = y.reshape(len(y), -1)
+        y_mean, y_std = data.column_scaling(columns)
+        extra["target_mean"], extra["target_std"] = y_mean.tolist(), y_std.tolist()
+        y = data.standardize(columns, y_mean, y_std).reshape(y.shape)
+        scaled = "features and targets"
+
     layers = [cprop.Dense(sizes[i], sizes[i + 1], args.activation if i < len(sizes) - 2 else None)
               for i in range(len(sizes) - 1)]
     net = cprop.Sequential(layers, dtype=args.dtype, seed=args.seed)
-    optimizer = (cprop.SGD(lr=args.lr or 0.01, momentum=0.9) if args.optimizer == "sgd"
-                 else cprop.Adam(lr=args.lr or 0.001))
     trainer = cprop.Trainer(net, loss, optimizer, batch_size=args.batch_size, seed=args.seed,
                             n_threads=args.threads)
     trainer.extra = extra
-    print(f"training {'-'.join(map(str, sizes))} ({args.activation}) on {X.shape[0]} samples, loss {loss}")
-    trainer.fit(X, y, epochs=args.epochs, validation_split=args.validation_split or None,
-                verbose=not args.quiet)
+    _say(args, f"training {'-'.join(map(str, sizes))} ({args.activation}) on {X.shape[0]} samples, "
+               f"loss {loss}, {args.optimizer} lr {lr:g}")
+    try:
+        trainer.fit(X, y, epochs=args.epochs, validation_split=args.validation_split or None,
+                    verbose=not args.quiet)
+    except cprop.DivergenceError:
+        raise Failure(f"training diverged in epoch {trainer.epochs_done + 1}: the loss or an update became "
+                      f"infinite or NaN, and nothing was saved. The {scaled} are already standardised; "
+                      f"lower the learning rate: --lr {lr / 10:g} (it was {lr:g})") from None
     trainer.save(args.out)
-    result = trainer.evaluate(X, y)
-    print(f"training-set {', '.join(f'{k} {v:.4f}' for k, v in result.items())}; saved {args.out}")
+    _say(args, f"training-set {_training_score(trainer, X, y, loss)}; saved {args.out}")
     return 0
+
+
+def _training_score(trainer, X, y, loss):
+    """Accuracy for the classification losses; R² for mse (unchanged by the target's scaling)."""
+    import numpy as np
+    if loss != "mse":
+        return f"accuracy {trainer.evaluate(X, y)['accuracy']:.4f}"
+    columns = y.reshape(len(y), -1)
+    residual = trainer.predict(X).reshape(columns.shape) - columns
+    total = np.sum((columns - columns.mean(axis=0)) ** 2)
+    return f"R² {1 - np.sum(residual ** 2) / total:.4f}" if total > 0 else "R² undefined (constant target)"
+
+
+def _choose_loss(loss, table):
+    """The loss for --loss (auto: cross_entropy for text labels and whole numbers with
+    at most 100 distinct values, mse otherwise); UsageError when the target cannot be used with it."""
+    import numpy as np
+    y, name = table.y, table.target
+    text = y.dtype.kind == "U"
+    if loss == "auto":
+        if text:
+            return "cross_entropy"
+        whole = y.dtype.kind in "iub" or bool(np.all(y == np.round(y)))
+        return "cross_entropy" if y.ndim == 1 and whole and len(np.unique(y)) <= 100 else "mse"
+    if text and loss != "cross_entropy":
+        raise UsageError(f"--loss {loss} needs a numeric target; {name!r} holds text labels "
+                         f"such as {str(y[0])!r}")
+    if loss == "cross_entropy" and y.ndim != 1:
+        raise UsageError(f"--loss cross_entropy needs one label per row; {name!r} has shape {y.shape}")
+    if loss == "binary_cross_entropy" and not np.all((y == 0) | (y == 1)):
+        raise UsageError(f"--loss binary_cross_entropy needs 0/1 targets; {name!r} has other values")
+    return loss
 
 
 def _predict(args):
     import numpy as np
     import cprop
-    from ._cli_data import read_table
+    from . import _cli_data as data
 
+    if args.out:
+        _check_out(args.out)
+    if not os.path.exists(args.model):
+        raise Failure(f"{args.model!r}: no such file")
+    if os.path.isdir(args.model):
+        raise Failure(f"{args.model!r} is a directory, not a model file")
     trainer = cprop.Trainer.load(args.model)
-    extra = trainer.extra
-    X, _, names = read_table(args.data, args.target)
-    features = extra.get("features")
+    notes = _model_notes(trainer, args.model)
+    table = data.read_table(args.data, args.target)
+    X, features = table.X, notes["features"]
     if features is not None and X.shape[1] != len(features):
         if args.target is None and X.shape[1] == len(features) + 1:
             raise UsageError("the data has one column more than the model's features: "
                              "name the target column to drop with --target")
-        raise UsageError(f"the model expects {len(features)} features, the data has {X.shape[1]}")
-    X = np.asarray(X, dtype=np.float64)
-    if "mean" in extra:
-        X = (X - np.asarray(extra["mean"])) / np.asarray(extra["std"])
+        raise Failure(f"the model expects {len(features)} features, {args.data!r} has {X.shape[1]}")
+    if features is not None and table.names != features and sorted(table.names) == sorted(features):
+        X = X[:, [table.names.index(f) for f in features]]          # same columns, another order
+    if notes["mean"] is not None:
+        X = data.standardize(X, notes["mean"], notes["std"])
+    _check_in_range(X, trainer.net.dtype, table, features or table.names)
     pred = trainer.predict(X)
-    if "classes" in extra:
-        pred = np.asarray(extra["classes"])[pred]
+    if notes["classes"] is not None:
+        pred = notes["classes"][pred]
+    elif notes["target_mean"] is not None:
+        with np.errstate(over="ignore"):
+            pred = pred.astype(np.float64).reshape(len(pred), -1) * notes["target_std"] + notes["target_mean"]
+        pred = pred[:, 0] if pred.shape[1] == 1 else pred
     lines = [" ".join(str(v) for v in np.atleast_1d(row)) for row in pred]
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
-        print(f"wrote {len(lines)} predictions to {args.out}")
+        _say(args, f"wrote {len(lines)} predictions to {args.out}")
     else:
         print("\n".join(lines))
     return 0
@@ -147,12 +323,16 @@ def _export(args):
     from . import onnx as cprop_onnx
     from .network import network_from_meta
 
+    _check_out(args.out, "OUT")
     meta, arrays = _io.load_archive(args.model, kind=("network", "trainer"))
     net = network_from_meta(meta, arrays, args.model)
     extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
     scaling = (extra["mean"], extra["std"]) if "mean" in extra and "std" in extra else None
     head = None if args.head == "none" else args.head
-    cprop_onnx.export(net, args.out, head=head, opset=args.opset, standardize=scaling)
+    try:
+        cprop_onnx.export(net, args.out, head=head, opset=args.opset, standardize=scaling)
+    except ValueError as exc:      # an opset out of range, a layer kind ONNX has no form for
+        raise UsageError(str(exc)) from None
     output = cprop_onnx.LOGITS if head is None else cprop_onnx.PROBABILITIES
     dtype = net.architecture()["dtype"]
     notes = ["standardises the features as `cprop predict` does"] if scaling else []
@@ -163,54 +343,106 @@ def _export(args):
     return 0
 
 
+def _model_notes(trainer, path):
+    """What `cprop train` saved with the model (features, scalings, classes), checked against the
+    network; None for what a model written by the Python API lacks."""
+    import numpy as np
+    extra, net = trainer.extra, trainer.net
+    notes = {}
+    try:
+        features = extra.get("features")
+        notes["features"] = None if features is None else [str(f) for f in features]
+        for key, n in [("mean", net.n_inputs), ("std", net.n_inputs),
+                       ("target_mean", net.n_outputs), ("target_std", net.n_outputs)]:
+            value = extra.get(key)
+            notes[key] = None if value is None else np.asarray(value, dtype=np.float64).reshape(n)
+        classes = extra.get("classes")
+        notes["classes"] = None if classes is None else np.asarray(classes)
+        if notes["classes"] is not None and (notes["classes"].shape != (net.n_outputs,)
+                                             or trainer.loss != "cross_entropy"):
+            raise ValueError(f"{len(classes)} classes for {net.n_outputs} outputs")
+        if notes["features"] is not None and len(notes["features"]) != net.n_inputs:
+            raise ValueError(f"{len(features)} feature names for {net.n_inputs} inputs")
+    except (TypeError, ValueError) as exc:
+        raise Failure(f"{path!r}: the notes `cprop train` keeps with a model are damaged ({exc})") from None
+    return notes
+
+
+def _check_in_range(X, dtype, table, names):
+    """Failure when standardised features are beyond what the network's dtype holds:
+    values far outside anything seen in training."""
+    import numpy as np
+    limit = np.finfo(dtype).max
+    with np.errstate(invalid="ignore"):
+        bad = ~(np.abs(X) <= limit)
+    if bad.any():
+        row, j = np.argwhere(bad)[0]
+        raise Failure(f"{table.path!r}: feature {names[j]!r} on {table.where(row)} is so far from the values "
+                      f"the model was trained on that it is beyond {np.dtype(dtype).name} once standardised")
+
+
 def _bench(args):
     from . import bench
-    return bench.run(args)
+    try:
+        return bench.run(args)
+    except (ValueError, ImportError) as exc:
+        # bench validates its options as it goes (unknown workload, peer not installed)
+        raise UsageError(str(exc)) from None
 
+
+# -- the parser --------------------------------------------------------------------------------
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="cprop", description="Fast CPU training of multi-layer perceptrons.")
+    parser = _Parser(prog="cprop", description="Fast CPU training of multi-layer perceptrons.",
+                     epilog="Errors print one line; exit status 2 for a wrong command line, "
+                            "1 for unusable data or files or a diverged training run.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("demo", help="train on the bundled digits; print accuracy and speed",
                        description="Train a 64-H-10 relu network on the bundled UCI digits, "
                                    "print held-out accuracy and samples/s.")
-    p.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
-    p.add_argument("--hidden", type=int, default=64, help="hidden width H (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
-    p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    p.add_argument("--epochs", type=_count, default=30, help="training epochs (default 30)")
+    p.add_argument("--hidden", type=_count, default=64, help="hidden width H (default 64)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
+    p.add_argument("--threads", type=_count, default=None, help="kernel threads (default: all cores)")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("train", help="train a network on a CSV or NPZ file and save it",
                        description="Train an MLP on tabular data (CSV with a header row, or NPZ with "
-                                   "arrays X and y). Features are standardised; the model file keeps "
-                                   "the scaling and class names for `cprop predict`.")
-    p.add_argument("data", help="CSV (header row; numbers only) or NPZ file")
+                                   "arrays X and y). Features are standardised, and so are the targets "
+                                   "of a regression; the model file keeps the scalings and the class "
+                                   "labels (numbers or text) for `cprop predict`.")
+    p.add_argument("data", help="CSV (header row; numeric features, the target may be text labels) or NPZ")
     p.add_argument("--target", help="target column name or index (CSV), or array name (NPZ, default y)")
     p.add_argument("--hidden", default="64", help="hidden layer widths, comma-separated (default 64)")
     p.add_argument("--activation", default="relu", choices=["relu", "leaky_relu", "tanh", "sigmoid", "identity"])
     p.add_argument("--loss", default="auto", choices=["auto", "cross_entropy", "mse", "binary_cross_entropy"],
-                   help="default: cross_entropy for integer targets with few values, mse otherwise")
-    p.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
-    p.add_argument("--batch-size", type=int, default=32, help="minibatch size (default 32)")
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"],
-                   help="sgd (momentum 0.9, lr 0.01) or adam (lr 0.001)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default per optimizer)")
-    p.add_argument("--validation-split", type=float, default=0.0, help="fraction held out to report val_loss")
+                   help="default: cross_entropy for text labels and for whole numbers with at most 100 "
+                        "distinct values, mse otherwise")
+    p.add_argument("--epochs", type=_count, default=50, help="training epochs (default 50)")
+    p.add_argument("--batch-size", type=_count, default=32, help="minibatch size (default 32)")
+    p.add_argument("--optimizer", default="adam", choices=["sgd", "adam"],
+                   help="adam (default, lr 0.003) or sgd (momentum 0.9, lr 0.01)")
+    p.add_argument("--lr", type=_learning_rate, default=None, help="learning rate (default per optimizer)")
+    p.add_argument("--validation-split", type=_fraction, default=0.0,
+                   help="fraction held out to report val_loss (default 0: none)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--threads", type=_count, default=None)
     p.add_argument("--out", default="model.npz", help="where to save the trained model (default model.npz)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("predict", help="predict with a model saved by `cprop train`",
-                       description="Print (or write) one prediction per row of DATA.")
+                       description="Print (or write) one prediction per row of DATA: class labels "
+                                   "as given in training, or values in the target's own units.")
     p.add_argument("model", help="a model file written by `cprop train`")
     p.add_argument("data", help="CSV (header row) or NPZ file with the same feature columns")
     p.add_argument("--target", help="a target column to ignore, if DATA has one")
     p.add_argument("--out", help="write predictions here instead of printing them")
+    p.add_argument("--quiet", action="store_true",
+                   help="print nothing but errors (and the predictions, without --out)")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("export", help="write a saved model as an ONNX file (needs cprop[onnx])",
@@ -239,7 +471,16 @@ def build_parser():
     return parser
 
 
+def _describe_os_error(exc):
+    if exc.filename is not None and exc.strerror:
+        return f"{exc.filename!r}: {exc.strerror}"
+    return str(exc)
+
+
 def main(argv=None):
+    """Run the command line on `argv` (default sys.argv[1:]); the exit status."""
+    from .io import CpropFileError
+    from .trainer import DivergenceError
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -247,12 +488,24 @@ def main(argv=None):
         return 2
     try:
         return args.func(args) or 0
-    except (UsageError, ValueError, TypeError, ImportError, OSError) as exc:
-        print(f"cprop {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except BrokenPipeError:
+        # the reader of stdout went away (`cprop predict ... | head`): not an error to report;
+        # stdout goes to devnull so that the interpreter's final flush does not complain either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except UsageError as exc:
+        message, status = str(exc), 2
+    except (Failure, CpropFileError, DivergenceError) as exc:
+        message, status = str(exc), 1
+    except OSError as exc:
+        message, status = _describe_os_error(exc), 1
+    except MemoryError as exc:
+        message, status = f"out of memory ({exc})" if str(exc) else "out of memory", 1
     except KeyboardInterrupt:
         print(f"cprop {args.command}: interrupted", file=sys.stderr)
         return 130
+    print(f"cprop {args.command}: error: {message}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

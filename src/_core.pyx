@@ -16,7 +16,7 @@ cdef extern from "Python.h":
 
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy
-from _openmp cimport CPROP_OPENMP, omp_get_max_threads, omp_get_thread_num, cprop_barrier
+from _openmp cimport CPROP_OPENMP, CPROP_OPENMP_VERSION, omp_get_max_threads, omp_get_thread_num, cprop_barrier
 from _activations cimport activation_grad as _activation_grad, needs_z, N_ACTIVATIONS
 from _activations cimport (IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH, ELU, SOFTPLUS, GELU,
                            GELU_TANH, SILU)
@@ -33,6 +33,7 @@ cimport _plan
 from _plan cimport Plan, DENSE, DROPOUT, BATCHNORM, LAYERNORM
 
 OPENMP = bool(CPROP_OPENMP)
+OPENMP_VERSION = CPROP_OPENMP_VERSION
 
 # status codes of train_epoch
 cdef enum:
