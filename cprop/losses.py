@@ -16,14 +16,70 @@ from numpy.typing import ArrayLike
 from ._lazy import core as _core
 from ._validation import check_labels, check_targets
 
-# name -> kernel code (src/_losses.pxd)
-LOSSES = {"mse": 0, "cross_entropy": 1, "binary_cross_entropy": 2}
+class Loss:
+    """One loss, everything cprop does with it in one place: its kernel code (from the
+    compiled enum), what its targets are, and how raw outputs become predictions,
+    probabilities and an accuracy. Trainer, the CLI and the drop-ins read these."""
+
+    def __init__(self, name, targets, predict, proba=None, accuracy=None):
+        self.name = name
+        self.targets = targets        # "labels" (integers), "values" or "binary" (0/1)
+        self.predict = predict        # raw outputs -> predictions
+        self.proba = proba            # raw outputs (float64) -> probabilities, or None
+        self.accuracy = accuracy      # (raw outputs, T, labels) -> accuracy, or None
+
+    @property
+    def code(self):
+        """The kernel's code (src/_losses.pxd), read from the compiled core."""
+        return _core.LOSSES[self.name]
+
+    @property
+    def classification(self):
+        return self.proba is not None
+
+    def __repr__(self):
+        return f"Loss({self.name!r})"
+
+
+def _squeeze(a):
+    return a[:, 0] if a.shape[1] == 1 else a
+
+
+def _softmax(out):
+    out = out - out.max(axis=1, keepdims=True)
+    np.exp(out, out=out)
+    return out / out.sum(axis=1, keepdims=True)
+
+
+TABLE = {
+    "mse": Loss("mse", "values", predict=_squeeze),
+    "cross_entropy": Loss("cross_entropy", "labels", predict=lambda out: out.argmax(axis=1),
+                          proba=_softmax,
+                          accuracy=lambda out, T, labels: float(np.mean(out.argmax(axis=1) == labels))),
+    "binary_cross_entropy": Loss("binary_cross_entropy", "binary",
+                                 predict=lambda out: _squeeze((out > 0).astype(np.intp)),
+                                 proba=lambda out: 1.0 / (1.0 + np.exp(-out)),
+                                 accuracy=lambda out, T, labels: float(np.mean((out > 0) == (T > 0.5)))),
+}
+
+
+def __getattr__(name):
+    # LOSSES (name -> kernel code) comes from the compiled core, imported on first use
+    if name == "LOSSES":
+        return {loss: _core.LOSSES[loss] for loss in TABLE}
+    raise AttributeError(f"module 'cprop.losses' has no attribute {name!r}")
 
 
 def loss_code(name):
-    if not isinstance(name, str) or name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; expected one of {sorted(LOSSES)}")
-    return LOSSES[name]
+    """The kernel code of a loss name; ValueError naming the choices otherwise."""
+    return get(name).code
+
+
+def get(name) -> Loss:
+    """The Loss of a name; ValueError naming the choices otherwise."""
+    if not isinstance(name, str) or name not in TABLE:
+        raise ValueError(f"unknown loss {name!r}; expected one of {sorted(TABLE)}")
+    return TABLE[name]
 
 
 def _check_output(out):
@@ -42,11 +98,11 @@ def _check_output(out):
 
 def prepare_targets(name, y, n_samples, n_outputs, dtype):
     """Validated targets for loss `name`: (T, labels), one of them empty."""
-    if name == "cross_entropy":
+    if get(name).targets == "labels":
         if n_outputs < 2:
             raise ValueError(f"cross_entropy needs a network with >= 2 outputs (one per class), got {n_outputs}")
         return np.empty((0, n_outputs), dtype), check_labels(y, n_samples, n_outputs)
-    T = check_targets(y, n_samples, n_outputs, dtype, binary=(name == "binary_cross_entropy"))
+    T = check_targets(y, n_samples, n_outputs, dtype, binary=(get(name).targets == "binary"))
     return T, np.empty(0, np.intp)
 
 

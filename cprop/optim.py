@@ -53,6 +53,12 @@ class Optimizer:
         """The optimizer's own hyper-parameters, validated."""
         raise NotImplementedError
 
+    @classmethod
+    def from_config(cls, cfg: dict) -> Optimizer:
+        """An optimizer from :meth:`config`'s dict (as saved with a trainer); KeyError when
+        a hyper-parameter is missing, ValueError/TypeError when one is invalid."""
+        raise NotImplementedError
+
     def _kernel_state(self, net, cfg):
         """The two state arrays the compiled step with `cfg` reads and writes, checked here,
         right before the call, against the network's own parameter array.
@@ -144,6 +150,11 @@ class SGD(Optimizer):
         return (f"SGD(lr={self.lr}, momentum={self.momentum}, nesterov={self.nesterov}, "
                 f"weight_decay={self.weight_decay})")
 
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(lr=cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["nesterov"],
+                   weight_decay=cfg["weight_decay"])
+
     def _hyper(self):
         self.momentum = check_real(self.momentum, "momentum", low=0, high=1, high_open=True)
         self.nesterov = check_bool(self.nesterov, "nesterov")
@@ -180,6 +191,11 @@ class Adam(Optimizer):
         return (f"{type(self).__name__}(lr={self.lr}, betas={self.betas}, eps={self.eps}, "
                 f"weight_decay={self.weight_decay})")
 
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"],
+                   weight_decay=cfg["weight_decay"])
+
     def _hyper(self):
         betas = self.betas
         if isinstance(betas, np.ndarray):
@@ -203,4 +219,5 @@ class AdamW(Adam):
         super().__init__(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
+# name (as saved in trainer files) -> class: Trainer.load and the CLI read this table
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}

@@ -16,7 +16,8 @@ from ._threads import resolve_threads, single_threaded_blas
 from ._threads import MAX_THREADS
 from ._validation import check_X, check_bool, check_positive_int, check_real
 from .callbacks import Checkpoint, as_callbacks
-from .losses import LOSSES, loss_code, prepare_targets
+from . import losses
+from .losses import loss_code, prepare_targets
 from .network import Sequential, network_from_archive
 from .optim import OPTIMIZERS, SGD, Optimizer
 
@@ -158,7 +159,7 @@ class Trainer:
             raise TypeError(f"optimizer must be a cprop optimizer such as cprop.SGD(...), got {self.optimizer!r}")
         if self.on_divergence not in ("raise", "warn"):
             raise ValueError(f"on_divergence must be 'raise' or 'warn', got {self.on_divergence!r}")
-        if self.loss == "cross_entropy" and self.net.n_outputs < 2:
+        if losses.get(self.loss).targets == "labels" and self.net.n_outputs < 2:
             raise ValueError(f"cross_entropy needs a network with >= 2 outputs, this one has {self.net.n_outputs}")
         self.batch_size = check_positive_int(self.batch_size, "batch_size")
         self.shuffle = check_bool(self.shuffle, "shuffle")
@@ -281,7 +282,7 @@ class Trainer:
         batch_size = min(self.batch_size, n)
         net = self.net
         _, _, row_width, n_bstats = net._plan
-        settings = {"loss": LOSSES[self.loss], "loss_scale": self.loss_scale, "batch_size": batch_size,
+        settings = {"loss": losses.get(self.loss).code, "loss_scale": self.loss_scale, "batch_size": batch_size,
                     "gather": self.shuffle, "n_threads": resolve_threads(self.n_threads), "seed": 0}
         size = _core.workspace_size(row_width, n_bstats, net.n_inputs, net.n_outputs, batch_size)
         return {"settings": settings, "work": np.empty(size, dtype=net.dtype),
@@ -356,11 +357,10 @@ class Trainer:
     def _evaluate_prepared(self, X, T, labels, prefix=""):
         out = self._raw_output(X)
         grad = np.empty_like(out)
-        result = {prefix + "loss": _core.loss(LOSSES[self.loss], out, T, labels, grad, self.loss_scale)}
-        if self.loss == "cross_entropy":
-            result[prefix + "accuracy"] = float(np.mean(out.argmax(axis=1) == labels))
-        elif self.loss == "binary_cross_entropy":
-            result[prefix + "accuracy"] = float(np.mean((out > 0) == (T > 0.5)))
+        loss = losses.get(self.loss)
+        result = {prefix + "loss": _core.loss(loss.code, out, T, labels, grad, self.loss_scale)}
+        if loss.accuracy is not None:
+            result[prefix + "accuracy"] = loss.accuracy(out, T, labels)
         return result
 
     def evaluate(self, X: ArrayLike, y: ArrayLike) -> dict[str, float]:
@@ -388,13 +388,7 @@ class Trainer:
         (n_samples, n_outputs)); values for mse, likewise. Warns (RuntimeWarning)
         when the network's output is not finite for some rows.
         """
-        out = self._raw_output(X)
-        if self.loss == "cross_entropy":
-            return out.argmax(axis=1)
-        if self.loss == "binary_cross_entropy":
-            y = (out > 0).astype(np.intp)
-            return y[:, 0] if y.shape[1] == 1 else y
-        return out[:, 0] if out.shape[1] == 1 else out
+        return losses.get(self.loss).predict(self._raw_output(X))
 
     def predict_proba(self, X: ArrayLike) -> np.ndarray:
         """Class probabilities for X.
@@ -408,15 +402,12 @@ class Trainer:
         ------
         ValueError — the trainer's loss is mse.
         """
-        if self.loss not in ("cross_entropy", "binary_cross_entropy"):
-            raise ValueError("predict_proba needs a classification loss")
+        loss = losses.get(self.loss)
+        if not loss.classification:
+            raise ValueError(f"predict_proba needs a classification loss, the trainer's is {self.loss!r}")
         out = self._raw_output(X).astype(np.float64)
         with np.errstate(invalid="ignore", over="ignore"):   # non-finite rows: warned about above
-            if self.loss == "cross_entropy":
-                out -= out.max(axis=1, keepdims=True)
-                np.exp(out, out=out)
-                return out / out.sum(axis=1, keepdims=True)
-            return 1.0 / (1.0 + np.exp(-out))
+            return loss.proba(out)
 
     # -- files -------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
@@ -498,14 +489,12 @@ def _optimizer_from_meta(o):
     if not isinstance(o, dict) or not isinstance(o.get("config"), dict):
         raise TypeError(f"optimizer must be a mapping with a 'config' mapping, got {o!r:.200}")
     cfg, name = o["config"], o.get("name")
-    if name == "sgd":
-        opt = SGD(lr=cfg["lr"], momentum=cfg["momentum"], nesterov=_flag(cfg, "nesterov"),
-                  weight_decay=cfg["weight_decay"])
-    elif name in ("adam", "adamw"):
-        opt = OPTIMIZERS[name](lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"],
-                               weight_decay=cfg["weight_decay"])
-    else:
-        raise ValueError(f"unknown optimizer {name!r}")
+    if not isinstance(name, str) or name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(OPTIMIZERS)}")
+    for key in ("nesterov", "decoupled"):
+        if key in cfg:
+            _flag(cfg, key)
+    opt = OPTIMIZERS[name].from_config(cfg)
     opt.decay_bias = _flag(cfg, "decay_bias", True)
     opt.decay_per_sample = _flag(cfg, "decay_per_sample", False)
     opt.step_count = check_positive_int(o["step_count"], "step_count", minimum=0)
