@@ -371,6 +371,20 @@ class Sequential:
             self._grad_rows = rows
         return self
 
+    def _batch_gradient(self, X, T, labels, loss_code, loss_scale=1.0, seed=0, n_threads=1, row_base=0):
+        """loss_scale × the mean loss over validated (X, T or labels), and its gradient into
+        grads, in one compiled training pass (the full batch of L-BFGS, a rank's share of a
+        global batch). Dropout masks are those of rows row_base… of an epoch keyed by seed."""
+        table, hyper, row_width, n_bstats = self._plan
+        work = np.empty(X.shape[0] * row_width + n_bstats, dtype=self._dtype)
+        settings = {"loss": loss_code, "loss_scale": loss_scale, "seed": seed & (2**64 - 1),
+                    "n_threads": n_threads}
+        with self._training("a gradient pass"), single_threaded_blas():
+            value = _core.batch_gradient(table, hyper, row_width, n_bstats, settings, X, T, labels,
+                                         self._params, self._grads, self._buffers, work, row_base)
+            self._has_grads, self._grad_rows = True, X.shape[0]
+        return value
+
     def predict_raw(self, X: ArrayLike, n_threads: int | None = None,
                     chunk_size: int | None = None) -> np.ndarray:
         """Raw outputs for X, nothing kept for backward: the inference path.

@@ -734,3 +734,70 @@ def train_epoch(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ss
         optimizer["step"] = opt.step
         _raise_pending()
     return status, sh.loss_sum, sh.n_seen, opt.step
+
+
+# -- one batch's gradient (L-BFGS's full batch, a rank's share of a global batch) -------------
+
+cdef void _gradient_worker(const Plan* P, const Fit* fit, const floating* X_in, const floating* T_in,
+                           const Py_ssize_t* labels_in, floating* params, floating* grads,
+                           floating* buffers, floating* work, Py_ssize_t bs, long long row_base,
+                           double* part_loss, int t, int nt) noexcept nogil:
+    """Thread t's share of one batch's training pass: forward, loss, backward, gradients."""
+    cdef const long long* last = _row(P, P.n_layers - 1)
+    cdef Py_ssize_t m = last[_plan.N_OUT], r0 = bs * t // nt, r1 = bs * (t + 1) // nt
+    cdef floating* Y_last = work + bs * last[_plan.Y_COL]
+    cdef floating* G_last = work + bs * last[_plan.G_COL]
+    cdef floating* Z_last = NULL if last[_plan.Z_COL] < 0 else work + bs * last[_plan.Z_COL]
+    forward_pass(P, params, buffers, work, bs, X_in, bs, t, nt, True, fit.seed, row_base)
+    part_loss[t] = 0
+    if r1 > r0:
+        part_loss[t] = loss_and_grad(fit.loss_kind, Y_last + r0 * m,
+                                     T_in + r0 * m if T_in != NULL else NULL,
+                                     labels_in + r0 if labels_in != NULL else NULL,
+                                     G_last + r0 * m, r1 - r0, m, fit.loss_scale * (r1 - r0) / bs)
+        _activation_grad(G_last + r0 * m, Y_last + r0 * m, G_last + r0 * m, (r1 - r0) * m,
+                         <int> last[_plan.ACT], <floating> _hyper(P, P.n_layers - 1)[_plan.ALPHA],
+                         NULL if Z_last == NULL else Z_last + r0 * m)
+    backward_pass(P, params, work, bs, bs, t, nt, True, fit.seed, row_base)
+    param_pass(P, <Optim*> NULL, params, grads, <floating*> NULL, <floating*> NULL, work, bs, X_in, bs, t, nt)
+
+
+def batch_gradient(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ssize_t row_width,
+                   Py_ssize_t n_bstats, dict settings, const floating[:, ::1] X,
+                   const floating[:, ::1] T, const Py_ssize_t[::1] labels, floating[::1] params,
+                   floating[::1] grads, floating[::1] buffers, floating[::1] work, long long row_base=0):
+    """The training pass over the batch (X, T or labels) in one call without the GIL:
+    grads = ∂(loss_scale × mean loss)/∂params, the loss returned. Dropout masks are those of
+    rows row_base, row_base + 1, … of an epoch keyed by settings["seed"] (as train_epoch's),
+    and BatchNorm's running statistics move as in a training step. `work` holds
+    len(X) × row_width + n_bstats values."""
+    cdef Plan P = make_plan(table, hyper, row_width, n_bstats)
+    cdef Fit fit
+    cdef Py_ssize_t n = X.shape[0], k
+    cdef int t, nt
+    cdef double* part_loss
+    cdef double total = 0
+    cdef floating* buf = &buffers[0] if buffers.shape[0] else NULL
+    cdef const floating* T_ptr = &T[0, 0] if T.shape[0] else NULL
+    cdef const Py_ssize_t* labels_ptr = &labels[0] if labels.shape[0] else NULL
+    fit.loss_kind = settings["loss"]
+    fit.loss_scale = settings["loss_scale"]
+    fit.seed = settings["seed"]
+    fit.n_threads = settings["n_threads"]
+    nt = threads_for(3 * _pass_flops(&P, n), n, fit.n_threads)
+    part_loss = <double*> calloc(nt, sizeof(double))
+    if part_loss == NULL:
+        raise MemoryError("cprop could not allocate the per-thread losses")
+    with nogil:
+        if nt == 1:
+            _gradient_worker(&P, &fit, &X[0, 0], T_ptr, labels_ptr, &params[0], &grads[0], buf,
+                             &work[0], n, row_base, part_loss, 0, 1)
+        else:
+            with parallel(num_threads=nt):
+                t = omp_get_thread_num()
+                _gradient_worker(&P, &fit, &X[0, 0], T_ptr, labels_ptr, &params[0], &grads[0], buf,
+                                 &work[0], n, row_base, part_loss, t, nt)
+        for k in range(nt):
+            total += part_loss[k]
+    free(part_loss)
+    return total

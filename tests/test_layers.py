@@ -370,3 +370,21 @@ def test_bad_layer_settings_are_refused(bad, words):
     with pytest.raises((ValueError, TypeError)) as info:
         bad()
     assert all(word in str(info.value) for word in words), str(info.value)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_batch_gradient_is_the_training_pass_in_one_call(n_threads, rng):
+    # one compiled call = forward(training) + loss + backward with the same dropout masks
+    from cprop.losses import loss_code, prepare_targets
+    net = regularized_net(dtype="float64")
+    X = rng.normal(size=(300, 64))
+    y = rng.integers(0, 10, 300)
+    T, labels = prepare_targets("cross_entropy", y, 300, 10, np.float64)
+    twin = net.copy()
+    value = net._batch_gradient(X, T, labels, loss_code("cross_entropy"), seed=11, n_threads=n_threads)
+    out = twin.forward(X, training=True, seed=11, n_threads=n_threads)
+    loss, grad = cprop.losses.cross_entropy(out, y)
+    twin.backward(grad, n_threads=n_threads)
+    assert value == pytest.approx(loss, rel=1e-12)
+    assert_allclose(net.grads, twin.grads, rtol=1e-10, atol=1e-12)
+    assert_allclose(net.buffers, twin.buffers, rtol=1e-12)
