@@ -1,16 +1,45 @@
 """ONNX export: a cprop network as a standard ONNX graph, for ONNX Runtime and every other deployer.
 
-Each Dense layer becomes a ``Gemm`` node (``X·W + b``, with W and b stored as
-initializers) followed by its activation's node; the graph takes ``X`` of shape
-(N, n_inputs), N dynamic, in the network's dtype (float32 or float64) and
-returns the raw output ``logits``, or ``probabilities`` when a softmax or
-sigmoid head is appended::
+The graph takes ``X`` of shape (N, n_inputs), N dynamic, in the network's dtype
+(float32 or float64) and returns the raw output ``logits`` (what
+``net.predict_raw`` computes: the inference path), or ``probabilities`` when a
+softmax or sigmoid head is appended::
 
     net.to_onnx("model.onnx", head="softmax")      # or cprop.onnx.export(net, ...)
 
     import onnxruntime
     session = onnxruntime.InferenceSession("model.onnx")
     proba = session.run(None, {"X": X.astype(np.float32)})[0]
+
+Each layer becomes standard ONNX operators (default opset 17, ONNX Runtime 1.13
+and later; any opset from 13 can be asked for), its parameters and running
+statistics stored as initializers:
+
+- Dense: ``Gemm`` (``X·W + b``), then the activation.
+- Dropout: nothing (inference is the identity).
+- BatchNorm: ``BatchNormalization`` with the running statistics, then the activation.
+- LayerNorm: ``LayerNormalization`` over the last axis (float32 from opset 17;
+  below that, and in float64, the decomposition ReduceMean, Sub, Mul,
+  ReduceMean, Add, Sqrt, Div, Mul, Add), then the activation.
+- Activations: Relu; LeakyRelu with the layer's slope; Sigmoid; Tanh; Elu;
+  Softplus; gelu as ``Gelu`` (float32 from opset 20) or 0.5·x·(1 + Erf(x/√2));
+  gelu_tanh as ``Gelu(approximate="tanh")`` (float32 from opset 20) or
+  0.5·x·(1 + Tanh(√(2/π)(x + 0.044715x³))); silu as x·Sigmoid(x).
+
+float64 networks get float64 arithmetic throughout, which takes two detours:
+
+- ONNX attributes are float32, and 0.01 or 1e-5 as a float32 is not the double
+  cprop uses: leaky_relu is Where(x > 0, x, x·slope) with a float64 slope,
+  BatchNorm's ε is added to the running variance in float64 (epsilon=0), and
+  LayerNorm uses its decomposition with ε as a float64 constant.
+- ONNX Runtime (1.32) implements Elu, Softplus and Erf (hence Gelu) for float32 only,
+  so float64 graphs spell them in operators it runs in double: elu as
+  Relu(x) + Exp(Min(x, 0)) - 1; softplus as Relu(x) + Log(1 + Exp(-|x|)), and x
+  itself above 20 (torch's threshold); erf(x) as (2/√π)·x·∫₀¹ exp(-x²u²) du by
+  24-point Gauss-Legendre quadrature (an Exp over an (N, width, 24) tensor and a
+  MatMul, within 3e-15 of erf) for |x| < 6, and sign(x) from 6 on, where erf is
+  ±1 in double. gelu_tanh uses its decomposition, with float64 constants
+  (Gelu's definition casts float32 ones).
 
 Importing this module also registers converters with skl2onnx (when it is
 installed) for the scikit-learn drop-ins :class:`cprop.sklearn.MLPClassifier`
@@ -24,23 +53,34 @@ Needs ``pip install "cprop[onnx]"`` (onnx, onnxruntime, skl2onnx).
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 
 import numpy as np
 
-from .layers import Dense
+from .layers import BatchNorm, Dense, Dropout, LayerNorm
 from .network import Sequential
 
 __all__ = ["export", "convert", "DEFAULT_OPSET", "MIN_OPSET"]
 
-# Opset 17 (ONNX 1.12, 2022) is run by every ONNX Runtime since 1.13; the graph
-# needs nothing newer. From 13 on, Softmax normalises over the one axis given.
+# Opset 17 (ONNX 1.12, 2022) is run by every ONNX Runtime since 1.13 and has
+# LayerNormalization; opset 20 adds Gelu, which gelu layers otherwise spell with
+# Erf. From 13 on, Softmax normalises over the one axis given and Unsqueeze and
+# Clip take their axes and bounds as inputs.
 DEFAULT_OPSET = 17
 MIN_OPSET = 13
+LAYER_NORMALIZATION_OPSET = 17
+GELU_OPSET = 20
+REDUCE_AXES_AS_INPUT_OPSET = 18   # ReduceMean's axes: an attribute before, an input from here
 INPUT = "X"
 LOGITS = "logits"
 PROBABILITIES = "probabilities"
+
+# erf(x) = (2/√π)·x·∫₀¹ exp(-x²u²) du, the integral by Gauss-Legendre on [0, 1]:
+# 24 nodes bring it within 3e-15 of erf for |x| <= 6 (16 nodes: 6e-11)
+ERF_NODES = 24
+ERF_CLIP = 6.0      # erfc(6) = 2e-17: erf is ±1 in double from here on
 
 
 def _require_onnx():
@@ -51,24 +91,119 @@ def _require_onnx():
     return onnx
 
 
-# -- node builders -------------------------------------------------------------------------------
-# Each takes a graph (_Graph or _Skl2onnxGraph), the name of its input value, the
-# network's dtype and node()'s keywords (out: the name to give the result, hint: a
-# readable name otherwise), and returns the name of its output.
+# -- activation builders -------------------------------------------------------------------------
+# Each takes a graph (_Graph or _Skl2onnxGraph: it knows the dtype and the opset), the
+# name of its input value, the layer's activation parameter alpha (leaky_relu's slope),
+# a readable `hint` for the names of its values and `out`, the name its result must
+# have (None: any), and returns the name of its output.
 
 def _unary(op_type, **attrs):
     """Builder of a one-input node: Relu, Sigmoid, Softmax, ..."""
-    return lambda graph, x, dtype, **kw: graph.node(op_type, [x], **attrs, **kw)
+    def build(graph, x, alpha=None, *, hint, out=None):
+        return graph.node(op_type, [x], out=out, hint=hint, **attrs)
+    return build
 
 
-def _leaky_relu(graph, x, dtype, **kw):
-    """cprop's leaky_relu has slope 0.01 (src/_activations.pxd). LeakyRelu's alpha is a float32
-    attribute, exact for float32 networks only; a float64 network gets PRelu, whose slope is a
-    tensor of its own dtype (0.01 as a float32 differs from the double 0.01 by 2e-8)."""
-    if np.dtype(dtype) == np.float32:
-        return graph.node("LeakyRelu", [x], alpha=0.01, **kw)
-    slope = graph.constant("leaky_relu.slope", np.full(1, 0.01, dtype=dtype))
-    return graph.node("PRelu", [x, slope], **kw)
+def _is_float32(graph):
+    return graph.dtype == np.float32
+
+
+def _leaky_relu(graph, x, slope, *, hint, out=None):
+    """x if x > 0 else slope·x. LeakyRelu's alpha is a float32 attribute, exact for float32
+    networks only (0.01 as a float32 differs from the double 0.01 by 2e-10): a float64
+    network gets Where(x > 0, x, x·slope) with a float64 slope. (PRelu would take one, but
+    ONNX Runtime 1.32 runs it in double at opsets 16 to 18 only.)"""
+    if _is_float32(graph):
+        return graph.node("LeakyRelu", [x], out=out, hint=hint, alpha=float(slope))
+    positive = graph.node("Greater", [x, graph.scalar(f"{hint}.zero", 0)], hint=f"{hint}.positive")
+    sloped = graph.node("Mul", [x, graph.scalar(f"{hint}.slope", slope)], hint=f"{hint}.sloped")
+    return graph.node("Where", [positive, x, sloped], out=out, hint=hint)
+
+
+def _elu(graph, x, alpha=None, *, hint, out=None):
+    """x if x > 0 else e^x - 1 (alpha 1): Elu, or in float64 Relu(x) + (Exp(Min(x, 0)) - 1)."""
+    if _is_float32(graph):
+        return graph.node("Elu", [x], out=out, hint=hint, alpha=1.0)
+    negative = graph.node("Min", [x, graph.scalar(f"{hint}.zero", 0)], hint=f"{hint}.negative")
+    expm1 = graph.node("Sub", [graph.node("Exp", [negative], hint=f"{hint}.exp"),
+                               graph.scalar(f"{hint}.one", 1)], hint=f"{hint}.expm1")
+    return graph.node("Add", [graph.node("Relu", [x], hint=f"{hint}.positive"), expm1], out=out, hint=hint)
+
+
+def _softplus(graph, x, alpha=None, *, hint, out=None):
+    """log(1 + e^x), and x itself above torch's threshold 20. Softplus has no threshold, but
+    beyond it the two differ by less than e^-20 = 2e-9, under half a float32 ulp of x. In
+    float64: Relu(x) + Log(1 + Exp(-|x|)) (log(1 + e) for log1p(e): within 1.2e-16), and
+    Where(x > 20, x, ·) for the threshold."""
+    if _is_float32(graph):
+        return graph.node("Softplus", [x], out=out, hint=hint)
+    e = graph.node("Exp", [graph.node("Neg", [graph.node("Abs", [x], hint=f"{hint}.abs")], hint=f"{hint}.neg")],
+                   hint=f"{hint}.exp")
+    log1p = graph.node("Log", [graph.node("Add", [e, graph.scalar(f"{hint}.one", 1)], hint=f"{hint}.1p")],
+                       hint=f"{hint}.log1p")
+    y = graph.node("Add", [graph.node("Relu", [x], hint=f"{hint}.positive"), log1p], hint=f"{hint}.smooth")
+    above = graph.node("Greater", [x, graph.scalar(f"{hint}.threshold", 20)], hint=f"{hint}.above")
+    return graph.node("Where", [above, x, y], out=out, hint=hint)
+
+
+def _erf_float64(graph, x, hint):
+    """erf(x) in operators ONNX Runtime runs in double (it has Erf for float32 only):
+    (2/√π)·x·Σₖ wₖ·exp(-x²uₖ²), Gauss-Legendre's nodes uₖ and weights wₖ on [0, 1], for
+    |x| < 6; sign(x) beyond (exactly: the quadrature's few 1e-15 would grow with |x| in gelu's
+    0.5·x·(1 + erf))."""
+    nodes, weights = np.polynomial.legendre.leggauss(ERF_NODES)
+    u = (nodes + 1) / 2
+    w = weights / 2 * (2 / math.sqrt(math.pi))
+    bound = graph.scalar(f"{hint}.bound", ERF_CLIP)
+    beyond = graph.node("GreaterOrEqual", [graph.node("Abs", [x], hint=f"{hint}.abs"), bound], hint=f"{hint}.beyond")
+    sign = graph.node("Sign", [x], hint=f"{hint}.sign")
+    x = graph.node("Clip", [x, graph.scalar(f"{hint}.low", -ERF_CLIP), bound], hint=f"{hint}.clipped")
+    square = graph.node("Mul", [x, x], hint=f"{hint}.square")
+    square = graph.node("Unsqueeze", [square, graph.constant(f"{hint}.last_axis", np.array([-1], np.int64))],
+                        hint=f"{hint}.square_column")
+    # (N, width, 1)·(ERF_NODES,): every sample's exponent at every quadrature node
+    exponent = graph.node("Mul", [square, graph.constant(f"{hint}.minus_u2", -(u * u))], hint=f"{hint}.exponent")
+    integrand = graph.node("Exp", [exponent], hint=f"{hint}.integrand")
+    integral = graph.node("MatMul", [integrand, graph.constant(f"{hint}.weights", w)], hint=f"{hint}.integral")
+    erf = graph.node("Mul", [x, integral], hint=f"{hint}.quadrature")
+    return graph.node("Where", [beyond, sign, erf], hint=hint)
+
+
+def _gelu(graph, x, alpha=None, *, hint, out=None):
+    """x·Φ(x) = 0.5·x·(1 + erf(x/√2)): Gelu from opset 20 in float32, otherwise this formula
+    with Erf (float32) or the quadrature of _erf_float64."""
+    if _is_float32(graph) and graph.opset >= GELU_OPSET:
+        return graph.node("Gelu", [x], out=out, hint=hint)
+    scaled = graph.node("Mul", [x, graph.scalar(f"{hint}.rsqrt2", 1 / math.sqrt(2))], hint=f"{hint}.scaled")
+    erf = (graph.node("Erf", [scaled], hint=f"{hint}.erf") if _is_float32(graph)
+           else _erf_float64(graph, scaled, f"{hint}.erf"))
+    return _half_x_times_1_plus(graph, x, erf, hint, out)
+
+
+def _gelu_tanh(graph, x, alpha=None, *, hint, out=None):
+    """0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³))): Gelu(approximate="tanh") from opset 20 in
+    float32, otherwise this formula (always in float64: Gelu's definition casts float32
+    constants)."""
+    if _is_float32(graph) and graph.opset >= GELU_OPSET:
+        return graph.node("Gelu", [x], out=out, hint=hint, approximate="tanh")
+    cube = graph.node("Mul", [graph.node("Mul", [x, x], hint=f"{hint}.square"), x], hint=f"{hint}.cube")
+    inner = graph.node("Add", [x, graph.node("Mul", [cube, graph.scalar(f"{hint}.c", 0.044715)],
+                                             hint=f"{hint}.cubic")], hint=f"{hint}.inner")
+    inner = graph.node("Mul", [inner, graph.scalar(f"{hint}.sqrt_2_over_pi", math.sqrt(2 / math.pi))],
+                       hint=f"{hint}.argument")
+    return _half_x_times_1_plus(graph, x, graph.node("Tanh", [inner], hint=f"{hint}.tanh"), hint, out)
+
+
+def _half_x_times_1_plus(graph, x, t, hint, out):
+    """0.5·x·(1 + t), the outer form both gelus share."""
+    half_x = graph.node("Mul", [x, graph.scalar(f"{hint}.half", 0.5)], hint=f"{hint}.half_x")
+    one_plus = graph.node("Add", [t, graph.scalar(f"{hint}.one", 1)], hint=f"{hint}.one_plus")
+    return graph.node("Mul", [half_x, one_plus], out=out, hint=hint)
+
+
+def _silu(graph, x, alpha=None, *, hint, out=None):
+    """x·σ(x): Mul and Sigmoid."""
+    return graph.node("Mul", [x, graph.node("Sigmoid", [x], hint=f"{hint}.sigmoid")], out=out, hint=hint)
 
 
 # cprop activation name -> builder; None: nothing to add
@@ -78,6 +213,11 @@ ACTIVATIONS = {
     "leaky_relu": _leaky_relu,
     "sigmoid": _unary("Sigmoid"),
     "tanh": _unary("Tanh"),
+    "elu": _elu,
+    "softplus": _softplus,
+    "gelu": _gelu,
+    "gelu_tanh": _gelu_tanh,
+    "silu": _silu,
 }
 
 # head name -> builder of the probabilities from the logits
@@ -87,22 +227,98 @@ HEADS = {
 }
 
 
-def _dense(graph, layer, i, x, out):
-    """Y = f(X·W + b): a Gemm, then the activation's node (none for identity)."""
+# -- layer builders ------------------------------------------------------------------------------
+# Each takes the graph, the layer, its index, the name of its input value and the name
+# its output must have (None: any), and returns the name of its output.
+
+def _activation_builder(layer, i):
+    """The layer's activation builder (None for identity); a ValueError, before any node is
+    added, when cprop.onnx has no ONNX form for it."""
     if layer.activation not in ACTIVATIONS:
         raise ValueError(f"cannot export layer {i} ({layer!r}) to ONNX: no ONNX form for activation "
                          f"{layer.activation!r}; cprop.onnx knows {sorted(ACTIVATIONS)}")
-    activation = ACTIVATIONS[layer.activation]
+    return ACTIVATIONS[layer.activation]
+
+
+def _activate(graph, layer, i, activation, z, out):
+    """f(z) for the layer's activation builder (z itself for identity)."""
+    if activation is None:
+        return z
+    return activation(graph, z, layer._alpha, hint=f"layer{i}.{layer.activation}", out=out)
+
+
+def _dense(graph, layer, i, x, out):
+    """Y = f(X·W + b): a Gemm, then the activation's nodes (none for identity)."""
+    activation = _activation_builder(layer, i)
     W = graph.constant(f"layer{i}.W", layer.W)
     b = graph.constant(f"layer{i}.b", layer.b)
-    y = graph.node("Gemm", [x, W, b], out=out if activation is None else None, hint=f"layer{i}.linear")
-    if activation is not None:
-        y = activation(graph, y, layer.W.dtype, out=out, hint=f"layer{i}.{layer.activation}")
-    return y
+    z = graph.node("Gemm", [x, W, b], out=out if activation is None else None, hint=f"layer{i}.linear")
+    return _activate(graph, layer, i, activation, z, out)
+
+
+def _dropout(graph, layer, i, x, out):
+    """Inference is the identity: no node, but an Identity when the output must be named."""
+    return x if out is None else graph.node("Identity", [x], out=out)
+
+
+def _gamma_beta(graph, layer, i):
+    """The names of γ and β: the layer's, or 1 and 0 without the affine step."""
+    gamma, beta = layer.gamma, layer.beta
+    if gamma is None:
+        gamma, beta = np.ones(layer.n_out, graph.dtype), np.zeros(layer.n_out, graph.dtype)
+    return graph.constant(f"layer{i}.gamma", gamma), graph.constant(f"layer{i}.beta", beta)
+
+
+def _batchnorm(graph, layer, i, x, out):
+    """Evaluation: y = f((x - running_mean)·γ/√(running_var + ε) + β), a BatchNormalization.
+    Its epsilon is a float32 attribute: a float64 network's ε is added to the running
+    variance in float64 instead (epsilon 0), as cprop computes running_var + ε."""
+    activation = _activation_builder(layer, i)
+    gamma, beta = _gamma_beta(graph, layer, i)
+    mean = graph.constant(f"layer{i}.running_mean", layer.running_mean)
+    if _is_float32(graph):
+        var, epsilon = graph.constant(f"layer{i}.running_var", layer.running_var), layer.eps
+    else:
+        var, epsilon = graph.constant(f"layer{i}.running_var_plus_eps", layer.running_var + layer.eps), 0.0
+    z = graph.node("BatchNormalization", [x, gamma, beta, mean, var], epsilon=float(epsilon),
+                   out=out if activation is None else None, hint=f"layer{i}.batchnorm")
+    return _activate(graph, layer, i, activation, z, out)
+
+
+def _layernorm(graph, layer, i, x, out):
+    """y = f((x - mean)/√(var + ε)·γ + β), the statistics over each row: LayerNormalization
+    in float32 from opset 17; else, and in float64 (ε as a float64 constant; the
+    attribute is float32), its decomposition."""
+    activation = _activation_builder(layer, i)
+    z_out = out if activation is None else None
+    hint = f"layer{i}.layernorm"
+    if _is_float32(graph) and graph.opset >= LAYER_NORMALIZATION_OPSET:
+        gamma, beta = _gamma_beta(graph, layer, i)
+        z = graph.node("LayerNormalization", [x, gamma, beta], axis=-1, epsilon=float(layer.eps),
+                       out=z_out, hint=hint)
+        return _activate(graph, layer, i, activation, z, out)
+    mean = _row_mean(graph, x, f"{hint}.mean")
+    centred = graph.node("Sub", [x, mean], hint=f"{hint}.centred")
+    var = _row_mean(graph, graph.node("Mul", [centred, centred], hint=f"{hint}.squared"), f"{hint}.var")
+    std = graph.node("Sqrt", [graph.node("Add", [var, graph.scalar(f"{hint}.eps", layer.eps)],
+                                         hint=f"{hint}.var_eps")], hint=f"{hint}.std")
+    z = graph.node("Div", [centred, std], out=z_out if layer.gamma is None else None, hint=f"{hint}.normalized")
+    if layer.gamma is not None:
+        gamma, beta = _gamma_beta(graph, layer, i)
+        z = graph.node("Add", [graph.node("Mul", [z, gamma], hint=f"{hint}.scaled"), beta], out=z_out, hint=hint)
+    return _activate(graph, layer, i, activation, z, out)
+
+
+def _row_mean(graph, x, hint):
+    """Each row's mean, shape (N, 1): ReduceMean over the last axis."""
+    if graph.opset >= REDUCE_AXES_AS_INPUT_OPSET:
+        axes = graph.constant(f"{hint}.axes", np.array([-1], np.int64))
+        return graph.node("ReduceMean", [x, axes], keepdims=1, hint=hint)
+    return graph.node("ReduceMean", [x], axes=[-1], keepdims=1, hint=hint)
 
 
 # layer kind -> builder(graph, layer, index, input name, output name or None) -> output name
-LAYERS = {Dense: _dense}
+LAYERS = {Dense: _dense, Dropout: _dropout, BatchNorm: _batchnorm, LayerNorm: _layernorm}
 
 
 def _network_nodes(graph, net, x, out=None):
@@ -119,10 +335,11 @@ def _network_nodes(graph, net, x, out=None):
 
 
 class _Graph:
-    """The nodes and initializers of a standalone graph, with unique readable names."""
+    """The nodes and initializers of a standalone graph, with unique readable names, in the
+    network's dtype and an opset."""
 
-    def __init__(self, onnx):
-        self.onnx = onnx
+    def __init__(self, onnx, dtype, opset):
+        self.onnx, self.dtype, self.opset = onnx, np.dtype(dtype), int(opset)
         self.nodes, self.initializers, self._names = [], [], set()
 
     def fresh(self, hint):
@@ -138,6 +355,10 @@ class _Graph:
         self.initializers.append(self.onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
+    def scalar(self, hint, value):
+        """A scalar constant in the graph's dtype."""
+        return self.constant(hint, np.array(value, dtype=self.dtype))
+
     def node(self, op_type, inputs, out=None, hint=None, **attrs):
         out = out if out is not None else self.fresh(hint or op_type)
         self._names.add(out)
@@ -151,6 +372,12 @@ def _check_net(net):
         raise TypeError(f"ONNX export needs a cprop.Sequential, got {type(net).__name__}")
     if not np.isfinite(net.params).all():
         raise ValueError("the network's parameters contain NaN or infinite values; refusing to export them")
+    if not np.isfinite(net.buffers).all():
+        raise ValueError("the network's running statistics contain NaN or infinite values; "
+                         "refusing to export them")
+    for i, layer in enumerate(net.layers):
+        if isinstance(layer, BatchNorm) and (layer.running_var < 0).any():
+            raise ValueError(f"layer {i} ({layer!r}) has a negative running variance; refusing to export it")
 
 
 def convert(net: Sequential, *, head: str | None = None, opset: int | None = None,
@@ -168,7 +395,7 @@ def convert(net: Sequential, *, head: str | None = None, opset: int | None = Non
         raise ValueError(f"opset must be an integer from {MIN_OPSET} to {newest} (this onnx's newest), "
                          f"got {opset!r}")
     dtype = np.dtype(net.dtype)
-    graph = _Graph(onnx)
+    graph = _Graph(onnx, dtype, opset)
     x = INPUT
     if standardize is not None:
         mean, std = _check_standardize(standardize, net)
@@ -177,7 +404,7 @@ def convert(net: Sequential, *, head: str | None = None, opset: int | None = Non
     logits = _network_nodes(graph, net, x, out=LOGITS)
     output = LOGITS
     if head is not None:
-        output = HEADS[head](graph, logits, dtype, out=PROBABILITIES)
+        output = HEADS[head](graph, logits, hint=PROBABILITIES, out=PROBABILITIES)
     elem = helper.np_dtype_to_tensor_dtype(dtype)
     onnx_graph = helper.make_graph(
         graph.nodes, "cprop.Sequential",
@@ -227,16 +454,17 @@ def export(net: Sequential, path: str | os.PathLike, *, head: str | None = None,
     opset : int, optional
         ONNX opset version, from :data:`MIN_OPSET` (13) to the installed onnx's
         newest; default :data:`DEFAULT_OPSET` (17), which ONNX Runtime runs
-        from version 1.13 on.
+        from version 1.13 on. Below 17, float32 LayerNorm is decomposed; from
+        20, float32 gelu and gelu_tanh are Gelu nodes.
     standardize : (mean, std), optional
         Arrays of n_inputs values: the graph then computes ``(X - mean) / std``
         before the first layer (what ``cprop train`` models expect).
 
     The graph's input is ``X``, shape (N, n_inputs) with N dynamic, in the
-    network's dtype; each Dense layer is a Gemm node with W and b as
-    initializers followed by Relu, LeakyRelu (alpha 0.01; PRelu with a float64
-    slope in float64 networks), Sigmoid or Tanh (nothing for identity). A layer
-    or activation without an ONNX form raises ValueError.
+    network's dtype; it computes what ``net.predict_raw`` does (Dropout is the
+    identity, BatchNorm uses its running statistics), with the operators listed
+    in the module's docstring. A layer or activation without an ONNX form, or
+    non-finite parameters or running statistics, raise ValueError.
     """
     model = convert(net, head=head, opset=opset, standardize=standardize)
     if model.ByteSize() >= 2 ** 31:
@@ -270,10 +498,12 @@ def _write_atomically(path, data):
 # -- skl2onnx converters for the scikit-learn drop-ins -------------------------------------------
 
 class _Skl2onnxGraph:
-    """The builders' graph interface over skl2onnx's scope (names) and container (nodes)."""
+    """The builders' graph interface over skl2onnx's scope (names) and container (nodes),
+    in the network's dtype and the container's target opset."""
 
-    def __init__(self, scope, container):
+    def __init__(self, scope, container, dtype):
         self.scope, self.container = scope, container
+        self.dtype, self.opset = np.dtype(dtype), int(container.target_opset)
 
     def constant(self, hint, array):
         from onnx import TensorProto, numpy_helper
@@ -286,6 +516,10 @@ class _Skl2onnxGraph:
             tensor = numpy_helper.from_array(np.ascontiguousarray(array), name)
             self.container.add_initializer(name, tensor.data_type, list(array.shape), tensor)
         return name
+
+    def scalar(self, hint, value):
+        """A scalar constant in the graph's dtype."""
+        return self.constant(hint, np.array(value, dtype=self.dtype))
 
     def node(self, op_type, inputs, out=None, hint=None, **attrs):
         out = out if out is not None else self.scope.get_unique_variable_name(hint or op_type)
@@ -349,15 +583,16 @@ def _classifier_shapes(operator):
     operator.outputs[1].set_type(_output_float_type(operator.inputs[0])([n, len(labels)]))
 
 
-def _network_of(operator, graph):
+def _network_of(scope, operator, container):
     """The drop-in's network applied to the operator's input (cast to the network's dtype);
-    returns the logits' name, the network and its ONNX element type."""
+    returns the graph, the logits' name, the network and its ONNX element type."""
     from onnx import helper
     net = operator.raw_operator._network()
     _check_net(net)
+    graph = _Skl2onnxGraph(scope, container, net.dtype)
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(net.dtype))
     x = graph.cast(operator.inputs[0].full_name, _tensor_type(operator.inputs[0]), elem)
-    return _network_nodes(graph, net, x), net, elem
+    return graph, _network_nodes(graph, net, x), net, elem
 
 
 def _convert_classifier(scope, operator, container):
@@ -366,8 +601,7 @@ def _convert_classifier(scope, operator, container):
     probability per label (multi-label); labels from the logits' argmax or sign."""
     from onnx import TensorProto
     model = operator.raw_operator
-    graph = _Skl2onnxGraph(scope, container)
-    logits, net, elem = _network_of(operator, graph)
+    graph, logits, net, elem = _network_of(scope, operator, container)
     binary = model.out_activation_ == "logistic" and model.n_outputs_ == 1
     if model.out_activation_ == "softmax":
         proba = graph.node("Softmax", [logits], hint="softmax", axis=-1)
@@ -407,8 +641,7 @@ def _regressor_shapes(operator):
 
 def _convert_regressor(scope, operator, container):
     """The network's raw output (the drop-in's predict), shape (N, n_outputs)."""
-    graph = _Skl2onnxGraph(scope, container)
-    values, _, elem = _network_of(operator, graph)
+    graph, values, _, elem = _network_of(scope, operator, container)
     graph.cast(values, elem, _tensor_type(operator.outputs[0]), out=operator.outputs[0].full_name)
 
 

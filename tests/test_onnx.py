@@ -1,6 +1,7 @@
 """ONNX export (cprop.onnx): the graph passes onnx's checker and ONNX Runtime computes what cprop
-computes, for every activation, both dtypes and both heads; the scikit-learn drop-ins convert
-with skl2onnx, alone and in a Pipeline; `cprop export` on the command line.
+computes (predict_raw), for every activation and layer kind, both dtypes, both heads and the
+opsets where the operators change; the scikit-learn drop-ins convert with skl2onnx, alone and in
+a Pipeline; `cprop export` on the command line.
 
 Skipped without onnx and onnxruntime (pip install "cprop[onnx]"); the drop-in tests also need
 skl2onnx.
@@ -23,13 +24,16 @@ import cprop                      # noqa: E402
 import cprop.onnx as cprop_onnx   # noqa: E402
 from cprop.__main__ import main   # noqa: E402
 
-from conftest import ACTIVATIONS, make_net   # noqa: E402
+from conftest import make_net   # noqa: E402
 
 # ONNX Runtime's float32 Tanh and Sigmoid are vectorised approximations (within a few float32
 # ulps); in float64 only the summation order of the products differs
 ORT_TOLERANCE = {np.float32: {"rtol": 1e-5, "atol": 1e-5},
                  np.float64: {"rtol": 1e-12, "atol": 1e-12}}
 BATCH_SIZES = [1, 7, 300]
+ALL_ACTIVATIONS = cprop.activations.names()
+# the lowest opset, the default, and the one from which float32 gelus are Gelu nodes
+OPSETS = [cprop_onnx.MIN_OPSET, cprop_onnx.DEFAULT_OPSET, cprop_onnx.GELU_OPSET]
 
 
 def session(model_or_path):
@@ -57,6 +61,31 @@ def random_net(activation, dtype, seed=0):
                             cprop.Dense(8, 3, activation)], dtype=dtype, seed=seed)
     net.params[...] = np.random.default_rng(seed).standard_normal(net.n_params)
     return net
+
+
+def op_types(model):
+    return {node.op_type for node in model.graph.node}
+
+
+def assert_runs_like_predict_raw(net, model, n_inputs, scale=3.0, seed=1):
+    """ONNX Runtime's output for random inputs (batches of 1, 7 and 300) is predict_raw's.
+
+    The absolute tolerance is scaled by the batch's largest output: sums of products round
+    in proportion to their terms, so an output where large terms cancel is only as exact
+    as the outputs' scale (OpenBLAS's Prescott kernels and ONNX Runtime's Gemm differ by
+    3e-5 on an output of 1.5 in a float32 identity network, otherwise 1e-5 of it)."""
+    onnx.checker.check_model(model, full_check=True)
+    sess = session(model)
+    dtype = np.dtype(net.dtype).type
+    assert sess.get_inputs()[0].type == ("tensor(float)" if dtype == np.float32 else "tensor(double)")
+    rng = np.random.default_rng(seed)
+    for n in BATCH_SIZES:
+        X = (scale * rng.standard_normal((n, n_inputs))).astype(dtype)
+        [out] = run(sess, X)
+        assert out.dtype == dtype and out.shape == (n, net.n_outputs)
+        expected = net.predict_raw(X)
+        tol = ORT_TOLERANCE[dtype]
+        assert_allclose(out, expected, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, np.abs(expected).max()))
 
 
 # -- the graph -------------------------------------------------------------------------------------
@@ -87,20 +116,15 @@ def test_graph_is_valid_onnx_with_named_dynamic_input_and_output(tmp_path):
     assert json.loads(props["cprop.architecture"]) == net.architecture()
 
 
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_onnx_runtime_computes_forward_for_every_activation(activation, dtype, tmp_path):
+@pytest.mark.parametrize("opset", OPSETS)
+@pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
+def test_onnx_runtime_computes_forward_for_every_activation(activation, opset, dtype, tmp_path):
     net = random_net(activation, dtype)
     path = tmp_path / f"{activation}.onnx"
-    net.to_onnx(path)
-    sess = session(path)
-    assert sess.get_inputs()[0].type == ("tensor(float)" if dtype == np.float32 else "tensor(double)")
-    rng = np.random.default_rng(1)
 
-    for n in BATCH_SIZES:
-        X = (3 * rng.standard_normal((n, 5))).astype(dtype)
-        [out] = run(sess, X)
-        assert out.dtype == dtype and out.shape == (n, 3)
-        assert_allclose(out, net.forward(X), **ORT_TOLERANCE[dtype])
+    net.to_onnx(path, opset=opset)
+
+    assert_runs_like_predict_raw(net, onnx.load(path), 5)
 
 
 @pytest.mark.parametrize("head, function", [("softmax", lambda z: softmax(z, axis=1)), ("sigmoid", expit)])
@@ -122,17 +146,21 @@ def test_heads_turn_logits_into_probabilities(head, function, hidden, dtype, tmp
             assert_allclose(proba.sum(axis=1), 1, rtol=1e-6)
 
 
-def test_leaky_relu_keeps_its_exact_slope_in_float64(tmp_path):
-    # LeakyRelu's alpha attribute is a float32 (0.01 + 2e-10): float64 networks use PRelu with a
-    # float64 slope, so a negative input of 1e6 comes out as exactly -1e4
-    net = cprop.Sequential([cprop.Dense(1, 1, "leaky_relu")], dtype="float64", seed=0)
+@pytest.mark.parametrize("opset", OPSETS)
+@pytest.mark.parametrize("slope", [0.01, 0.2, 0.0, 3.5])
+def test_leaky_relu_keeps_its_own_exact_slope(slope, opset, dtype, tmp_path):
+    # LeakyRelu's alpha attribute is a float32 (0.01 + 2e-10 for 0.01), exact in float32 networks;
+    # float64 networks take the slope as a float64 constant, so a negative input of 1e6 comes out
+    # as exactly -1e6 times the double slope
+    net = cprop.Sequential([cprop.Dense(1, 1, "leaky_relu", negative_slope=slope)], dtype=dtype, seed=0)
     net.layers[0].W = [[1.0]]
-    sess = session(net.to_onnx(tmp_path / "net.onnx"))
+    model = net.to_onnx(tmp_path / "net.onnx", opset=opset)
+    X = np.array([[-1e6], [3.0], [-0.5]], dtype=dtype)
 
-    [out] = run(sess, np.array([[-1e6], [3.0]]))
+    [out] = run(session(model), X)
 
-    assert_array_equal(out, net.forward(np.array([[-1e6], [3.0]])))
-    assert_array_equal(out, [[-1e4], [3.0]])
+    assert_array_equal(out, net.predict_raw(X))
+    assert_array_equal(out, np.array([[-1e6 * slope], [3.0], [-0.5 * slope]], dtype=dtype))
 
 
 @pytest.mark.parametrize("opset", [cprop_onnx.MIN_OPSET, cprop_onnx.DEFAULT_OPSET])
@@ -173,6 +201,163 @@ def test_trained_digits_model_predicts_the_same_through_onnx_runtime(dtype, tmp_
 
     assert_allclose(proba, trainer.predict_proba(X), **ORT_TOLERANCE[dtype])
     assert_array_equal(proba.argmax(axis=1), trainer.predict(X))
+
+
+# -- the other layer kinds, and the activations' precision ------------------------------------------
+
+def with_random_statistics(net, seed=0):
+    """`net` with N(0, 1) parameters and running statistics far from (0, 1): running means
+    N(0, 2), running variances in [0.05, 4]."""
+    rng = np.random.default_rng(seed)
+    net.params[...] = rng.standard_normal(net.n_params)
+    for layer in net.layers:
+        if isinstance(layer, cprop.BatchNorm):
+            layer.running_mean[...] = 2 * rng.standard_normal(layer.n_out)
+            layer.running_var[...] = rng.uniform(0.05, 4, layer.n_out)
+    return net
+
+
+LAYER_NETWORKS = {
+    "batchnorm": lambda: [cprop.Dense(5, 12), cprop.BatchNorm(12, activation="elu"), cprop.Dense(12, 3)],
+    "batchnorm-last": lambda: [cprop.Dense(5, 3, "tanh"), cprop.BatchNorm(3, eps=1e-3)],
+    "batchnorm-no-affine": lambda: [cprop.Dense(5, 12), cprop.BatchNorm(12, affine=False, activation="relu"),
+                                    cprop.Dense(12, 3)],
+    "layernorm": lambda: [cprop.Dense(5, 12), cprop.LayerNorm(12, activation="gelu"), cprop.Dense(12, 3)],
+    "layernorm-last": lambda: [cprop.Dense(5, 3, "relu"), cprop.LayerNorm(3, eps=1e-2)],
+    "layernorm-no-affine": lambda: [cprop.Dense(5, 12), cprop.LayerNorm(12, elementwise_affine=False,
+                                                                         activation="softplus"),
+                                    cprop.Dense(12, 3)],
+    "dropout": lambda: [cprop.Dense(5, 12, "silu"), cprop.Dropout(0.3), cprop.Dense(12, 3)],
+    "dropout-first-and-last": lambda: [cprop.Dropout(0.2), cprop.Dense(5, 3, "gelu_tanh"), cprop.Dropout(0.5)],
+    "input-norms": lambda: [cprop.BatchNorm(5, activation="leaky_relu", negative_slope=0.1),
+                            cprop.LayerNorm(5, activation="sigmoid"), cprop.Dense(5, 3)],
+}
+
+
+@pytest.mark.parametrize("opset", OPSETS)
+@pytest.mark.parametrize("case", LAYER_NETWORKS)
+def test_onnx_runtime_computes_predict_raw_for_every_layer_kind(case, opset, dtype, tmp_path):
+    net = with_random_statistics(cprop.Sequential(LAYER_NETWORKS[case](), dtype=dtype, seed=0))
+
+    model = net.to_onnx(tmp_path / "net.onnx", opset=opset)
+
+    assert_runs_like_predict_raw(net, onnx.load(tmp_path / "net.onnx"), 5)
+    assert "Dropout" not in op_types(model)   # inference: no node at all
+    assert model.graph.output[0].name == "logits"
+    n_batchnorms = sum(isinstance(layer, cprop.BatchNorm) for layer in net.layers)
+    assert [n.op_type for n in model.graph.node].count("BatchNormalization") == n_batchnorms
+
+
+def test_dropout_adds_no_node_unless_it_names_the_output(tmp_path):
+    plain = make_net([5, 6, 3], hidden="relu")
+    with_dropout = cprop.Sequential([cprop.Dropout(0.1), cprop.Dense(5, 6, "relu"), cprop.Dropout(0.5),
+                                     cprop.Dense(6, 3)], dtype=np.float64, seed=0)
+    with_dropout.params[...] = plain.params
+    last = cprop.Sequential([cprop.Dense(5, 3), cprop.Dropout(0.5)], dtype=np.float64, seed=0)
+
+    ops = [n.op_type for n in cprop_onnx.convert(with_dropout).graph.node]
+
+    assert ops == [n.op_type for n in cprop_onnx.convert(plain).graph.node] == ["Gemm", "Relu", "Gemm"]
+    assert [n.op_type for n in cprop_onnx.convert(last).graph.node] == ["Gemm", "Identity"]
+    X = np.random.default_rng(0).standard_normal((7, 5))
+    assert_allclose(run(session(cprop_onnx.convert(with_dropout)), X)[0], plain.predict_raw(X),
+                    **ORT_TOLERANCE[np.float64])
+
+
+@pytest.mark.parametrize("dtype_name, opset, present, absent", [
+    # float32: the named operators; Gelu and LayerNormalization from the opsets that have them
+    ("float32", 17, {"Elu", "Softplus", "Erf", "Tanh", "LeakyRelu", "BatchNormalization", "LayerNormalization"},
+     {"Gelu"}),
+    ("float32", 20, {"Gelu", "LayerNormalization"}, {"Erf"}),
+    ("float32", 13, {"Erf", "ReduceMean", "Sqrt"}, {"LayerNormalization", "Gelu"}),
+    # float64: nothing ONNX Runtime runs in float32 only, nothing with a float32 attribute
+    ("float64", 20, {"BatchNormalization", "ReduceMean", "Exp", "MatMul", "Where"},
+     {"Elu", "Softplus", "Erf", "Gelu", "LeakyRelu", "PRelu", "LayerNormalization"}),
+])
+def test_operators_chosen_for_the_dtype_and_opset(dtype_name, opset, present, absent):
+    net = cprop.Sequential([cprop.Dense(4, 6, "elu"), cprop.BatchNorm(6, activation="softplus"),
+                            cprop.Dense(6, 6, "gelu"), cprop.LayerNorm(6, activation="gelu_tanh"),
+                            cprop.Dense(6, 2, "leaky_relu")], dtype=dtype_name, seed=0)
+
+    ops = op_types(cprop_onnx.convert(net, opset=opset))
+
+    assert present <= ops and not absent & ops, ops
+
+
+def one_unit(activation, dtype):
+    """x -> f(x): a 1-1 Dense layer with W = 1, b = 0."""
+    net = cprop.Sequential([cprop.Dense(1, 1, activation)], dtype=dtype, seed=0)
+    net.layers[0].W = [[1.0]]
+    return net
+
+
+def test_float64_gelu_spells_erf_to_double_precision(tmp_path):
+    # ONNX Runtime has no float64 Erf: the graph computes it by quadrature; against libm's erf
+    # (cprop's) on a fine grid, through the whole range where erf is not ±1 and beyond
+    x = np.concatenate([np.linspace(-12, 12, 24001), [-1e3, -40, 40, 1e3, 1e-300, -1e-300, 0]])[:, None]
+    net = one_unit("gelu", np.float64)
+
+    [out] = run(session(net.to_onnx(tmp_path / "gelu.onnx")), x)
+
+    assert_allclose(out, net.predict_raw(x), rtol=1e-14, atol=3e-14)   # erf within 2.5e-15
+    assert out[-1, 0] == 0 and out[-4, 0] == 1e3 and out[-7, 0] == 0
+
+
+@pytest.mark.parametrize("opset", [cprop_onnx.DEFAULT_OPSET, cprop_onnx.GELU_OPSET])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "elu", "softplus", "silu"])
+def test_float32_activations_over_their_whole_range(activation, opset, tmp_path):
+    x = np.linspace(-30, 30, 6001, dtype=np.float32)[:, None]
+    net = one_unit(activation, np.float32)
+
+    [out] = run(session(net.to_onnx(tmp_path / "net.onnx", opset=opset)), x)
+
+    assert_allclose(out, net.predict_raw(x), **ORT_TOLERANCE[np.float32])
+
+
+def test_softplus_is_x_above_torchs_threshold(dtype, tmp_path):
+    net = one_unit("softplus", dtype)
+    x = np.array([[20.5], [25.0], [1e4], [20.0], [0.0], [-5.0], [-800.0]], dtype=dtype)
+
+    [out] = run(session(net.to_onnx(tmp_path / "net.onnx")), x)
+
+    assert_array_equal(out[:3], x[:3])
+    assert_allclose(out, net.predict_raw(x), **ORT_TOLERANCE[dtype])
+
+
+def test_float64_epsilons_are_not_rounded_to_float32(tmp_path):
+    # ε = 0.1 is 0.1 + 1.5e-9 as a float32 (the type of BatchNormalization's and
+    # LayerNormalization's epsilon attributes): with variances near 0 that would move every
+    # normalized value by about 7e-9 of itself
+    net = cprop.Sequential([cprop.BatchNorm(4, eps=0.1), cprop.LayerNorm(4, eps=0.1)], dtype=np.float64, seed=0)
+    net.layers[0].running_mean[...] = [0.0, 1.0, -1.0, 2.0]
+    net.layers[0].running_var[...] = [0.0, 1e-3, 2.0, 0.5]
+    X = np.random.default_rng(0).standard_normal((9, 4)) * 0.05
+
+    [out] = run(session(net.to_onnx(tmp_path / "net.onnx")), X)
+
+    assert_allclose(out, net.predict_raw(X), rtol=1e-13, atol=1e-13)
+
+
+def test_trained_network_of_every_kind_predicts_the_same_through_onnx_runtime(dtype, tmp_path):
+    rng = np.random.default_rng(0)
+    X = (rng.standard_normal((400, 6)) * [1, 3, 0.5, 2, 1, 4] + [0, 5, -1, 0, 2, -3]).astype(dtype)
+    y = (X[:, 0] + X[:, 1] / 3 > 1.5).astype(np.int64) + (X[:, 3] > 1)
+    net = cprop.Sequential([cprop.Dense(6, 16), cprop.BatchNorm(16, activation="gelu"), cprop.Dropout(0.2),
+                            cprop.Dense(16, 12), cprop.LayerNorm(12, activation="silu"), cprop.Dense(12, 3)],
+                           dtype=dtype, seed=0)
+    trainer = cprop.Trainer(net, "cross_entropy", cprop.Adam(lr=0.01), batch_size=32, seed=0)
+    trainer.fit(X, y, epochs=3)
+    batchnorm = net.layers[1]
+    # the running statistics moved away from (0, 1) (the second input has mean 5, std 3)
+    assert np.abs(batchnorm.running_mean).max() > 0.5 and np.abs(batchnorm.running_var - 1).max() > 0.5
+
+    for opset in OPSETS:
+        model = cprop_onnx.export(net, tmp_path / "net.onnx", opset=opset, head="softmax")
+        onnx.checker.check_model(onnx.load(tmp_path / "net.onnx"), full_check=True)
+        [proba] = run(session(model), X)
+        assert_allclose(proba, trainer.predict_proba(X), **ORT_TOLERANCE[dtype])
+        assert_array_equal(proba.argmax(axis=1), trainer.predict(X))
+        assert_runs_like_predict_raw(net, cprop_onnx.convert(net, opset=opset), 6)
 
 
 # -- what export refuses, and how it writes -------------------------------------------------------
@@ -222,6 +407,20 @@ def test_not_a_network_and_non_finite_weights_are_refused(tmp_path):
     net.params[5] = np.nan
     with pytest.raises(ValueError, match=mentions("NaN")):
         net.to_onnx(tmp_path / "net.onnx")
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda bn: bn.running_mean.__setitem__(1, np.inf), ["running statistics", "infinite"]),
+    (lambda bn: bn.running_var.__setitem__(0, np.nan), ["running statistics", "NaN"]),
+    (lambda bn: bn.running_var.__setitem__(2, -0.5), ["layer 1", "BatchNorm", "negative running variance"]),
+])
+def test_bad_running_statistics_are_refused(damage, words, tmp_path):
+    net = cprop.Sequential([cprop.Dense(3, 4), cprop.BatchNorm(4), cprop.Dense(4, 2)], seed=0)
+    damage(net.layers[1])
+
+    with pytest.raises(ValueError, match=mentions(*words)):
+        net.to_onnx(tmp_path / "net.onnx")
+    assert os.listdir(tmp_path) == []
 
 
 def test_export_is_atomic(tmp_path, monkeypatch):
