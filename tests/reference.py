@@ -34,6 +34,55 @@ def tanh(z):
 ACTIVATIONS = {"identity": identity, "relu": relu, "leaky_relu": leaky_relu,
                "sigmoid": sigmoid, "tanh": tanh}
 
+# activations added with the network plan; their derivatives are checked by finite
+# differences of these (some need z, not y: gelu, gelu_tanh, silu)
+def elu(z):
+    return np.where(z > 0, z, np.expm1(np.minimum(z, 0)))            # z or e^z - 1
+
+
+def softplus(z):
+    return np.where(z > 20, z, np.logaddexp(0, z))                    # log(1 + e^z), z above 20
+
+
+def gelu(z):
+    from scipy.special import erf
+    return 0.5 * z * (1 + erf(z / np.sqrt(2)))                        # z·Φ(z)
+
+
+def gelu_tanh(z):
+    return 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z ** 3)))
+
+
+def silu(z):
+    return z * sigmoid(z)                                             # z·σ(z)
+
+
+ACTIVATIONS.update(elu=elu, softplus=softplus, gelu=gelu, gelu_tanh=gelu_tanh, silu=silu)
+
+
+# -- the other layer kinds (evaluation and training forward) ---------------
+
+def layernorm(X, gamma, beta, eps):
+    """(x - mean_row) / √(var_row + ε) · γ + β."""
+    mean = X.mean(axis=1, keepdims=True)
+    return (X - mean) / np.sqrt(X.var(axis=1, keepdims=True) + eps) * gamma + beta
+
+
+def batchnorm_train(X, gamma, beta, eps):
+    """(x - mean_batch) / √(var_batch + ε) · γ + β, the batch's biased variance."""
+    return (X - X.mean(axis=0)) / np.sqrt(X.var(axis=0) + eps) * gamma + beta
+
+
+def batchnorm_eval(X, gamma, beta, running_mean, running_var, eps):
+    """(x - running mean) / √(running var + ε) · γ + β."""
+    return (X - running_mean) / np.sqrt(running_var + eps) * gamma + beta
+
+
+def dropout(X, mask, p):
+    """X ⊙ mask / (1 - p), mask of 0/1."""
+    return X * mask / (1 - p)
+
+
 DERIVATIVES = {
     "identity": lambda y: np.ones_like(y),                            # f' = 1
     "relu": lambda y: (y > 0).astype(y.dtype),                        # f' = [y > 0]

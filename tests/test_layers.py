@@ -5,29 +5,19 @@ resumable; the compiled plan's codes the ones the Python tables use."""
 import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
-from scipy.special import erf
-
 import cprop
 from cprop._lazy import core as _core
+
+import reference as ref
 
 TOL = {np.float32: {"rtol": 2e-4, "atol": 2e-5}, np.float64: {"rtol": 1e-9, "atol": 1e-11}}
 NEW_ACTIVATIONS = ["elu", "softplus", "gelu", "gelu_tanh", "silu"]
 
 
-# -- NumPy formulas (the oracle) ----------------------------------------------------------
+# -- the NumPy oracle (tests/reference.py) --------------------------------------------------
 
-def sigmoid(z):
-    return np.exp(-np.logaddexp(0, -z))
-
-
-REFERENCE = {
-    "elu": lambda z: np.where(z > 0, z, np.expm1(np.minimum(z, 0))),         # z or e^z - 1
-    "softplus": lambda z: np.where(z > 20, z, np.logaddexp(0, z)),            # log(1 + e^z)
-    "gelu": lambda z: 0.5 * z * (1 + erf(z / np.sqrt(2))),                    # z·Φ(z)
-    "gelu_tanh": lambda z: 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z ** 3))),
-    "silu": lambda z: z * sigmoid(z),                                         # z·σ(z)
-    "leaky_relu_0.2": lambda z: np.where(z > 0, z, 0.2 * z),
-}
+REFERENCE = {name: ref.ACTIVATIONS[name] for name in NEW_ACTIVATIONS}
+REFERENCE["leaky_relu_0.2"] = lambda z: np.where(z > 0, z, 0.2 * z)
 
 
 def numeric_derivative(f, z, h=1e-6):
@@ -75,18 +65,6 @@ def test_python_tables_take_the_compiled_codes():
     assert all(cprop.losses.LOSSES[name] == code for name, code in _core.LOSSES.items())
 
 
-# -- NumPy formulas of the normalization layers --------------------------------------------
-
-def layernorm(X, gamma, beta, eps):
-    mean = X.mean(axis=1, keepdims=True)
-    var = X.var(axis=1, keepdims=True)
-    return (X - mean) / np.sqrt(var + eps) * gamma + beta
-
-
-def batchnorm(X, gamma, beta, eps):
-    return (X - X.mean(axis=0)) / np.sqrt(X.var(axis=0) + eps) * gamma + beta
-
-
 @pytest.mark.parametrize("kind", ["layernorm", "batchnorm"])
 def test_normalization_forward_matches_the_formula(kind, dtype, rng):
     n = 7
@@ -96,15 +74,17 @@ def test_normalization_forward_matches_the_formula(kind, dtype, rng):
     layer.beta = rng.normal(size=n)
     X = rng.normal(size=(33, 4)).astype(dtype)
     hidden = X.astype(np.float64) @ net.layers[0].W.astype(np.float64) + net.layers[0].b
-    formula = layernorm if kind == "layernorm" else batchnorm
+    formula = ref.layernorm if kind == "layernorm" else ref.batchnorm_train
     expected = formula(hidden, layer.gamma.astype(np.float64), layer.beta.astype(np.float64), 1e-3)
     assert_allclose(net.forward(X, training=True), expected, **TOL[dtype])
     if kind == "batchnorm":
         # running estimates moved by momentum 0.1 from (0, 1), the variance unbiased
         assert_allclose(layer.running_mean, 0.1 * hidden.mean(axis=0), **TOL[dtype])
         assert_allclose(layer.running_var, 0.9 + 0.1 * hidden.var(axis=0, ddof=1), **TOL[dtype])
-        evaluated = (hidden - layer.running_mean) / np.sqrt(layer.running_var.astype(np.float64) + 1e-3)
-        assert_allclose(net.predict_raw(X), evaluated * layer.gamma + layer.beta, **TOL[dtype])
+        evaluated = ref.batchnorm_eval(hidden, layer.gamma.astype(np.float64), layer.beta.astype(np.float64),
+                                       layer.running_mean.astype(np.float64),
+                                       layer.running_var.astype(np.float64), 1e-3)
+        assert_allclose(net.predict_raw(X), evaluated, **TOL[dtype])
     else:
         assert_allclose(net.predict_raw(X), expected, **TOL[dtype])
 
@@ -241,7 +221,7 @@ def test_dropout_masks_scale_and_reuse(rng):
     out = net.forward(X, training=True, seed=7)
     kept = out != 0
     assert abs(1 - kept.mean() - 0.3) < 0.01              # 200,000 draws
-    assert_allclose(out[kept], clean[kept] / 0.7, rtol=1e-12)
+    assert_allclose(out, ref.dropout(clean, kept, 0.3), rtol=1e-12)
     assert_array_equal(net.forward(X, training=True, seed=7), out)   # the seed decides the mask
     assert not np.array_equal(net.forward(X, training=True, seed=8), out)
     net.forward(X, training=True, seed=7)
