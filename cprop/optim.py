@@ -4,6 +4,8 @@ SGD:   g' = g + wd·p;  v = μ·v + g';  p -= lr·v   (Nesterov: p -= lr·(g' + 
 Adam:  g' = g + wd·p;  m = β1·m + (1-β1)·g';  v = β2·v + (1-β2)·g'²;
        p -= lr/(1-β1ᵗ) · m / (√v/√(1-β2ᵗ) + ε)
 AdamW: as Adam, but decay is decoupled: p *= 1 - lr·wd, and g' = g.
+Adam(sklearn_style=True), scikit-learn's: ε added to √v before the bias correction,
+       p -= lr·√(1-β2ᵗ)/(1-β1ᵗ) · m / (√v + ε)
 """
 from __future__ import annotations
 
@@ -172,6 +174,11 @@ class Adam(Optimizer):
     betas : (float, float) in [0, 1), default (0.9, 0.999)
     eps : float > 0, default 1e-8
     weight_decay : float >= 0, default 0
+    sklearn_style : bool, default False
+        Where ε goes. False (torch's): ``p -= lr/(1-β1ᵗ) · m / (√v/√(1-β2ᵗ) + ε)``.
+        True (scikit-learn's AdamOptimizer): ``p -= lr·√(1-β2ᵗ)/(1-β1ᵗ) · m / (√v + ε)``,
+        computed as scikit-learn computes it, so that both take the same steps. The two
+        differ by ε scaled by √(1-β2ᵗ): most in the first steps and when √v is near ε.
     """
 
     _CORE = "adam"
@@ -179,22 +186,27 @@ class Adam(Optimizer):
     decoupled = False
 
     def __init__(self, lr: float = 0.001, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0) -> None:
+                 weight_decay: float = 0.0, *, sklearn_style: bool = False) -> None:
         super().__init__()
         self.lr = check_real(lr, "lr", low=0)
         self.betas = betas
         self.eps = eps
         self.weight_decay = check_real(weight_decay, "weight_decay", low=0)
+        self.sklearn_style = sklearn_style
         self._hyper()
 
     def __repr__(self):
+        style = ", sklearn_style=True" if self.sklearn_style else ""
         return (f"{type(self).__name__}(lr={self.lr}, betas={self.betas}, eps={self.eps}, "
-                f"weight_decay={self.weight_decay})")
+                f"weight_decay={self.weight_decay}{style})")
 
     @classmethod
     def from_config(cls, cfg):
-        return cls(lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"],
-                   weight_decay=cfg["weight_decay"])
+        opt = cls(lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"],
+                  weight_decay=cfg["weight_decay"])
+        opt.sklearn_style = cfg.get("sklearn_style", False)   # files from before it: torch's
+        opt._hyper()
+        return opt
 
     def _hyper(self):
         betas = self.betas
@@ -205,8 +217,9 @@ class Adam(Optimizer):
         self.betas = (check_real(betas[0], "beta1", low=0, high=1, high_open=True),
                       check_real(betas[1], "beta2", low=0, high=1, high_open=True))
         self.eps = check_real(self.eps, "eps", low=0, low_open=True)
+        self.sklearn_style = check_bool(self.sklearn_style, "sklearn_style")
         return {"beta1": self.betas[0], "beta2": self.betas[1], "eps": self.eps,
-                "decoupled": self.decoupled}
+                "decoupled": self.decoupled, "sklearn_style": self.sklearn_style}
 
 
 class AdamW(Adam):

@@ -20,6 +20,10 @@ scikit-learn's conventions and how cprop reproduces them:
   torch's ``v = μv + g; p -= lr·v`` with sklearn's v = -lr × torch's v; when
   the learning rate changes between epochs (invscaling, adaptive) cprop's
   velocity is rescaled by old_lr/new_lr so the two stay the same update.
+- Adam: sklearn's update, ``p -= lr·√(1-β2ᵗ)/(1-β1ᵗ) · m / (√v + ε)`` (ε added
+  to √v before the bias correction; ``cprop.Adam(sklearn_style=True)``), where
+  ``cprop.Adam`` keeps torch's; the private optimizer's ``learning_rate`` is
+  sklearn's (the last bias-corrected step).
 - initial weights: drawn exactly as sklearn draws them (Glorot-uniform weights
   *and* biases from ``check_random_state(random_state)``), so the same
   ``random_state`` starts both from the same point.
@@ -29,8 +33,6 @@ Known differences from scikit-learn (documented, deliberate):
 - ``solver="lbfgs"`` and the regressor's ``loss="poisson"`` are not supported
   (ValueError); ``sample_weight`` is not accepted; sparse X is rejected.
 - ``momentum`` must be < 1 (sklearn allows 1).
-- Adam: cprop adds ε to ``√v/√(1-β2ᵗ)`` (torch), sklearn to ``√v``; this is
-  sklearn's update with ε scaled by ``√(1-β2ᵗ)`` (smaller in the first steps).
 - ``loss_`` / ``loss_curve_``: the data term is exact (summed over the epoch's
   batches at their pre-update weights, as sklearn). sklearn adds
   ``alpha/2·‖W‖²/n`` once per *batch* at that batch's weights; cprop knows the
@@ -86,6 +88,32 @@ _LOSSES = {
     "logistic": ("binary_cross_entropy", lambda n_outputs: float(n_outputs)),
     "identity": ("mse", lambda n_outputs: n_outputs / 2.0),
 }
+
+
+class _SGD(SGD):
+    """The drop-in's SGD; ``learning_rate`` answers as scikit-learn's SGDOptimizer's."""
+
+    @property
+    def learning_rate(self):
+        """The current learning rate (scikit-learn's name for it)."""
+        return self.lr
+
+
+class _Adam(Adam):
+    """The drop-in's Adam: scikit-learn's update (``sklearn_style``), and ``learning_rate``
+    answering as scikit-learn's AdamOptimizer's."""
+
+    def __init__(self, lr, betas, eps):
+        super().__init__(lr=lr, betas=betas, eps=eps, sklearn_style=True)
+
+    @property
+    def learning_rate(self):
+        """The bias-corrected step of the last update, lr·√(1-β2ᵗ)/(1-β1ᵗ) (lr before any)."""
+        t = self.step_count
+        if t == 0:
+            return self.lr
+        beta1, beta2 = self.betas
+        return self.lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
 
 
 def _stochastic_solver(estimator):
@@ -229,10 +257,10 @@ class _BaseMLP(BaseEstimator):
 
     def _new_optimizer(self):
         if self.solver == "sgd":
-            opt = SGD(lr=self.learning_rate_init, momentum=self.momentum,
-                      nesterov=bool(self.nesterovs_momentum and self.momentum > 0))
+            opt = _SGD(lr=self.learning_rate_init, momentum=self.momentum,
+                       nesterov=bool(self.nesterovs_momentum and self.momentum > 0))
         else:
-            opt = Adam(lr=self.learning_rate_init, betas=(self.beta_1, self.beta_2), eps=self.epsilon)
+            opt = _Adam(lr=self.learning_rate_init, betas=(self.beta_1, self.beta_2), eps=self.epsilon)
         # sklearn's L2: alpha·W / batch_size on weights only
         opt.weight_decay = float(self.alpha)
         opt.decay_bias = False

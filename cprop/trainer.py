@@ -491,7 +491,7 @@ def _optimizer_from_meta(o):
     cfg, name = o["config"], o.get("name")
     if not isinstance(name, str) or name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(OPTIMIZERS)}")
-    for key in ("nesterov", "decoupled"):
+    for key in ("nesterov", "decoupled", "sklearn_style"):
         if key in cfg:
             _flag(cfg, key)
     opt = OPTIMIZERS[name].from_config(cfg)

@@ -488,6 +488,7 @@ cdef Optim make_optim(dict config):
     opt.eps = config.get("eps", 1e-8)
     opt.nesterov = config.get("nesterov", False)
     opt.decoupled = config.get("decoupled", False)
+    opt.sklearn_style = config.get("sklearn_style", False)
     opt.decay_bias = config.get("decay_bias", True)
     opt.decay_per_sample = config.get("decay_per_sample", False)
     opt.step = config.get("step", 0)

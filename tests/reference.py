@@ -124,10 +124,11 @@ def sgd_step(params, grads, velocity, lr, momentum=0.0, nesterov=False, weight_d
 
 
 def adam_step(params, grads, m, v, t, lr=0.001, betas=(0.9, 0.999), eps=1e-8,
-              weight_decay=0.0, decoupled=False):
+              weight_decay=0.0, decoupled=False, sklearn_style=False):
     """Step t (from 1) of Adam, or AdamW when `decoupled`:
     g' = g + wd·p (AdamW: p *= 1 - lr·wd);  m = β1·m + (1-β1)·g';  v = β2·v + (1-β2)·g'²;
-    p -= lr/(1-β1ᵗ) · m / (√v/√(1-β2ᵗ) + ε)."""
+    p -= lr/(1-β1ᵗ) · m / (√v/√(1-β2ᵗ) + ε)
+    (sklearn_style: p -= lr·√(1-β2ᵗ)/(1-β1ᵗ) · m / (√v + ε))."""
     beta1, beta2 = betas
     for p, g, m_p, v_p in zip(params, grads, m, v):
         if decoupled:
@@ -136,7 +137,10 @@ def adam_step(params, grads, m, v, t, lr=0.001, betas=(0.9, 0.999), eps=1e-8,
             g = g + weight_decay * p
         m_p[...] = beta1 * m_p + (1 - beta1) * g
         v_p[...] = beta2 * v_p + (1 - beta2) * g * g
-        p -= lr / (1 - beta1 ** t) * m_p / (np.sqrt(v_p) / np.sqrt(1 - beta2 ** t) + eps)
+        if sklearn_style:
+            p -= lr * np.sqrt(1 - beta2 ** t) / (1 - beta1 ** t) * m_p / (np.sqrt(v_p) + eps)
+        else:
+            p -= lr / (1 - beta1 ** t) * m_p / (np.sqrt(v_p) / np.sqrt(1 - beta2 ** t) + eps)
 
 
 # -- one training epoch ------------------------------------------------------

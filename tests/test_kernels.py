@@ -310,13 +310,17 @@ def test_sgd_step(config, dtype, rng):
     (cprop.Adam, {"lr": 0.02, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.1}),
     (cprop.AdamW, {"lr": 0.01}),
     (cprop.AdamW, {"lr": 0.02, "betas": (0.5, 0.9), "weight_decay": 0.3}),
+    # scikit-learn's ε placement; a large ε makes it differ from torch's visibly
+    (cprop.Adam, {"lr": 0.01, "sklearn_style": True}),
+    (cprop.Adam, {"lr": 0.02, "betas": (0.8, 0.99), "eps": 0.1, "weight_decay": 0.1, "sklearn_style": True}),
 ], ids=str)
 def test_adam_step(cls, config, dtype, rng):
     net = make_net([4, 5, 3], dtype=dtype)
     m, v = [np.zeros(net.n_params)], [np.zeros(net.n_params)]
     optimizer = cls(**config)
     hyper = {"lr": optimizer.lr, "betas": optimizer.betas, "eps": optimizer.eps,
-             "weight_decay": optimizer.weight_decay, "decoupled": cls is cprop.AdamW}
+             "weight_decay": optimizer.weight_decay, "decoupled": cls is cprop.AdamW,
+             "sklearn_style": optimizer.sklearn_style}
 
     def reference_step(params, grads, t):
         ref.adam_step(params, grads, m, v, t, **hyper)
