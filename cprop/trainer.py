@@ -296,6 +296,8 @@ class Trainer:
         order = self.rng.permutation(n).astype(np.intp, copy=False) if self.shuffle else buffers["order"]
         # dropout masks: keyed by the trainer's seed and the epoch, so a resumed fit draws the same
         settings["seed"] = (self.dropout_seed + 0x9E3779B97F4A7C15 * (self.epochs_done + 1)) & (2**64 - 1)
+        if self.optimizer.full_batch:
+            return self._full_batch_epoch(X, T, labels, settings)
         cfg = self.optimizer.config()     # a callback may have changed its hyper-parameters
         state_a, state_b = self.optimizer._kernel_state(net, cfg)
         table, hyper, row_width, n_bstats = net._plan
@@ -320,6 +322,18 @@ class Trainer:
         return {"loss": loss_sum / n_seen, "lr": self.optimizer.lr, "time": elapsed,
                 "samples_per_second": n / elapsed if elapsed > 0 else math.inf}
 
+    def _full_batch_epoch(self, X, T, labels, settings):
+        """An epoch of a full-batch optimizer (L-BFGS): one run of it over all of (X, T, labels)."""
+        start = time.perf_counter()
+        result = self.optimizer.minimize(self.net, X, T, labels, settings)
+        elapsed = time.perf_counter() - start
+        if result.overflowed:
+            self._diverged(_core.NONFINITE_LOSS, 0, stacklevel=6)
+            return None
+        self.epochs_done += 1
+        return {"loss": result.data_loss, "time": elapsed,
+                "samples_per_second": X.shape[0] * result.nfev / elapsed if elapsed > 0 else math.inf}
+
     def _split(self, X, T, labels, fraction):
         """((X, T, labels) to train on, the same held out): a random `fraction` of the
         samples, drawn with the trainer's generator, held out for validation."""
@@ -333,14 +347,14 @@ class Trainer:
         # T (float targets) or labels is an empty placeholder, depending on the loss
         return tuple(tuple(a[idx] if a.shape[0] else a for a in (X, T, labels)) for idx in parts)
 
-    def _diverged(self, status, n_seen):
+    def _diverged(self, status, n_seen, stacklevel=5):
         what = "loss" if status == _core.NONFINITE_LOSS else "update"
         msg = (f"training diverged in epoch {self.epochs_done + 1} after {n_seen} samples: "
                f"the {what} became non-finite. The network keeps its last finite parameters; "
                "lower the learning rate or scale the inputs.")
         if self.on_divergence == "raise":
             raise DivergenceError(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=5)   # _diverged < _epoch < _fit < fit < the caller
+        warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)   # _diverged < _epoch < _fit < fit < the caller
 
     # -- evaluation --------------------------------------------------------
     def _raw_output(self, X):
