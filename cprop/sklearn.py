@@ -3,10 +3,10 @@
 They take scikit-learn's ``sklearn.neural_network`` parameters (same names,
 defaults and meaning) and train with cprop: a :class:`cprop.Sequential` of
 :class:`cprop.Dense` layers (the output layer is identity: the loss fuses the
-softmax or sigmoid) and one :meth:`cprop.Trainer.fit` call whose per-epoch
-callback does scikit-learn's bookkeeping (loss curve, ``tol`` /
-``n_iter_no_change``, early stopping, learning-rate schedules,
-ConvergenceWarning).
+softmax or sigmoid) and one :meth:`cprop.Trainer.fit` call. For "sgd" and
+"adam" its per-epoch callback does scikit-learn's bookkeeping (loss curve,
+``tol`` / ``n_iter_no_change``, early stopping, learning-rate schedules,
+ConvergenceWarning); "lbfgs" is one run of :class:`cprop.LBFGS`.
 
 scikit-learn's conventions and how cprop reproduces them:
 
@@ -24,14 +24,21 @@ scikit-learn's conventions and how cprop reproduces them:
   to √v before the bias correction; ``cprop.Adam(sklearn_style=True)``), where
   ``cprop.Adam`` keeps torch's; the private optimizer's ``learning_rate`` is
   sklearn's (the last bias-corrected step).
+- L-BFGS: scipy's L-BFGS-B with sklearn's settings (``maxiter=max_iter``,
+  ``maxfun=max_fun``, ``gtol=tol``) on the objective sklearn hands it, the loss
+  plus ``alpha/(2n)·‖W‖²``, gradient plus ``alpha/n·W`` (weights only); for
+  multi-output squared error that objective's value is averaged over outputs
+  while its gradient sums over them, as sklearn's. ``n_iter_``, ``loss_`` (the
+  objective) and the ConvergenceWarning are sklearn's; ``t_``, ``loss_curve_``
+  and the stopping attributes are left alone, as sklearn leaves them.
 - initial weights: drawn exactly as sklearn draws them (Glorot-uniform weights
   *and* biases from ``check_random_state(random_state)``), so the same
   ``random_state`` starts both from the same point.
 
 Known differences from scikit-learn (documented, deliberate):
 
-- ``solver="lbfgs"`` and the regressor's ``loss="poisson"`` are not supported
-  (ValueError); ``sample_weight`` is not accepted; sparse X is rejected.
+- the regressor's ``loss="poisson"`` is not supported (ValueError);
+  ``sample_weight`` is not accepted; sparse X is rejected.
 - ``momentum`` must be < 1 (sklearn allows 1).
 - ``loss_`` / ``loss_curve_``: the data term is exact (summed over the epoch's
   batches at their pre-update weights, as sklearn). sklearn adds
@@ -43,7 +50,12 @@ Known differences from scikit-learn (documented, deliberate):
   probabilities at machine epsilon.
 - a diverging fit stops at the failing batch with the last finite weights
   (sklearn carries on with NaN): ValueError, or with early stopping a
-  RuntimeWarning and the best weights, as sklearn ends up.
+  RuntimeWarning and the best weights, as sklearn ends up. L-BFGS alike: a
+  line search that meets a loss that is not finite ends the run at the last
+  finite iterate, and fit raises ValueError (sklearn warns and reports a NaN loss).
+- with L-BFGS, the same iterations as sklearn's to rounding; over hundreds of
+  iterations of a non-convex problem the rounding of different summation
+  orders grows, and the two end at nearby points of similar loss and score.
 - ``coefs_`` and ``intercepts_`` are views of the live cprop network's
   parameters: modify them in place (``coefs_[0][...] = W``) to change the
   model; assigning new arrays to the lists does not.
@@ -67,6 +79,7 @@ from sklearn.utils import check_random_state, column_or_1d
 from sklearn.utils._param_validation import Interval, Options, StrOptions
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import _check_partial_fit_first_call, type_of_target, unique_labels
+from sklearn.utils.optimize import _check_optimize_result
 try:
     from sklearn.utils.validation import check_is_fitted, validate_data
 except ImportError as exc:  # validate_data is public from scikit-learn 1.6 on
@@ -74,7 +87,7 @@ except ImportError as exc:  # validate_data is public from scikit-learn 1.6 on
 
 from .layers import Dense
 from .network import Sequential
-from .optim import SGD, Adam
+from .optim import LBFGS, SGD, Adam
 from .trainer import DivergenceError, Trainer
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
@@ -130,7 +143,6 @@ class _BaseMLP(BaseEstimator):
     _parameter_constraints: dict = {
         "hidden_layer_sizes": ["array-like", Interval(Integral, 1, None, closed="left")],
         "activation": [StrOptions({"identity", "logistic", "tanh", "relu"})],
-        # lbfgs passes validation so that fit can say clearly it is not supported
         "solver": [StrOptions({"lbfgs", "sgd", "adam"})],
         "alpha": [Interval(Real, 0, None, closed="left")],
         "batch_size": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
@@ -163,11 +175,7 @@ class _BaseMLP(BaseEstimator):
         return [int(s) for s in sizes]
 
     def _check_supported(self):
-        if self.solver == "lbfgs":
-            raise ValueError(
-                "solver='lbfgs' is not supported by cprop.sklearn: cprop trains by minibatch "
-                "gradient descent; use solver='adam' or solver='sgd' (or "
-                "sklearn.neural_network for L-BFGS).")
+        """Raise ValueError for parameter values cprop.sklearn does not support."""
 
     def _initialize(self, layer_units, dtype):
         """Fresh network (weights drawn as sklearn draws them) and fit bookkeeping."""
@@ -187,16 +195,17 @@ class _BaseMLP(BaseEstimator):
             layer.b[...] = self._random_state.uniform(-bound, bound, layer.n_out)
         self._bind_params()
         self._best_params = self._net.params.copy()
-        self.loss_curve_ = []
-        self._no_improvement_count = 0
-        if self.early_stopping:
-            self.validation_scores_ = []
-            self.best_validation_score_ = -np.inf
-            self.best_loss_ = None
-        else:
-            self.best_loss_ = np.inf
-            self.validation_scores_ = None
-            self.best_validation_score_ = None
+        if self.solver != "lbfgs":    # as sklearn: L-BFGS keeps no loss curve
+            self.loss_curve_ = []
+            self._no_improvement_count = 0
+            if self.early_stopping:
+                self.validation_scores_ = []
+                self.best_validation_score_ = -np.inf
+                self.best_loss_ = None
+            else:
+                self.best_loss_ = np.inf
+                self.validation_scores_ = None
+                self.best_validation_score_ = None
 
     def _bind_params(self):
         """coefs_ / intercepts_ as views of the network's live parameters."""
@@ -248,7 +257,11 @@ class _BaseMLP(BaseEstimator):
             arch["activations"] = [hidden] * (len(sizes) - 2) + ["identity"]
             self._net = Sequential.from_architecture(arch, self._net.params)
             self._bind_params()
-        # a warm start may switch early stopping on or off
+        if self.solver == "lbfgs":
+            return
+        # a warm start may switch early stopping on or off, or follow an L-BFGS fit
+        if not hasattr(self, "loss_curve_"):
+            self.loss_curve_, self._no_improvement_count = [], 0
         if self.early_stopping and getattr(self, "validation_scores_", None) is None:
             self.validation_scores_, self.best_validation_score_ = [], -np.inf
             self._best_params = self._net.params.copy()
@@ -292,8 +305,40 @@ class _BaseMLP(BaseEstimator):
         else:
             self._continue_with(layer_units)
         X = np.ascontiguousarray(X, dtype=self._net.dtype)
-        self._fit_stochastic(X, y, incremental)
+        if self.solver == "lbfgs":
+            self._fit_lbfgs(X, y)
+        else:
+            self._fit_stochastic(X, y, incremental)
         return self
+
+    def _loss_setup(self, y):
+        """(cprop loss name, loss_scale giving sklearn's gradient, the factor from cprop's
+        loss to the one sklearn reports, targets as the loss takes them)."""
+        loss_name, scale = _LOSSES[self.out_activation_]
+        # sklearn reports the squared error averaged over outputs (its gradient sums over them)
+        report = 1.0 / self.n_outputs_ if loss_name == "mse" else 1.0
+        targets = np.ascontiguousarray(y.argmax(axis=1)) if loss_name == "cross_entropy" else y
+        return loss_name, scale(self.n_outputs_), report, targets
+
+    def _fit_lbfgs(self, X, y):
+        """sklearn's L-BFGS: one run of cprop.LBFGS over all of (X, y), its objective the loss
+        plus alpha/(2n)·‖W‖² (weights only), as sklearn's."""
+        loss_name, scale, report, targets = self._loss_setup(y)
+        opt = LBFGS(max_iter=self.max_iter, max_fun=self.max_fun, tol=self.tol,
+                    weight_decay=float(self.alpha))
+        opt.decay_bias = False
+        opt.decay_per_sample = True
+        opt._value_scale = report      # sklearn's objective, even where value and gradient disagree
+        # (L-BFGS takes the whole data set: the trainer's batch size plays no part)
+        trainer = Trainer(self._net, loss=loss_name, optimizer=opt, shuffle=False, loss_scale=scale)
+        try:
+            trainer.fit(X, targets, epochs=1)
+        except DivergenceError as exc:
+            raise ValueError("Solver produced non-finite parameter weights. The input data may "
+                             f"contain large values and need to be preprocessed. ({exc})") from exc
+        result = opt.result
+        self.n_iter_ = _check_optimize_result("lbfgs", result, self.max_iter)
+        self.loss_ = float(result.fun)
 
     def _fit_stochastic(self, X, y, incremental):
         if not incremental or not hasattr(self, "_optimizer"):
@@ -322,13 +367,10 @@ class _BaseMLP(BaseEstimator):
             batch_size = int(np.clip(self.batch_size, 1, n_samples))
         n_batches = math.ceil(n_samples / batch_size)
 
-        loss_name, scale = _LOSSES[self.out_activation_]
-        # sklearn reports the squared error averaged over outputs (its gradient sums over them)
-        report = 1.0 / self.n_outputs_ if loss_name == "mse" else 1.0
-        targets = np.ascontiguousarray(y.argmax(axis=1)) if loss_name == "cross_entropy" else y
+        loss_name, scale, report, targets = self._loss_setup(y)
         seed = self._random_state.randint(np.iinfo(np.int32).max) if self.shuffle else None
         trainer = Trainer(self._net, loss=loss_name, optimizer=self._optimizer, batch_size=batch_size,
-                          shuffle=self.shuffle, seed=seed, loss_scale=scale(self.n_outputs_))
+                          shuffle=self.shuffle, seed=seed, loss_scale=scale)
         alpha = float(self.alpha)
         sq_weights = [self._sum_squared_weights()] if alpha > 0 else None
 
@@ -467,20 +509,19 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     """Multi-layer perceptron classifier trained by cprop, with scikit-learn's interface.
 
     Parameters are those of :class:`sklearn.neural_network.MLPClassifier`
-    (same names, defaults and meaning), except that ``solver`` must be
-    "adam" or "sgd" and ``max_fun`` (an L-BFGS setting) is accepted and
-    unused. See the module docstring for the remaining small differences.
+    (same names, defaults and meaning); see the module docstring for the
+    small differences that remain.
 
     Attributes
     ----------
     classes_ : ndarray of shape (n_classes,)
-    loss_ : float — the loss of the last epoch, L2 term included
-    best_loss_ : float or None — the lowest loss_ (None with early stopping)
-    loss_curve_ : list of float — loss_ of every epoch
+    loss_ : float — the loss of the last epoch (L-BFGS: at the end), L2 term included
+    best_loss_ : float or None — the lowest loss_ (None with early stopping; sgd, adam)
+    loss_curve_ : list of float — loss_ of every epoch (sgd, adam)
     validation_scores_ : list of float or None — accuracy on the held-out
-        validation_fraction, per epoch (early stopping only)
+        validation_fraction, per epoch (early stopping only; sgd, adam)
     best_validation_score_ : float or None
-    t_ : int — training samples seen
+    t_ : int — training samples seen (sgd, adam)
     coefs_, intercepts_ : lists of ndarray — views of the network's W (n_in, n_out) and b
     n_features_in_, feature_names_in_, n_iter_, n_layers_, n_outputs_
     out_activation_ : {"softmax", "logistic"} — softmax for multi-class, one
@@ -620,16 +661,24 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         return proba.astype(raw.dtype, copy=False)
 
     def predict_log_proba(self, X):
-        """log(predict_proba(X)), computed from the logits (no underflow to -inf)."""
+        """log(predict_proba(X)), computed from the logits: accurate where a probability
+        rounds to 1, and -inf exactly where predict_proba's probability is 0 (scikit-learn's
+        checks hold it to be a transformation of predict_proba)."""
         raw = self._raw_output(X)
         z = raw.astype(np.float64)
         if self.out_activation_ == "softmax":
             z -= z.max(axis=1, keepdims=True)
-            log_proba = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+            others = np.exp(z)
+            others[np.arange(len(z)), z.argmax(axis=1)] = 0    # the max's exp(0) = 1 goes to log1p
+            log_proba = z - np.log1p(others.sum(axis=1, keepdims=True))
         elif self.n_outputs_ == 1:
             log_proba = np.hstack([log_expit(-z), log_expit(z)])
         else:
             log_proba = log_expit(z)
+        proba = self._proba_from_raw(raw)
+        if self.n_outputs_ == 1:
+            proba = np.hstack([1 - proba, proba])
+        log_proba[proba.astype(raw.dtype, copy=False) == 0] = -np.inf
         return log_proba.astype(raw.dtype, copy=False)
 
     def __sklearn_tags__(self):
@@ -643,8 +692,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     Minimises the squared error; parameters are those of
     :class:`sklearn.neural_network.MLPRegressor` (same names, defaults and
-    meaning), except that ``loss`` must be "squared_error", ``solver`` "adam"
-    or "sgd", and ``max_fun`` is accepted and unused. Multi-output targets
+    meaning), except that ``loss`` must be "squared_error". Multi-output targets
     (y of shape (n_samples, n_outputs)) train one network with n_outputs
     outputs. Attributes as :class:`MLPClassifier` (without ``classes_``;
     ``validation_scores_`` holds R²; ``out_activation_`` is "identity").

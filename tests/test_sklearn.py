@@ -56,6 +56,8 @@ def smooth_target(X):
 @parametrize_with_checks([
     MLPClassifier(hidden_layer_sizes=(10,), max_iter=100, random_state=0),
     MLPRegressor(hidden_layer_sizes=(10,), max_iter=100, learning_rate_init=0.01, random_state=0),
+    MLPClassifier(hidden_layer_sizes=(10,), solver="lbfgs", max_iter=100, random_state=0),
+    MLPRegressor(hidden_layer_sizes=(10,), solver="lbfgs", max_iter=100, random_state=0),
 ])
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
@@ -277,6 +279,98 @@ def test_threads_do_not_change_the_fit(digits64):
         assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
+# -- L-BFGS ----------------------------------------------------------------------------
+
+def lbfgs_params(**overrides):
+    params = dict(hidden_layer_sizes=(16, 8), activation="tanh", solver="lbfgs", alpha=1e-3,
+                  max_iter=15, random_state=0)
+    params.update(overrides)
+    return params
+
+
+@pytest.mark.parametrize("kind", ["multiclass", "binary", "multilabel", "multioutput", "regression"])
+def test_lbfgs_matches_sklearn_iteration_for_iteration(digits64, kind):
+    """From the same initial weights, L-BFGS-B sees the same objective and gradient (L2
+    term included; for multi-output squared error sklearn's value averaged over outputs
+    while its gradient sums them) and so takes the same iterations."""
+    X, y = digits64
+    ours, theirs = fit_both(X, targets(kind, X, y), kind in ("multioutput", "regression"),
+                            **lbfgs_params())
+
+    assert ours.n_iter_ == theirs.n_iter_ == 15 and ours.t_ == theirs.t_ == 0
+    assert ours.out_activation_ == theirs.out_activation_
+    for a, b in zip(ours.coefs_ + ours.intercepts_, theirs.coefs_ + theirs.intercepts_):
+        assert a.dtype == b.dtype
+        assert_allclose(a, b, rtol=1e-8, atol=1e-10)
+    assert ours.loss_ == pytest.approx(theirs.loss_, rel=1e-10)
+    # as sklearn: no loss curve nor stopping bookkeeping for L-BFGS
+    for name in ("loss_curve_", "best_loss_", "validation_scores_"):
+        assert hasattr(ours, name) == hasattr(theirs, name) == False   # noqa: E712
+
+
+@pytest.mark.parametrize("kind", ["multiclass", "multilabel", "regression", "multioutput"])
+def test_lbfgs_reaches_sklearns_scores(kind):
+    """Fits to convergence (or to max_iter) score as sklearn's on held-out data. Long runs
+    part ways by rounding (different summation orders grow over hundreds of iterations
+    of a non-convex problem), so the comparison is of scores, not weights."""
+    X, y = cprop.datasets.load_digits()
+    X = X.astype(np.float64)
+    regression = kind in ("regression", "multioutput")
+    t = targets(kind, X, y)
+    X_train, X_test, t_train, t_test = train_test_split(X, t, test_size=0.3, random_state=0)
+    params = lbfgs_params(hidden_layer_sizes=(32,), max_iter=300, alpha=1e-2)
+    ours, theirs = fit_both(X_train, t_train, regression, **params)
+
+    ours_score, theirs_score = ours.score(X_test, t_test), theirs.score(X_test, t_test)
+    assert ours_score > (0.8 if regression else 0.9) and theirs_score > (0.8 if regression else 0.9)
+    assert abs(ours_score - theirs_score) <= 0.02
+    assert ours.loss_ == pytest.approx(theirs.loss_, rel=0.2)
+
+
+def test_lbfgs_limits_warn_as_sklearns(digits64):
+    X, y = digits64
+    for limit, words in [(dict(max_fun=10), "EVALUATIONS EXCEEDS LIMIT"),
+                         (dict(max_iter=5), "Increase the number of iterations")]:
+        with pytest.warns(ConvergenceWarning, match=words) as ours_warned:
+            ours = MLPClassifier(**lbfgs_params(**limit)).fit(X, y)
+        with pytest.warns(ConvergenceWarning, match=words) as theirs_warned:
+            theirs = sk.MLPClassifier(**lbfgs_params(**limit)).fit(X, y)
+        assert ours.n_iter_ == theirs.n_iter_
+        assert str(ours_warned[0].message) == str(theirs_warned[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        converged = MLPClassifier(**lbfgs_params(max_iter=500, tol=1e-2)).fit(X, y % 2)
+    assert converged.n_iter_ < 500
+
+
+def test_lbfgs_warm_start_continues_as_sklearns(digits64):
+    X, y = digits64
+    ours = MLPClassifier(**lbfgs_params(max_iter=5, warm_start=True)).fit(X, y)
+    theirs = sk.MLPClassifier(**lbfgs_params(max_iter=5, warm_start=True)).fit(X, y)
+
+    ours.fit(X, y)
+    theirs.fit(X, y)
+
+    assert ours.n_iter_ == theirs.n_iter_ == 5
+    for a, b in zip(ours.coefs_ + ours.intercepts_, theirs.coefs_ + theirs.intercepts_):
+        assert_allclose(a, b, rtol=1e-8, atol=1e-10)
+    # then on with Adam from the L-BFGS weights (sklearn fails here: no loss curve to append to)
+    before = [W.copy() for W in ours.coefs_]
+    ours.set_params(solver="adam", max_iter=3).fit(X, y)
+    assert len(ours.loss_curve_) == ours.n_iter_ == 3
+    assert not np.array_equal(before[0], ours.coefs_[0])
+
+
+def test_lbfgs_diverging_fit_raises_and_keeps_finite_weights(digits64, monkeypatch):
+    X, y = digits64
+    monkeypatch.setattr(cprop.Sequential, "_batch_gradient", lambda *args, **kwargs: np.inf)
+    clf = MLPClassifier(**lbfgs_params())
+
+    with pytest.raises(ValueError, match="non-finite"):
+        clf.fit(X, y)
+    assert all(np.isfinite(W).all() for W in clf.coefs_ + clf.intercepts_)
+
+
 # -- targets, dtypes, attributes ------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
@@ -342,6 +436,26 @@ def test_predict_proba_rows_sum_to_one_and_log_proba_is_its_log(digits):
     assert_allclose(proba.sum(axis=1), 1, rtol=1e-6)
     assert_allclose(clf.predict_log_proba(X_test), np.log(proba), rtol=1e-5, atol=1e-6)
     assert_array_equal(clf.predict(X_test), clf.classes_[proba.argmax(axis=1)])
+
+
+@pytest.mark.parametrize("labels", [lambda y: y, lambda y: y % 2], ids=["softmax", "logistic"])
+def test_log_proba_of_confident_predictions(digits64, labels):
+    X, y = digits64
+    clf = MLPClassifier((16,), max_iter=5, random_state=0).fit(X, labels(y))
+    underflowed = near_one = 0
+    for _ in range(3):
+        clf.coefs_[-1][...] *= 10      # logits in the tens, hundreds, thousands
+
+        proba, log_proba = clf.predict_proba(X), clf.predict_log_proba(X)
+
+        # -inf exactly where the probability underflows to 0 (log_proba is log of proba) ...
+        assert_array_equal(np.isneginf(log_proba), proba == 0)
+        underflowed += np.count_nonzero(proba == 0)
+        # ... and, from the logits, a log-probability a little below 0 where proba rounds to 1
+        rounded = log_proba[(proba == 1) & (log_proba < 0)]
+        assert np.all(rounded > -1e-15)
+        near_one += rounded.size
+    assert underflowed and near_one
 
 
 def test_fitted_attributes(digits):
@@ -445,8 +559,6 @@ def test_diverging_fit():
 
 def test_unsupported_options_raise_clearly(digits):
     X_train, _, y_train, _ = digits
-    with pytest.raises(ValueError, match="lbfgs.*not supported"):
-        MLPClassifier(solver="lbfgs").fit(X_train, y_train)
     with pytest.raises(ValueError, match="poisson.*not supported"):
         MLPRegressor(loss="poisson").fit(X_train, y_train)
     assert not hasattr(MLPClassifier(solver="lbfgs"), "partial_fit")
