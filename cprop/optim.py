@@ -335,9 +335,11 @@ class LBFGS(Optimizer):
             ranges.append((off, off + (n_param if self.decay_bias else n_w)))
         return ranges
 
-    def minimize(self, net, X, T, labels, settings):
-        """One L-BFGS run on `net` over validated (X, T or labels); `settings`: the loss's
-        code, loss_scale, seed (of the dropout masks) and n_threads, as Trainer passes them.
+    def minimize(self, net, X, T, labels, settings, weights=None):
+        """One L-BFGS run on `net` over validated (X, T or labels) and sample weights (or
+        None); `settings`: the loss's code, loss_scale, seed (of the dropout masks) and
+        n_threads, as Trainer passes them. With weights the loss is the weighted mean and
+        ``decay_per_sample`` divides by their sum.
 
         Leaves the run's last iterate in the network and returns scipy's result (also
         :attr:`result`), with ``data_loss``: ``loss_scale`` × the mean loss there (decay
@@ -351,7 +353,8 @@ class LBFGS(Optimizer):
         cfg = self.config()
         params, grads = net._params, net._grads
         n = X.shape[0]
-        decay = cfg["weight_decay"] / n if cfg["decay_per_sample"] else cfg["weight_decay"]
+        total_weight = n if weights is None else float(np.sum(weights, dtype=np.float64))
+        decay = cfg["weight_decay"] / total_weight if cfg["decay_per_sample"] else cfg["weight_decay"]
         ranges = self._decayed_ranges(net) if decay > 0 else []
         work = net._gradient_workspace(n)    # one workspace for every evaluation of the run
         x0 = params.astype(np.float64)
@@ -363,7 +366,8 @@ class LBFGS(Optimizer):
         def objective(x):
             params[...] = x
             value = net._batch_gradient(X, T, labels, settings["loss"], settings["loss_scale"],
-                                        settings["seed"], settings["n_threads"], work=work)
+                                        settings["seed"], settings["n_threads"], work=work,
+                                        weights=weights)
             grad = grads.astype(np.float64)      # scipy's, in float64 (a copy it may keep)
             value = value * self._value_scale + decay_term(x)
             for lo, hi in ranges:

@@ -176,15 +176,16 @@ cdef inline Py_ssize_t adam_sklearn_range(floating* p, const floating* g, floati
 
 cdef inline Py_ssize_t optim_range(const Optim* opt, floating* p, const floating* g,
                                    floating* a, floating* b, Py_ssize_t lo, Py_ssize_t hi,
-                                   bint decay, Py_ssize_t batch_rows) noexcept nogil:
+                                   bint decay, double batch_weight) noexcept nogil:
     """One optimizer step on p[lo:hi] on this thread (Adam's t already advanced).
 
     a, b: the state arrays (momentum; Adam's m and v), laid out like p. `decay`:
-    whether weight decay applies to this range; `batch_rows`: the batch's size.
+    whether weight decay applies to this range; `batch_weight`: the batch's size (its
+    samples' summed weights when weighted), which decay_per_sample divides by.
     """
     cdef floating wd = 0
     if decay:
-        wd = <floating> (opt.weight_decay / batch_rows if opt.decay_per_sample else opt.weight_decay)
+        wd = <floating> (opt.weight_decay / batch_weight if opt.decay_per_sample else opt.weight_decay)
     if opt.kind == ADAM and opt.sklearn_style:
         # (1-β) and lr_t in double, as scikit-learn's Python floats
         return adam_sklearn_range(p, g, a, b, lo, hi, <floating> opt.beta1, <floating> opt.beta2,
@@ -204,15 +205,15 @@ cdef inline Py_ssize_t optim_range(const Optim* opt, floating* p, const floating
 
 cdef inline Py_ssize_t optim_step(const Optim* opt, floating* p, const floating* g,
                                   floating* a, floating* b, Py_ssize_t lo, Py_ssize_t hi,
-                                  bint decay, Py_ssize_t batch_rows, int n_threads) noexcept nogil:
+                                  bint decay, double batch_weight, int n_threads) noexcept nogil:
     """optim_range over p[lo:hi], split across threads when it is large enough to pay."""
     cdef Py_ssize_t rejected = 0, n = hi - lo
     cdef int t, nt = n_threads
     if n // MIN_PARAMS_PER_THREAD < nt:
         nt = <int> (n // MIN_PARAMS_PER_THREAD)
     if nt <= 1:
-        return optim_range(opt, p, g, a, b, lo, hi, decay, batch_rows)
+        return optim_range(opt, p, g, a, b, lo, hi, decay, batch_weight)
     for t in prange(nt, num_threads=nt, schedule='static', nogil=True):
         rejected += optim_range(opt, p, g, a, b, lo + n * t // nt, lo + n * (t + 1) // nt,
-                                decay, batch_rows)
+                                decay, batch_weight)
     return rejected
