@@ -31,20 +31,26 @@ scikit-learn's conventions and how cprop reproduces them:
   while its gradient sums over them, as sklearn's. ``n_iter_``, ``loss_`` (the
   objective) and the ConvergenceWarning are sklearn's; ``t_``, ``loss_curve_``
   and the stopping attributes are left alone, as sklearn leaves them.
+- sample_weight: each batch's loss is its weighted mean ``Σ w·l / Σ w`` and
+  the L2 term is divided by the batch's ``Σ w`` (as sklearn); early stopping
+  splits the weights with the data and scores the validation set with them.
 - initial weights: drawn exactly as sklearn draws them (Glorot-uniform weights
   *and* biases from ``check_random_state(random_state)``), so the same
   ``random_state`` starts both from the same point.
 
 Known differences from scikit-learn (documented, deliberate):
 
-- the regressor's ``loss="poisson"`` is not supported (ValueError);
-  ``sample_weight`` is not accepted; sparse X is rejected.
+- the regressor's ``loss="poisson"`` is not supported (ValueError); sparse X
+  is rejected.
+- negative sample weights are refused (sklearn takes them); a batch whose
+  weights are all 0 is skipped (sklearn fails on it, dividing by Σ w = 0).
 - ``momentum`` must be < 1 (sklearn allows 1).
 - ``loss_`` / ``loss_curve_``: the data term is exact (summed over the epoch's
   batches at their pre-update weights, as sklearn). sklearn adds
   ``alpha/2·‖W‖²/n`` once per *batch* at that batch's weights; cprop knows the
   weights only at epoch boundaries and interpolates ‖W‖² linearly between them
-  (exact with one batch per epoch, second order otherwise).
+  (exact with one batch per epoch, second order otherwise). With sample weights
+  and shuffling it also takes each batch's ``Σ w`` as the average's.
 - the shuffling order differs (cprop's generator, seeded from random_state).
 - log-loss is computed from logits without sklearn's clipping of
   probabilities at machine epsilon.
@@ -81,7 +87,7 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import _check_partial_fit_first_call, type_of_target, unique_labels
 from sklearn.utils.optimize import _check_optimize_result
 try:
-    from sklearn.utils.validation import check_is_fitted, validate_data
+    from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 except ImportError as exc:  # validate_data is public from scikit-learn 1.6 on
     raise ImportError("cprop.sklearn needs scikit-learn >= 1.6") from exc
 
@@ -289,11 +295,14 @@ class _BaseMLP(BaseEstimator):
         opt.lr = lr
 
     # -- fitting ---------------------------------------------------------------
-    def _fit(self, X, y, incremental=False):
+    def _fit(self, X, y, incremental=False, sample_weight=None):
         self._check_supported()
         hidden = self._hidden_layer_sizes()
         first_pass = not hasattr(self, "coefs_") or (not self.warm_start and not incremental)
         X, y = self._validate_input(X, y, incremental, reset=first_pass)
+        if sample_weight is not None:
+            # sklearn's check, and weights >= 0 (a weighted mean needs them)
+            sample_weight = _check_sample_weight(sample_weight, X, ensure_non_negative=True)
         if y.ndim == 1:
             y = y.reshape(-1, 1)
         self.n_outputs_ = y.shape[1]
@@ -306,9 +315,9 @@ class _BaseMLP(BaseEstimator):
             self._continue_with(layer_units)
         X = np.ascontiguousarray(X, dtype=self._net.dtype)
         if self.solver == "lbfgs":
-            self._fit_lbfgs(X, y)
+            self._fit_lbfgs(X, y, sample_weight)
         else:
-            self._fit_stochastic(X, y, incremental)
+            self._fit_stochastic(X, y, incremental, sample_weight)
         return self
 
     def _loss_setup(self, y):
@@ -320,9 +329,10 @@ class _BaseMLP(BaseEstimator):
         targets = np.ascontiguousarray(y.argmax(axis=1)) if loss_name == "cross_entropy" else y
         return loss_name, scale(self.n_outputs_), report, targets
 
-    def _fit_lbfgs(self, X, y):
-        """sklearn's L-BFGS: one run of cprop.LBFGS over all of (X, y), its objective the loss
-        plus alpha/(2n)·‖W‖² (weights only), as sklearn's."""
+    def _fit_lbfgs(self, X, y, sample_weight):
+        """sklearn's L-BFGS: one run of cprop.LBFGS over all of (X, y), its objective the
+        (weighted) mean loss plus alpha/(2n)·‖W‖² (weights only; n: the summed sample
+        weights), as sklearn's."""
         loss_name, scale, report, targets = self._loss_setup(y)
         opt = LBFGS(max_iter=self.max_iter, max_fun=self.max_fun, tol=self.tol,
                     weight_decay=float(self.alpha))
@@ -332,7 +342,7 @@ class _BaseMLP(BaseEstimator):
         # (L-BFGS takes the whole data set: the trainer's batch size plays no part)
         trainer = Trainer(self._net, loss=loss_name, optimizer=opt, shuffle=False, loss_scale=scale)
         try:
-            trainer.fit(X, targets, epochs=1)
+            trainer.fit(X, targets, epochs=1, sample_weight=sample_weight)
         except DivergenceError as exc:
             raise ValueError("Solver produced non-finite parameter weights. The input data may "
                              f"contain large values and need to be preprocessed. ({exc})") from exc
@@ -340,18 +350,25 @@ class _BaseMLP(BaseEstimator):
         self.n_iter_ = _check_optimize_result("lbfgs", result, self.max_iter)
         self.loss_ = float(result.fun)
 
-    def _fit_stochastic(self, X, y, incremental):
+    def _fit_stochastic(self, X, y, incremental, sample_weight):
         if not incremental or not hasattr(self, "_optimizer"):
             self._optimizer = self._new_optimizer()
         if self.early_stopping and incremental:
             raise ValueError("partial_fit does not support early_stopping=True")
         early_stopping = self.early_stopping
+        sample_weight_val = None
         if early_stopping:
             # as sklearn: stratify single-output classification only
             stratify = y if is_classifier(self) and self.n_outputs_ == 1 else None
-            X, X_val, y, y_val = train_test_split(
-                X, y, random_state=self._random_state, test_size=self.validation_fraction,
+            arrays = (X, y) if sample_weight is None else (X, y, sample_weight)
+            X, X_val, y, y_val, *weights = train_test_split(
+                *arrays, random_state=self._random_state, test_size=self.validation_fraction,
                 stratify=stratify)
+            if weights:
+                sample_weight, sample_weight_val = weights
+                if not sample_weight.any():
+                    raise ValueError("the training samples left after the validation split all "
+                                     "have weight zero; use a different random_state")
             if X_val.shape[0] < 2:
                 raise ValueError("The validation set is too small. Increase 'validation_fraction' "
                                  "or the size of your dataset.")
@@ -365,7 +382,7 @@ class _BaseMLP(BaseEstimator):
                 warnings.warn("Got `batch_size` less than 1 or larger than sample size. "
                               "It is going to be clipped")
             batch_size = int(np.clip(self.batch_size, 1, n_samples))
-        n_batches = math.ceil(n_samples / batch_size)
+        l2_factors = self._l2_factors(n_samples, batch_size, sample_weight)
 
         loss_name, scale, report, targets = self._loss_setup(y)
         seed = self._random_state.randint(np.iinfo(np.int32).max) if self.shuffle else None
@@ -380,17 +397,18 @@ class _BaseMLP(BaseEstimator):
             self.t_ += n_samples
             loss = logs["loss"] * report
             if alpha > 0:
-                # sklearn adds alpha/2·‖W_k‖²/n for every batch k at its pre-update weights;
-                # interpolate ‖W‖² linearly between this epoch's two ends
+                # sklearn adds alpha/2·‖W_k‖²/n_k for every batch k at its pre-update weights
+                # (n_k its size, or summed weights), counted × its size over n; interpolate
+                # ‖W‖² linearly between this epoch's two ends
                 start, end = sq_weights[0], self._sum_squared_weights()
-                loss += 0.5 * alpha * (n_batches * start + (n_batches - 1) / 2 * (end - start)) / n_samples
+                loss += 0.5 * alpha * (l2_factors[0] * start + l2_factors[1] * (end - start)) / n_samples
                 sq_weights[0] = end
             self.loss_ = loss
             self.loss_curve_.append(loss)
             if self.verbose:
                 print("Iteration %d, loss = %.8f" % (self.n_iter_, self.loss_))
             if early_stopping:
-                self._update_validation(X_val, y_val)
+                self._update_validation(X_val, y_val, sample_weight_val)
             else:
                 self._update_no_improvement(loss)
             if self.solver == "sgd" and self.learning_rate == "invscaling":
@@ -419,7 +437,7 @@ class _BaseMLP(BaseEstimator):
         self.n_iter_ = 0
         try:
             trainer.fit(X, targets, epochs=1 if incremental else self.max_iter,
-                        callbacks=[end_of_epoch])
+                        callbacks=[end_of_epoch], sample_weight=sample_weight)
         except DivergenceError as exc:
             if early_stopping:
                 # as sklearn: a diverging fit with early stopping keeps its best weights
@@ -431,6 +449,24 @@ class _BaseMLP(BaseEstimator):
             warnings.warn("Training interrupted by user.")
         if early_stopping:
             self._net.params[...] = self._best_params   # restore the best weights
+
+    def _l2_factors(self, n_samples, batch_size, sample_weight):
+        """(Σ_k f_k, Σ_k f_k·k/n_batches) over an epoch's batches k, f_k = the batch's size
+        over its summed sample weights (1 unweighted; 0 for a batch of weight 0, which is
+        skipped): the weights of ‖W_k‖² in sklearn's L2 term, ‖W_k‖² interpolated in k.
+        Shuffled batches' weights are not known here: f_k = n / Σ w for each (exact for
+        one batch per epoch)."""
+        n_batches = math.ceil(n_samples / batch_size)
+        positions = np.arange(n_batches) / n_batches
+        if sample_weight is None:
+            factors = np.ones(n_batches)
+        elif self.shuffle:
+            factors = np.full(n_batches, n_samples / np.sum(sample_weight, dtype=np.float64))
+        else:
+            sizes = np.diff(np.r_[np.arange(0, n_samples, batch_size), n_samples])
+            sums = np.add.reduceat(sample_weight.astype(np.float64), np.arange(0, n_samples, batch_size))
+            factors = np.divide(sizes, sums, out=np.zeros(n_batches), where=sums > 0)
+        return float(factors.sum()), float(factors @ positions)
 
     def _sum_squared_weights(self):
         with np.errstate(over="ignore"):   # huge but finite weights: an infinite L2 term
@@ -444,8 +480,8 @@ class _BaseMLP(BaseEstimator):
         if loss < self.best_loss_:
             self.best_loss_ = loss
 
-    def _update_validation(self, X_val, y_val):
-        score = self._score(X_val, y_val)
+    def _update_validation(self, X_val, y_val, sample_weight_val):
+        score = self._score(X_val, y_val, sample_weight_val)
         self.validation_scores_.append(score)
         if self.verbose:
             print("Validation score: %f" % score)
@@ -457,15 +493,15 @@ class _BaseMLP(BaseEstimator):
             self.best_validation_score_ = score
             self._best_params = self._net.params.copy()
 
-    def _score(self, X, y):
+    def _score(self, X, y, sample_weight=None):
         """Validation score from validated X (accuracy or R²); NaN when predictions are not finite."""
         raw = self._net.predict_raw(X)
         if not np.isfinite(raw).all():
             return np.nan
-        return self._score_function(y, self._predict_from_raw(raw))
+        return self._score_function(y, self._predict_from_raw(raw), sample_weight=sample_weight)
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         """Fit the model to data matrix X and targets y.
 
         Parameters
@@ -473,12 +509,16 @@ class _BaseMLP(BaseEstimator):
         X : array-like of shape (n_samples, n_features)
         y : array-like of shape (n_samples,) or (n_samples, n_outputs)
             Class labels (classification) or real targets (regression).
+        sample_weight : array-like of shape (n_samples,), optional
+            Weights >= 0, not all 0, normalised as sklearn's: each batch's loss is
+            its weighted mean, and the L2 term is divided by the batch's summed
+            weights. Weight 0 drops a sample, integer weight k repeats it k times.
 
         Returns
         -------
         self
         """
-        return self._fit(X, y, incremental=False)
+        return self._fit(X, y, incremental=False, sample_weight=sample_weight)
 
     # -- prediction -------------------------------------------------------------
     def _raw_output(self, X):
@@ -609,13 +649,14 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
     @available_if(_stochastic_solver)
     @_fit_context(prefer_skip_nested_validation=True)
-    def partial_fit(self, X, y, classes=None):
+    def partial_fit(self, X, y, sample_weight=None, classes=None):
         """One epoch over (X, y), continuing from the current state.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
         y : array-like of shape (n_samples,) or (n_samples, n_labels)
+        sample_weight : array-like of shape (n_samples,), optional — as for :meth:`fit`
         classes : array of shape (n_classes,) — all the classes; required on
             the first call (unless y is a multi-label indicator), ignored after.
 
@@ -629,7 +670,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                 self._label_binarizer.fit(y)
             else:
                 self._label_binarizer.fit(classes)
-        return self._fit(X, y, incremental=True)
+        return self._fit(X, y, incremental=True, sample_weight=sample_weight)
 
     def _proba_from_raw(self, raw):
         z = raw.astype(np.float64)
@@ -776,9 +817,10 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     @available_if(_stochastic_solver)
     @_fit_context(prefer_skip_nested_validation=True)
-    def partial_fit(self, X, y):
-        """One epoch over (X, y), continuing from the current state; returns self."""
-        return self._fit(X, y, incremental=True)
+    def partial_fit(self, X, y, sample_weight=None):
+        """One epoch over (X, y) (with sample weights, as for :meth:`fit`), continuing from
+        the current state; returns self."""
+        return self._fit(X, y, incremental=True, sample_weight=sample_weight)
 
     def _predict_from_raw(self, raw):
         return raw.ravel() if raw.shape[1] == 1 else raw

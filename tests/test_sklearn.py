@@ -371,6 +371,94 @@ def test_lbfgs_diverging_fit_raises_and_keeps_finite_weights(digits64, monkeypat
     assert all(np.isfinite(W).all() for W in clf.coefs_ + clf.intercepts_)
 
 
+# -- sample weights ---------------------------------------------------------------------
+
+def some_weights(n, seed=0):
+    w = np.random.default_rng(seed).uniform(0, 2, n)
+    w[:n // 10] = 0
+    return w
+
+
+def fit_both_weighted(X, t, w, regression, **params):
+    ours, theirs = (MLPRegressor, sk.MLPRegressor) if regression else (MLPClassifier, sk.MLPClassifier)
+    return ours(**params).fit(X, t, sample_weight=w), theirs(**params).fit(X, t, sample_weight=w)
+
+
+@pytest.mark.parametrize("kind", ["multiclass", "binary", "multilabel", "multioutput", "regression"])
+@pytest.mark.parametrize("setting", [
+    dict(batch_size=64), dict(batch_size=300, alpha=1e-2),
+    dict(solver="adam", learning_rate_init=0.01, batch_size=64),
+    dict(early_stopping=True, n_iter_no_change=3, max_iter=20, batch_size=50),
+], ids=["sgd", "sgd-full-batch", "adam", "early-stopping"])
+def test_sample_weight_matches_sklearn_step_for_step(digits64, kind, setting):
+    """sklearn's normalisation: each batch's loss is its weighted mean, L2 divided by the
+    batch's summed weights; early stopping splits the weights and scores with them."""
+    X, y = digits64
+    ours, theirs = fit_both_weighted(X, targets(kind, X, y), some_weights(len(X)),
+                                     kind in ("multioutput", "regression"), **exact_params(**setting))
+
+    full_batch = setting.get("batch_size") == len(X)
+    assert_same_fit(ours, theirs, loss_rtol=1e-10 if full_batch else 1e-4)
+    if setting.get("early_stopping"):
+        assert_allclose(ours.validation_scores_, theirs.validation_scores_, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["multiclass", "multioutput"])
+def test_sample_weight_with_lbfgs_matches_sklearn(digits64, kind):
+    X, y = digits64
+    ours, theirs = fit_both_weighted(X, targets(kind, X, y), some_weights(len(X)), kind == "multioutput",
+                                     **lbfgs_params())
+
+    assert ours.n_iter_ == theirs.n_iter_ == 15
+    for a, b in zip(ours.coefs_ + ours.intercepts_, theirs.coefs_ + theirs.intercepts_):
+        assert_allclose(a, b, rtol=1e-8, atol=1e-10)
+    assert ours.loss_ == pytest.approx(theirs.loss_, rel=1e-10)
+
+
+@pytest.mark.filterwarnings("ignore:Got `batch_size`")    # 500: the whole of either set
+@pytest.mark.parametrize("params", [lbfgs_params(), exact_params(batch_size=500, max_iter=10)],
+                         ids=["lbfgs", "sgd-full-batch"])
+@pytest.mark.parametrize("regression", [False, True], ids=["classifier", "regressor"])
+def test_zero_weights_drop_rows_and_integer_weights_repeat_them(digits64, params, regression):
+    X, y = digits64
+    t = targets("regression" if regression else "multiclass", X, y)
+    w = np.random.default_rng(1).integers(0, 4, len(X))
+    repeat = np.repeat(np.arange(len(X)), w)
+    Estimator = MLPRegressor if regression else MLPClassifier
+
+    weighted = Estimator(**params).fit(X, t, sample_weight=w)
+    repeated = Estimator(**params).fit(X[repeat], t[repeat])
+
+    for a, b in zip(weighted.coefs_ + weighted.intercepts_, repeated.coefs_ + repeated.intercepts_):
+        assert_allclose(a, b, rtol=1e-7, atol=1e-9)
+    predict = weighted.predict if regression else weighted.predict_proba
+    assert_allclose(predict(X), (repeated.predict if regression else repeated.predict_proba)(X),
+                    rtol=1e-7, atol=1e-9)
+
+
+def test_partial_fit_takes_sample_weight_as_sklearn(digits64):
+    X, y = digits64
+    w = some_weights(len(X))
+    ours = MLPClassifier(**exact_params())
+    theirs = sk.MLPClassifier(**exact_params())
+    for _ in range(3):   # positionally, as sklearn's: (X, y, sample_weight, classes)
+        ours.partial_fit(X, y, w, np.arange(10))
+        theirs.partial_fit(X, y, w, np.arange(10))
+
+    assert_same_fit(ours, theirs, loss_rtol=1e-4)
+    reg = MLPRegressor(**exact_params()).partial_fit(X, targets("regression", X, y), w)
+    sk_reg = sk.MLPRegressor(**exact_params()).partial_fit(X, targets("regression", X, y), w)
+    assert_same_fit(reg, sk_reg, loss_rtol=1e-4)
+
+
+def test_negative_sample_weights_are_refused(digits64):
+    X, y = digits64
+    w = np.ones(len(X))
+    w[3] = -1
+    with pytest.raises(ValueError, match="[Nn]egative"):
+        MLPClassifier(**exact_params()).fit(X, y, sample_weight=w)
+
+
 # -- targets, dtypes, attributes ------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
