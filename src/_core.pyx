@@ -27,7 +27,7 @@ from _dropout cimport dropout_rows, _mix
 from _norm cimport (layernorm_forward_rows, layernorm_backward_rows, batchnorm_stats_cols,
                     batchnorm_forward_rows, batchnorm_eval_stats, batchnorm_grad_sums_cols,
                     batchnorm_backward_rows, affine_param_grads_cols)
-from _losses cimport loss_and_grad, CROSS_ENTROPY, MSE, BINARY_CROSS_ENTROPY
+from _losses cimport loss_and_grad, CROSS_ENTROPY, MSE, BINARY_CROSS_ENTROPY, POISSON
 from _optim cimport Optim, optim_range, optim_step, ADAM, SGD
 cimport _plan
 from _plan cimport Plan, DENSE, DROPOUT, BATCHNORM, LAYERNORM
@@ -54,7 +54,8 @@ ACTIVATIONS = {"identity": IDENTITY, "relu": RELU, "leaky_relu": LEAKY_RELU, "si
                "tanh": TANH, "elu": ELU, "softplus": SOFTPLUS, "gelu": GELU, "gelu_tanh": GELU_TANH,
                "silu": SILU}
 NEEDS_Z = frozenset(name for name, code in ACTIVATIONS.items() if needs_z(code))
-LOSSES = {"mse": MSE, "cross_entropy": CROSS_ENTROPY, "binary_cross_entropy": BINARY_CROSS_ENTROPY}
+LOSSES = {"mse": MSE, "cross_entropy": CROSS_ENTROPY, "binary_cross_entropy": BINARY_CROSS_ENTROPY,
+          "poisson": POISSON}
 OPTIMIZERS = {"sgd": SGD, "adam": ADAM}
 LAYER_KINDS = {"dense": DENSE, "dropout": DROPOUT, "batchnorm": BATCHNORM, "layernorm": LAYERNORM}
 PLAN_INT = {"kind": _plan.KIND, "act": _plan.ACT, "n_in": _plan.N_IN, "n_out": _plan.N_OUT,

@@ -5,6 +5,7 @@
 #   mse:                  L = mean((out - T)²)                     G = 2(out - T) / (n·m)
 #   cross_entropy:        L = mean_i(logsumexp(out_i) - out_i[y_i])  G = (softmax(out) - onehot(y)) / n
 #   binary_cross_entropy: L = mean(max(z,0) - z·t + log(1 + e^-|z|))  G = (σ(z) - t) / (n·m)
+#   poisson:              L = mean(e^z - t·z)  (z: the log of the rate)  G = (e^z - t) / (n·m)
 # With per-row weights w (not NULL), row i's terms of L and G are multiplied by w_i
 # (still divided by n: the caller's scale turns that into a weighted mean).
 from cython cimport floating
@@ -15,6 +16,7 @@ cdef enum:
     MSE = 0
     CROSS_ENTROPY = 1
     BINARY_CROSS_ENTROPY = 2
+    POISSON = 3
 
 
 cdef inline double mse(const floating* out, const floating* T, const floating* w, floating* G,
@@ -96,6 +98,30 @@ cdef inline double binary_cross_entropy(const floating* out, const floating* T, 
     return scale * total / (n * m)
 
 
+cdef inline double poisson(const floating* out, const floating* T, const floating* w, floating* G,
+                           Py_ssize_t n, Py_ssize_t m, double scale) noexcept nogil:
+    # e^z in double, unclamped: a rate that overflows makes the loss infinite, which the
+    # epoch reports as divergence
+    cdef Py_ssize_t i, j
+    cdef double total = 0, row, e
+    cdef floating g_scale = <floating> (scale / (n * m)), g_row
+    if w == NULL:
+        for i in range(n * m):
+            e = exp(<double> out[i])
+            total += e - <double> T[i] * <double> out[i]
+            G[i] = <floating> (g_scale * (e - T[i]))
+        return scale * total / (n * m)
+    for i in range(n):
+        row = 0
+        g_row = g_scale * w[i]
+        for j in range(i * m, (i + 1) * m):
+            e = exp(<double> out[j])
+            row += e - <double> T[j] * <double> out[j]
+            G[j] = <floating> (g_row * (e - T[j]))
+        total += w[i] * row
+    return scale * total / (n * m)
+
+
 cdef inline double loss_and_grad(int kind, const floating* out, const floating* T,
                                  const Py_ssize_t* labels, const floating* w, floating* G,
                                  Py_ssize_t n, Py_ssize_t m, double scale) noexcept nogil:
@@ -104,4 +130,6 @@ cdef inline double loss_and_grad(int kind, const floating* out, const floating* 
         return cross_entropy(out, labels, w, G, n, m, scale)
     if kind == BINARY_CROSS_ENTROPY:
         return binary_cross_entropy(out, T, w, G, n, m, scale)
+    if kind == POISSON:
+        return poisson(out, T, w, G, n, m, scale)
     return mse(out, T, w, G, n, m, scale)

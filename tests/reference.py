@@ -105,7 +105,14 @@ def binary_cross_entropy(out, y):
     return np.mean(loss), (sigmoid(out) - t) / out.size
 
 
-LOSSES = {"mse": mse, "cross_entropy": cross_entropy, "binary_cross_entropy": binary_cross_entropy}
+def poisson(out, y):
+    """L = mean(e^out - y·out) (out: the log of the rate);  G = (e^out - y) / out.size."""
+    y = np.asarray(y, dtype=out.dtype).reshape(out.shape)
+    return np.mean(np.exp(out) - y * out), (np.exp(out) - y) / out.size
+
+
+LOSSES = {"mse": mse, "cross_entropy": cross_entropy, "binary_cross_entropy": binary_cross_entropy,
+          "poisson": poisson}
 
 
 def weighted(loss, out, y, w):
