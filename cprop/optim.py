@@ -272,10 +272,12 @@ class LBFGS(Optimizer):
 
     full_batch = True
     n_state = property(lambda self: 0, doc="L-BFGS keeps no state between runs.")
-    # multiplies the loss's value (not its gradient) in the objective: 1 keeps the two
-    # consistent; cprop.sklearn sets 1/n_outputs to hand L-BFGS what scikit-learn hands it
-    # for multi-output squared error (the value averaged over outputs, the gradient summed)
+    # the objective's value is loss × _value_scale + _value_offset (+ decay), its gradient
+    # the loss's: 1 and 0 keep the two consistent. cprop.sklearn hands L-BFGS what
+    # scikit-learn hands it: for multi-output squared error the value averaged over outputs
+    # while the gradient sums them (1/n_outputs), for Poisson the deviance's constant term
     _value_scale = 1.0
+    _value_offset = 0.0
 
     def __init__(self, max_iter: int = 200, max_fun: int = 15000, tol: float = 1e-4, history: int = 10,
                  weight_decay: float = 0.0) -> None:
@@ -369,7 +371,7 @@ class LBFGS(Optimizer):
                                         settings["seed"], settings["n_threads"], work=work,
                                         weights=weights)
             grad = grads.astype(np.float64)      # scipy's, in float64 (a copy it may keep)
-            value = value * self._value_scale + decay_term(x)
+            value = value * self._value_scale + self._value_offset + decay_term(x)
             for lo, hi in ranges:
                 grad[lo:hi] += decay * x[lo:hi]
             if not (math.isfinite(value) and np.isfinite(grad).all()):
@@ -405,7 +407,7 @@ class LBFGS(Optimizer):
             result.fun = objective(last["x"])[0]     # leaves last["x"] in the network
         else:
             params[...] = result.x
-        result.data_loss = ((result.fun - decay_term(result.x)) / self._value_scale
+        result.data_loss = ((result.fun - self._value_offset - decay_term(result.x)) / self._value_scale
                             if math.isfinite(result.fun) else math.nan)
         return result
 

@@ -31,6 +31,11 @@ scikit-learn's conventions and how cprop reproduces them:
   while its gradient sums over them, as sklearn's. ``n_iter_``, ``loss_`` (the
   objective) and the ConvergenceWarning are sklearn's; ``t_``, ``loss_curve_``
   and the stopping attributes are left alone, as sklearn leaves them.
+- Poisson (``MLPRegressor(loss="poisson")``): an exp output, cprop's
+  ``poisson`` loss (torch's Poisson NLL, ``e^z - y·z``) × n_outputs, whose
+  gradient ``(p - y)/n`` is sklearn's; sklearn's half deviance also holds the
+  term ``xlogy(y, y) - y``, which the drop-in adds to ``loss_`` and
+  ``loss_curve_`` (and to L-BFGS's objective, whose stopping test sees it).
 - sample_weight: each batch's loss is its weighted mean ``Σ w·l / Σ w`` and
   the L2 term is divided by the batch's ``Σ w`` (as sklearn); early stopping
   splits the weights with the data and scores the validation set with them.
@@ -40,8 +45,9 @@ scikit-learn's conventions and how cprop reproduces them:
 
 Known differences from scikit-learn (documented, deliberate):
 
-- the regressor's ``loss="poisson"`` is not supported (ValueError); sparse X
-  is rejected.
+- sparse X is rejected (sklearn takes CSR/CSC matrices).
+- Poisson targets must be >= 0 (ValueError; sklearn takes negative ones and
+  reports a NaN loss).
 - negative sample weights are refused (sklearn takes them); a batch whose
   weights are all 0 is skipped (sklearn fails on it, dividing by Σ w = 0).
 - ``momentum`` must be < 1 (sklearn allows 1).
@@ -50,7 +56,8 @@ Known differences from scikit-learn (documented, deliberate):
   ``alpha/2·‖W‖²/n`` once per *batch* at that batch's weights; cprop knows the
   weights only at epoch boundaries and interpolates ‖W‖² linearly between them
   (exact with one batch per epoch, second order otherwise). With sample weights
-  and shuffling it also takes each batch's ``Σ w`` as the average's.
+  and shuffling it also takes each batch's ``Σ w`` (and Poisson's constant
+  term) as the average's.
 - the shuffling order differs (cprop's generator, seeded from random_state).
 - log-loss is computed from logits without sklearn's clipping of
   probabilities at machine epsilon.
@@ -71,7 +78,7 @@ import warnings
 from numbers import Integral, Real
 
 import numpy as np
-from scipy.special import expit, log_expit
+from scipy.special import expit, log_expit, xlogy
 try:
     from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, _fit_context, is_classifier
 except ImportError as exc:   # scikit-learn is an optional extra
@@ -106,6 +113,7 @@ _LOSSES = {
     "softmax": ("cross_entropy", lambda n_outputs: 1.0),
     "logistic": ("binary_cross_entropy", lambda n_outputs: float(n_outputs)),
     "identity": ("mse", lambda n_outputs: n_outputs / 2.0),
+    "exp": ("poisson", lambda n_outputs: float(n_outputs)),
 }
 
 
@@ -179,9 +187,6 @@ class _BaseMLP(BaseEstimator):
         if any(s <= 0 for s in sizes):
             raise ValueError(f"hidden_layer_sizes must be > 0, got {sizes}.")
         return [int(s) for s in sizes]
-
-    def _check_supported(self):
-        """Raise ValueError for parameter values cprop.sklearn does not support."""
 
     def _initialize(self, layer_units, dtype):
         """Fresh network (weights drawn as sklearn draws them) and fit bookkeeping."""
@@ -296,7 +301,6 @@ class _BaseMLP(BaseEstimator):
 
     # -- fitting ---------------------------------------------------------------
     def _fit(self, X, y, incremental=False, sample_weight=None):
-        self._check_supported()
         hidden = self._hidden_layer_sizes()
         first_pass = not hasattr(self, "coefs_") or (not self.warm_start and not incremental)
         X, y = self._validate_input(X, y, incremental, reset=first_pass)
@@ -322,12 +326,34 @@ class _BaseMLP(BaseEstimator):
 
     def _loss_setup(self, y):
         """(cprop loss name, loss_scale giving sklearn's gradient, the factor from cprop's
-        loss to the one sklearn reports, targets as the loss takes them)."""
+        loss to the one sklearn reports, targets as the loss takes them). sklearn's Poisson
+        loss adds a term that does not depend on the weights: :meth:`_loss_offset`."""
         loss_name, scale = _LOSSES[self.out_activation_]
         # sklearn reports the squared error averaged over outputs (its gradient sums over them)
         report = 1.0 / self.n_outputs_ if loss_name == "mse" else 1.0
         targets = np.ascontiguousarray(y.argmax(axis=1)) if loss_name == "cross_entropy" else y
         return loss_name, scale(self.n_outputs_), report, targets
+
+    def _loss_offset(self, y, sample_weight, batch_size=None):
+        """What sklearn's loss adds to cprop's (scaled) one: for poisson the half deviance's
+        term xlogy(y, y) - y, summed over outputs and averaged as sklearn averages its loss,
+        each batch's (weighted) mean counted by the batch's size; 0 for the other losses.
+        Shuffled weighted batches are not known here: the overall weighted mean stands in."""
+        if self.out_activation_ != "exp":
+            return 0.0
+        y = np.asarray(y, dtype=np.float64)
+        term = (xlogy(y, y) - y).reshape(len(y), -1).sum(axis=1)
+        if sample_weight is None:
+            return float(term.mean())
+        w = np.asarray(sample_weight, dtype=np.float64)
+        if batch_size is None or batch_size >= len(y) or self.shuffle:
+            return float(np.average(term, weights=w))
+        starts = np.arange(0, len(y), batch_size)
+        sizes = np.diff(np.r_[starts, len(y)])
+        weight_sums = np.add.reduceat(w, starts)
+        means = np.divide(np.add.reduceat(w * term, starts), weight_sums, out=np.zeros(len(starts)),
+                          where=weight_sums > 0)
+        return float(sizes @ means / len(y))
 
     def _fit_lbfgs(self, X, y, sample_weight):
         """sklearn's L-BFGS: one run of cprop.LBFGS over all of (X, y), its objective the
@@ -338,7 +364,9 @@ class _BaseMLP(BaseEstimator):
                     weight_decay=float(self.alpha))
         opt.decay_bias = False
         opt.decay_per_sample = True
-        opt._value_scale = report      # sklearn's objective, even where value and gradient disagree
+        # sklearn's objective, even where value and gradient disagree, Poisson's constant included
+        opt._value_scale = report
+        opt._value_offset = self._loss_offset(y, sample_weight)
         # (L-BFGS takes the whole data set: the trainer's batch size plays no part)
         trainer = Trainer(self._net, loss=loss_name, optimizer=opt, shuffle=False, loss_scale=scale)
         try:
@@ -385,6 +413,7 @@ class _BaseMLP(BaseEstimator):
         l2_factors = self._l2_factors(n_samples, batch_size, sample_weight)
 
         loss_name, scale, report, targets = self._loss_setup(y)
+        offset = self._loss_offset(y, sample_weight, batch_size)
         seed = self._random_state.randint(np.iinfo(np.int32).max) if self.shuffle else None
         trainer = Trainer(self._net, loss=loss_name, optimizer=self._optimizer, batch_size=batch_size,
                           shuffle=self.shuffle, seed=seed, loss_scale=scale)
@@ -395,7 +424,7 @@ class _BaseMLP(BaseEstimator):
             """sklearn's per-iteration bookkeeping; True stops training."""
             self.n_iter_ += 1
             self.t_ += n_samples
-            loss = logs["loss"] * report
+            loss = logs["loss"] * report + offset
             if alpha > 0:
                 # sklearn adds alpha/2·‖W_k‖²/n_k for every batch k at its pre-update weights
                 # (n_k its size, or summed weights), counted × its size over n; interpolate
@@ -731,12 +760,14 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 class MLPRegressor(RegressorMixin, _BaseMLP):
     """Multi-layer perceptron regressor trained by cprop, with scikit-learn's interface.
 
-    Minimises the squared error; parameters are those of
+    Minimises the squared error, or with ``loss="poisson"`` the Poisson deviance
+    of targets >= 0 (the network's output is the log of the rate, predict
+    returns the rate); parameters are those of
     :class:`sklearn.neural_network.MLPRegressor` (same names, defaults and
-    meaning), except that ``loss`` must be "squared_error". Multi-output targets
-    (y of shape (n_samples, n_outputs)) train one network with n_outputs
-    outputs. Attributes as :class:`MLPClassifier` (without ``classes_``;
-    ``validation_scores_`` holds R²; ``out_activation_`` is "identity").
+    meaning). Multi-output targets (y of shape (n_samples, n_outputs)) train
+    one network with n_outputs outputs. Attributes as :class:`MLPClassifier`
+    (without ``classes_``; ``validation_scores_`` holds R²;
+    ``out_activation_`` is "identity", or "exp" for poisson).
     """
 
     _parameter_constraints: dict = {
@@ -799,14 +830,8 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     _score_function = staticmethod(r2_score)
 
-    def _check_supported(self):
-        super()._check_supported()
-        if self.loss != "squared_error":
-            raise ValueError(f"loss={self.loss!r} is not supported by cprop.sklearn: "
-                             "only loss='squared_error'")
-
     def _output_activation(self):
-        return "identity"
+        return "exp" if self.loss == "poisson" else "identity"
 
     def _validate_input(self, X, y, incremental, reset):
         X, y = validate_data(self, X, y, multi_output=True, y_numeric=True,
@@ -823,6 +848,9 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         return self._fit(X, y, incremental=True, sample_weight=sample_weight)
 
     def _predict_from_raw(self, raw):
+        if self.out_activation_ == "exp":    # poisson: the rate
+            with np.errstate(over="ignore"):
+                raw = np.exp(raw)
         return raw.ravel() if raw.shape[1] == 1 else raw
 
     def predict(self, X):

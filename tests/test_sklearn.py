@@ -459,6 +459,71 @@ def test_negative_sample_weights_are_refused(digits64):
         MLPClassifier(**exact_params()).fit(X, y, sample_weight=w)
 
 
+# -- Poisson regression ------------------------------------------------------------------
+
+def counts(X, n_outputs):
+    rng = np.random.default_rng(0)
+    rates = np.exp(np.c_[0.3 * X[:, 10] + 0.1 * X[:, 20] - 1, 0.2 * X[:, 30]])[:, :n_outputs]
+    return rng.poisson(rates).astype(np.float64).squeeze()
+
+
+@pytest.mark.parametrize("n_outputs", [1, 2])
+@pytest.mark.parametrize("setting", [
+    dict(batch_size=64), dict(batch_size=300),
+    dict(solver="adam", batch_size=64, sample_weight=True),
+    dict(early_stopping=True, n_iter_no_change=3, max_iter=20, batch_size=50, sample_weight=True),
+    dict(batch_size=64, sample_weight=True),
+], ids=["sgd", "sgd-full-batch", "adam-weighted", "early-stopping-weighted", "sgd-weighted"])
+def test_poisson_matches_sklearn_step_for_step(digits64, n_outputs, setting):
+    """exp output and sklearn's half Poisson deviance, whose term xlogy(y, y) - y cprop's
+    loss (torch's Poisson NLL) leaves out and the drop-in adds to loss_ and loss_curve_."""
+    X, _ = digits64
+    setting = dict(setting)
+    w = some_weights(len(X)) if setting.pop("sample_weight", False) else None
+    params = exact_params(loss="poisson", learning_rate_init=0.01, **setting)
+    ours = MLPRegressor(**params).fit(X, counts(X, n_outputs), sample_weight=w)
+    theirs = sk.MLPRegressor(**params).fit(X, counts(X, n_outputs), sample_weight=w)
+
+    assert_same_fit(ours, theirs, loss_rtol=1e-10 if setting.get("batch_size") == len(X) else 1e-4)
+    assert_allclose(ours.predict(X), theirs.predict(X), rtol=1e-9)
+    assert ours.out_activation_ == "exp" and (ours.predict(X) > 0).all()
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_poisson_lbfgs_matches_sklearn(digits64, weighted):
+    X, _ = digits64
+    w = some_weights(len(X)) if weighted else None
+    ours = MLPRegressor(**lbfgs_params(loss="poisson")).fit(X, counts(X, 2), sample_weight=w)
+    theirs = sk.MLPRegressor(**lbfgs_params(loss="poisson")).fit(X, counts(X, 2), sample_weight=w)
+
+    assert ours.n_iter_ == theirs.n_iter_ == 15
+    for a, b in zip(ours.coefs_ + ours.intercepts_, theirs.coefs_ + theirs.intercepts_):
+        assert_allclose(a, b, rtol=1e-8, atol=1e-10)
+    assert ours.loss_ == pytest.approx(theirs.loss_, rel=1e-10)
+
+
+@pytest.mark.parametrize("solver", ["adam", "lbfgs"])
+def test_poisson_reaches_sklearns_score(solver):
+    X, _ = cprop.datasets.load_digits()
+    X = X.astype(np.float64)
+    y = np.random.default_rng(0).poisson(np.exp(2 * X[:, 10] - 1.5 * X[:, 20] + X[:, 42])).astype(float)
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.3, random_state=0)
+    params = dict(loss="poisson", solver=solver, hidden_layer_sizes=(16,), alpha=1.0, max_iter=300,
+                  random_state=0)
+    ours = MLPRegressor(**params).fit(X_train, y_train)
+    theirs = sk.MLPRegressor(**params).fit(X_train, y_train)
+
+    ours_score, theirs_score = ours.score(X_test, y_test), theirs.score(X_test, y_test)
+    assert ours_score > 0.6 and theirs_score > 0.6
+    assert abs(ours_score - theirs_score) <= 0.02
+
+
+def test_poisson_needs_targets_that_are_not_negative(digits64):
+    X, _ = digits64
+    with pytest.raises(ValueError, match="poisson needs targets >= 0"):
+        MLPRegressor(loss="poisson", max_iter=2).fit(X, X[:, 10] - 1)
+
+
 # -- targets, dtypes, attributes ------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
@@ -647,8 +712,6 @@ def test_diverging_fit():
 
 def test_unsupported_options_raise_clearly(digits):
     X_train, _, y_train, _ = digits
-    with pytest.raises(ValueError, match="poisson.*not supported"):
-        MLPRegressor(loss="poisson").fit(X_train, y_train)
     assert not hasattr(MLPClassifier(solver="lbfgs"), "partial_fit")
     with pytest.raises(ValueError, match="early_stopping"):
         MLPClassifier(early_stopping=True).partial_fit(X_train, y_train, classes=np.arange(10))
