@@ -103,7 +103,7 @@ class Trainer:
     Parameters
     ----------
     net : Sequential
-    loss : {"mse", "cross_entropy", "binary_cross_entropy"}
+    loss : {"mse", "cross_entropy", "binary_cross_entropy", "poisson"}
     optimizer : cprop.SGD, cprop.Adam or cprop.AdamW; default SGD(lr=0.01)
     batch_size : int, default 32
     shuffle : bool, default True — reshuffle the sample order every epoch
@@ -413,7 +413,8 @@ class Trainer:
         -------
         ndarray — class labels of shape (n_samples,) for cross_entropy; 0/1 for
         binary_cross_entropy (shape (n_samples,) with one output, else
-        (n_samples, n_outputs)); values for mse, likewise. Warns (RuntimeWarning)
+        (n_samples, n_outputs)); values for mse, rates exp(output) for poisson,
+        likewise. Warns (RuntimeWarning)
         when the network's output is not finite for some rows.
         """
         return losses.get(self.loss).predict(self._raw_output(X))
