@@ -104,7 +104,8 @@ class Trainer:
     ----------
     net : Sequential
     loss : {"mse", "cross_entropy", "binary_cross_entropy", "poisson"}
-    optimizer : cprop.SGD, cprop.Adam or cprop.AdamW; default SGD(lr=0.01)
+    optimizer : cprop.SGD, cprop.Adam, cprop.AdamW or cprop.LBFGS (full-batch: one
+        L-BFGS run per epoch); default SGD(lr=0.01)
     batch_size : int, default 32
     shuffle : bool, default True — reshuffle the sample order every epoch
     seed : int or None — seed of the shuffling
