@@ -18,7 +18,7 @@ from .gradcheck import gradient_check
 from .io import CpropFileError
 from .layers import BatchNorm, Dense, Dropout, LayerNorm
 from .network import Sequential, load
-from .optim import SGD, Adam, AdamW
+from .optim import LBFGS, SGD, Adam, AdamW
 from .trainer import DivergenceError, History, Trainer
 
 
@@ -45,7 +45,7 @@ def show_config(file=None):
 
 
 __all__ = [
-    "Dense", "Dropout", "BatchNorm", "LayerNorm", "Sequential", "Trainer", "History", "SGD", "Adam", "AdamW", "losses", "datasets",
+    "Dense", "Dropout", "BatchNorm", "LayerNorm", "Sequential", "Trainer", "History", "SGD", "Adam", "AdamW", "LBFGS", "losses", "datasets",
     "callbacks", "schedules", "Callback", "Checkpoint", "EarlyStopping",
     "gradient_check", "load", "set_num_threads", "get_num_threads", "show_config",
     "DivergenceError", "CpropFileError", "__version__",

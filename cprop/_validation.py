@@ -121,6 +121,23 @@ def check_targets(y, n_samples, n_outputs, dtype, name="y", binary=False):
     return arr
 
 
+def check_sample_weight(w, n_samples, dtype, name="sample_weight"):
+    """One finite weight >= 0 per sample, not all 0, as a C-contiguous 1-D `dtype` array."""
+    arr = _as_numeric_array(w, name)
+    if arr.shape != (n_samples,):
+        raise ValueError(f"{name} must have shape ({n_samples},), one weight per sample, got {arr.shape}")
+    check_finite(arr, name)
+    arr = _converted(arr, dtype, name)
+    if (arr < 0).any():
+        raise ValueError(f"{name} must be >= 0, got a smallest weight of {arr.min()}")
+    if not arr.any():
+        raise ValueError(f"{name} must contain at least one non-zero weight, got all zeros")
+    with np.errstate(over="ignore"):
+        if not np.isfinite(np.sum(arr, dtype=np.float64)):
+            raise ValueError(f"{name} sums beyond the range of float64")
+    return arr
+
+
 # the kernels index with C ints in BLAS calls: sizes beyond this are refused up front
 MAX_SIZE = 2**31 - 1
 

@@ -49,7 +49,7 @@ def gradient_check(net: Sequential, X: ArrayLike, y: ArrayLike, loss: str = "mse
     ----------
     net : Sequential
     X, y : a batch of inputs and targets for `loss`
-    loss : {"mse", "cross_entropy", "binary_cross_entropy"}
+    loss : {"mse", "cross_entropy", "binary_cross_entropy", "poisson"}
     eps : float, the finite-difference step
     max_params : int or None — check only this many randomly chosen parameters
     seed : int — the dropout masks (one fixed mask for every evaluation) and the

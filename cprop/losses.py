@@ -5,6 +5,9 @@
                           mean over samples, as torch.nn.CrossEntropyLoss
 ``binary_cross_entropy``  sigmoid fused in, on logits, mean over all elements,
                           as torch.nn.BCEWithLogitsLoss
+``poisson``               Poisson negative log-likelihood of counts >= 0, the output
+                          the log of the rate: mean(exp(out) - y·out), as
+                          torch.nn.PoissonNLLLoss(log_input=True); predicts exp(out)
 
 The gradient is what :meth:`cprop.Sequential.backward` takes.
 """
@@ -23,7 +26,7 @@ class Loss:
 
     def __init__(self, name, targets, predict, proba=None, accuracy=None):
         self.name = name
-        self.targets = targets        # "labels" (integers), "values" or "binary" (0/1)
+        self.targets = targets        # "labels" (integers), "values", "binary" (0/1) or "counts" (>= 0)
         self.predict = predict        # raw outputs -> predictions
         self.proba = proba            # raw outputs (float64) -> probabilities, or None
         self.accuracy = accuracy      # (raw outputs, T, labels) -> accuracy, or None
@@ -45,6 +48,12 @@ def _squeeze(a):
     return a[:, 0] if a.shape[1] == 1 else a
 
 
+def _rate(out):
+    """exp(out), the Poisson rate (inf where it overflows: the raw output says how far)."""
+    with np.errstate(over="ignore"):
+        return np.exp(out)
+
+
 def _softmax(out):
     out = out - out.max(axis=1, keepdims=True)
     np.exp(out, out=out)
@@ -60,6 +69,7 @@ TABLE = {
                                  predict=lambda out: _squeeze((out > 0).astype(np.intp)),
                                  proba=lambda out: 1.0 / (1.0 + np.exp(-out)),
                                  accuracy=lambda out, T, labels: float(np.mean((out > 0) == (T > 0.5)))),
+    "poisson": Loss("poisson", "counts", predict=lambda out: _squeeze(_rate(out))),
 }
 
 
@@ -102,7 +112,10 @@ def prepare_targets(name, y, n_samples, n_outputs, dtype):
         if n_outputs < 2:
             raise ValueError(f"cross_entropy needs a network with >= 2 outputs (one per class), got {n_outputs}")
         return np.empty((0, n_outputs), dtype), check_labels(y, n_samples, n_outputs)
-    T = check_targets(y, n_samples, n_outputs, dtype, binary=(get(name).targets == "binary"))
+    kind = get(name).targets
+    T = check_targets(y, n_samples, n_outputs, dtype, binary=(kind == "binary"))
+    if kind == "counts" and (T < 0).any():
+        raise ValueError(f"{name} needs targets >= 0 (counts or rates), got a smallest target of {T.min()}")
     return T, np.empty(0, np.intp)
 
 
@@ -125,6 +138,13 @@ def cross_entropy(out: np.ndarray, y: ArrayLike) -> tuple[float, np.ndarray]:
     """Softmax cross-entropy of logits `out` against integer labels `y`, and its gradient
     ``(softmax(out) - onehot(y)) / n_samples``."""
     return compute("cross_entropy", out, y)
+
+
+def poisson(out: np.ndarray, y: ArrayLike) -> tuple[float, np.ndarray]:
+    """Poisson negative log-likelihood ``mean(exp(out) - y·out)`` of targets `y` >= 0, `out`
+    the log of the rate (torch.nn.PoissonNLLLoss(log_input=True)), and its gradient
+    ``(exp(out) - y) / out.size``."""
+    return compute("poisson", out, y)
 
 
 def binary_cross_entropy(out: np.ndarray, y: ArrayLike) -> tuple[float, np.ndarray]:

@@ -371,19 +371,33 @@ class Sequential:
             self._grad_rows = rows
         return self
 
-    def _batch_gradient(self, X, T, labels, loss_code, loss_scale=1.0, seed=0, n_threads=1, row_base=0):
+    def _batch_gradient(self, X, T, labels, loss_code, loss_scale=1.0, seed=0, n_threads=1, row_base=0,
+                        work=None, weights=None):
         """loss_scale × the mean loss over validated (X, T or labels), and its gradient into
         grads, in one compiled training pass (the full batch of L-BFGS, a rank's share of a
-        global batch). Dropout masks are those of rows row_base… of an epoch keyed by seed."""
+        global batch). Dropout masks are those of rows row_base… of an epoch keyed by seed.
+        `work`: a workspace from :meth:`_gradient_workspace` for X's rows, reused by callers
+        that evaluate many times (else a new one). `weights`: validated sample weights (the
+        mean is then the weighted one)."""
         table, hyper, row_width, n_bstats = self._plan
-        work = np.empty(X.shape[0] * row_width + n_bstats, dtype=self._dtype)
+        if work is None:
+            work = self._gradient_workspace(X.shape[0])
+        elif work.dtype != self._dtype or work.shape != (X.shape[0] * row_width + n_bstats,):
+            raise ValueError(f"the workspace has dtype {work.dtype} and shape {work.shape}, expected "
+                             f"{np.dtype(self._dtype)} ({X.shape[0] * row_width + n_bstats},)")
         settings = {"loss": loss_code, "loss_scale": loss_scale, "seed": seed & (2**64 - 1),
                     "n_threads": n_threads}
         with self._training("a gradient pass"), single_threaded_blas():
             value = _core.batch_gradient(table, hyper, row_width, n_bstats, settings, X, T, labels,
-                                         self._params, self._grads, self._buffers, work, row_base)
+                                         self._params, self._grads, self._buffers, work, row_base,
+                                         weights)
             self._has_grads, self._grad_rows = True, X.shape[0]
         return value
+
+    def _gradient_workspace(self, n_rows):
+        """The workspace :meth:`_batch_gradient` needs for n_rows rows."""
+        _, _, row_width, n_bstats = self._plan
+        return np.empty(n_rows * row_width + n_bstats, dtype=self._dtype)
 
     def predict_raw(self, X: ArrayLike, n_threads: int | None = None,
                     chunk_size: int | None = None) -> np.ndarray:

@@ -640,8 +640,11 @@ def _regressor_shapes(operator):
 
 
 def _convert_regressor(scope, operator, container):
-    """The network's raw output (the drop-in's predict), shape (N, n_outputs)."""
+    """The drop-in's predict, shape (N, n_outputs): the network's raw output, or its exp
+    (the Poisson rate) for loss="poisson"."""
     graph, values, _, elem = _network_of(scope, operator, container)
+    if operator.raw_operator.out_activation_ == "exp":
+        values = graph.node("Exp", [values], hint="rate")
     graph.cast(values, elem, _tensor_type(operator.outputs[0]), out=operator.outputs[0].full_name)
 
 

@@ -4,8 +4,12 @@ SGD:   g' = g + wd·p;  v = μ·v + g';  p -= lr·v   (Nesterov: p -= lr·(g' + 
 Adam:  g' = g + wd·p;  m = β1·m + (1-β1)·g';  v = β2·v + (1-β2)·g'²;
        p -= lr/(1-β1ᵗ) · m / (√v/√(1-β2ᵗ) + ε)
 AdamW: as Adam, but decay is decoupled: p *= 1 - lr·wd, and g' = g.
+Adam(sklearn_style=True), scikit-learn's: ε added to √v before the bias correction,
+       p -= lr·√(1-β2ᵗ)/(1-β1ᵗ) · m / (√v + ε)
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -18,6 +22,7 @@ class Optimizer:
     """Base class: holds hyper-parameters and per-network state (flat arrays like the parameters)."""
 
     _CORE = None     # the compiled update this class runs (a key of _core.OPTIMIZERS)
+    full_batch = False   # True: Trainer hands it the whole data set each epoch (L-BFGS)
 
     @property
     def kind(self) -> int:
@@ -172,6 +177,11 @@ class Adam(Optimizer):
     betas : (float, float) in [0, 1), default (0.9, 0.999)
     eps : float > 0, default 1e-8
     weight_decay : float >= 0, default 0
+    sklearn_style : bool, default False
+        Where ε goes. False (torch's): ``p -= lr/(1-β1ᵗ) · m / (√v/√(1-β2ᵗ) + ε)``.
+        True (scikit-learn's AdamOptimizer): ``p -= lr·√(1-β2ᵗ)/(1-β1ᵗ) · m / (√v + ε)``,
+        computed as scikit-learn computes it, so that both take the same steps. The two
+        differ by ε scaled by √(1-β2ᵗ): most in the first steps and when √v is near ε.
     """
 
     _CORE = "adam"
@@ -179,22 +189,27 @@ class Adam(Optimizer):
     decoupled = False
 
     def __init__(self, lr: float = 0.001, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0) -> None:
+                 weight_decay: float = 0.0, *, sklearn_style: bool = False) -> None:
         super().__init__()
         self.lr = check_real(lr, "lr", low=0)
         self.betas = betas
         self.eps = eps
         self.weight_decay = check_real(weight_decay, "weight_decay", low=0)
+        self.sklearn_style = sklearn_style
         self._hyper()
 
     def __repr__(self):
+        style = ", sklearn_style=True" if self.sklearn_style else ""
         return (f"{type(self).__name__}(lr={self.lr}, betas={self.betas}, eps={self.eps}, "
-                f"weight_decay={self.weight_decay})")
+                f"weight_decay={self.weight_decay}{style})")
 
     @classmethod
     def from_config(cls, cfg):
-        return cls(lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"],
-                   weight_decay=cfg["weight_decay"])
+        opt = cls(lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"],
+                  weight_decay=cfg["weight_decay"])
+        opt.sklearn_style = cfg.get("sklearn_style", False)   # files from before it: torch's
+        opt._hyper()
+        return opt
 
     def _hyper(self):
         betas = self.betas
@@ -205,8 +220,9 @@ class Adam(Optimizer):
         self.betas = (check_real(betas[0], "beta1", low=0, high=1, high_open=True),
                       check_real(betas[1], "beta2", low=0, high=1, high_open=True))
         self.eps = check_real(self.eps, "eps", low=0, low_open=True)
+        self.sklearn_style = check_bool(self.sklearn_style, "sklearn_style")
         return {"beta1": self.betas[0], "beta2": self.betas[1], "eps": self.eps,
-                "decoupled": self.decoupled}
+                "decoupled": self.decoupled, "sklearn_style": self.sklearn_style}
 
 
 class AdamW(Adam):
@@ -219,5 +235,182 @@ class AdamW(Adam):
         super().__init__(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
+class LBFGS(Optimizer):
+    """Limited-memory BFGS over the whole data set: ``scipy.optimize.minimize(method="L-BFGS-B")``
+    on the network's flat parameters, each evaluation of the loss and its gradient over all
+    samples one compiled call without the GIL.
+
+    The objective is the trainer's loss (``loss_scale`` × the mean over all samples) plus
+    ``weight_decay/2·‖p‖²`` over the decayed parameters (weights; biases too when
+    ``decay_bias``; ``weight_decay/n_samples`` when ``decay_per_sample``), so that its
+    gradient is the one SGD and Adam step with.
+
+    With :class:`Trainer`, each epoch is one L-BFGS run over all of (X, y) from the current
+    weights, of up to `max_iter` iterations (as one step of ``torch.optim.LBFGS``); the next
+    epoch starts a new run (its curvature history is not kept). ``batch_size`` and
+    ``shuffle`` have no effect; Dropout draws one set of masks per run, so that every
+    evaluation of a run sees the same function.
+
+    Parameters
+    ----------
+    max_iter : int >= 1, default 200 — iterations per run
+    max_fun : int >= 1, default 15000 — evaluations of loss and gradient per run (checked
+        at the end of each iteration, so a run may take a few more)
+    tol : float >= 0, default 1e-4 — stop when every component of the gradient is at most
+        `tol` in absolute value (scipy's ``gtol``)
+    history : int >= 1, default 10 — corrections kept for the inverse-Hessian estimate
+        (scipy's ``maxcor``)
+    weight_decay : float >= 0, default 0
+
+    Attributes
+    ----------
+    result : scipy.optimize.OptimizeResult or None — the last run's: ``fun`` (the
+        objective, decay term included), ``nit``, ``nfev``, ``status`` (0 converged, 1 a
+        limit reached, 2 stopped otherwise), ``message``.
+    step_count : int — iterations taken over all runs
+    """
+
+    full_batch = True
+    n_state = property(lambda self: 0, doc="L-BFGS keeps no state between runs.")
+    # the objective's value is loss × _value_scale + _value_offset (+ decay), its gradient
+    # the loss's: 1 and 0 keep the two consistent. cprop.sklearn hands L-BFGS what
+    # scikit-learn hands it: for multi-output squared error the value averaged over outputs
+    # while the gradient sums them (1/n_outputs), for Poisson the deviance's constant term
+    _value_scale = 1.0
+    _value_offset = 0.0
+
+    def __init__(self, max_iter: int = 200, max_fun: int = 15000, tol: float = 1e-4, history: int = 10,
+                 weight_decay: float = 0.0) -> None:
+        super().__init__()
+        self.max_iter = max_iter
+        self.max_fun = max_fun
+        self.tol = tol
+        self.history = history
+        self.weight_decay = weight_decay
+        self.result = None
+        self.config()
+
+    def __repr__(self):
+        return (f"LBFGS(max_iter={self.max_iter}, max_fun={self.max_fun}, tol={self.tol}, "
+                f"history={self.history}, weight_decay={self.weight_decay})")
+
+    @property
+    def kind(self):
+        raise AttributeError("L-BFGS has no compiled update (it runs scipy's L-BFGS-B)")
+
+    def config(self) -> dict:
+        """The settings, checked again here (they are plain attributes)."""
+        self.max_iter = check_positive_int(self.max_iter, "max_iter", maximum=None)
+        self.max_fun = check_positive_int(self.max_fun, "max_fun", maximum=None)
+        self.tol = check_real(self.tol, "tol", low=0)
+        self.history = check_positive_int(self.history, "history", maximum=None)
+        self.weight_decay = check_real(self.weight_decay, "weight_decay", low=0)
+        self.decay_bias = check_bool(self.decay_bias, "decay_bias")
+        self.decay_per_sample = check_bool(self.decay_per_sample, "decay_per_sample")
+        self.step_count = check_positive_int(self.step_count, "step_count", minimum=0, maximum=None)
+        return {"max_iter": self.max_iter, "max_fun": self.max_fun, "tol": self.tol,
+                "history": self.history, "weight_decay": self.weight_decay,
+                "decay_bias": self.decay_bias, "decay_per_sample": self.decay_per_sample,
+                "step": self.step_count}
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(max_iter=cfg["max_iter"], max_fun=cfg["max_fun"], tol=cfg["tol"],
+                   history=cfg["history"], weight_decay=cfg["weight_decay"])
+
+    def step(self, net, n_threads=None):
+        """Not available: L-BFGS needs the loss over the whole data set, not one gradient."""
+        raise TypeError("LBFGS minimises the loss over a whole data set: use it with "
+                        "cprop.Trainer(net, loss, optimizer=cprop.LBFGS()).fit(X, y)")
+
+    def _decayed_ranges(self, net):
+        """(start, stop) of each flat parameter range the decay term covers."""
+        table, names = net._plan[0], _core.PLAN_INT
+        ranges = []
+        for row in table:
+            n_param = int(row[names["n_param"]])
+            if n_param == 0:
+                continue
+            off = int(row[names["param"]])
+            n_w = (int(row[names["n_in"]]) * int(row[names["n_out"]])
+                   if row[names["kind"]] == _core.LAYER_KINDS["dense"] else int(row[names["n_out"]]))
+            ranges.append((off, off + (n_param if self.decay_bias else n_w)))
+        return ranges
+
+    def minimize(self, net, X, T, labels, settings, weights=None):
+        """One L-BFGS run on `net` over validated (X, T or labels) and sample weights (or
+        None); `settings`: the loss's code, loss_scale, seed (of the dropout masks) and
+        n_threads, as Trainer passes them. With weights the loss is the weighted mean and
+        ``decay_per_sample`` divides by their sum.
+
+        Leaves the run's last iterate in the network and returns scipy's result (also
+        :attr:`result`), with ``data_loss``: ``loss_scale`` × the mean loss there (decay
+        term excluded), and ``overflowed``: whether the run ended in a line search that met
+        a loss or gradient that is not finite. Such a point counts as +inf, and L-BFGS-B's
+        line search, unable to step past it, returns to the last iterate: the run then
+        ends there (status 2), or at the starting weights (``data_loss`` NaN when even
+        those overflow). On Ctrl-C the network keeps the last completed iteration's weights.
+        """
+        from scipy.optimize import minimize
+        cfg = self.config()
+        params, grads = net._params, net._grads
+        n = X.shape[0]
+        total_weight = n if weights is None else float(np.sum(weights, dtype=np.float64))
+        decay = cfg["weight_decay"] / total_weight if cfg["decay_per_sample"] else cfg["weight_decay"]
+        ranges = self._decayed_ranges(net) if decay > 0 else []
+        work = net._gradient_workspace(n)    # one workspace for every evaluation of the run
+        x0 = params.astype(np.float64)
+        last = {"x": x0, "overflows": 0}     # the last completed iteration; overflows since
+
+        def decay_term(x):
+            return sum(0.5 * decay * float(np.dot(x[lo:hi], x[lo:hi])) for lo, hi in ranges)
+
+        def objective(x):
+            params[...] = x
+            value = net._batch_gradient(X, T, labels, settings["loss"], settings["loss_scale"],
+                                        settings["seed"], settings["n_threads"], work=work,
+                                        weights=weights)
+            grad = grads.astype(np.float64)      # scipy's, in float64 (a copy it may keep)
+            value = value * self._value_scale + self._value_offset + decay_term(x)
+            for lo, hi in ranges:
+                grad[lo:hi] += decay * x[lo:hi]
+            if not (math.isfinite(value) and np.isfinite(grad).all()):
+                last["overflows"] += 1
+                return math.inf, np.zeros_like(grad)
+            return value, grad
+
+        def iteration_done(intermediate_result):
+            # after an overflow L-BFGS-B may report as its next iterate one that is not
+            # finite, or the last one again (its line search fell back to step 0): neither
+            # is progress past the overflow
+            x = intermediate_result.x
+            if (math.isfinite(intermediate_result.fun) and np.isfinite(x).all()
+                    and not np.array_equal(x, last["x"])):
+                last["x"], last["overflows"] = x.copy(), 0
+
+        try:
+            result = minimize(objective, x0, jac=True, method="L-BFGS-B", callback=iteration_done,
+                              options={"maxiter": cfg["max_iter"], "maxfun": cfg["max_fun"],
+                                       "gtol": cfg["tol"], "maxcor": cfg["history"]})
+        except KeyboardInterrupt:
+            params[...] = last["x"]
+            net._has_grads = False
+            raise
+        self.result = result
+        self.step_count += int(result.nit)
+        result.overflowed = last["overflows"] > 0 or not (
+            math.isfinite(result.fun) and np.isfinite(result.x).all())
+        if result.overflowed:
+            result.x, result.success, result.status = last["x"], False, 2
+            result.message = ("ABNORMAL: the loss or its gradient is not finite at the line search's "
+                              "trial points; the run ends at the last finite iterate")
+            result.fun = objective(last["x"])[0]     # leaves last["x"] in the network
+        else:
+            params[...] = result.x
+        result.data_loss = ((result.fun - self._value_offset - decay_term(result.x)) / self._value_scale
+                            if math.isfinite(result.fun) else math.nan)
+        return result
+
+
 # name (as saved in trainer files) -> class: Trainer.load and the CLI read this table
-OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
+OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "lbfgs": LBFGS}

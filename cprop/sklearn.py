@@ -3,10 +3,10 @@
 They take scikit-learn's ``sklearn.neural_network`` parameters (same names,
 defaults and meaning) and train with cprop: a :class:`cprop.Sequential` of
 :class:`cprop.Dense` layers (the output layer is identity: the loss fuses the
-softmax or sigmoid) and one :meth:`cprop.Trainer.fit` call whose per-epoch
-callback does scikit-learn's bookkeeping (loss curve, ``tol`` /
-``n_iter_no_change``, early stopping, learning-rate schedules,
-ConvergenceWarning).
+softmax or sigmoid) and one :meth:`cprop.Trainer.fit` call. For "sgd" and
+"adam" its per-epoch callback does scikit-learn's bookkeeping (loss curve,
+``tol`` / ``n_iter_no_change``, early stopping, learning-rate schedules,
+ConvergenceWarning); "lbfgs" is one run of :class:`cprop.LBFGS`.
 
 scikit-learn's conventions and how cprop reproduces them:
 
@@ -20,28 +20,55 @@ scikit-learn's conventions and how cprop reproduces them:
   torch's ``v = μv + g; p -= lr·v`` with sklearn's v = -lr × torch's v; when
   the learning rate changes between epochs (invscaling, adaptive) cprop's
   velocity is rescaled by old_lr/new_lr so the two stay the same update.
+- Adam: sklearn's update, ``p -= lr·√(1-β2ᵗ)/(1-β1ᵗ) · m / (√v + ε)`` (ε added
+  to √v before the bias correction; ``cprop.Adam(sklearn_style=True)``), where
+  ``cprop.Adam`` keeps torch's; the private optimizer's ``learning_rate`` is
+  sklearn's (the last bias-corrected step).
+- L-BFGS: scipy's L-BFGS-B with sklearn's settings (``maxiter=max_iter``,
+  ``maxfun=max_fun``, ``gtol=tol``) on the objective sklearn hands it, the loss
+  plus ``alpha/(2n)·‖W‖²``, gradient plus ``alpha/n·W`` (weights only); for
+  multi-output squared error that objective's value is averaged over outputs
+  while its gradient sums over them, as sklearn's. ``n_iter_``, ``loss_`` (the
+  objective) and the ConvergenceWarning are sklearn's; ``t_``, ``loss_curve_``
+  and the stopping attributes are left alone, as sklearn leaves them.
+- Poisson (``MLPRegressor(loss="poisson")``): an exp output, cprop's
+  ``poisson`` loss (torch's Poisson NLL, ``e^z - y·z``) × n_outputs, whose
+  gradient ``(p - y)/n`` is sklearn's; sklearn's half deviance also holds the
+  term ``xlogy(y, y) - y``, which the drop-in adds to ``loss_`` and
+  ``loss_curve_`` (and to L-BFGS's objective, whose stopping test sees it).
+- sample_weight: each batch's loss is its weighted mean ``Σ w·l / Σ w`` and
+  the L2 term is divided by the batch's ``Σ w`` (as sklearn); early stopping
+  splits the weights with the data and scores the validation set with them.
 - initial weights: drawn exactly as sklearn draws them (Glorot-uniform weights
   *and* biases from ``check_random_state(random_state)``), so the same
   ``random_state`` starts both from the same point.
 
 Known differences from scikit-learn (documented, deliberate):
 
-- ``solver="lbfgs"`` and the regressor's ``loss="poisson"`` are not supported
-  (ValueError); ``sample_weight`` is not accepted; sparse X is rejected.
+- sparse X is rejected (sklearn takes CSR/CSC matrices).
+- Poisson targets must be >= 0 (ValueError; sklearn takes negative ones and
+  reports a NaN loss).
+- negative sample weights are refused (sklearn takes them); a batch whose
+  weights are all 0 is skipped (sklearn fails on it, dividing by Σ w = 0).
 - ``momentum`` must be < 1 (sklearn allows 1).
-- Adam: cprop adds ε to ``√v/√(1-β2ᵗ)`` (torch), sklearn to ``√v``; this is
-  sklearn's update with ε scaled by ``√(1-β2ᵗ)`` (smaller in the first steps).
 - ``loss_`` / ``loss_curve_``: the data term is exact (summed over the epoch's
   batches at their pre-update weights, as sklearn). sklearn adds
   ``alpha/2·‖W‖²/n`` once per *batch* at that batch's weights; cprop knows the
   weights only at epoch boundaries and interpolates ‖W‖² linearly between them
-  (exact with one batch per epoch, second order otherwise).
+  (exact with one batch per epoch, second order otherwise). With sample weights
+  and shuffling it also takes each batch's ``Σ w`` (and Poisson's constant
+  term) as the average's.
 - the shuffling order differs (cprop's generator, seeded from random_state).
 - log-loss is computed from logits without sklearn's clipping of
   probabilities at machine epsilon.
 - a diverging fit stops at the failing batch with the last finite weights
   (sklearn carries on with NaN): ValueError, or with early stopping a
-  RuntimeWarning and the best weights, as sklearn ends up.
+  RuntimeWarning and the best weights, as sklearn ends up. L-BFGS alike: a
+  line search that meets a loss that is not finite ends the run at the last
+  finite iterate, and fit raises ValueError (sklearn warns and reports a NaN loss).
+- with L-BFGS, the same iterations as sklearn's to rounding; over hundreds of
+  iterations of a non-convex problem the rounding of different summation
+  orders grows, and the two end at nearby points of similar loss and score.
 - ``coefs_`` and ``intercepts_`` are views of the live cprop network's
   parameters: modify them in place (``coefs_[0][...] = W``) to change the
   model; assigning new arrays to the lists does not.
@@ -51,7 +78,7 @@ import warnings
 from numbers import Integral, Real
 
 import numpy as np
-from scipy.special import expit, log_expit
+from scipy.special import expit, log_expit, xlogy
 try:
     from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, _fit_context, is_classifier
 except ImportError as exc:   # scikit-learn is an optional extra
@@ -65,14 +92,15 @@ from sklearn.utils import check_random_state, column_or_1d
 from sklearn.utils._param_validation import Interval, Options, StrOptions
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import _check_partial_fit_first_call, type_of_target, unique_labels
+from sklearn.utils.optimize import _check_optimize_result
 try:
-    from sklearn.utils.validation import check_is_fitted, validate_data
+    from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 except ImportError as exc:  # validate_data is public from scikit-learn 1.6 on
     raise ImportError("cprop.sklearn needs scikit-learn >= 1.6") from exc
 
 from .layers import Dense
 from .network import Sequential
-from .optim import SGD, Adam
+from .optim import LBFGS, SGD, Adam
 from .trainer import DivergenceError, Trainer
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
@@ -85,7 +113,34 @@ _LOSSES = {
     "softmax": ("cross_entropy", lambda n_outputs: 1.0),
     "logistic": ("binary_cross_entropy", lambda n_outputs: float(n_outputs)),
     "identity": ("mse", lambda n_outputs: n_outputs / 2.0),
+    "exp": ("poisson", lambda n_outputs: float(n_outputs)),
 }
+
+
+class _SGD(SGD):
+    """The drop-in's SGD; ``learning_rate`` answers as scikit-learn's SGDOptimizer's."""
+
+    @property
+    def learning_rate(self):
+        """The current learning rate (scikit-learn's name for it)."""
+        return self.lr
+
+
+class _Adam(Adam):
+    """The drop-in's Adam: scikit-learn's update (``sklearn_style``), and ``learning_rate``
+    answering as scikit-learn's AdamOptimizer's."""
+
+    def __init__(self, lr, betas, eps):
+        super().__init__(lr=lr, betas=betas, eps=eps, sklearn_style=True)
+
+    @property
+    def learning_rate(self):
+        """The bias-corrected step of the last update, lr·√(1-β2ᵗ)/(1-β1ᵗ) (lr before any)."""
+        t = self.step_count
+        if t == 0:
+            return self.lr
+        beta1, beta2 = self.betas
+        return self.lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
 
 
 def _stochastic_solver(estimator):
@@ -102,7 +157,6 @@ class _BaseMLP(BaseEstimator):
     _parameter_constraints: dict = {
         "hidden_layer_sizes": ["array-like", Interval(Integral, 1, None, closed="left")],
         "activation": [StrOptions({"identity", "logistic", "tanh", "relu"})],
-        # lbfgs passes validation so that fit can say clearly it is not supported
         "solver": [StrOptions({"lbfgs", "sgd", "adam"})],
         "alpha": [Interval(Real, 0, None, closed="left")],
         "batch_size": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
@@ -134,13 +188,6 @@ class _BaseMLP(BaseEstimator):
             raise ValueError(f"hidden_layer_sizes must be > 0, got {sizes}.")
         return [int(s) for s in sizes]
 
-    def _check_supported(self):
-        if self.solver == "lbfgs":
-            raise ValueError(
-                "solver='lbfgs' is not supported by cprop.sklearn: cprop trains by minibatch "
-                "gradient descent; use solver='adam' or solver='sgd' (or "
-                "sklearn.neural_network for L-BFGS).")
-
     def _initialize(self, layer_units, dtype):
         """Fresh network (weights drawn as sklearn draws them) and fit bookkeeping."""
         self.n_iter_ = 0
@@ -159,16 +206,17 @@ class _BaseMLP(BaseEstimator):
             layer.b[...] = self._random_state.uniform(-bound, bound, layer.n_out)
         self._bind_params()
         self._best_params = self._net.params.copy()
-        self.loss_curve_ = []
-        self._no_improvement_count = 0
-        if self.early_stopping:
-            self.validation_scores_ = []
-            self.best_validation_score_ = -np.inf
-            self.best_loss_ = None
-        else:
-            self.best_loss_ = np.inf
-            self.validation_scores_ = None
-            self.best_validation_score_ = None
+        if self.solver != "lbfgs":    # as sklearn: L-BFGS keeps no loss curve
+            self.loss_curve_ = []
+            self._no_improvement_count = 0
+            if self.early_stopping:
+                self.validation_scores_ = []
+                self.best_validation_score_ = -np.inf
+                self.best_loss_ = None
+            else:
+                self.best_loss_ = np.inf
+                self.validation_scores_ = None
+                self.best_validation_score_ = None
 
     def _bind_params(self):
         """coefs_ / intercepts_ as views of the network's live parameters."""
@@ -220,7 +268,11 @@ class _BaseMLP(BaseEstimator):
             arch["activations"] = [hidden] * (len(sizes) - 2) + ["identity"]
             self._net = Sequential.from_architecture(arch, self._net.params)
             self._bind_params()
-        # a warm start may switch early stopping on or off
+        if self.solver == "lbfgs":
+            return
+        # a warm start may switch early stopping on or off, or follow an L-BFGS fit
+        if not hasattr(self, "loss_curve_"):
+            self.loss_curve_, self._no_improvement_count = [], 0
         if self.early_stopping and getattr(self, "validation_scores_", None) is None:
             self.validation_scores_, self.best_validation_score_ = [], -np.inf
             self._best_params = self._net.params.copy()
@@ -229,10 +281,10 @@ class _BaseMLP(BaseEstimator):
 
     def _new_optimizer(self):
         if self.solver == "sgd":
-            opt = SGD(lr=self.learning_rate_init, momentum=self.momentum,
-                      nesterov=bool(self.nesterovs_momentum and self.momentum > 0))
+            opt = _SGD(lr=self.learning_rate_init, momentum=self.momentum,
+                       nesterov=bool(self.nesterovs_momentum and self.momentum > 0))
         else:
-            opt = Adam(lr=self.learning_rate_init, betas=(self.beta_1, self.beta_2), eps=self.epsilon)
+            opt = _Adam(lr=self.learning_rate_init, betas=(self.beta_1, self.beta_2), eps=self.epsilon)
         # sklearn's L2: alpha·W / batch_size on weights only
         opt.weight_decay = float(self.alpha)
         opt.decay_bias = False
@@ -248,11 +300,13 @@ class _BaseMLP(BaseEstimator):
         opt.lr = lr
 
     # -- fitting ---------------------------------------------------------------
-    def _fit(self, X, y, incremental=False):
-        self._check_supported()
+    def _fit(self, X, y, incremental=False, sample_weight=None):
         hidden = self._hidden_layer_sizes()
         first_pass = not hasattr(self, "coefs_") or (not self.warm_start and not incremental)
         X, y = self._validate_input(X, y, incremental, reset=first_pass)
+        if sample_weight is not None:
+            # sklearn's check, and weights >= 0 (a weighted mean needs them)
+            sample_weight = _check_sample_weight(sample_weight, X, ensure_non_negative=True)
         if y.ndim == 1:
             y = y.reshape(-1, 1)
         self.n_outputs_ = y.shape[1]
@@ -264,21 +318,85 @@ class _BaseMLP(BaseEstimator):
         else:
             self._continue_with(layer_units)
         X = np.ascontiguousarray(X, dtype=self._net.dtype)
-        self._fit_stochastic(X, y, incremental)
+        if self.solver == "lbfgs":
+            self._fit_lbfgs(X, y, sample_weight)
+        else:
+            self._fit_stochastic(X, y, incremental, sample_weight)
         return self
 
-    def _fit_stochastic(self, X, y, incremental):
+    def _loss_setup(self, y):
+        """(cprop loss name, loss_scale giving sklearn's gradient, the factor from cprop's
+        loss to the one sklearn reports, targets as the loss takes them). sklearn's Poisson
+        loss adds a term that does not depend on the weights: :meth:`_loss_offset`."""
+        loss_name, scale = _LOSSES[self.out_activation_]
+        # sklearn reports the squared error averaged over outputs (its gradient sums over them)
+        report = 1.0 / self.n_outputs_ if loss_name == "mse" else 1.0
+        targets = np.ascontiguousarray(y.argmax(axis=1)) if loss_name == "cross_entropy" else y
+        return loss_name, scale(self.n_outputs_), report, targets
+
+    def _loss_offset(self, y, sample_weight, batch_size=None):
+        """What sklearn's loss adds to cprop's (scaled) one: for poisson the half deviance's
+        term xlogy(y, y) - y, summed over outputs and averaged as sklearn averages its loss,
+        each batch's (weighted) mean counted by the batch's size; 0 for the other losses.
+        Shuffled weighted batches are not known here: the overall weighted mean stands in."""
+        if self.out_activation_ != "exp":
+            return 0.0
+        y = np.asarray(y, dtype=np.float64)
+        term = (xlogy(y, y) - y).reshape(len(y), -1).sum(axis=1)
+        if sample_weight is None:
+            return float(term.mean())
+        w = np.asarray(sample_weight, dtype=np.float64)
+        if batch_size is None or batch_size >= len(y) or self.shuffle:
+            return float(np.average(term, weights=w))
+        starts = np.arange(0, len(y), batch_size)
+        sizes = np.diff(np.r_[starts, len(y)])
+        weight_sums = np.add.reduceat(w, starts)
+        means = np.divide(np.add.reduceat(w * term, starts), weight_sums, out=np.zeros(len(starts)),
+                          where=weight_sums > 0)
+        return float(sizes @ means / len(y))
+
+    def _fit_lbfgs(self, X, y, sample_weight):
+        """sklearn's L-BFGS: one run of cprop.LBFGS over all of (X, y), its objective the
+        (weighted) mean loss plus alpha/(2n)·‖W‖² (weights only; n: the summed sample
+        weights), as sklearn's."""
+        loss_name, scale, report, targets = self._loss_setup(y)
+        opt = LBFGS(max_iter=self.max_iter, max_fun=self.max_fun, tol=self.tol,
+                    weight_decay=float(self.alpha))
+        opt.decay_bias = False
+        opt.decay_per_sample = True
+        # sklearn's objective, even where value and gradient disagree, Poisson's constant included
+        opt._value_scale = report
+        opt._value_offset = self._loss_offset(y, sample_weight)
+        # (L-BFGS takes the whole data set: the trainer's batch size plays no part)
+        trainer = Trainer(self._net, loss=loss_name, optimizer=opt, shuffle=False, loss_scale=scale)
+        try:
+            trainer.fit(X, targets, epochs=1, sample_weight=sample_weight)
+        except DivergenceError as exc:
+            raise ValueError("Solver produced non-finite parameter weights. The input data may "
+                             f"contain large values and need to be preprocessed. ({exc})") from exc
+        result = opt.result
+        self.n_iter_ = _check_optimize_result("lbfgs", result, self.max_iter)
+        self.loss_ = float(result.fun)
+
+    def _fit_stochastic(self, X, y, incremental, sample_weight):
         if not incremental or not hasattr(self, "_optimizer"):
             self._optimizer = self._new_optimizer()
         if self.early_stopping and incremental:
             raise ValueError("partial_fit does not support early_stopping=True")
         early_stopping = self.early_stopping
+        sample_weight_val = None
         if early_stopping:
             # as sklearn: stratify single-output classification only
             stratify = y if is_classifier(self) and self.n_outputs_ == 1 else None
-            X, X_val, y, y_val = train_test_split(
-                X, y, random_state=self._random_state, test_size=self.validation_fraction,
+            arrays = (X, y) if sample_weight is None else (X, y, sample_weight)
+            X, X_val, y, y_val, *weights = train_test_split(
+                *arrays, random_state=self._random_state, test_size=self.validation_fraction,
                 stratify=stratify)
+            if weights:
+                sample_weight, sample_weight_val = weights
+                if not sample_weight.any():
+                    raise ValueError("the training samples left after the validation split all "
+                                     "have weight zero; use a different random_state")
             if X_val.shape[0] < 2:
                 raise ValueError("The validation set is too small. Increase 'validation_fraction' "
                                  "or the size of your dataset.")
@@ -292,15 +410,13 @@ class _BaseMLP(BaseEstimator):
                 warnings.warn("Got `batch_size` less than 1 or larger than sample size. "
                               "It is going to be clipped")
             batch_size = int(np.clip(self.batch_size, 1, n_samples))
-        n_batches = math.ceil(n_samples / batch_size)
+        l2_factors = self._l2_factors(n_samples, batch_size, sample_weight)
 
-        loss_name, scale = _LOSSES[self.out_activation_]
-        # sklearn reports the squared error averaged over outputs (its gradient sums over them)
-        report = 1.0 / self.n_outputs_ if loss_name == "mse" else 1.0
-        targets = np.ascontiguousarray(y.argmax(axis=1)) if loss_name == "cross_entropy" else y
+        loss_name, scale, report, targets = self._loss_setup(y)
+        offset = self._loss_offset(y, sample_weight, batch_size)
         seed = self._random_state.randint(np.iinfo(np.int32).max) if self.shuffle else None
         trainer = Trainer(self._net, loss=loss_name, optimizer=self._optimizer, batch_size=batch_size,
-                          shuffle=self.shuffle, seed=seed, loss_scale=scale(self.n_outputs_))
+                          shuffle=self.shuffle, seed=seed, loss_scale=scale)
         alpha = float(self.alpha)
         sq_weights = [self._sum_squared_weights()] if alpha > 0 else None
 
@@ -308,19 +424,20 @@ class _BaseMLP(BaseEstimator):
             """sklearn's per-iteration bookkeeping; True stops training."""
             self.n_iter_ += 1
             self.t_ += n_samples
-            loss = logs["loss"] * report
+            loss = logs["loss"] * report + offset
             if alpha > 0:
-                # sklearn adds alpha/2·‖W_k‖²/n for every batch k at its pre-update weights;
-                # interpolate ‖W‖² linearly between this epoch's two ends
+                # sklearn adds alpha/2·‖W_k‖²/n_k for every batch k at its pre-update weights
+                # (n_k its size, or summed weights), counted × its size over n; interpolate
+                # ‖W‖² linearly between this epoch's two ends
                 start, end = sq_weights[0], self._sum_squared_weights()
-                loss += 0.5 * alpha * (n_batches * start + (n_batches - 1) / 2 * (end - start)) / n_samples
+                loss += 0.5 * alpha * (l2_factors[0] * start + l2_factors[1] * (end - start)) / n_samples
                 sq_weights[0] = end
             self.loss_ = loss
             self.loss_curve_.append(loss)
             if self.verbose:
                 print("Iteration %d, loss = %.8f" % (self.n_iter_, self.loss_))
             if early_stopping:
-                self._update_validation(X_val, y_val)
+                self._update_validation(X_val, y_val, sample_weight_val)
             else:
                 self._update_no_improvement(loss)
             if self.solver == "sgd" and self.learning_rate == "invscaling":
@@ -349,7 +466,7 @@ class _BaseMLP(BaseEstimator):
         self.n_iter_ = 0
         try:
             trainer.fit(X, targets, epochs=1 if incremental else self.max_iter,
-                        callbacks=[end_of_epoch])
+                        callbacks=[end_of_epoch], sample_weight=sample_weight)
         except DivergenceError as exc:
             if early_stopping:
                 # as sklearn: a diverging fit with early stopping keeps its best weights
@@ -361,6 +478,24 @@ class _BaseMLP(BaseEstimator):
             warnings.warn("Training interrupted by user.")
         if early_stopping:
             self._net.params[...] = self._best_params   # restore the best weights
+
+    def _l2_factors(self, n_samples, batch_size, sample_weight):
+        """(Σ_k f_k, Σ_k f_k·k/n_batches) over an epoch's batches k, f_k = the batch's size
+        over its summed sample weights (1 unweighted; 0 for a batch of weight 0, which is
+        skipped): the weights of ‖W_k‖² in sklearn's L2 term, ‖W_k‖² interpolated in k.
+        Shuffled batches' weights are not known here: f_k = n / Σ w for each (exact for
+        one batch per epoch)."""
+        n_batches = math.ceil(n_samples / batch_size)
+        positions = np.arange(n_batches) / n_batches
+        if sample_weight is None:
+            factors = np.ones(n_batches)
+        elif self.shuffle:
+            factors = np.full(n_batches, n_samples / np.sum(sample_weight, dtype=np.float64))
+        else:
+            sizes = np.diff(np.r_[np.arange(0, n_samples, batch_size), n_samples])
+            sums = np.add.reduceat(sample_weight.astype(np.float64), np.arange(0, n_samples, batch_size))
+            factors = np.divide(sizes, sums, out=np.zeros(n_batches), where=sums > 0)
+        return float(factors.sum()), float(factors @ positions)
 
     def _sum_squared_weights(self):
         with np.errstate(over="ignore"):   # huge but finite weights: an infinite L2 term
@@ -374,8 +509,8 @@ class _BaseMLP(BaseEstimator):
         if loss < self.best_loss_:
             self.best_loss_ = loss
 
-    def _update_validation(self, X_val, y_val):
-        score = self._score(X_val, y_val)
+    def _update_validation(self, X_val, y_val, sample_weight_val):
+        score = self._score(X_val, y_val, sample_weight_val)
         self.validation_scores_.append(score)
         if self.verbose:
             print("Validation score: %f" % score)
@@ -387,15 +522,15 @@ class _BaseMLP(BaseEstimator):
             self.best_validation_score_ = score
             self._best_params = self._net.params.copy()
 
-    def _score(self, X, y):
+    def _score(self, X, y, sample_weight=None):
         """Validation score from validated X (accuracy or R²); NaN when predictions are not finite."""
         raw = self._net.predict_raw(X)
         if not np.isfinite(raw).all():
             return np.nan
-        return self._score_function(y, self._predict_from_raw(raw))
+        return self._score_function(y, self._predict_from_raw(raw), sample_weight=sample_weight)
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         """Fit the model to data matrix X and targets y.
 
         Parameters
@@ -403,12 +538,16 @@ class _BaseMLP(BaseEstimator):
         X : array-like of shape (n_samples, n_features)
         y : array-like of shape (n_samples,) or (n_samples, n_outputs)
             Class labels (classification) or real targets (regression).
+        sample_weight : array-like of shape (n_samples,), optional
+            Weights >= 0, not all 0, normalised as sklearn's: each batch's loss is
+            its weighted mean, and the L2 term is divided by the batch's summed
+            weights. Weight 0 drops a sample, integer weight k repeats it k times.
 
         Returns
         -------
         self
         """
-        return self._fit(X, y, incremental=False)
+        return self._fit(X, y, incremental=False, sample_weight=sample_weight)
 
     # -- prediction -------------------------------------------------------------
     def _raw_output(self, X):
@@ -439,20 +578,19 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     """Multi-layer perceptron classifier trained by cprop, with scikit-learn's interface.
 
     Parameters are those of :class:`sklearn.neural_network.MLPClassifier`
-    (same names, defaults and meaning), except that ``solver`` must be
-    "adam" or "sgd" and ``max_fun`` (an L-BFGS setting) is accepted and
-    unused. See the module docstring for the remaining small differences.
+    (same names, defaults and meaning); see the module docstring for the
+    small differences that remain.
 
     Attributes
     ----------
     classes_ : ndarray of shape (n_classes,)
-    loss_ : float — the loss of the last epoch, L2 term included
-    best_loss_ : float or None — the lowest loss_ (None with early stopping)
-    loss_curve_ : list of float — loss_ of every epoch
+    loss_ : float — the loss of the last epoch (L-BFGS: at the end), L2 term included
+    best_loss_ : float or None — the lowest loss_ (None with early stopping; sgd, adam)
+    loss_curve_ : list of float — loss_ of every epoch (sgd, adam)
     validation_scores_ : list of float or None — accuracy on the held-out
-        validation_fraction, per epoch (early stopping only)
+        validation_fraction, per epoch (early stopping only; sgd, adam)
     best_validation_score_ : float or None
-    t_ : int — training samples seen
+    t_ : int — training samples seen (sgd, adam)
     coefs_, intercepts_ : lists of ndarray — views of the network's W (n_in, n_out) and b
     n_features_in_, feature_names_in_, n_iter_, n_layers_, n_outputs_
     out_activation_ : {"softmax", "logistic"} — softmax for multi-class, one
@@ -540,13 +678,14 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
     @available_if(_stochastic_solver)
     @_fit_context(prefer_skip_nested_validation=True)
-    def partial_fit(self, X, y, classes=None):
+    def partial_fit(self, X, y, sample_weight=None, classes=None):
         """One epoch over (X, y), continuing from the current state.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
         y : array-like of shape (n_samples,) or (n_samples, n_labels)
+        sample_weight : array-like of shape (n_samples,), optional — as for :meth:`fit`
         classes : array of shape (n_classes,) — all the classes; required on
             the first call (unless y is a multi-label indicator), ignored after.
 
@@ -560,7 +699,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                 self._label_binarizer.fit(y)
             else:
                 self._label_binarizer.fit(classes)
-        return self._fit(X, y, incremental=True)
+        return self._fit(X, y, incremental=True, sample_weight=sample_weight)
 
     def _proba_from_raw(self, raw):
         z = raw.astype(np.float64)
@@ -592,16 +731,24 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         return proba.astype(raw.dtype, copy=False)
 
     def predict_log_proba(self, X):
-        """log(predict_proba(X)), computed from the logits (no underflow to -inf)."""
+        """log(predict_proba(X)), computed from the logits: accurate where a probability
+        rounds to 1, and -inf exactly where predict_proba's probability is 0 (scikit-learn's
+        checks hold it to be a transformation of predict_proba)."""
         raw = self._raw_output(X)
         z = raw.astype(np.float64)
         if self.out_activation_ == "softmax":
             z -= z.max(axis=1, keepdims=True)
-            log_proba = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+            others = np.exp(z)
+            others[np.arange(len(z)), z.argmax(axis=1)] = 0    # the max's exp(0) = 1 goes to log1p
+            log_proba = z - np.log1p(others.sum(axis=1, keepdims=True))
         elif self.n_outputs_ == 1:
             log_proba = np.hstack([log_expit(-z), log_expit(z)])
         else:
             log_proba = log_expit(z)
+        proba = self._proba_from_raw(raw)
+        if self.n_outputs_ == 1:
+            proba = np.hstack([1 - proba, proba])
+        log_proba[proba.astype(raw.dtype, copy=False) == 0] = -np.inf
         return log_proba.astype(raw.dtype, copy=False)
 
     def __sklearn_tags__(self):
@@ -613,13 +760,14 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 class MLPRegressor(RegressorMixin, _BaseMLP):
     """Multi-layer perceptron regressor trained by cprop, with scikit-learn's interface.
 
-    Minimises the squared error; parameters are those of
+    Minimises the squared error, or with ``loss="poisson"`` the Poisson deviance
+    of targets >= 0 (the network's output is the log of the rate, predict
+    returns the rate); parameters are those of
     :class:`sklearn.neural_network.MLPRegressor` (same names, defaults and
-    meaning), except that ``loss`` must be "squared_error", ``solver`` "adam"
-    or "sgd", and ``max_fun`` is accepted and unused. Multi-output targets
-    (y of shape (n_samples, n_outputs)) train one network with n_outputs
-    outputs. Attributes as :class:`MLPClassifier` (without ``classes_``;
-    ``validation_scores_`` holds R²; ``out_activation_`` is "identity").
+    meaning). Multi-output targets (y of shape (n_samples, n_outputs)) train
+    one network with n_outputs outputs. Attributes as :class:`MLPClassifier`
+    (without ``classes_``; ``validation_scores_`` holds R²;
+    ``out_activation_`` is "identity", or "exp" for poisson).
     """
 
     _parameter_constraints: dict = {
@@ -682,14 +830,8 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     _score_function = staticmethod(r2_score)
 
-    def _check_supported(self):
-        super()._check_supported()
-        if self.loss != "squared_error":
-            raise ValueError(f"loss={self.loss!r} is not supported by cprop.sklearn: "
-                             "only loss='squared_error'")
-
     def _output_activation(self):
-        return "identity"
+        return "exp" if self.loss == "poisson" else "identity"
 
     def _validate_input(self, X, y, incremental, reset):
         X, y = validate_data(self, X, y, multi_output=True, y_numeric=True,
@@ -700,11 +842,15 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     @available_if(_stochastic_solver)
     @_fit_context(prefer_skip_nested_validation=True)
-    def partial_fit(self, X, y):
-        """One epoch over (X, y), continuing from the current state; returns self."""
-        return self._fit(X, y, incremental=True)
+    def partial_fit(self, X, y, sample_weight=None):
+        """One epoch over (X, y) (with sample weights, as for :meth:`fit`), continuing from
+        the current state; returns self."""
+        return self._fit(X, y, incremental=True, sample_weight=sample_weight)
 
     def _predict_from_raw(self, raw):
+        if self.out_activation_ == "exp":    # poisson: the rate
+            with np.errstate(over="ignore"):
+                raw = np.exp(raw)
         return raw.ravel() if raw.shape[1] == 1 else raw
 
     def predict(self, X):

@@ -14,7 +14,7 @@ from ._lazy import core as _core
 from . import io as _io
 from ._threads import resolve_threads, single_threaded_blas
 from ._threads import MAX_THREADS
-from ._validation import check_X, check_bool, check_positive_int, check_real
+from ._validation import check_X, check_bool, check_positive_int, check_real, check_sample_weight
 from .callbacks import Checkpoint, as_callbacks
 from . import losses
 from .losses import loss_code, prepare_targets
@@ -103,8 +103,9 @@ class Trainer:
     Parameters
     ----------
     net : Sequential
-    loss : {"mse", "cross_entropy", "binary_cross_entropy"}
-    optimizer : cprop.SGD, cprop.Adam or cprop.AdamW; default SGD(lr=0.01)
+    loss : {"mse", "cross_entropy", "binary_cross_entropy", "poisson"}
+    optimizer : cprop.SGD, cprop.Adam, cprop.AdamW or cprop.LBFGS (full-batch: one
+        L-BFGS run per epoch); default SGD(lr=0.01)
     batch_size : int, default 32
     shuffle : bool, default True — reshuffle the sample order every epoch
     seed : int or None — seed of the shuffling
@@ -177,7 +178,8 @@ class Trainer:
     def fit(self, X: ArrayLike, y: ArrayLike, epochs: int = 1,
             validation_data: tuple[ArrayLike, ArrayLike] | None = None,
             validation_split: float | None = None, callbacks=(), verbose: bool = False,
-            checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 1) -> History:
+            checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 1,
+            sample_weight: ArrayLike | None = None) -> History:
         """Train for `epochs` passes over (X, y); returns the History (also ``self.history``).
 
         Each epoch runs in one compiled call without the GIL: shuffle by index,
@@ -203,6 +205,11 @@ class Trainer:
             else one line per epoch)
         checkpoint : path, optional — save the trainer there (atomically) every
             `checkpoint_every` epochs and at the end; ``Trainer.load`` resumes it
+        sample_weight : array-like (n_samples,), optional — one weight >= 0 per
+            sample, not all 0: each batch's loss is the weighted mean Σ w·l / Σ w
+            (``decay_per_sample`` divides by Σ w), so weight 0 drops a sample and
+            weight k counts it k times; a batch of weight 0 is skipped. The logged
+            loss averages the batches' losses by their sizes; validation is unweighted.
 
         Raises
         ------
@@ -220,21 +227,26 @@ class Trainer:
                 self._fitting = True
                 try:
                     return self._fit(X, y, epochs, validation_data, validation_split, callbacks,
-                                     verbose, checkpoint, checkpoint_every)
+                                     verbose, checkpoint, checkpoint_every, sample_weight)
                 finally:
                     self._fitting = False
         finally:
             self._fit_lock.release()
 
     def _fit(self, X, y, epochs, validation_data, validation_split, callbacks, verbose, checkpoint,
-             checkpoint_every):
+             checkpoint_every, sample_weight=None):
         """fit's body, run with the settings fixed and the network held."""
         epochs = check_positive_int(epochs, "epochs", minimum=0, maximum=None)
         X, T, labels = self._prepare(X, y)
+        weights = None if sample_weight is None else check_sample_weight(
+            sample_weight, X.shape[0], self.net.dtype)
         if validation_split is not None:
             if validation_data is not None:
                 raise ValueError("pass validation_data or validation_split, not both")
-            (X, T, labels), (Xv, Tv, labels_v) = self._split(X, T, labels, validation_split)
+            (X, T, labels, weights), (Xv, Tv, labels_v, _) = self._split(X, T, labels, validation_split,
+                                                                         weights)
+            if weights is not None and not weights.any():
+                raise ValueError("the samples left for training all have weight 0")
         elif validation_data is not None:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
                 raise ValueError("validation_data must be a pair (X_val, y_val)")
@@ -249,6 +261,7 @@ class Trainer:
             callbacks.append(Checkpoint(checkpoint, checkpoint_every))
 
         buffers = self._buffers(X.shape[0])
+        buffers["weights"] = weights
         progress = _Progress(epochs, verbose)
         for cb in callbacks:
             cb.on_train_begin(self)
@@ -286,7 +299,8 @@ class Trainer:
                     "gather": self.shuffle, "n_threads": resolve_threads(self.n_threads), "seed": 0}
         size = _core.workspace_size(row_width, n_bstats, net.n_inputs, net.n_outputs, batch_size)
         return {"settings": settings, "work": np.empty(size, dtype=net.dtype),
-                "label_buf": np.empty(batch_size, dtype=np.intp), "order": np.arange(n, dtype=np.intp)}
+                "label_buf": np.empty(batch_size, dtype=np.intp), "order": np.arange(n, dtype=np.intp),
+                "weights": None, "weight_buf": np.empty(batch_size, dtype=net.dtype)}
 
     def _epoch(self, X, T, labels, buffers):
         """One compiled epoch over (X, T, labels): its logs, or None when it diverged and
@@ -296,6 +310,8 @@ class Trainer:
         order = self.rng.permutation(n).astype(np.intp, copy=False) if self.shuffle else buffers["order"]
         # dropout masks: keyed by the trainer's seed and the epoch, so a resumed fit draws the same
         settings["seed"] = (self.dropout_seed + 0x9E3779B97F4A7C15 * (self.epochs_done + 1)) & (2**64 - 1)
+        if self.optimizer.full_batch:
+            return self._full_batch_epoch(X, T, labels, buffers)
         cfg = self.optimizer.config()     # a callback may have changed its hyper-parameters
         state_a, state_b = self.optimizer._kernel_state(net, cfg)
         table, hyper, row_width, n_bstats = net._plan
@@ -304,7 +320,7 @@ class Trainer:
             status, loss_sum, n_seen, step = _core.train_epoch(
                 table, hyper, row_width, n_bstats, settings, cfg, X, T, labels, order,
                 net._params, net._grads, state_a, state_b, net._buffers, buffers["work"],
-                buffers["label_buf"])
+                buffers["label_buf"], buffers["weights"], buffers["weight_buf"])
         except KeyboardInterrupt:
             # the interrupted epoch's completed steps are kept; Adam's count with them
             self.optimizer.step_count = cfg["step"]
@@ -320,9 +336,21 @@ class Trainer:
         return {"loss": loss_sum / n_seen, "lr": self.optimizer.lr, "time": elapsed,
                 "samples_per_second": n / elapsed if elapsed > 0 else math.inf}
 
-    def _split(self, X, T, labels, fraction):
-        """((X, T, labels) to train on, the same held out): a random `fraction` of the
-        samples, drawn with the trainer's generator, held out for validation."""
+    def _full_batch_epoch(self, X, T, labels, buffers):
+        """An epoch of a full-batch optimizer (L-BFGS): one run of it over all of (X, T, labels)."""
+        start = time.perf_counter()
+        result = self.optimizer.minimize(self.net, X, T, labels, buffers["settings"], buffers["weights"])
+        elapsed = time.perf_counter() - start
+        if result.overflowed:
+            self._diverged(_core.NONFINITE_LOSS, 0, stacklevel=6)
+            return None
+        self.epochs_done += 1
+        return {"loss": result.data_loss, "time": elapsed,
+                "samples_per_second": X.shape[0] * result.nfev / elapsed if elapsed > 0 else math.inf}
+
+    def _split(self, X, T, labels, fraction, weights=None):
+        """((X, T, labels, weights) to train on, the same held out): a random `fraction` of
+        the samples, drawn with the trainer's generator, held out for validation."""
         fraction = check_real(fraction, "validation_split", low=0, high=1, low_open=True, high_open=True)
         n_val = int(round(fraction * X.shape[0]))
         if n_val < 1 or n_val >= X.shape[0]:
@@ -331,16 +359,17 @@ class Trainer:
         perm = self.rng.permutation(X.shape[0])
         parts = np.sort(perm[n_val:]), np.sort(perm[:n_val])
         # T (float targets) or labels is an empty placeholder, depending on the loss
-        return tuple(tuple(a[idx] if a.shape[0] else a for a in (X, T, labels)) for idx in parts)
+        return tuple(tuple(a[idx] if a.shape[0] else a for a in (X, T, labels)) +
+                     (None if weights is None else weights[idx],) for idx in parts)
 
-    def _diverged(self, status, n_seen):
+    def _diverged(self, status, n_seen, stacklevel=5):
         what = "loss" if status == _core.NONFINITE_LOSS else "update"
         msg = (f"training diverged in epoch {self.epochs_done + 1} after {n_seen} samples: "
                f"the {what} became non-finite. The network keeps its last finite parameters; "
                "lower the learning rate or scale the inputs.")
         if self.on_divergence == "raise":
             raise DivergenceError(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=5)   # _diverged < _epoch < _fit < fit < the caller
+        warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)   # _diverged < _epoch < _fit < fit < the caller
 
     # -- evaluation --------------------------------------------------------
     def _raw_output(self, X):
@@ -385,7 +414,8 @@ class Trainer:
         -------
         ndarray — class labels of shape (n_samples,) for cross_entropy; 0/1 for
         binary_cross_entropy (shape (n_samples,) with one output, else
-        (n_samples, n_outputs)); values for mse, likewise. Warns (RuntimeWarning)
+        (n_samples, n_outputs)); values for mse, rates exp(output) for poisson,
+        likewise. Warns (RuntimeWarning)
         when the network's output is not finite for some rows.
         """
         return losses.get(self.loss).predict(self._raw_output(X))
@@ -491,7 +521,7 @@ def _optimizer_from_meta(o):
     cfg, name = o["config"], o.get("name")
     if not isinstance(name, str) or name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(OPTIMIZERS)}")
-    for key in ("nesterov", "decoupled"):
+    for key in ("nesterov", "decoupled", "sklearn_style"):
         if key in cfg:
             _flag(cfg, key)
     opt = OPTIMIZERS[name].from_config(cfg)

@@ -27,7 +27,7 @@ from _dropout cimport dropout_rows, _mix
 from _norm cimport (layernorm_forward_rows, layernorm_backward_rows, batchnorm_stats_cols,
                     batchnorm_forward_rows, batchnorm_eval_stats, batchnorm_grad_sums_cols,
                     batchnorm_backward_rows, affine_param_grads_cols)
-from _losses cimport loss_and_grad, CROSS_ENTROPY, MSE, BINARY_CROSS_ENTROPY
+from _losses cimport loss_and_grad, CROSS_ENTROPY, MSE, BINARY_CROSS_ENTROPY, POISSON
 from _optim cimport Optim, optim_range, optim_step, ADAM, SGD
 cimport _plan
 from _plan cimport Plan, DENSE, DROPOUT, BATCHNORM, LAYERNORM
@@ -54,7 +54,8 @@ ACTIVATIONS = {"identity": IDENTITY, "relu": RELU, "leaky_relu": LEAKY_RELU, "si
                "tanh": TANH, "elu": ELU, "softplus": SOFTPLUS, "gelu": GELU, "gelu_tanh": GELU_TANH,
                "silu": SILU}
 NEEDS_Z = frozenset(name for name, code in ACTIVATIONS.items() if needs_z(code))
-LOSSES = {"mse": MSE, "cross_entropy": CROSS_ENTROPY, "binary_cross_entropy": BINARY_CROSS_ENTROPY}
+LOSSES = {"mse": MSE, "cross_entropy": CROSS_ENTROPY, "binary_cross_entropy": BINARY_CROSS_ENTROPY,
+          "poisson": POISSON}
 OPTIMIZERS = {"sgd": SGD, "adam": ADAM}
 LAYER_KINDS = {"dense": DENSE, "dropout": DROPOUT, "batchnorm": BATCHNORM, "layernorm": LAYERNORM}
 PLAN_INT = {"kind": _plan.KIND, "act": _plan.ACT, "n_in": _plan.N_IN, "n_out": _plan.N_OUT,
@@ -106,14 +107,17 @@ def dense_backward(const floating[:, ::1] X, const floating[:, ::1] W, const flo
 
 
 def loss(int kind, const floating[:, ::1] out, const floating[:, ::1] T,
-         const Py_ssize_t[::1] labels, floating[:, ::1] G, double scale=1.0):
+         const Py_ssize_t[::1] labels, floating[:, ::1] G, double scale=1.0,
+         const floating[::1] weights=None):
     """scale × mean loss of `out` against T (mse, binary_cross_entropy) or labels
-    (cross_entropy); G = ∂(that)/∂out."""
+    (cross_entropy); G = ∂(that)/∂out. With per-row weights, each row's terms are
+    multiplied by its weight (and still divided by the row count)."""
     cdef const floating* T_ptr = &T[0, 0] if T.shape[0] else NULL
     cdef const Py_ssize_t* labels_ptr = &labels[0] if labels.shape[0] else NULL
+    cdef const floating* w = NULL if weights is None else &weights[0]
     cdef double value
     with nogil:
-        value = loss_and_grad(kind, &out[0, 0], T_ptr, labels_ptr, &G[0, 0],
+        value = loss_and_grad(kind, &out[0, 0], T_ptr, labels_ptr, w, &G[0, 0],
                               out.shape[0], out.shape[1], scale)
     return value
 
@@ -321,11 +325,13 @@ cdef void backward_pass(const Plan* P, floating* params, floating* work, Py_ssiz
 
 cdef Py_ssize_t param_pass(const Plan* P, const Optim* opt, floating* params, floating* grads,
                            floating* state_a, floating* state_b, floating* work, Py_ssize_t rows,
-                           const floating* X_in, Py_ssize_t bs, int t, int nt) noexcept nogil:
+                           const floating* X_in, Py_ssize_t bs, double batch_weight,
+                           int t, int nt) noexcept nogil:
     """Thread t's slice of every layer's parameter gradients over the whole batch
     (dW = inpᵀ·δ, db = Σδ; dγ = Σδ⊙x̂, dβ = Σδ), then, when opt is not NULL, the optimizer
-    step on exactly that slice while it is in this core's cache. Returns the count of
-    updates refused as non-finite."""
+    step on exactly that slice while it is in this core's cache (batch_weight: the batch's
+    size, or summed sample weights, for decay per sample). Returns the count of updates
+    refused as non-finite."""
     cdef Py_ssize_t l, off, n_in, n_out, c0, c1, rejected = 0
     cdef const long long* T
     cdef const floating* inp
@@ -346,16 +352,16 @@ cdef Py_ssize_t param_pass(const Plan* P, const Optim* opt, floating* params, fl
                                    n_in * t // nt, n_in * (t + 1) // nt, c0, c1)
             if opt != NULL:
                 rejected += optim_range(opt, params, grads, state_a, state_b, off + (n_in * t // nt) * n_out,
-                                        off + (n_in * (t + 1) // nt) * n_out, True, bs)
+                                        off + (n_in * (t + 1) // nt) * n_out, True, batch_weight)
                 rejected += optim_range(opt, params, grads, state_a, state_b, off + n_in * n_out + c0,
-                                        off + n_in * n_out + c1, opt.decay_bias, bs)
+                                        off + n_in * n_out + c1, opt.decay_bias, batch_weight)
         else:  # the affine parameters of a normalization layer: γ then β
             affine_param_grads_cols(delta, _col(work, rows, T[_plan.XHAT_COL]), grads + off,
                                     grads + off + n_out, bs, n_out, c0, c1)
             if opt != NULL:
-                rejected += optim_range(opt, params, grads, state_a, state_b, off + c0, off + c1, True, bs)
+                rejected += optim_range(opt, params, grads, state_a, state_b, off + c0, off + c1, True, batch_weight)
                 rejected += optim_range(opt, params, grads, state_a, state_b, off + n_out + c0,
-                                        off + n_out + c1, opt.decay_bias, bs)
+                                        off + n_out + c1, opt.decay_bias, batch_weight)
     return rejected
 
 
@@ -423,13 +429,13 @@ def backward(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ssize
         if nt == 1:
             backward_pass(&P, &params[0], &work[0], n, n, 0, 1, training, seed, 0)
             param_pass(&P, <Optim*> NULL, &params[0], &grads[0], <floating*> NULL, <floating*> NULL,
-                       &work[0], n, &X[0, 0], n, 0, 1)
+                       &work[0], n, &X[0, 0], n, n, 0, 1)
         else:
             with parallel(num_threads=nt):
                 t = omp_get_thread_num()
                 backward_pass(&P, &params[0], &work[0], n, n, t, nt, training, seed, 0)
                 param_pass(&P, <Optim*> NULL, &params[0], &grads[0], <floating*> NULL, <floating*> NULL,
-                           &work[0], n, &X[0, 0], n, t, nt)
+                           &work[0], n, &X[0, 0], n, n, t, nt)
 
 
 # -- inference ---------------------------------------------------------------------------
@@ -488,6 +494,7 @@ cdef Optim make_optim(dict config):
     opt.eps = config.get("eps", 1e-8)
     opt.nesterov = config.get("nesterov", False)
     opt.decoupled = config.get("decoupled", False)
+    opt.sklearn_style = config.get("sklearn_style", False)
     opt.decay_bias = config.get("decay_bias", True)
     opt.decay_per_sample = config.get("decay_per_sample", False)
     opt.step = config.get("step", 0)
@@ -558,7 +565,8 @@ cdef int _epoch_worker(const Plan* P, const Fit* fit, const floating[:, ::1] X,
                        const floating[:, ::1] T, const Py_ssize_t[::1] labels,
                        const Py_ssize_t[::1] order, floating* params, floating* grads,
                        floating* state_a, floating* state_b, floating* buffers, floating* work,
-                       Py_ssize_t* label_buf, Optim* shared_opt, Shared* sh, int t, int nt) noexcept nogil:
+                       Py_ssize_t* label_buf, const floating* weights, floating* weight_buf,
+                       Optim* shared_opt, Shared* sh, int t, int nt) noexcept nogil:
     """Thread t of nt's share of one epoch; every thread runs this same loop.
 
     Per minibatch: thread t gathers its rows, carries them forward through every
@@ -567,6 +575,10 @@ cdef int _epoch_worker(const Plan* P, const Fit* fit, const floating[:, ::1] X,
     the whole batch and steps it (param_pass); a barrier; the next batch. Every
     decision (non-finite loss or step, Ctrl-C) is taken by all threads alike from
     the shared per-thread partials, so they leave the loop together.
+
+    With sample weights (`weights` not NULL) the batch's loss is the weighted mean
+    Σ w·l / Σ w, decay per sample divides by Σ w, and a batch whose weights are all
+    0 is skipped as if its rows were not there.
     """
     cdef Py_ssize_t n = X.shape[0], bsz = fit.batch_size, rows = fit.batch_size
     cdef const long long* last = _row(P, P.n_layers - 1)
@@ -582,7 +594,8 @@ cdef int _epoch_worker(const Plan* P, const Fit* fit, const floating[:, ::1] X,
     cdef const floating* X_in
     cdef const floating* T_in = NULL
     cdef const Py_ssize_t* labels_in = NULL
-    cdef double batch_loss
+    cdef const floating* w_in = NULL
+    cdef double batch_loss, batch_weight
     cdef timespec last_check
     cdef int status = STATUS_OK
 
@@ -592,6 +605,21 @@ cdef int _epoch_worker(const Plan* P, const Fit* fit, const floating[:, ::1] X,
         bs = bsz if start + bsz <= n else n - start
         r0 = bs * t // nt
         r1 = bs * (t + 1) // nt
+        batch_weight = bs
+        if weights != NULL:
+            # the batch's summed weight, by every thread alike (bs additions, no barrier)
+            batch_weight = 0
+            for i in range(bs):
+                batch_weight += weights[order[start + i]] if fit.gather else weights[start + i]
+            if batch_weight == 0:
+                start += bs
+                continue
+            if fit.gather:
+                for i in range(r0, r1):
+                    weight_buf[i] = weights[order[start + i]]
+                w_in = weight_buf
+            else:
+                w_in = weights + start
 
         # this thread's rows of the minibatch: rows order[start+r0 : start+r1] of X
         # gathered into Xb (or, unshuffled, X's own rows in place)
@@ -622,8 +650,9 @@ cdef int _epoch_worker(const Plan* P, const Fit* fit, const floating[:, ::1] X,
             sh.part_loss[t] = loss_and_grad(fit.loss_kind, Y_last + r0 * m,
                                             T_in + r0 * m if T_in != NULL else NULL,
                                             labels_in + r0 if labels_in != NULL else NULL,
+                                            w_in + r0 if w_in != NULL else NULL,
                                             G_last + r0 * m, r1 - r0, m,
-                                            fit.loss_scale * (r1 - r0) / bs)
+                                            fit.loss_scale * (r1 - r0) / batch_weight)
             _activation_grad(G_last + r0 * m, Y_last + r0 * m, G_last + r0 * m, (r1 - r0) * m,
                              <int> last[_plan.ACT], alpha_last,
                              NULL if Z_last == NULL else Z_last + r0 * m)
@@ -640,7 +669,7 @@ cdef int _epoch_worker(const Plan* P, const Fit* fit, const floating[:, ::1] X,
         if opt.kind == ADAM:
             opt.step += 1
         sh.part_rejected[t] = param_pass(P, &opt, params, grads, state_a, state_b, work, rows,
-                                         X_in, bs, t, nt)
+                                         X_in, bs, batch_weight, t, nt)
         if t == 0:
             sh.interrupted = _interrupted(&last_check)
         _sync(nt)
@@ -680,11 +709,13 @@ def train_epoch(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ss
                 const floating[:, ::1] X, const floating[:, ::1] T, const Py_ssize_t[::1] labels,
                 const Py_ssize_t[::1] order, floating[::1] params, floating[::1] grads,
                 floating[::1] state_a, floating[::1] state_b, floating[::1] buffers,
-                floating[::1] work, Py_ssize_t[::1] label_buf):
+                floating[::1] work, Py_ssize_t[::1] label_buf, const floating[::1] weights=None,
+                floating[::1] weight_buf=None):
     """One epoch of minibatch training, entirely without the GIL.
 
     settings: loss, loss_scale, batch_size, gather, seed, n_threads (the fit's, as one
-    struct in C). Returns (status, summed loss over completed steps, samples in completed
+    struct in C). weights: one non-negative weight per sample (or None), with weight_buf
+    of batch_size values for a shuffled batch's. Returns (status, summed loss over completed steps, samples in completed
     steps, Adam's step count). On a non-finite loss the epoch stops before that step
     changes anything; on a non-finite update it stops after it, the parameters whose new
     value would not be finite keeping their old one; on Ctrl-C it stops after the step in
@@ -697,6 +728,8 @@ def train_epoch(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ss
     cdef int t, nt, status = STATUS_OK
     cdef int* statuses
     cdef floating* buf = &buffers[0] if buffers.shape[0] else NULL
+    cdef const floating* w = NULL if weights is None else &weights[0]
+    cdef floating* w_buf = NULL if weight_buf is None else &weight_buf[0]
     fit.loss_kind = settings["loss"]
     fit.loss_scale = settings["loss_scale"]
     fit.batch_size = settings["batch_size"]
@@ -715,13 +748,13 @@ def train_epoch(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ss
             if nt == 1:
                 statuses[0] = _epoch_worker(&P, &fit, X, T, labels, order, &params[0], &grads[0],
                                             &state_a[0], &state_b[0], buf, &work[0], &label_buf[0],
-                                            &opt, &sh, 0, 1)
+                                            w, w_buf, &opt, &sh, 0, 1)
             else:
                 with parallel(num_threads=nt):
                     t = omp_get_thread_num()
                     statuses[t] = _epoch_worker(&P, &fit, X, T, labels, order, &params[0], &grads[0],
                                                 &state_a[0], &state_b[0], buf, &work[0], &label_buf[0],
-                                                &opt, &sh, t, nt)
+                                                w, w_buf, &opt, &sh, t, nt)
             status = statuses[0]
         else:
             status = STATUS_NO_MEMORY
@@ -739,10 +772,11 @@ def train_epoch(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ss
 # -- one batch's gradient (L-BFGS's full batch, a rank's share of a global batch) -------------
 
 cdef void _gradient_worker(const Plan* P, const Fit* fit, const floating* X_in, const floating* T_in,
-                           const Py_ssize_t* labels_in, floating* params, floating* grads,
-                           floating* buffers, floating* work, Py_ssize_t bs, long long row_base,
-                           double* part_loss, int t, int nt) noexcept nogil:
-    """Thread t's share of one batch's training pass: forward, loss, backward, gradients."""
+                           const Py_ssize_t* labels_in, const floating* w_in, double batch_weight,
+                           floating* params, floating* grads, floating* buffers, floating* work,
+                           Py_ssize_t bs, long long row_base, double* part_loss, int t, int nt) noexcept nogil:
+    """Thread t's share of one batch's training pass: forward, loss, backward, gradients.
+    w_in: the rows' weights, summing to batch_weight (NULL: none, batch_weight = bs)."""
     cdef const long long* last = _row(P, P.n_layers - 1)
     cdef Py_ssize_t m = last[_plan.N_OUT], r0 = bs * t // nt, r1 = bs * (t + 1) // nt
     cdef floating* Y_last = work + bs * last[_plan.Y_COL]
@@ -754,20 +788,25 @@ cdef void _gradient_worker(const Plan* P, const Fit* fit, const floating* X_in, 
         part_loss[t] = loss_and_grad(fit.loss_kind, Y_last + r0 * m,
                                      T_in + r0 * m if T_in != NULL else NULL,
                                      labels_in + r0 if labels_in != NULL else NULL,
-                                     G_last + r0 * m, r1 - r0, m, fit.loss_scale * (r1 - r0) / bs)
+                                     w_in + r0 if w_in != NULL else NULL,
+                                     G_last + r0 * m, r1 - r0, m,
+                                     fit.loss_scale * (r1 - r0) / batch_weight)
         _activation_grad(G_last + r0 * m, Y_last + r0 * m, G_last + r0 * m, (r1 - r0) * m,
                          <int> last[_plan.ACT], <floating> _hyper(P, P.n_layers - 1)[_plan.ALPHA],
                          NULL if Z_last == NULL else Z_last + r0 * m)
     backward_pass(P, params, work, bs, bs, t, nt, True, fit.seed, row_base)
-    param_pass(P, <Optim*> NULL, params, grads, <floating*> NULL, <floating*> NULL, work, bs, X_in, bs, t, nt)
+    param_pass(P, <Optim*> NULL, params, grads, <floating*> NULL, <floating*> NULL, work, bs, X_in, bs, bs,
+               t, nt)
 
 
 def batch_gradient(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ssize_t row_width,
                    Py_ssize_t n_bstats, dict settings, const floating[:, ::1] X,
                    const floating[:, ::1] T, const Py_ssize_t[::1] labels, floating[::1] params,
-                   floating[::1] grads, floating[::1] buffers, floating[::1] work, long long row_base=0):
+                   floating[::1] grads, floating[::1] buffers, floating[::1] work, long long row_base=0,
+                   const floating[::1] weights=None):
     """The training pass over the batch (X, T or labels) in one call without the GIL:
-    grads = ∂(loss_scale × mean loss)/∂params, the loss returned. Dropout masks are those of
+    grads = ∂(loss_scale × mean loss)/∂params, the loss returned; with per-row weights
+    (summing to more than 0) the mean is the weighted one, Σ w·l / Σ w. Dropout masks are those of
     rows row_base, row_base + 1, … of an epoch keyed by settings["seed"] (as train_epoch's),
     and BatchNorm's running statistics move as in a training step. `work` holds
     len(X) × row_width + n_bstats values."""
@@ -780,6 +819,8 @@ def batch_gradient(const long long[:, ::1] table, const double[:, ::1] hyper, Py
     cdef floating* buf = &buffers[0] if buffers.shape[0] else NULL
     cdef const floating* T_ptr = &T[0, 0] if T.shape[0] else NULL
     cdef const Py_ssize_t* labels_ptr = &labels[0] if labels.shape[0] else NULL
+    cdef const floating* w = NULL if weights is None else &weights[0]
+    cdef double batch_weight = n
     fit.loss_kind = settings["loss"]
     fit.loss_scale = settings["loss_scale"]
     fit.seed = settings["seed"]
@@ -789,14 +830,18 @@ def batch_gradient(const long long[:, ::1] table, const double[:, ::1] hyper, Py
     if part_loss == NULL:
         raise MemoryError("cprop could not allocate the per-thread losses")
     with nogil:
+        if w != NULL:
+            batch_weight = 0
+            for k in range(n):
+                batch_weight += w[k]
         if nt == 1:
-            _gradient_worker(&P, &fit, &X[0, 0], T_ptr, labels_ptr, &params[0], &grads[0], buf,
-                             &work[0], n, row_base, part_loss, 0, 1)
+            _gradient_worker(&P, &fit, &X[0, 0], T_ptr, labels_ptr, w, batch_weight, &params[0],
+                             &grads[0], buf, &work[0], n, row_base, part_loss, 0, 1)
         else:
             with parallel(num_threads=nt):
                 t = omp_get_thread_num()
-                _gradient_worker(&P, &fit, &X[0, 0], T_ptr, labels_ptr, &params[0], &grads[0], buf,
-                                 &work[0], n, row_base, part_loss, t, nt)
+                _gradient_worker(&P, &fit, &X[0, 0], T_ptr, labels_ptr, w, batch_weight, &params[0],
+                                 &grads[0], buf, &work[0], n, row_base, part_loss, t, nt)
         for k in range(nt):
             total += part_loss[k]
     free(part_loss)

@@ -5,6 +5,9 @@
 #   mse:                  L = mean((out - T)²)                     G = 2(out - T) / (n·m)
 #   cross_entropy:        L = mean_i(logsumexp(out_i) - out_i[y_i])  G = (softmax(out) - onehot(y)) / n
 #   binary_cross_entropy: L = mean(max(z,0) - z·t + log(1 + e^-|z|))  G = (σ(z) - t) / (n·m)
+#   poisson:              L = mean(e^z - t·z)  (z: the log of the rate)  G = (e^z - t) / (n·m)
+# With per-row weights w (not NULL), row i's terms of L and G are multiplied by w_i
+# (still divided by n: the caller's scale turns that into a weighted mean).
 from cython cimport floating
 from libc.math cimport log, log1p, exp, fabs
 from _activations cimport _exp, sigmoid
@@ -13,26 +16,38 @@ cdef enum:
     MSE = 0
     CROSS_ENTROPY = 1
     BINARY_CROSS_ENTROPY = 2
+    POISSON = 3
 
 
-cdef inline double mse(const floating* out, const floating* T, floating* G,
+cdef inline double mse(const floating* out, const floating* T, const floating* w, floating* G,
                        Py_ssize_t n, Py_ssize_t m, double scale) noexcept nogil:
-    cdef Py_ssize_t i
-    cdef double total = 0, d
-    cdef floating g_scale = <floating> (scale * 2.0 / (n * m))
-    for i in range(n * m):
-        d = <double> out[i] - <double> T[i]
-        total += d * d
-        G[i] = g_scale * (out[i] - T[i])
+    cdef Py_ssize_t i, j
+    cdef double total = 0, row, d
+    cdef floating g_scale = <floating> (scale * 2.0 / (n * m)), g_row
+    if w == NULL:
+        for i in range(n * m):
+            d = <double> out[i] - <double> T[i]
+            total += d * d
+            G[i] = g_scale * (out[i] - T[i])
+        return scale * total / (n * m)
+    for i in range(n):
+        row = 0
+        g_row = g_scale * w[i]
+        for j in range(i * m, (i + 1) * m):
+            d = <double> out[j] - <double> T[j]
+            row += d * d
+            G[j] = g_row * (out[j] - T[j])
+        total += w[i] * row
     return scale * total / (n * m)
 
 
-cdef inline double cross_entropy(const floating* out, const Py_ssize_t* labels, floating* G,
-                                 Py_ssize_t n, Py_ssize_t m, double scale) noexcept nogil:
+cdef inline double cross_entropy(const floating* out, const Py_ssize_t* labels, const floating* w,
+                                 floating* G, Py_ssize_t n, Py_ssize_t m, double scale) noexcept nogil:
     cdef Py_ssize_t i, j
     cdef double total = 0
     cdef floating zmax, sumexp
     cdef floating inv_n = <floating> (scale / n)
+    cdef floating g_row = inv_n
     cdef const floating* z
     cdef floating* g
     for i in range(n):
@@ -48,31 +63,73 @@ cdef inline double cross_entropy(const floating* out, const Py_ssize_t* labels, 
         for j in range(m):
             sumexp += g[j]
         # log-sum-exp shifted by the max: never overflows
-        total += zmax + log(sumexp) - z[labels[i]]
-        sumexp = inv_n / sumexp
+        if w == NULL:
+            total += zmax + log(sumexp) - z[labels[i]]
+        else:
+            total += w[i] * (zmax + log(sumexp) - z[labels[i]])
+            g_row = inv_n * w[i]
+        sumexp = g_row / sumexp
         for j in range(m):
             g[j] *= sumexp
-        g[labels[i]] -= inv_n
+        g[labels[i]] -= g_row
     return scale * total / n
 
 
-cdef inline double binary_cross_entropy(const floating* out, const floating* T, floating* G,
-                                        Py_ssize_t n, Py_ssize_t m, double scale) noexcept nogil:
-    cdef Py_ssize_t i
-    cdef double total = 0, z
-    cdef floating g_scale = <floating> (scale / (n * m))
-    for i in range(n * m):
-        z = out[i]
-        total += (z if z > 0 else 0) - z * T[i] + log1p(exp(-fabs(z)))
-        G[i] = g_scale * (sigmoid(out[i]) - T[i])
+cdef inline double binary_cross_entropy(const floating* out, const floating* T, const floating* w,
+                                        floating* G, Py_ssize_t n, Py_ssize_t m,
+                                        double scale) noexcept nogil:
+    cdef Py_ssize_t i, j
+    cdef double total = 0, row, z
+    cdef floating g_scale = <floating> (scale / (n * m)), g_row
+    if w == NULL:
+        for i in range(n * m):
+            z = out[i]
+            total += (z if z > 0 else 0) - z * T[i] + log1p(exp(-fabs(z)))
+            G[i] = g_scale * (sigmoid(out[i]) - T[i])
+        return scale * total / (n * m)
+    for i in range(n):
+        row = 0
+        g_row = g_scale * w[i]
+        for j in range(i * m, (i + 1) * m):
+            z = out[j]
+            row += (z if z > 0 else 0) - z * T[j] + log1p(exp(-fabs(z)))
+            G[j] = g_row * (sigmoid(out[j]) - T[j])
+        total += w[i] * row
+    return scale * total / (n * m)
+
+
+cdef inline double poisson(const floating* out, const floating* T, const floating* w, floating* G,
+                           Py_ssize_t n, Py_ssize_t m, double scale) noexcept nogil:
+    # e^z in double, unclamped: a rate that overflows makes the loss infinite, which the
+    # epoch reports as divergence
+    cdef Py_ssize_t i, j
+    cdef double total = 0, row, e
+    cdef floating g_scale = <floating> (scale / (n * m)), g_row
+    if w == NULL:
+        for i in range(n * m):
+            e = exp(<double> out[i])
+            total += e - <double> T[i] * <double> out[i]
+            G[i] = <floating> (g_scale * (e - T[i]))
+        return scale * total / (n * m)
+    for i in range(n):
+        row = 0
+        g_row = g_scale * w[i]
+        for j in range(i * m, (i + 1) * m):
+            e = exp(<double> out[j])
+            row += e - <double> T[j] * <double> out[j]
+            G[j] = <floating> (g_row * (e - T[j]))
+        total += w[i] * row
     return scale * total / (n * m)
 
 
 cdef inline double loss_and_grad(int kind, const floating* out, const floating* T,
-                                 const Py_ssize_t* labels, floating* G,
+                                 const Py_ssize_t* labels, const floating* w, floating* G,
                                  Py_ssize_t n, Py_ssize_t m, double scale) noexcept nogil:
+    """w: per-row weights, or NULL for none."""
     if kind == CROSS_ENTROPY:
-        return cross_entropy(out, labels, G, n, m, scale)
+        return cross_entropy(out, labels, w, G, n, m, scale)
     if kind == BINARY_CROSS_ENTROPY:
-        return binary_cross_entropy(out, T, G, n, m, scale)
-    return mse(out, T, G, n, m, scale)
+        return binary_cross_entropy(out, T, w, G, n, m, scale)
+    if kind == POISSON:
+        return poisson(out, T, w, G, n, m, scale)
+    return mse(out, T, w, G, n, m, scale)

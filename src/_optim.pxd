@@ -6,6 +6,9 @@
 #   SGD:  g' = g + wd·p;  v = μ·v + g';  p -= lr·v   (Nesterov: p -= lr·(g' + μ·v))
 #   Adam: g' = g + wd·p (AdamW instead: p *= 1 - lr·wd);  m += (1-β1)(g' - m);
 #         v = β2·v + (1-β2)·g'²;  p -= lr/(1-β1ᵗ) · m / (√v/√(1-β2ᵗ) + ε)
+#   Adam, scikit-learn's (sklearn_style): ε added to √v before the bias correction,
+#         p -= lr·√(1-β2ᵗ)/(1-β1ᵗ) · m / (√v + ε), each term computed as scikit-learn
+#         computes it (m = β1·m + (1-β1)·g'), so both take the same steps to rounding
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt, sqrtf, fabs, fabsf, pow
@@ -24,6 +27,7 @@ cdef struct Optim:
     int kind
     double lr, momentum, weight_decay, beta1, beta2, eps
     bint nesterov, decoupled, decay_bias
+    bint sklearn_style          # Adam: scikit-learn's placement of ε (see above)
     bint decay_per_sample       # weight decay divided by the batch's size (scikit-learn's alpha)
     Py_ssize_t step             # Adam's t: steps taken so far
 
@@ -140,17 +144,56 @@ cdef inline Py_ssize_t adam_range(floating* p, const floating* g, floating* m, f
     return rejected
 
 
+cdef inline Py_ssize_t adam_sklearn_range(floating* p, const floating* g, floating* m, floating* v,
+                                          Py_ssize_t lo, Py_ssize_t hi, floating beta1,
+                                          floating beta2, floating one_minus_beta1,
+                                          floating one_minus_beta2, floating eps, floating wd,
+                                          floating shrink, floating lr_t) noexcept nogil:
+    """scikit-learn's Adam on p[lo:hi], lr_t = lr·√(1-β2ᵗ)/(1-β1ᵗ): the same operations in
+    the same order as sklearn's AdamOptimizer. Returns how many new values were not finite."""
+    cdef floating new_p[BLOCK]
+    cdef floating new_m[BLOCK]
+    cdef floating new_v[BLOCK]
+    cdef Py_ssize_t i, k, n, rejected = 0
+    cdef int bad
+    cdef floating gi, mi, vi
+    i = lo
+    while i < hi:
+        n = hi - i if hi - i < BLOCK else BLOCK
+        bad = 0
+        for k in range(n):
+            gi = g[i + k] + wd * p[i + k]
+            mi = beta1 * m[i + k] + one_minus_beta1 * gi
+            vi = beta2 * v[i + k] + one_minus_beta2 * (gi * gi)
+            new_m[k] = mi
+            new_v[k] = vi
+            new_p[k] = p[i + k] * shrink - lr_t * mi / (_sqrt(vi) + eps)
+            bad += _nonfinite(new_p[k])
+        rejected += _commit(p + i, m + i, v + i, new_p, new_m, new_v, n, bad)
+        i += n
+    return rejected
+
+
 cdef inline Py_ssize_t optim_range(const Optim* opt, floating* p, const floating* g,
                                    floating* a, floating* b, Py_ssize_t lo, Py_ssize_t hi,
-                                   bint decay, Py_ssize_t batch_rows) noexcept nogil:
+                                   bint decay, double batch_weight) noexcept nogil:
     """One optimizer step on p[lo:hi] on this thread (Adam's t already advanced).
 
     a, b: the state arrays (momentum; Adam's m and v), laid out like p. `decay`:
-    whether weight decay applies to this range; `batch_rows`: the batch's size.
+    whether weight decay applies to this range; `batch_weight`: the batch's size (its
+    samples' summed weights when weighted), which decay_per_sample divides by.
     """
     cdef floating wd = 0
     if decay:
-        wd = <floating> (opt.weight_decay / batch_rows if opt.decay_per_sample else opt.weight_decay)
+        wd = <floating> (opt.weight_decay / batch_weight if opt.decay_per_sample else opt.weight_decay)
+    if opt.kind == ADAM and opt.sklearn_style:
+        # (1-β) and lr_t in double, as scikit-learn's Python floats
+        return adam_sklearn_range(p, g, a, b, lo, hi, <floating> opt.beta1, <floating> opt.beta2,
+                                  <floating> (1 - opt.beta1), <floating> (1 - opt.beta2),
+                                  <floating> opt.eps, 0 if opt.decoupled else wd,
+                                  <floating> (1 - opt.lr * wd) if opt.decoupled else 1,
+                                  <floating> (opt.lr * sqrt(1 - pow(opt.beta2, <double> opt.step))
+                                              / (1 - pow(opt.beta1, <double> opt.step))))
     if opt.kind == ADAM:
         return adam_range(p, g, a, b, lo, hi, <floating> opt.lr, <floating> opt.beta1,
                           <floating> opt.beta2, <floating> opt.eps, wd, opt.decoupled,
@@ -162,15 +205,15 @@ cdef inline Py_ssize_t optim_range(const Optim* opt, floating* p, const floating
 
 cdef inline Py_ssize_t optim_step(const Optim* opt, floating* p, const floating* g,
                                   floating* a, floating* b, Py_ssize_t lo, Py_ssize_t hi,
-                                  bint decay, Py_ssize_t batch_rows, int n_threads) noexcept nogil:
+                                  bint decay, double batch_weight, int n_threads) noexcept nogil:
     """optim_range over p[lo:hi], split across threads when it is large enough to pay."""
     cdef Py_ssize_t rejected = 0, n = hi - lo
     cdef int t, nt = n_threads
     if n // MIN_PARAMS_PER_THREAD < nt:
         nt = <int> (n // MIN_PARAMS_PER_THREAD)
     if nt <= 1:
-        return optim_range(opt, p, g, a, b, lo, hi, decay, batch_rows)
+        return optim_range(opt, p, g, a, b, lo, hi, decay, batch_weight)
     for t in prange(nt, num_threads=nt, schedule='static', nogil=True):
         rejected += optim_range(opt, p, g, a, b, lo + n * t // nt, lo + n * (t + 1) // nt,
-                                decay, batch_rows)
+                                decay, batch_weight)
     return rejected

@@ -5,7 +5,7 @@ import pytest
 import cprop
 
 ACTIVATIONS = ["identity", "relu", "leaky_relu", "sigmoid", "tanh"]
-LOSSES = ["mse", "cross_entropy", "binary_cross_entropy"]
+LOSSES = ["mse", "cross_entropy", "binary_cross_entropy", "poisson"]
 
 # float32 kernels against a float64 oracle: a few ulps of float32 per term;
 # float64 against float64: only summation order differs
@@ -56,9 +56,12 @@ def activations_of(net):
 
 
 def make_targets(loss, n_samples, n_outputs, rng):
-    """Targets for `loss`: integer labels (cross_entropy), 0/1 (binary_cross_entropy) or reals (mse)."""
+    """Targets for `loss`: integer labels (cross_entropy), 0/1 (binary_cross_entropy), counts
+    (poisson) or reals (mse)."""
     if loss == "cross_entropy":
         return rng.integers(0, n_outputs, n_samples)
     if loss == "binary_cross_entropy":
         return rng.integers(0, 2, (n_samples, n_outputs)).astype(np.float64)
+    if loss == "poisson":
+        return rng.poisson(1.5, (n_samples, n_outputs)).astype(np.float64)
     return rng.normal(size=(n_samples, n_outputs))

@@ -154,7 +154,21 @@ def binary_cross_entropy(out, y):
     return np.mean(loss), (sigmoid(out) - t) / out.size
 
 
-LOSSES = {"mse": mse, "cross_entropy": cross_entropy, "binary_cross_entropy": binary_cross_entropy}
+def poisson(out, y):
+    """L = mean(e^out - y·out) (out: the log of the rate);  G = (e^out - y) / out.size."""
+    y = np.asarray(y, dtype=out.dtype).reshape(out.shape)
+    return np.mean(np.exp(out) - y * out), (np.exp(out) - y) / out.size
+
+
+LOSSES = {"mse": mse, "cross_entropy": cross_entropy, "binary_cross_entropy": binary_cross_entropy,
+          "poisson": poisson}
+
+
+def weighted(loss, out, y, w):
+    """L = Σ_i w_i·l_i / Σ w, l_i the loss of row i alone (a batch's mean loss is the mean of
+    its rows'); G_i = w_i·∂l_i/∂out_i / Σ w."""
+    values, grads = zip(*(LOSSES[loss](out[i:i + 1], y[i:i + 1]) for i in range(len(out))))
+    return np.dot(w, values) / w.sum(), np.vstack(grads) * (w / w.sum())[:, None]
 
 
 # -- optimizers, with torch.optim's conventions, on lists of arrays in place --
@@ -173,10 +187,11 @@ def sgd_step(params, grads, velocity, lr, momentum=0.0, nesterov=False, weight_d
 
 
 def adam_step(params, grads, m, v, t, lr=0.001, betas=(0.9, 0.999), eps=1e-8,
-              weight_decay=0.0, decoupled=False):
+              weight_decay=0.0, decoupled=False, sklearn_style=False):
     """Step t (from 1) of Adam, or AdamW when `decoupled`:
     g' = g + wd·p (AdamW: p *= 1 - lr·wd);  m = β1·m + (1-β1)·g';  v = β2·v + (1-β2)·g'²;
-    p -= lr/(1-β1ᵗ) · m / (√v/√(1-β2ᵗ) + ε)."""
+    p -= lr/(1-β1ᵗ) · m / (√v/√(1-β2ᵗ) + ε)
+    (sklearn_style: p -= lr·√(1-β2ᵗ)/(1-β1ᵗ) · m / (√v + ε))."""
     beta1, beta2 = betas
     for p, g, m_p, v_p in zip(params, grads, m, v):
         if decoupled:
@@ -185,29 +200,39 @@ def adam_step(params, grads, m, v, t, lr=0.001, betas=(0.9, 0.999), eps=1e-8,
             g = g + weight_decay * p
         m_p[...] = beta1 * m_p + (1 - beta1) * g
         v_p[...] = beta2 * v_p + (1 - beta2) * g * g
-        p -= lr / (1 - beta1 ** t) * m_p / (np.sqrt(v_p) / np.sqrt(1 - beta2 ** t) + eps)
+        if sklearn_style:
+            p -= lr * np.sqrt(1 - beta2 ** t) / (1 - beta1 ** t) * m_p / (np.sqrt(v_p) + eps)
+        else:
+            p -= lr / (1 - beta1 ** t) * m_p / (np.sqrt(v_p) / np.sqrt(1 - beta2 ** t) + eps)
 
 
 # -- one training epoch ------------------------------------------------------
 
 def train_epoch(layers, activations, X, y, loss, order, batch_size, lr, momentum=0.0,
-                nesterov=False, weight_decay=0.0, velocity=None):
+                nesterov=False, weight_decay=0.0, velocity=None, weights=None):
     """One epoch of minibatch SGD in `order`, updating `layers` (a list of (W, b)) in place.
 
     Batch by batch (the last one may be short): gather, forward, loss, backward, update.
-    Returns the mean loss over the epoch's samples.
+    With sample `weights`, each batch's loss is its weighted mean (a batch of weight 0 is
+    skipped). Returns the batches' losses averaged by their sizes.
     """
     params = [p for layer in layers for p in layer]
     if velocity is None:
         velocity = [np.zeros_like(p) for p in params]
     y = np.asarray(y)
-    total = 0.0
+    total, counted = 0.0, 0
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         Xb, yb = X[rows], y[rows]
+        if weights is not None and not weights[rows].any():
+            continue
         outputs = forward(layers, activations, Xb)
-        value, G = LOSSES[loss](outputs[-1], yb)
+        if weights is None:
+            value, G = LOSSES[loss](outputs[-1], yb)
+        else:
+            value, G = weighted(loss, outputs[-1], yb, weights[rows])
         grads = [g for pair in backward(layers, activations, Xb, outputs, G) for g in pair]
         sgd_step(params, grads, velocity, lr, momentum, nesterov, weight_decay)
         total += value * len(rows)
-    return total / len(order)
+        counted += len(rows)
+    return total / counted

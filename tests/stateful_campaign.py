@@ -33,7 +33,7 @@ ODD_VALUES = st.sampled_from([0, 1, -1, 3, 1000, 10**12, 2.5, -0.0, float("nan")
 TRAINER_ATTRS = ["loss", "batch_size", "shuffle", "n_threads", "loss_scale", "on_divergence", "seed",
                  "epochs_done", "rng", "optimizer", "net"]
 OPTIMIZER_ATTRS = ["lr", "momentum", "nesterov", "weight_decay", "betas", "eps", "step_count", "state",
-                   "decay_bias", "decay_per_sample", "kind", "n_state", "decoupled"]
+                   "decay_bias", "decay_per_sample", "kind", "n_state", "decoupled", "sklearn_style"]
 LAYER_ATTRS = ["n_in", "n_out", "activation", "activation_code", "W", "b", "dW", "db"]
 NETWORK_ATTRS = ["layers", "sizes", "activations", "dtype", "params", "grads", "seed"]
 

@@ -403,6 +403,7 @@ BAD_TRAINER_FIELDS = [
     ("optimizer.config.decay_bias", 0),
     ("optimizer.config.decay_per_sample", "true"),
     ("optimizer.config.nesterov", "false"),
+    ("optimizer.config.sklearn_style", "true"),
     ("shuffle", "false"),
     ("shuffle", 1),
     ("epochs_done", 10 ** 30),

@@ -93,6 +93,9 @@ def torch_loss(loss, out, y):
     target = torch.from_numpy(np.asarray(y)).to(out.dtype).reshape(out.shape)
     if loss == "mse":
         return torch.nn.functional.mse_loss(out, target)
+    if loss == "poisson":
+        return torch.nn.functional.poisson_nll_loss(out, target, log_input=True)
+    assert loss == "binary_cross_entropy", loss
     return torch.nn.functional.binary_cross_entropy_with_logits(out, target)
 
 

@@ -56,7 +56,9 @@ def test_load_takes_the_network_of_a_saved_trainer(tmp_path):
 
 
 @pytest.mark.parametrize("optimizer", [lambda: cprop.SGD(lr=0.05, momentum=0.9, weight_decay=1e-3),
-                                       lambda: cprop.Adam(lr=0.01)], ids=["sgd-momentum", "adam"])
+                                       lambda: cprop.Adam(lr=0.01),
+                                       lambda: cprop.Adam(lr=0.01, eps=0.1, sklearn_style=True)],
+                         ids=["sgd-momentum", "adam", "adam-sklearn-style"])
 def test_resumed_fit_equals_uninterrupted_fit(optimizer, tmp_path):
     X, y = small_problem()
     straight = fitted_trainer(optimizer(), epochs=4)
@@ -73,6 +75,7 @@ def test_resumed_fit_equals_uninterrupted_fit(optimizer, tmp_path):
     assert resumed.epochs_done == 4
     assert resumed.history.loss == straight.history.loss
     assert repr(resumed.optimizer) == repr(straight.optimizer)
+    assert getattr(resumed.optimizer, "sklearn_style", None) == getattr(straight.optimizer, "sklearn_style", None)
 
 
 # -- files that are not valid cprop archives --------------------------------------------

@@ -235,7 +235,7 @@ def test_loss(loss, shape, dtype, tol, rng):
     assert_allclose(grad, expected_grad, **tol)
 
 
-@pytest.mark.parametrize("loss", ["mse", "binary_cross_entropy"])
+@pytest.mark.parametrize("loss", ["mse", "binary_cross_entropy", "poisson"])
 def test_loss_single_output_takes_1d_targets(loss, dtype, rng):
     out = rng.normal(size=(7, 1)).astype(dtype)
     y = make_targets(loss, 7, 1, rng)
@@ -257,6 +257,34 @@ def test_cross_entropy_large_logits_stay_finite(dtype, tol):
     assert np.isfinite(value) and np.isfinite(grad).all()
     assert value == pytest.approx(expected_value, rel=tol["rtol"])   # (2000 + 1 + log(1 + 1/e)) / 2
     assert_allclose(grad, expected_grad, **tol)
+
+
+def test_poisson_refuses_negative_targets_and_overflows_to_infinity():
+    out = np.zeros((3, 2))
+    with pytest.raises(ValueError, match="poisson needs targets >= 0"):
+        cprop.losses.poisson(out, [[1, 2], [0, -1], [3, 4]])
+
+    value, grad = cprop.losses.poisson(np.array([[800.0, 0.0]]), [[1, 2]])    # e^800 overflows
+    assert value == np.inf and grad[0, 0] == np.inf
+
+
+def test_poisson_regression_finds_the_maximum_likelihood_rate():
+    """A linear network with the poisson loss is Poisson regression: L-BFGS reaches
+    scikit-learn's PoissonRegressor (unpenalised), and predict gives the rate e^out."""
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 3))
+    y = rng.poisson(np.exp(X @ [0.5, -0.3, 0.2] + 0.4)).astype(np.float64)
+    net = cprop.Sequential([cprop.Dense(3, 1)], dtype=np.float64, seed=0)
+    trainer = cprop.Trainer(net, "poisson", optimizer=cprop.LBFGS(tol=1e-10))
+
+    trainer.fit(X, y)
+
+    glm = linear_model.PoissonRegressor(alpha=0, tol=1e-12, max_iter=1000).fit(X, y)
+    assert_allclose(net.layers[0].W[:, 0], glm.coef_, rtol=0, atol=1e-5)
+    assert_allclose(net.layers[0].b, glm.intercept_, rtol=0, atol=1e-5)
+    assert_allclose(trainer.predict(X), glm.predict(X), rtol=1e-4)
+    assert trainer.evaluate(X, y).keys() == {"loss"}
 
 
 def test_binary_cross_entropy_large_logits_stay_finite(dtype, tol):
@@ -310,13 +338,17 @@ def test_sgd_step(config, dtype, rng):
     (cprop.Adam, {"lr": 0.02, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.1}),
     (cprop.AdamW, {"lr": 0.01}),
     (cprop.AdamW, {"lr": 0.02, "betas": (0.5, 0.9), "weight_decay": 0.3}),
+    # scikit-learn's ε placement; a large ε makes it differ from torch's visibly
+    (cprop.Adam, {"lr": 0.01, "sklearn_style": True}),
+    (cprop.Adam, {"lr": 0.02, "betas": (0.8, 0.99), "eps": 0.1, "weight_decay": 0.1, "sklearn_style": True}),
 ], ids=str)
 def test_adam_step(cls, config, dtype, rng):
     net = make_net([4, 5, 3], dtype=dtype)
     m, v = [np.zeros(net.n_params)], [np.zeros(net.n_params)]
     optimizer = cls(**config)
     hyper = {"lr": optimizer.lr, "betas": optimizer.betas, "eps": optimizer.eps,
-             "weight_decay": optimizer.weight_decay, "decoupled": cls is cprop.AdamW}
+             "weight_decay": optimizer.weight_decay, "decoupled": cls is cprop.AdamW,
+             "sklearn_style": optimizer.sklearn_style}
 
     def reference_step(params, grads, t):
         ref.adam_step(params, grads, m, v, t, **hyper)

@@ -570,6 +570,21 @@ def test_regressor_converts_with_its_values(skl2onnx, n_targets, in_pipeline, dt
     assert_allclose(out["variable"], model.predict(X).reshape(len(X), n_targets), **ORT_TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("n_targets", [1, 2])
+def test_poisson_regressor_converts_with_its_rates(skl2onnx, n_targets, dtype):
+    from cprop.sklearn import MLPRegressor
+    X, _ = classification_data("binary")
+    X = X.astype(dtype)
+    rates = np.exp(np.column_stack([0.5 * X[:, 0], 0.3 * X[:, 1] - 0.2]))[:, :n_targets]
+    y = np.random.default_rng(0).poisson(rates).astype(dtype).squeeze()
+    reg = fitted(MLPRegressor(loss="poisson", hidden_layer_sizes=(8,), max_iter=30, random_state=0), X, y)
+
+    out = converted(skl2onnx, reg, X)
+
+    assert reg.out_activation_ == "exp" and (out["variable"] > 0).all()
+    assert_allclose(out["variable"], reg.predict(X).reshape(len(X), n_targets), **ORT_TOLERANCE[dtype])
+
+
 def test_weights_assigned_to_coefs_are_the_ones_converted(skl2onnx):
     from cprop.sklearn import MLPRegressor
     X, _ = classification_data("binary")

@@ -703,6 +703,16 @@ def test_adam_refuses_bad_hyper_parameters(name, kwargs, error, words):
         OPTIMIZERS[name](**kwargs)
 
 
+@pytest.mark.parametrize("value", ["yes", 1, None], ids=str)
+def test_adam_sklearn_style_must_be_a_bool(value):
+    with pytest.raises(TypeError, match="sklearn_style"):
+        cprop.Adam(sklearn_style=value)
+    adam = cprop.Adam()
+    adam.sklearn_style = value          # changed after construction: refused at the next step
+    with pytest.raises(TypeError, match="sklearn_style"):
+        adam.config()
+
+
 @pytest.mark.parametrize("value, error", [(0, ValueError), (-1, ValueError), (1.5, TypeError), ("2", TypeError),
                                           (True, TypeError), (2.0, TypeError)], ids=str)
 def test_set_num_threads_refuses_bad_values(value, error):
