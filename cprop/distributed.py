@@ -22,6 +22,7 @@ works without MPI installed.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import pickle
 import signal
@@ -68,7 +69,10 @@ def check_comm(comm):
 
 def _every_rank(exc):
     """Mark `exc` as raised on every rank alike: nothing waits for this rank, no abort needed."""
-    exc._cprop_every_rank = True
+    try:
+        exc._cprop_every_rank = True
+    except AttributeError:        # an exception type without attributes: say what it was
+        exc = _every_rank(DistributedError(_describe(exc)))
     return exc
 
 
@@ -248,7 +252,7 @@ def fit(trainer, X, y, epochs, validation_data, validation_split, callbacks, ver
                             checkpoint_every, sharded)
                 trainer._fitting = True
                 try:
-                    return run.loop(epochs, verbose)
+                    return run.loop(verbose)
                 finally:
                     trainer._fitting = False
         finally:
@@ -271,7 +275,7 @@ class _Fit:
         try:
             trainer._check_settings()
             self.sharded = check_bool(sharded, "sharded")
-            check_positive_int(epochs, "epochs", minimum=0, maximum=None)
+            self.epochs = check_positive_int(epochs, "epochs", minimum=0, maximum=None)
             X, T, labels = trainer._prepare(X, y, name="X_shard" if self.sharded else "X")
             data = (X, T, labels)
             val = None
@@ -301,7 +305,7 @@ class _Fit:
                 "architecture": trainer.net.architecture(), "loss": trainer.loss,
                 "batch_size": trainer.batch_size, "shuffle": trainer.shuffle,
                 "loss_scale": trainer.loss_scale, "on_divergence": trainer.on_divergence,
-                "optimizer": (type(opt).__name__, sorted(cfg.items())), "epochs": epochs,
+                "optimizer": (type(opt).__name__, sorted(cfg.items())), "epochs": self.epochs,
                 "sharded": self.sharded, "validation": None if val is None else (
                     "split" if validation_split is not None else "data"),
                 "checkpoint": checkpoint is not None,
@@ -360,7 +364,8 @@ class _Fit:
         n_local = self.data[0].shape[0]
         self.n = sum(self.counts) if self.sharded else n_local
         self.batch_size = min(trainer.batch_size, self.n)
-        most = self._largest_share()
+        self.steps = list(self._steps(self.ranks.rank))     # the same in every epoch of the fit
+        most = max((b - a for _, _, a, b in self.steps), default=0)
         n_params, n_buf = net._params.size, net._buffers.size
         self.pack = np.zeros(n_params + n_buf + _N_SLOTS, dtype=net.dtype)
         self.grads = self.pack[:n_params]
@@ -377,9 +382,6 @@ class _Fit:
                          "seed": 0, "n_threads": self.n_threads}
         check_threads(self.ranks, self.n_threads)
 
-    def _largest_share(self):
-        return max((b - a for _, _, a, b in self._steps(self.ranks.rank)), default=0)
-
     def _steps(self, rank):
         """(global rows of the step, global row index of this rank's first row, local start,
         local end) of each optimizer step of an epoch.
@@ -390,6 +392,7 @@ class _Fit:
         every shard in proportion to its size (rank r: local rows [⌊a·n_r/N⌋, ⌊b·n_r/N⌋) of
         global rows [a, b)), so every shard is used up at the same pace."""
         n, B, size = self.n, self.batch_size, self.ranks.size
+        offset = sum(self.counts[:rank])      # sharded: this shard's first row, shards end to end
         start = 0
         while start < n:
             end = min(start + B, n)
@@ -402,13 +405,13 @@ class _Fit:
                 bs = sum(b - a for a, b in cuts)
                 if bs:                      # fewer rows than ranks can leave a step empty
                     a, b = cuts[rank]
-                    yield bs, sum(self.counts[:rank]) + a, a, b
+                    yield bs, offset + a, a, b
             start = end
 
     # -- the epochs ---------------------------------------------------------------------------
-    def loop(self, epochs, verbose):
+    def loop(self, verbose):
         from .trainer import _Progress, _is_true
-        trainer, ranks = self.trainer, self.ranks
+        trainer, ranks, epochs = self.trainer, self.ranks, self.epochs
         progress = _Progress(epochs, verbose and ranks.rank == 0)
         try:
             error = None
@@ -496,7 +499,7 @@ class _Fit:
         status, loss_sum, n_seen, last_bs = _core.OK, 0.0, 0, 0
         start_time = time.perf_counter()
         try:
-            for bs, row_base, a, b in self._steps(ranks.rank):
+            for bs, row_base, a, b in self.steps:
                 rows = b - a
                 failed = None
                 slots[...] = 0
@@ -528,7 +531,7 @@ class _Fit:
                     ranks.agree(failed)
                 batch_loss = float(slots[_LOSS])
                 last_bs = bs
-                if not np.isfinite(batch_loss):
+                if not math.isfinite(batch_loss):
                     status = _core.NONFINITE_LOSS     # before this step changed anything
                     break
                 rejected, cfg["step"] = _core.optimizer_step(cfg, table, net._params, grads, state_a, state_b,
