@@ -105,7 +105,8 @@ class Ranks:
             if error is not None:
                 raise _every_rank(error)
             r, message = failed[0]
-            raise _every_rank(DistributedError(f"rank {r} of {self.size} failed ({message}); every rank stops"))
+            raise _every_rank(DistributedError(
+                f"rank {r} of {self.size} failed ({message}); every rank stops"))
         return [v for _, v in outcome]
 
     def sum(self, values, error=None):
@@ -350,7 +351,8 @@ class _Fit:
             comm.Bcast(net._buffers, root=0)
         if rank == 0:
             opt._kernel_state(net, opt.config())     # valid state arrays (zeros when it had none)
-        step, shapes = comm.bcast((opt.step_count, [s.shape for s in opt.state]) if rank == 0 else None, root=0)
+        step, shapes = comm.bcast((opt.step_count, [s.shape for s in opt.state]) if rank == 0 else None,
+                                  root=0)
         if rank:
             opt.step_count = step
             opt.state = [np.empty(shape, dtype=net.dtype) for shape in shapes]
@@ -510,12 +512,16 @@ class _Fit:
                         else:
                             idx = order[a:b]
                             Xr = np.take(X, idx, axis=0, out=self.Xb[:rows], mode="clip")
-                            Tr = np.take(T, idx, axis=0, out=self.Tb[:rows], mode="clip") if T.shape[0] else T
-                            Lr = np.take(labels, idx, out=self.Lb[:rows], mode="clip") if labels.shape[0] else labels
+                            # one of T (targets) and labels is an empty placeholder
+                            Tr = (np.take(T, idx, axis=0, out=self.Tb[:rows], mode="clip")
+                                  if T.shape[0] else T)
+                            Lr = (np.take(labels, idx, out=self.Lb[:rows], mode="clip")
+                                  if labels.shape[0] else labels)
                         # this rank's rows count as rows/bs of the global batch's mean loss
                         settings["loss_scale"] = loss_scale * rows / bs
-                        slots[_LOSS] = _core.batch_gradient(table, hyper, row_width, n_bstats, settings, Xr, Tr, Lr,
-                                                            net._params, grads, running, self.work, row_base)
+                        slots[_LOSS] = _core.batch_gradient(table, hyper, row_width, n_bstats, settings,
+                                                            Xr, Tr, Lr, net._params, grads, running,
+                                                            self.work, row_base)
                         if weighted_running:
                             running *= rows / bs    # the sum over ranks: running stats of the whole batch
                     else:

@@ -13,7 +13,8 @@ import cprop
 from cprop import distributed
 from cprop.distributed import DistributedError
 
-from mpi_helpers import OVERSUBSCRIBED, assert_same_on_every_rank, comm, shared_dir  # noqa: F401 (fixtures)
+from mpi_helpers import OVERSUBSCRIBED, assert_same_on_every_rank
+from mpi_helpers import comm, shared_dir  # noqa: F401 (fixtures)
 
 pytestmark = OVERSUBSCRIBED
 from test_mpi_training import assert_close, data, make
@@ -42,11 +43,12 @@ def overflowing(n, seed=0):
 
 @pytest.mark.parametrize("on_divergence", ["raise", "warn"])
 def test_nonfinite_loss_on_one_rank_stops_every_rank_at_that_step(comm, on_divergence):
-    # Adam counts its steps. Unshuffled batches of 32: row 94 is the last rank's (over 2 or 3 ranks) in the third
-    # batch, so every rank must stop before the third step
+    # Adam counts its steps. Unshuffled batches of 32: row 94 is the last rank's (over 2 or 3
+    # ranks) in the third batch, so every rank must stop before the third step
     X, y, kw = overflowing(200)
     X[94] = 1e200
-    ours, alone = (make(c, shuffle=False, on_divergence=on_divergence, optimizer="adam", **kw) for c in (comm, None))
+    ours, alone = (make(c, shuffle=False, on_divergence=on_divergence, optimizer="adam", **kw)
+                   for c in (comm, None))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         got = outcome(comm, lambda: ours.fit(X, y, epochs=3))
@@ -121,7 +123,8 @@ def test_callback_error_on_one_rank_raises_on_every_rank(comm):
             assert (kind, message) == ("ValueError", "a callback failed here")
         else:
             assert kind == "DistributedError"
-            assert f"rank {last(comm)} of {comm.Get_size()} failed (ValueError: a callback failed here)" in message
+            expected = f"rank {last(comm)} of {comm.Get_size()} failed (ValueError: a callback failed here)"
+            assert expected in message
     assert trainer.epochs_done == 2
     assert_same_on_every_rank(comm, trainer)
 

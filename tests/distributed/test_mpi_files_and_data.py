@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import cprop
-from mpi_helpers import OVERSUBSCRIBED, assert_same_on_every_rank, fingerprint, comm, shared_dir  # noqa: F401 (fixtures)
+from mpi_helpers import OVERSUBSCRIBED, assert_same_on_every_rank, fingerprint
+from mpi_helpers import comm, shared_dir  # noqa: F401 (fixtures)
 
 pytestmark = OVERSUBSCRIBED
 from test_mpi_failures import outcome
@@ -105,7 +106,8 @@ def test_sharded_training_reaches_the_accuracy_of_one_process(comm):
                              seed=0, n_threads=1, comm=c)
     ours = trainer(comm)
     test_shard = test[comm.rank::comm.Get_size()]
-    history = ours.fit(X[shard], y[shard], epochs=20, sharded=True, validation_data=(X[test_shard], y[test_shard]))
+    history = ours.fit(X[shard], y[shard], epochs=20, sharded=True,
+                       validation_data=(X[test_shard], y[test_shard]))
     alone = trainer(None)
     alone.fit(X[train], y[train], epochs=20)
     assert_same_on_every_rank(comm, ours)
