@@ -99,15 +99,19 @@ class EarlyStopping(Callback):
 
 
 class Checkpoint(Callback):
-    """Save the trainer (``trainer.save(path)``, atomic) every `every` epochs and at the end."""
+    """Save the trainer (``trainer.save(path)``, atomic) every `every` epochs and at the end.
+
+    Under MPI (a trainer with ``comm``) rank 0 writes; the others wait for it at the end of
+    the epoch, and an error writing stops every rank."""
 
     def __init__(self, path, every=1):
         self.path = path
         self.every = check_positive_int(every, "checkpoint_every")
 
     def on_epoch_end(self, trainer, epoch, logs):
-        if epoch % self.every == 0:
+        if epoch % self.every == 0 and getattr(trainer, "rank", 0) == 0:
             trainer.save(self.path)
 
     def on_train_end(self, trainer):
-        trainer.save(self.path)
+        if getattr(trainer, "rank", 0) == 0:
+            trainer.save(self.path)

@@ -11,6 +11,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from ._lazy import core as _core
+from . import distributed as _distributed
 from . import io as _io
 from ._threads import resolve_threads, single_threaded_blas
 from ._threads import MAX_THREADS
@@ -115,12 +116,20 @@ class Trainer:
         keeps its last finite parameters.
     loss_scale : float > 0, default 1 — multiplies the loss and its gradient
         (cprop.sklearn uses it to reproduce scikit-learn's loss conventions).
+    comm : mpi4py communicator, optional — train over MPI, synchronously data-parallel
+        (``comm=MPI.COMM_WORLD``, launched with ``mpiexec -n N``): `batch_size` is the
+        global batch, each rank computes the gradient of its share of every batch, one
+        allreduce sums them and every rank takes the same step, so N ranks train as one
+        process would, up to float rounding. fit, evaluate, predict and
+        ``Trainer.load(path, comm=...)`` are then collective: every rank calls them
+        (see cprop.distributed and the README). A communicator of one rank
+        (``MPI.COMM_SELF``) trains exactly as comm=None.
     """
 
     # what a running fit was started with: changing them from a callback (or another
     # thread) mid-fit raises instead of reaching the compiled epoch half-changed
     _FIXED_DURING_FIT = frozenset({"net", "loss", "optimizer", "batch_size", "shuffle", "seed", "rng",
-                                   "n_threads", "on_divergence", "loss_scale", "dropout_seed"})
+                                   "n_threads", "on_divergence", "loss_scale", "dropout_seed", "comm"})
 
     def __setattr__(self, name, value):
         if name in self._FIXED_DURING_FIT and self.__dict__.get("_fitting"):
@@ -131,7 +140,7 @@ class Trainer:
     def __init__(self, net: Sequential, loss: str = "mse", optimizer: Optimizer | None = None,
                  batch_size: int = 32, shuffle: bool = True, seed: int | None = None,
                  n_threads: int | None = None, on_divergence: str = "raise",
-                 loss_scale: float = 1.0) -> None:
+                 loss_scale: float = 1.0, comm=None) -> None:
         self.net = net
         self.loss = loss
         self.optimizer = optimizer if optimizer is not None else SGD(lr=0.01)
@@ -142,6 +151,7 @@ class Trainer:
         self.n_threads = n_threads
         self.on_divergence = on_divergence
         self.loss_scale = loss_scale
+        self.comm = comm
         self._check_settings()
         self._fitting = False
         self._fit_lock = threading.Lock()
@@ -168,6 +178,22 @@ class Trainer:
             self.n_threads = check_positive_int(self.n_threads, "n_threads", maximum=MAX_THREADS)
         self.loss_scale = check_real(self.loss_scale, "loss_scale", low=0, low_open=True)
         self.optimizer.config()
+        self.comm = _distributed.check_comm(self.comm)
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in `comm` (0 without one)."""
+        return 0 if self.comm is None else self.comm.Get_rank()
+
+    @property
+    def n_ranks(self) -> int:
+        """How many processes train together: the size of `comm` (1 without one)."""
+        return 1 if self.comm is None else self.comm.Get_size()
+
+    @property
+    def _parallel(self):
+        # a communicator of one rank takes the ordinary paths: bitwise the result of comm=None
+        return self.comm is not None and _distributed.check_comm(self.comm).Get_size() > 1
 
     # -- training ----------------------------------------------------------
     def _prepare(self, X, y, name="X"):
@@ -179,7 +205,7 @@ class Trainer:
             validation_data: tuple[ArrayLike, ArrayLike] | None = None,
             validation_split: float | None = None, callbacks=(), verbose: bool = False,
             checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 1,
-            sample_weight: ArrayLike | None = None) -> History:
+            sample_weight: ArrayLike | None = None, sharded: bool = False) -> History:
         """Train for `epochs` passes over (X, y); returns the History (also ``self.history``).
 
         Each epoch runs in one compiled call without the GIL: shuffle by index,
@@ -210,6 +236,17 @@ class Trainer:
             (``decay_per_sample`` divides by Σ w), so weight 0 drops a sample and
             weight k counts it k times; a batch of weight 0 is skipped. The logged
             loss averages the batches' losses by their sizes; validation is unweighted.
+            (under comm, rank 0 writes it)
+        sharded : bool, default False — under comm, each rank passes only its own
+            shard of the data (and of validation_data; validation_split holds out part
+            of each shard). Every global batch then takes from every shard in
+            proportion to its size and shuffling stays within shards, so training is
+            not bit for bit that of one process. Without it, every rank passes the
+            same X, y and takes its rows of every global batch.
+
+        Under comm, fit is collective: every rank calls it with the same settings
+        (checked), rank 0's parameters, optimizer state and generator are first
+        broadcast to the others, and every decision to stop is taken together.
 
         Raises
         ------
@@ -218,6 +255,14 @@ class Trainer:
         KeyboardInterrupt — Ctrl-C takes effect between batches; the network keeps
             the parameters of the last completed step, the history its completed epochs.
         """
+        if self._parallel:
+            if sample_weight is not None or self.optimizer.full_batch:
+                raise ValueError("under comm, sample_weight and full-batch optimizers (LBFGS) are not "
+                                 "supported yet; train them in one process")
+            return _distributed.fit(self, X, y, epochs, validation_data, validation_split, callbacks,
+                                    verbose, checkpoint, checkpoint_every, sharded)
+        if check_bool(sharded, "sharded") and self.comm is None:
+            raise ValueError("sharded=True needs comm= (each MPI rank passing its own shard)")
         if not self._fit_lock.acquire(blocking=False):
             raise RuntimeError("this Trainer is already running fit() (in another thread, or fit() "
                                "was called from one of its callbacks); one fit at a time")
@@ -308,8 +353,7 @@ class Trainer:
         net, n, settings = self.net, X.shape[0], buffers["settings"]
         batch_size = settings["batch_size"]
         order = self.rng.permutation(n).astype(np.intp, copy=False) if self.shuffle else buffers["order"]
-        # dropout masks: keyed by the trainer's seed and the epoch, so a resumed fit draws the same
-        settings["seed"] = (self.dropout_seed + 0x9E3779B97F4A7C15 * (self.epochs_done + 1)) & (2**64 - 1)
+        settings["seed"] = self._epoch_seed()
         if self.optimizer.full_batch:
             return self._full_batch_epoch(X, T, labels, buffers)
         cfg = self.optimizer.config()     # a callback may have changed its hyper-parameters
@@ -348,15 +392,20 @@ class Trainer:
         return {"loss": result.data_loss, "time": elapsed,
                 "samples_per_second": X.shape[0] * result.nfev / elapsed if elapsed > 0 else math.inf}
 
-    def _split(self, X, T, labels, fraction, weights=None):
+    def _epoch_seed(self):
+        """The next epoch's dropout seed: keyed by the trainer's seed and the epoch, so a
+        resumed fit draws the same masks."""
+        return (self.dropout_seed + 0x9E3779B97F4A7C15 * (self.epochs_done + 1)) & (2**64 - 1)
+
+    def _split(self, X, T, labels, fraction, weights=None, rng=None):
         """((X, T, labels, weights) to train on, the same held out): a random `fraction` of
-        the samples, drawn with the trainer's generator, held out for validation."""
+        the samples, drawn with `rng` (default: the trainer's generator), held out for validation."""
         fraction = check_real(fraction, "validation_split", low=0, high=1, low_open=True, high_open=True)
         n_val = int(round(fraction * X.shape[0]))
         if n_val < 1 or n_val >= X.shape[0]:
             raise ValueError(f"validation_split={fraction} leaves {n_val} of {X.shape[0]} samples for "
                              "validation; need at least 1 and fewer than all")
-        perm = self.rng.permutation(X.shape[0])
+        perm = (self.rng if rng is None else rng).permutation(X.shape[0])
         parts = np.sort(perm[n_val:]), np.sort(perm[:n_val])
         # T (float targets) or labels is an empty placeholder, depending on the loss
         return tuple(tuple(a[idx] if a.shape[0] else a for a in (X, T, labels)) +
@@ -369,11 +418,14 @@ class Trainer:
                "lower the learning rate or scale the inputs.")
         if self.on_divergence == "raise":
             raise DivergenceError(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)   # _diverged < _epoch < _fit < fit < the caller
+        # by default: _diverged < _epoch < _fit < fit < the caller
+        warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)
 
     # -- evaluation --------------------------------------------------------
     def _raw_output(self, X):
         """predict_raw's output, with a warning when some rows of it are not finite."""
+        if self._parallel:
+            return _distributed.raw_output(self, X)
         out = self.net.predict_raw(X, n_threads=self.n_threads)
         finite = np.isfinite(out).all(axis=1)
         if not finite.all():
@@ -404,7 +456,12 @@ class Trainer:
         -------
         dict — ``{"loss": float}``, plus ``"accuracy"`` for cross_entropy and
         binary_cross_entropy
+
+        Under comm, collective: every rank passes the same (X, y), each evaluates a share
+        of the rows and every rank gets the combined result.
         """
+        if self._parallel:
+            return _distributed.evaluate(self, X, y)
         return self._evaluate_prepared(*self._prepare(X, y))
 
     def predict(self, X: ArrayLike) -> np.ndarray:
@@ -417,6 +474,9 @@ class Trainer:
         (n_samples, n_outputs)); values for mse, rates exp(output) for poisson,
         likewise. Warns (RuntimeWarning)
         when the network's output is not finite for some rows.
+
+        Under comm, collective: every rank passes the same X, each computes a share of
+        the rows and every rank gets all the predictions.
         """
         return losses.get(self.loss).predict(self._raw_output(X))
 
@@ -468,11 +528,16 @@ class Trainer:
         _io.save_archive(path, meta, arrays)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Trainer:
+    def load(cls, path: str | os.PathLike, comm=None) -> Trainer:
         """A Trainer exactly as saved by :meth:`save`.
 
         Fitting 2 epochs, saving, loading and fitting 2 more gives the same
         weights, bit for bit, as fitting 4.
+
+        With `comm` (an mpi4py communicator), collective: rank 0 reads the file and
+        broadcasts the network, the optimizer with its state, the generator's state and
+        the history, so every rank resumes alike (the other ranks need not see the file);
+        a file rank 0 cannot read raises on every rank.
 
         Raises
         ------
@@ -481,6 +546,9 @@ class Trainer:
             its Adam's step count shows it had (resuming without it would silently
             train differently), and one whose booleans are not JSON true/false.
         """
+        comm = _distributed.check_comm(comm)
+        if comm is not None and comm.Get_size() > 1:
+            return _distributed.load(cls, path, comm)
         with _io.open_archive(path, kinds=("trainer",)) as archive:
             net = network_from_archive(archive)
             meta = archive.meta
@@ -495,6 +563,7 @@ class Trainer:
                                                           minimum=0, maximum=2**63)
                 trainer.history = _history_from_meta(meta["history"])
                 trainer.extra = meta.get("extra", {})
+                trainer.comm = comm
                 if not isinstance(trainer.extra, dict):
                     raise TypeError(f"extra must be a mapping, got {type(trainer.extra).__name__}")
             except _io.CpropFileError:

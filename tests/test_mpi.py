@@ -1,0 +1,126 @@
+"""Trainer(comm=...) in the ordinary suite: a communicator of one rank trains bit for bit as
+comm=None does; the checks that need no MPI; and, where Open MPI's mpiexec is installed, an
+exception on one rank outside the points where the ranks agree takes the job down instead of
+leaving the others waiting. The multi-rank tests live in tests/distributed (run under mpiexec)."""
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import cprop
+
+HAS_MPI4PY = importlib.util.find_spec("mpi4py") is not None
+
+
+def data(n=150, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 6))
+    return X, (X[:, 0] > 0).astype(int) + (X[:, 1] > 0.5)
+
+
+def trainer(comm, **kw):
+    layers = [cprop.Dense(6, 16, "relu"), cprop.Dropout(0.2), cprop.Dense(16, 3)]
+    net = cprop.Sequential(layers, seed=0)
+    return cprop.Trainer(net, loss="cross_entropy", optimizer=cprop.Adam(lr=0.01), batch_size=20,
+                         seed=0, comm=comm, **kw)
+
+
+def test_sharded_needs_a_communicator():
+    with pytest.raises(ValueError, match="sharded=True needs comm"):
+        trainer(None).fit(*data(), sharded=True)
+
+
+def test_rank_and_size_without_a_communicator():
+    t = trainer(None)
+    assert (t.comm, t.rank, t.n_ranks) == (None, 0, 1)
+
+
+def test_comm_without_mpi4py_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)      # as if it were not installed
+    with pytest.raises(ImportError, match=r"cprop\[mpi\]"):
+        trainer(object())
+
+
+@pytest.mark.skipif(not HAS_MPI4PY, reason="needs mpi4py")
+def test_comm_must_be_an_mpi4py_communicator():
+    with pytest.raises(TypeError, match="intra-communicator"):
+        trainer(object())
+    t = trainer(None)
+    t.comm = "world"
+    with pytest.raises(TypeError, match="intra-communicator"):
+        t.fit(*data())
+
+
+@pytest.mark.skipif(not HAS_MPI4PY, reason="needs mpi4py")
+def test_comm_self_trains_bit_for_bit_as_no_comm(tmp_path):
+    from mpi4py import MPI
+    X, y = data()
+    Xv, yv = data(40, seed=1)
+    ours, alone = trainer(MPI.COMM_SELF), trainer(None)
+    assert (ours.rank, ours.n_ranks) == (0, 1)
+    for t in (ours, alone):
+        t.fit(X, y, epochs=3, validation_data=(Xv, yv))
+        t.fit(X, y, epochs=1, validation_split=0.2, sharded=t.comm is not None)
+    np.testing.assert_array_equal(ours.net.params, alone.net.params)
+    for key in ("loss", "val_loss", "val_accuracy", "lr"):
+        assert getattr(ours.history, key) == getattr(alone.history, key)
+    assert ours.evaluate(Xv, yv) == alone.evaluate(Xv, yv)
+    np.testing.assert_array_equal(ours.predict_proba(Xv), alone.predict_proba(Xv))
+    ours.save(tmp_path / "t.npz")
+    loaded = cprop.Trainer.load(tmp_path / "t.npz", comm=MPI.COMM_SELF)
+    assert loaded.comm is MPI.COMM_SELF
+    loaded.fit(X, y, epochs=1)
+    alone.fit(X, y, epochs=1)
+    np.testing.assert_array_equal(loaded.net.params, alone.net.params)
+
+
+def _open_mpi_launcher():
+    """mpiexec's path when it is Open MPI's (the flags below are its own), else None: the one
+    beside this Python first (the openmpi package installs it into the venv)."""
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    mpiexec = beside if os.access(beside, os.X_OK) else shutil.which("mpiexec")
+    if not HAS_MPI4PY or mpiexec is None:
+        return None
+    try:
+        version = subprocess.run([mpiexec, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return mpiexec if ("Open MPI" in version or "OpenRTE" in version or "prterun" in version) else None
+
+
+@pytest.mark.skipif(_open_mpi_launcher() is None, reason="needs mpi4py and Open MPI's mpiexec")
+def test_an_unagreed_exception_on_one_rank_aborts_the_job(tmp_path):
+    # rank 1 fails inside fit where the ranks do not compare notes: rank 0 is already waiting
+    # in the next allreduce, so only MPI_Abort can end the job
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent("""
+        import numpy as np
+        from mpi4py import MPI
+        import cprop
+        from cprop import distributed
+
+        comm = MPI.COMM_WORLD
+        if comm.rank == 1:
+            def broken(self):
+                raise RuntimeError("broken on rank 1")
+            distributed._Fit.epoch = broken
+        X = np.random.default_rng(0).normal(size=(64, 4))
+        net = cprop.Sequential([cprop.Dense(4, 2)], seed=0)
+        trainer = cprop.Trainer(net, loss="cross_entropy", n_threads=1, comm=comm)
+        trainer.fit(X, (X[:, 0] > 0).astype(int), epochs=1000)
+        print("finished", flush=True)
+    """))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cprop.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([_open_mpi_launcher(), "--oversubscribe", "-n", "2", sys.executable, str(script)],
+                            capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "finished" not in result.stdout
+    assert "rank 1 of 2 raised RuntimeError: broken on rank 1 during Trainer.fit" in result.stderr
+    assert "aborting the MPI job (MPI_Abort)" in result.stderr
