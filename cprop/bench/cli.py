@@ -23,7 +23,7 @@ def add_arguments(parser):
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                         help="floating-point type of data and parameters (default float32)")
     parser.add_argument("--peers", default=None, metavar="LIST",
-                        help="comma-separated peers among torch, sklearn, numpy, or 'none' "
+                        help=f"comma-separated peers among {', '.join(PEERS)}, or 'none' "
                              "(default: all installed)")
     parser.add_argument("--samples-scale", type=float, default=None, metavar="S",
                         help="multiply every workload's epoch length by S (default 1; 0.05 with --quick)")
@@ -103,7 +103,7 @@ def run(args):
     report["gemm"] = {"size": probe.size, "seconds": probe.seconds, "gflops": peak}
     for workload, n_samples, results, inference in measured:
         report["training"].append(training_entry(workload, n_samples, results, peak))
-        report["inference"].append(inference_entry(workload, n_infer, inference))
+        report["inference"].append(inference_entry(workload, n_infer, inference, peak))
 
     print(format_report(report))
     try:

@@ -67,6 +67,8 @@ def machine_info():
         "numpy": np.__version__,
         "scipy": package_version("scipy"),
         "torch": package_version("torch"),
+        "jax": package_version("jax"),
+        "jaxlib": package_version("jaxlib"),
         "scikit-learn": package_version("scikit-learn"),
         "threadpoolctl": package_version("threadpoolctl"),
         "matplotlib": package_version("matplotlib"),

@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from .machine import blas_limits
-from .runners import RUNNERS
+from .runners import RUNNERS, PeerUnavailable
 from .workloads import SEED
 
 # After each call OpenBLAS's worker threads keep spinning for about 2**28
@@ -86,20 +86,28 @@ def bench_training(workload, frameworks, n_threads, rounds, dtype="float32", sca
                    probe=None):
     """Time one-epoch training of `workload` for every framework, alternating within each round.
 
-    Returns the epoch length, ``{name: {"seconds": [...], "error": str or None}}``
-    and the runners (for the inference timing that follows). A framework that
-    raises is dropped from later rounds and its error kept. `probe`, when
-    given, is called once per round in the rotation (see :class:`GemmProbe`).
+    Returns the epoch length, ``{name: {"seconds": [...], "warmup_seconds": s,
+    "unavailable": reason or None, "error": str or None}}`` and the runners (for
+    the inference timing that follows). Each framework's first epoch is a
+    warm-up (compilation, caches), timed apart as ``warmup_seconds``. A
+    framework that raises :class:`PeerUnavailable` is left out with its
+    reason; one that raises anything else is dropped from later rounds and its
+    error kept. `probe`, when given, is called once per round in the rotation
+    (see :class:`GemmProbe`).
     """
     n_samples = workload.epoch_samples(scale)
     X, y = workload.make_data(n_samples, dtype, seed)
-    results = {name: {"seconds": [], "error": None} for name in frameworks}
+    results = {name: {"seconds": [], "warmup_seconds": None, "unavailable": None, "error": None}
+               for name in frameworks}
     runners = {}
     for name in frameworks:
         try:
             runners[name] = RUNNERS[name](workload, X, y, n_threads, seed)
             with runners[name].limits():
-                runners[name].epoch()  # warm-up epoch
+                results[name]["warmup_seconds"] = timed(runners[name].epoch)
+        except PeerUnavailable as exc:
+            results[name]["unavailable"] = str(exc)
+            runners.pop(name, None)
         except Exception as exc:  # a peer failing must not stop the others
             results[name]["error"] = f"{type(exc).__name__}: {exc}"
             runners.pop(name, None)

@@ -5,10 +5,10 @@ from .runners import PEERS, RUNNERS
 
 # (header, width, alignment) of the printed tables; fixed widths so rows print as they come
 TRAIN_COLUMNS = [("workload", 8, "l"), ("layers", 18, "l"), ("batch", 5, "r"), ("samples", 9, "r"),
-                 ("framework", 9, "l"), ("samples/s", 11, "r"), ("spread", 6, "r"),
-                 ("cprop/peer", 10, "r"), ("GFLOP/s", 7, "r"), ("% peak", 6, "r")]
+                 ("framework", 13, "l"), ("samples/s", 11, "r"), ("spread", 6, "r"),
+                 ("cprop/peer", 10, "r"), ("GFLOP/s", 7, "r"), ("% peak", 6, "r"), ("warm-up", 7, "r")]
 INFER_COLUMNS = [("workload", 8, "l"), ("method", 17, "l"), ("samples/s", 11, "r"), ("spread", 6, "r"),
-                 ("cprop/this", 10, "r"), ("GFLOP/s", 7, "r")]
+                 ("cprop/this", 10, "r"), ("GFLOP/s", 7, "r"), ("% peak", 6, "r")]
 
 
 def format_row(columns, cells):
@@ -35,7 +35,8 @@ def training_entry(workload, n_samples, results, peak):
     cprop_seconds = results.get("cprop", {}).get("seconds")
     cprop_rate = summarise(cprop_seconds, n_samples)[0] if cprop_seconds else None
     for name, res in results.items():
-        figures = {"seconds": res["seconds"], "error": res["error"]}
+        figures = {"seconds": res["seconds"], "warmup_seconds": res.get("warmup_seconds"),
+                   "unavailable": res.get("unavailable"), "error": res["error"]}
         if res["seconds"]:
             rate, spread = summarise(res["seconds"], n_samples)
             gflops = rate * workload.flops_per_sample / 1e9
@@ -53,25 +54,27 @@ def _training_lines(entry):
         lead = [entry["workload"], "-".join(map(str, entry["layers"])), entry["batch_size"],
                 f"{entry['n_samples']:,}"] if i == 0 else [""] * 4
         if not fw["seconds"]:
-            lines.append(format_row(TRAIN_COLUMNS, lead + [name, "failed"]))
+            lines.append(format_row(TRAIN_COLUMNS, lead + [name, "unavailable" if fw.get("unavailable")
+                                                           else "failed"]))
             continue
-        ratio = fw["cprop_over_this"]
+        ratio, warmup = fw["cprop_over_this"], fw.get("warmup_seconds")
         lines.append(format_row(TRAIN_COLUMNS, lead + [
             name, f"{fw['median_samples_per_second']:,.0f}", _spread(fw),
             "" if name == "cprop" or ratio is None else f"{ratio:.2f}x",
-            f"{fw['gflops']:.1f}", f"{fw['percent_of_peak']:.0f}%"]))
+            f"{fw['gflops']:.1f}", f"{fw['percent_of_peak']:.0f}%", "" if warmup is None else f"{warmup:.2f}s"]))
     return lines
 
 
-def inference_entry(workload, n_samples, seconds):
-    """The report of one workload's inference: per method its rounds, median and GFLOP/s."""
+def inference_entry(workload, n_samples, seconds, peak):
+    """The report of one workload's inference: per method its rounds, median, GFLOP/s and % of `peak`."""
     entry = {"workload": workload.name, "n_samples": n_samples,
              "forward_flops_per_sample": workload.forward_flops_per_sample, "methods": {}}
     ref = summarise(seconds["cprop predict_raw"], n_samples)[0] if "cprop predict_raw" in seconds else None
     for label, secs in seconds.items():
         rate, spread = summarise(secs, n_samples)
+        gflops = rate * workload.forward_flops_per_sample / 1e9
         entry["methods"][label] = {"seconds": secs, "median_samples_per_second": rate, "spread": spread,
-                                   "gflops": rate * workload.forward_flops_per_sample / 1e9,
+                                   "gflops": gflops, "percent_of_peak": 100 * gflops / peak,
                                    "cprop_predict_raw_over_this": ref / rate if ref else None}
     return entry
 
@@ -82,7 +85,8 @@ def _inference_lines(entry):
         ratio = m["cprop_predict_raw_over_this"]
         lines.append(format_row(INFER_COLUMNS, [
             entry["workload"] if i == 0 else "", label, f"{m['median_samples_per_second']:,.0f}", _spread(m),
-            "" if label == "cprop predict_raw" or ratio is None else f"{ratio:.2f}x", f"{m['gflops']:.1f}"]))
+            "" if label == "cprop predict_raw" or ratio is None else f"{ratio:.2f}x", f"{m['gflops']:.1f}",
+            f"{m['percent_of_peak']:.0f}%" if "percent_of_peak" in m else ""]))
     return lines
 
 
@@ -104,7 +108,8 @@ def format_report(report):
         "",
         f"Training: one epoch of SGD(lr={settings['lr']}, momentum={settings['momentum']}), median samples/s "
         "over rounds; spread = (max-min)/median;",
-        "cprop/peer > 1 means cprop is faster; % peak = achieved GFLOP/s / GEMM peak",
+        "cprop/peer > 1 means cprop is faster; % peak = achieved GFLOP/s / GEMM peak;",
+        "warm-up = the first, untimed epoch (compilation for torch-compile and jax)",
     ]
     lines += format_header(TRAIN_COLUMNS)
     lines += [line for entry in report["training"] for line in _training_lines(entry)]
@@ -112,10 +117,15 @@ def format_report(report):
                   "cprop/this compares cprop predict_raw"]
     lines += format_header(INFER_COLUMNS)
     lines += [line for entry in report["inference"] for line in _inference_lines(entry)]
+    unavailable = {}
     for entry in report["training"]:
         for name, fw in entry["frameworks"].items():
+            if fw.get("unavailable"):
+                unavailable.setdefault((name, fw["unavailable"]), []).append(entry["workload"])
             if fw["error"]:
                 lines.append(f"error: {entry['workload']} / {name}: {fw['error']}")
+    for (name, reason), workloads in unavailable.items():
+        lines.append(f"unavailable: {name} ({', '.join(workloads)}): {reason}")
     return "\n".join(lines)
 
 

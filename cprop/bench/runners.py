@@ -1,30 +1,40 @@
 """The frameworks: one runner per framework, each training a workload by its own textbook recipe.
 
+Every runner follows the recipe of :mod:`cprop.bench.workloads`: per epoch a
+fresh permutation of the samples from the runner's own generator, consecutive
+minibatches of it (the last one partial), relu hidden layers, the workload's
+mean loss, SGD with momentum. All but scikit-learn start from the same
+parameters, :meth:`Workload.initial_parameters`.
+
 A runner builds everything in ``__init__``, outside the timed region;
 ``epoch()`` is the one thing timed, always inside ``limits()`` (thread
-settings). Frameworks are imported inside the runners, so this module imports
-without torch, scikit-learn or JAX.
+settings); its first call is a warm-up that is not timed (compilation, caches).
+Frameworks are imported inside the runners, so this module imports without
+torch, JAX or scikit-learn.
 """
 import contextlib
 import importlib.util
+import os
 import warnings
 
 import numpy as np
 
-from .machine import blas_limits
+from .machine import available_cores, blas_limits
 from .workloads import LEARNING_RATE, MOMENTUM, SEED
 
 
-class Runner:
-    """One framework training one workload on given data.
+class PeerUnavailable(Exception):
+    """A peer that is installed but cannot run here (say, torch.compile without a working
+    C++ compiler): ``cprop bench`` reports it as unavailable, with this reason, and goes on."""
 
-    Everything is built in ``__init__``, outside the timed region; ``epoch()``
-    is the one thing timed, always inside ``limits()`` (thread settings).
-    """
+
+class Runner:
+    """One framework training one workload on given data."""
 
     name = None
     module = None      # what must be importable for this runner to run
     package = None     # the distribution that brings it, for `pip install`
+    same_start = True  # starts from Workload.initial_parameters (False: the framework's own initialisation)
 
     def __init__(self, workload, X, y, n_threads, seed=SEED):
         self.workload = workload
@@ -40,6 +50,10 @@ class Runner:
         """Train one epoch over (X, y)."""
         raise NotImplementedError
 
+    def outputs(self, X):
+        """The network's raw outputs (logits) for X, as a NumPy array: for checking, not timed."""
+        raise NotImplementedError
+
     def inference(self, X):
         """[(label, zero-argument callable computing the raw outputs for X)]; empty if not offered."""
         return []
@@ -53,16 +67,17 @@ class CpropRunner(Runner):
     def __init__(self, workload, X, y, n_threads, seed=SEED):
         super().__init__(workload, X, y, n_threads, seed)
         import cprop
-        sizes = workload.sizes
-        layers = [cprop.Dense(sizes[i], sizes[i + 1], "relu" if i < len(sizes) - 2 else None)
-                  for i in range(len(sizes) - 1)]
-        self.net = cprop.Sequential(layers, dtype=X.dtype, seed=seed)
+        self.net = workload.network(X.dtype, seed)
         self.trainer = cprop.Trainer(self.net, workload.loss, cprop.SGD(lr=LEARNING_RATE, momentum=MOMENTUM),
                                      workload.batch_size, seed=seed, n_threads=n_threads)
 
     def epoch(self):
         """``trainer.fit(X, y, epochs=1)``: validation, shuffling and the compiled epoch."""
         self.trainer.fit(self.X, self.y, epochs=1)
+
+    def outputs(self, X):
+        """``net.predict_raw(X)``."""
+        return self.net.predict_raw(X, n_threads=self.n_threads)
 
     def inference(self, X):
         """``net.predict_raw(X)`` (chunked, nothing kept) and ``net.forward(X)`` (keeps activations)."""
@@ -81,11 +96,14 @@ class TorchRunner(Runner):
         super().__init__(workload, X, y, n_threads, seed)
         import torch
         self.torch = torch
-        torch.manual_seed(seed)
         dtype = torch.float64 if X.dtype == np.float64 else torch.float32
         modules = []
-        for i, (n_in, n_out) in enumerate(workload.shapes):
-            modules.append(torch.nn.Linear(n_in, n_out, dtype=dtype))
+        for i, (W, b) in enumerate(workload.initial_parameters(X.dtype, seed)):
+            linear = torch.nn.Linear(*W.shape, dtype=dtype)
+            with torch.no_grad():      # torch keeps W as (n_out, n_in)
+                linear.weight.copy_(torch.from_numpy(W.T))
+                linear.bias.copy_(torch.from_numpy(b))
+            modules.append(linear)
             if i < len(workload.shapes) - 1:
                 modules.append(torch.nn.ReLU())
         self.model = torch.nn.Sequential(*modules)
@@ -103,17 +121,24 @@ class TorchRunner(Runner):
         self.torch.set_num_threads(self.n_threads)
         return contextlib.nullcontext()
 
+    def step(self, X, y, idx):
+        """zero_grad, forward, loss, backward, optimizer step on the minibatch ``X[idx]``."""
+        self.optimizer.zero_grad()
+        loss = self.loss_fn(self.model(X[idx]), y[idx])
+        loss.backward()
+        self.optimizer.step()
+
     def epoch(self):
-        """A fresh ``randperm``, then per batch ``X[idx]``, zero_grad, forward, loss, backward, step."""
-        torch, model, optimizer, loss_fn = self.torch, self.model, self.optimizer, self.loss_fn
+        """A fresh ``randperm``, then :meth:`step` per minibatch."""
         X, y, batch_size = self.Xt, self.yt, self.workload.batch_size
-        order = torch.randperm(X.shape[0], generator=self.generator)
+        order = self.torch.randperm(X.shape[0], generator=self.generator)
         for start in range(0, X.shape[0], batch_size):
-            idx = order[start:start + batch_size]
-            optimizer.zero_grad()
-            loss = loss_fn(model(X[idx]), y[idx])
-            loss.backward()
-            optimizer.step()
+            self.step(X, y, order[start:start + batch_size])
+
+    def outputs(self, X):
+        """``model(X)`` under ``torch.no_grad()``."""
+        with self.torch.no_grad():
+            return self.model(self.torch.from_numpy(X)).numpy()
 
     def inference(self, X):
         """``model(X)`` under ``torch.no_grad()``."""
@@ -127,11 +152,187 @@ class TorchRunner(Runner):
         return [("torch no_grad", forward)]
 
 
+class TorchCompileRunner(TorchRunner):
+    """PyTorch with ``torch.compile``: :meth:`TorchRunner.step` (forward, loss, backward and
+    the optimizer step) compiled by TorchInductor, one static-shape graph per batch size.
+
+    Compilation happens in the first (warm-up) epoch; Inductor needs a working
+    C++ compiler, and where it fails the peer is reported unavailable.
+    """
+
+    name = "torch-compile"
+
+    def __init__(self, workload, X, y, n_threads, seed=SEED):
+        super().__init__(workload, X, y, n_threads, seed)
+        # dynamic=False: the full and the last, partial minibatch each get a graph of their own shape
+        self.step = self.torch.compile(super().step, dynamic=False)
+        self.compiled = False
+
+    def epoch(self):
+        """:meth:`TorchRunner.epoch` with the compiled step; the first call compiles."""
+        if self.compiled:
+            return super().epoch()
+        try:
+            super().epoch()
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PeerUnavailable(f"torch.compile failed here ({type(exc).__name__}: {reason[:200]})") from exc
+        self.compiled = True
+
+    def inference(self, X):
+        """None: the compiled step is for training (inference would be another compilation)."""
+        return []
+
+
+# XLA's CPU client has no thread setting; its Eigen pool spans all cores unless
+# the flag below is set before the client is made, once per process.
+_XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+_jax_threads = None
+
+
+def _import_jax(dtype, n_threads):
+    """JAX, set up for `dtype` (float64 switches on jax_enable_x64) and `n_threads` (1 or all cores)."""
+    global _jax_threads
+    threads = 1 if n_threads == 1 else available_cores()
+    if n_threads not in (1, available_cores()):
+        raise PeerUnavailable(f"JAX runs on one thread or on all {available_cores()} cores, not {n_threads}")
+    if _jax_threads is None:
+        if threads == 1:
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _XLA_ONE_THREAD).strip()
+        _jax_threads = threads
+    elif _jax_threads != threads:
+        raise PeerUnavailable(f"JAX's threads are fixed when it starts: {_jax_threads} in this process")
+    import jax
+    if np.dtype(dtype) == np.float64:
+        jax.config.update("jax_enable_x64", True)
+    return jax
+
+
+def jax_functions(jax, workload):
+    """(forward, loss, step) of `workload` in JAX, pure functions for ``jax.jit``.
+
+    ``step((params, velocity), X, y, idx)`` trains on the minibatch ``X[idx]``:
+    the gradient of the mean loss by ``jax.grad``, then ``v = μ·v + g; p -= lr·v``.
+    """
+    jnp = jax.numpy
+    tree_map = jax.tree_util.tree_map
+    n_layers = len(workload.shapes)
+
+    def forward(params, X):
+        """Raw outputs: relu(X·W + b) through the hidden layers, X·W + b at the last."""
+        for i, (W, b) in enumerate(params):
+            X = X @ W + b
+            if i < n_layers - 1:
+                X = jax.nn.relu(X)
+        return X
+
+    def loss(params, X, y):
+        """Mean cross-entropy (softmax fused) over samples, or mean squared error over elements."""
+        out = forward(params, X)
+        if workload.loss == "cross_entropy":
+            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(out), y[:, None], axis=1))
+        return jnp.mean((out - y) ** 2)
+
+    def step(state, X, y, idx):
+        """One SGD-momentum step on ``X[idx]``; returns the new (params, velocity)."""
+        params, velocity = state
+        grads = jax.grad(loss)(params, X[idx], y[idx])
+        velocity = tree_map(lambda v, g: MOMENTUM * v + g, velocity, grads)
+        params = tree_map(lambda p, v: p - LEARNING_RATE * v, params, velocity)
+        return params, velocity
+
+    return forward, loss, step
+
+
+class JaxRunner(Runner):
+    """JAX: the whole epoch as one XLA program, ``jax.lax.scan`` of the step over the minibatches.
+
+    The epoch's permutation is drawn inside the program (``jax.random``); the
+    full minibatches are scanned and the last, partial one stepped after them.
+    Compiled in the warm-up epoch; every epoch ends in ``block_until_ready``.
+    """
+
+    name = "jax"
+    module = package = "jax"
+
+    def __init__(self, workload, X, y, n_threads, seed=SEED):
+        super().__init__(workload, X, y, n_threads, seed)
+        jax = self.jax = _import_jax(X.dtype, n_threads)
+        jnp = jax.numpy
+        self.forward, _, self.step = jax_functions(jax, workload)
+        params = [(jnp.asarray(W), jnp.asarray(b)) for W, b in workload.initial_parameters(X.dtype, seed)]
+        self.state = (params, jax.tree_util.tree_map(jnp.zeros_like, params))
+        self.Xj = jnp.asarray(X)
+        self.yj = jnp.asarray(y.astype(np.int32) if workload.loss == "cross_entropy" else y)
+        self.key = jax.random.PRNGKey(seed)
+        self.jit_forward = jax.jit(self.forward)
+        self._epoch = jax.jit(self._scan_epoch)
+
+    def _scan_epoch(self, state, X, y, key):
+        jax = self.jax
+        batch_size = self.workload.batch_size
+        n_full = X.shape[0] // batch_size
+        key, subkey = jax.random.split(key)
+        order = jax.random.permutation(subkey, X.shape[0])
+
+        def body(state, idx):
+            return self.step(state, X, y, idx), None
+
+        state, _ = jax.lax.scan(body, state, order[:n_full * batch_size].reshape(n_full, batch_size))
+        if X.shape[0] > n_full * batch_size:
+            state = self.step(state, X, y, order[n_full * batch_size:])
+        return state, key
+
+    def epoch(self):
+        """The compiled epoch, waited for."""
+        self.state, self.key = self._epoch(self.state, self.Xj, self.yj, self.key)
+        self.jax.block_until_ready(self.state)
+
+    def outputs(self, X):
+        """The forward pass on the current parameters."""
+        return np.asarray(self.jit_forward(self.state[0], X))
+
+    def inference(self, X):
+        """The jitted forward pass, waited for."""
+        Xj = self.jax.numpy.asarray(X)
+        return [("jax jit", lambda: self.jit_forward(self.state[0], Xj).block_until_ready())]
+
+
+class JaxStepRunner(JaxRunner):
+    """JAX, one jitted step per minibatch from a Python loop over a NumPy permutation."""
+
+    name = "jax-step"
+
+    def __init__(self, workload, X, y, n_threads, seed=SEED):
+        super().__init__(workload, X, y, n_threads, seed)
+        self.jit_step = self.jax.jit(self.step)
+        self.rng = np.random.default_rng(seed)
+
+    def epoch(self):
+        """A fresh permutation, the jitted step per minibatch, waited for at the end."""
+        n, batch_size = self.X.shape[0], self.workload.batch_size
+        order = self.rng.permutation(n)
+        state = self.state
+        for start in range(0, n, batch_size):
+            state = self.jit_step(state, self.Xj, self.yj, order[start:start + batch_size])
+        self.state = state
+        self.jax.block_until_ready(self.state)
+
+    def inference(self, X):
+        """None: the same forward pass as the ``jax`` peer's."""
+        return []
+
+
 class SklearnRunner(Runner):
-    """scikit-learn: MLPClassifier / MLPRegressor, solver="sgd", one ``partial_fit`` epoch."""
+    """scikit-learn: MLPClassifier / MLPRegressor, solver="sgd", one ``partial_fit`` epoch.
+
+    It initialises its parameters inside the first ``partial_fit`` (Glorot-uniform), not from
+    :meth:`Workload.initial_parameters`.
+    """
 
     name = "sklearn"
     module, package = "sklearn", "scikit-learn"
+    same_start = False
 
     def __init__(self, workload, X, y, n_threads, seed=SEED):
         super().__init__(workload, X, y, n_threads, seed)
@@ -161,6 +362,17 @@ class SklearnRunner(Runner):
             self.model.partial_fit(self.X, self.y, **self.fit_kwargs)
         self.fit_kwargs = {}
 
+    def outputs(self, X):
+        """The raw last-layer outputs from the fitted ``coefs_`` and ``intercepts_`` (after an epoch)."""
+        if not hasattr(self.model, "coefs_"):
+            raise RuntimeError("scikit-learn initialises its network in the first epoch: train one first")
+        A = X
+        for i, (W, b) in enumerate(zip(self.model.coefs_, self.model.intercepts_)):
+            A = A @ W + b
+            if i < len(self.model.coefs_) - 1:
+                A = np.maximum(A, 0)
+        return A
+
 
 class NumpyMLP:
     """An MLP trained by hand in NumPy: the reference a vectorised Python user would write.
@@ -171,14 +383,13 @@ class NumpyMLP:
     ``δ_prev = (δ·Wᵀ) ⊙ f'(A[l])``.
     """
 
-    def __init__(self, sizes, batch_size, loss, dtype="float32", seed=SEED):
-        rng = np.random.default_rng(seed)
-        dtype = np.dtype(dtype)
-        shapes = list(zip(sizes[:-1], sizes[1:]))
+    def __init__(self, params, batch_size, loss):
+        """`params`: [(W (n_in, n_out), b)] per layer, copied; the dtype is theirs."""
         self.loss, self.batch_size = loss, batch_size
-        # He-normal weights, zero biases (as cprop initialises relu layers)
-        self.W = [(rng.standard_normal(s) * np.sqrt(2.0 / s[0])).astype(dtype) for s in shapes]
-        self.b = [np.zeros(n_out, dtype) for _, n_out in shapes]
+        self.W = [np.array(W) for W, _ in params]
+        self.b = [np.array(b) for _, b in params]
+        sizes = [self.W[0].shape[0]] + [W.shape[1] for W in self.W]
+        dtype = self.W[0].dtype
         self.params = self.W + self.b
         self.grads = [np.empty_like(p) for p in self.params]
         self.velocity = [np.zeros_like(p) for p in self.params]
@@ -244,7 +455,7 @@ class NumpyRunner(Runner):
 
     def __init__(self, workload, X, y, n_threads, seed=SEED):
         super().__init__(workload, X, y, n_threads, seed)
-        self.model = NumpyMLP(workload.sizes, workload.batch_size, workload.loss, X.dtype, seed)
+        self.model = NumpyMLP(workload.initial_parameters(X.dtype, seed), workload.batch_size, workload.loss)
         self.rng = np.random.default_rng(seed)
 
     def limits(self):
@@ -255,13 +466,18 @@ class NumpyRunner(Runner):
         """:meth:`NumpyMLP.train_epoch`."""
         self.model.train_epoch(self.X, self.y, self.rng)
 
+    def outputs(self, X):
+        """:meth:`NumpyMLP.forward`."""
+        return self.model.forward(X)
+
     def inference(self, X):
         """:meth:`NumpyMLP.forward`."""
         return [("numpy", lambda: self.model.forward(X))]
 
 
-RUNNERS = {r.name: r for r in (CpropRunner, TorchRunner, SklearnRunner, NumpyRunner)}
-PEERS = ("torch", "sklearn", "numpy")
+RUNNERS = {r.name: r for r in (CpropRunner, TorchRunner, TorchCompileRunner, JaxRunner, JaxStepRunner,
+                               SklearnRunner, NumpyRunner)}
+PEERS = tuple(name for name in RUNNERS if name != "cprop")
 
 
 def peer_installed(name):

@@ -49,6 +49,23 @@ class Workload:
         """Samples in one benchmark epoch: the default times `scale`, at least two batches."""
         return max(2 * self.batch_size, int(round(self.n_samples * scale)))
 
+    def network(self, dtype="float32", seed=SEED):
+        """The workload's network in cprop: relu hidden layers, identity last layer, initialised from `seed`."""
+        from .. import Dense, Sequential
+        n_layers = len(self.shapes)
+        return Sequential([Dense(n_in, n_out, "relu" if i < n_layers - 1 else None)
+                           for i, (n_in, n_out) in enumerate(self.shapes)], dtype=dtype, seed=seed)
+
+    def initial_parameters(self, dtype="float32", seed=SEED):
+        """[(W, b)] per layer, W of shape (n_in, n_out): cprop's initialisation for `seed`.
+
+        He-normal W for the relu layers, Glorot-uniform for the identity last
+        layer, b = 0. Every framework but scikit-learn (which initialises
+        inside its first ``partial_fit``) starts from these, so all train the
+        same network from the same start.
+        """
+        return [(layer.W.copy(), layer.b.copy()) for layer in self.network(dtype, seed).layers]
+
     def make_data(self, n_samples, dtype="float32", seed=SEED):
         """Random inputs and targets: (X, y), y integer labels for cross_entropy, (n, 1) floats for mse."""
         rng = np.random.default_rng(seed)
