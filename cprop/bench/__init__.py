@@ -19,10 +19,10 @@ from .cli import add_arguments, run
 from .machine import available_cores, blas_limits, machine_info
 from .measure import GemmProbe, bench_inference, bench_training, seconds_per_call, settle, timed
 from .report import format_report
-from .runners import PEERS, RUNNERS, Runner, installed_peers, peer_installed
+from .runners import PEERS, RUNNERS, PeerUnavailable, Runner, installed_peers, peer_installed
 from .workloads import LEARNING_RATE, MOMENTUM, SEED, WORKLOADS, Workload
 
-__all__ = ["LEARNING_RATE", "MOMENTUM", "PEERS", "RUNNERS", "SEED", "WORKLOADS", "GemmProbe", "Runner",
-           "Workload", "add_arguments", "available_cores", "bench_inference", "bench_training",
-           "blas_limits", "format_report", "installed_peers", "machine_info", "peer_installed", "run",
-           "seconds_per_call", "settle", "timed"]
+__all__ = ["LEARNING_RATE", "MOMENTUM", "PEERS", "RUNNERS", "SEED", "WORKLOADS", "GemmProbe",
+           "PeerUnavailable", "Runner", "Workload", "add_arguments", "available_cores", "bench_inference",
+           "bench_training", "blas_limits", "format_report", "installed_peers", "machine_info",
+           "peer_installed", "run", "seconds_per_call", "settle", "timed"]
