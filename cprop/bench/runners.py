@@ -157,23 +157,36 @@ class TorchCompileRunner(TorchRunner):
     the optimizer step) compiled by TorchInductor, one static-shape graph per batch size.
 
     Compilation happens in the first (warm-up) epoch; Inductor needs a working
-    C++ compiler, and where it fails the peer is reported unavailable.
+    C++ compiler, and where it fails the peer is reported unavailable. One
+    such runner at a time: a new one empties Dynamo's cache, and an older
+    one's next epoch would then fail rather than recompile inside the timing.
     """
 
     name = "torch-compile"
 
     def __init__(self, workload, X, y, n_threads, seed=SEED):
         super().__init__(workload, X, y, n_threads, seed)
+        # Dynamo caches compiled code per code object, guarded on this runner's model and
+        # optimizer; the runners of earlier workloads would fill its recompile limit, past which
+        # it silently runs eager. So each runner starts from an empty cache.
+        self.torch._dynamo.reset()
         # dynamic=False: the full and the last, partial minibatch each get a graph of their own shape
         self.step = self.torch.compile(super().step, dynamic=False)
         self.compiled = False
 
     def epoch(self):
-        """:meth:`TorchRunner.epoch` with the compiled step; the first call compiles."""
+        """:meth:`TorchRunner.epoch` with the compiled step; the first call compiles.
+
+        Afterwards a recompilation (which would be timed) is an error, and so is
+        reaching Dynamo's recompile limit in the first call, rather than running eager.
+        """
+        config = self.torch._dynamo.config
         if self.compiled:
-            return super().epoch()
+            with config.patch(error_on_recompile=True):
+                return super().epoch()
         try:
-            super().epoch()
+            with config.patch(fail_on_recompile_limit_hit=True):
+                super().epoch()
         except Exception as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PeerUnavailable(f"torch.compile failed here ({type(exc).__name__}: {reason[:200]})") from exc
