@@ -15,6 +15,7 @@ torch, JAX or scikit-learn.
 import contextlib
 import importlib.util
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -197,23 +198,40 @@ class TorchCompileRunner(TorchRunner):
         return []
 
 
-# XLA's CPU client has no thread setting; its Eigen pool spans all cores unless
-# the flag below is set before the client is made, once per process.
-_XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-_jax_threads = None
+_jax_threads = None   # the JAX CPU client's thread count, fixed when it starts
 
 
 def _import_jax(dtype, n_threads):
-    """JAX, set up for `dtype` (float64 switches on jax_enable_x64) and `n_threads` (1 or all cores)."""
+    """JAX, set up for `dtype` (float64 switches on jax_enable_x64) and `n_threads`.
+
+    XLA's CPU client has no thread setting: its Eigen pool takes as many
+    threads as the process may use cores when the client starts, and keeps
+    them (the XLA flags once used for this no longer limit it). So the client
+    is started with this thread's cores narrowed to `n_threads`; its pool
+    threads keep that mask, the calling thread gets all its cores back. That
+    happens once per process; a later, different `n_threads` is unavailable.
+    """
     global _jax_threads
-    threads = 1 if n_threads == 1 else available_cores()
-    if n_threads not in (1, available_cores()):
-        raise PeerUnavailable(f"JAX runs on one thread or on all {available_cores()} cores, not {n_threads}")
+    cores = available_cores()
+    if not 1 <= n_threads <= cores:
+        raise PeerUnavailable(f"JAX can run on 1 to {cores} threads here, not {n_threads}")
     if _jax_threads is None:
-        if threads == 1:
-            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _XLA_ONE_THREAD).strip()
-        _jax_threads = threads
-    elif _jax_threads != threads:
+        if n_threads == cores:
+            import jax
+            jax.devices("cpu")
+        elif "jax" in sys.modules or not hasattr(os, "sched_setaffinity"):
+            raise PeerUnavailable(f"JAX's threads could not be limited to {n_threads} here "
+                                  "(JAX started before, or no sched_setaffinity)")
+        else:
+            allowed = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, sorted(allowed)[:n_threads])
+            try:
+                import jax
+                jax.devices("cpu")
+            finally:
+                os.sched_setaffinity(0, allowed)
+        _jax_threads = n_threads
+    elif _jax_threads != n_threads:
         raise PeerUnavailable(f"JAX's threads are fixed when it starts: {_jax_threads} in this process")
     import jax
     if np.dtype(dtype) == np.float64:
