@@ -49,7 +49,7 @@ def measure(benchmark):
     Iterations per round are calibrated so that a round lasts about
     `min_round_seconds` (microsecond kernels are not timed at clock
     resolution); 0 means one call per round, each after ``bench.settle()``
-    (see ``cprop.bench.SETTLE_SECONDS``). With `flops` or
+    (see ``cprop.bench.measure.SETTLE_SECONDS``). With `flops` or
     `samples` (per call), GFLOP/s or samples/s of the median round go into
     the report's extra_info. Nothing is asserted: benchmarks measure.
     """

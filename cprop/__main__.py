@@ -459,7 +459,7 @@ def build_parser():
                        description="Show how cprop was built and which threads and BLAS it uses.")
     p.set_defaults(func=_info)
 
-    p = sub.add_parser("bench", help="compare training speed against PyTorch, scikit-learn and NumPy",
+    p = sub.add_parser("bench", help="compare training speed against PyTorch, JAX, scikit-learn and NumPy",
                        description="Time one-epoch training of the standard workloads for cprop and "
                                    "every installed peer, in alternation, and print median samples/s.")
     try:

@@ -158,7 +158,7 @@ def test_bench_quick_prints_a_table(tmp_path):
 def test_bench_estimators_compares_the_drop_in_with_sklearn(tmp_path, capsys):
     pytest.importorskip("sklearn")
     pytest.importorskip("threadpoolctl")
-    from cprop import bench_estimators
+    from cprop.bench import estimators
 
     out = tmp_path / "est.json"
     cprop.set_num_threads(2)
@@ -170,7 +170,7 @@ def test_bench_estimators_compares_the_drop_in_with_sklearn(tmp_path, capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]
     import json
     report = json.loads(out.read_text())
-    assert [e["case"] for e in report["estimators"]] == list(bench_estimators.ESTIMATOR_CASES)
+    assert [e["case"] for e in report["estimators"]] == list(estimators.ESTIMATOR_CASES)
     for entry in report["estimators"]:
         # same parameters, the same number of epochs done by both, a positive ratio
         assert {len(res["seconds"]) for res in entry["estimators"].values()} == {1}

@@ -5,7 +5,7 @@ runs exactly ``max_iter`` epochs (``tol=0`` and ``n_iter_no_change=max_iter``,
 so neither stops early and both do the same work), otherwise scikit-learn's
 defaults: adam or sgd at their default learning rates, ``batch_size="auto"``
 (min(200, n)), ``alpha=1e-4``, relu. The two fit in alternation, after
-:func:`cprop.bench.settle`, for several rounds; the report gives the median
+:func:`cprop.bench.measure.settle`, for several rounds; the report gives the median
 fit time, its ratio and the held-out accuracy of each, so a speed-up is only
 claimed with the accuracy beside it.
 """
@@ -16,7 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bench import SEED, _header, _line, machine_info, rotated, settle
+from .machine import machine_info
+from .measure import rotated, settle
+from .report import format_header, format_row
+from .workloads import SEED
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ def load_case_data(data):
     from sklearn.model_selection import train_test_split
 
     if data == "digits":
-        from .datasets import load_digits
+        from ..datasets import load_digits
         X, y = load_digits()
     else:
         from sklearn.datasets import make_classification
@@ -92,8 +95,8 @@ def bench_estimator(case, n_threads, rounds, scale=1.0):
     from threadpoolctl import threadpool_limits
     from sklearn.neural_network import MLPClassifier as SklearnMLP
 
-    from . import _threads
-    from .sklearn import MLPClassifier as CpropMLP
+    from .. import _threads
+    from ..sklearn import MLPClassifier as CpropMLP
 
     data = load_case_data(case.data)
     params = case.estimator_params(scale)
@@ -125,13 +128,13 @@ def format_estimators(entries):
     lines = ["scikit-learn drop-in: cprop.sklearn.MLPClassifier against sklearn.neural_network.MLPClassifier,",
              "same parameters and split, max_iter epochs each; median fit time over rounds; accuracy on the "
              "held-out 20%"]
-    lines += _header(COLUMNS)
+    lines += format_header(COLUMNS)
     for entry in entries:
         for i, (name, res) in enumerate(entry["estimators"].items()):
             median = statistics.median(res["seconds"])
             spread = (max(res["seconds"]) - min(res["seconds"])) / median if len(res["seconds"]) > 1 else None
             lead = [entry["case"], f"{entry['n_train']:,}", entry["params"]["max_iter"]] if i == 0 else [""] * 3
-            lines.append(_line(COLUMNS, lead + [
+            lines.append(format_row(COLUMNS, lead + [
                 name, f"{median:.3f}", "-" if spread is None else f"{100 * spread:.0f}%",
                 f"{entry['sklearn_over_cprop']:.2f}x" if name == "cprop" else "",
                 f"{statistics.median(res['accuracy']):.4f}"]))
