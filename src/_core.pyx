@@ -15,7 +15,9 @@ cdef extern from "Python.h":
     int PyErr_CheckSignals()
 
 from libc.stdlib cimport calloc, free
-from _openmp cimport CPROP_OPENMP, omp_get_max_threads, omp_get_thread_num, cprop_barrier
+from _openmp cimport (CPROP_OPENMP, omp_get_max_threads, omp_get_num_threads, cprop_barrier,
+                     cprop_team_barrier, cprop_barrier_init, cprop_barrier_join, cprop_barrier_leave,
+                     cprop_take_team_stats)
 from _activations cimport activation_grad as _activation_grad
 from _dense cimport (dense_forward as _dense_forward, dense_forward_block, dense_param_grads,
                      dense_param_grads_part, dense_input_grad, dense_input_grad_block, gather_rows,
@@ -45,6 +47,15 @@ cdef double SIGNAL_CHECK_SECONDS = 0.05
 def max_threads():
     """Threads OpenMP would use by default (OMP_NUM_THREADS honoured); 1 without OpenMP."""
     return omp_get_max_threads()
+
+
+def take_team_stats():
+    """(threads, waited, worked): the size of the last team this thread led through an
+    epoch, its threads' summed seconds waiting at barriers and their CPU seconds working;
+    (1, 0.0, 0.0) when no multi-threaded epoch ran on this thread since the last call."""
+    cdef long long waited_ns, worked_ns
+    cdef int size = cprop_take_team_stats(&waited_ns, &worked_ns)
+    return size, waited_ns * 1e-9, worked_ns * 1e-9
 
 
 def dense_forward(const floating[:, ::1] X, const floating[:, ::1] W, const floating[::1] b,
@@ -411,6 +422,7 @@ cdef int _train_epoch(const floating[:, ::1] X, const floating[:, ::1] T,
     cdef int* statuses
     cdef double* part_loss
     cdef Py_ssize_t* part_rejected
+    cdef cprop_team_barrier barrier
     for l in range(sizes.shape[0] - 1):
         flops += 6.0 * batch_size * sizes[l] * sizes[l + 1]
     nt = threads_for(flops, batch_size, n_threads)
@@ -425,12 +437,15 @@ cdef int _train_epoch(const floating[:, ::1] X, const floating[:, ::1] T,
                                         batch_size, opt, 0, 1, part_loss, part_rejected, &interrupted,
                                         loss_sum, n_seen)
         else:
+            cprop_barrier_init(&barrier)
             with parallel(num_threads=nt):
-                t = omp_get_thread_num()
+                t = cprop_barrier_join(&barrier)
+                # the team OpenMP gave (OMP_DYNAMIC, OMP_THREAD_LIMIT: maybe fewer than nt)
                 statuses[t] = _epoch_worker(X, T, labels, order, gather, params, grads, state_a,
                                             state_b, work, label_buf, sizes, activations, loss_kind,
-                                            loss_scale, batch_size, opt, t, nt, part_loss,
-                                            part_rejected, &interrupted, loss_sum, n_seen)
+                                            loss_scale, batch_size, opt, t, omp_get_num_threads(),
+                                            part_loss, part_rejected, &interrupted, loss_sum, n_seen)
+                cprop_barrier_leave()
         status = statuses[0]
     else:
         status = STATUS_NO_MEMORY
