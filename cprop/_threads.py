@@ -5,6 +5,12 @@ calls BLAS single-threaded inside each: two thread pools spinning on the same
 cores (OpenBLAS's and OpenMP's) make training many times slower. So while a
 kernel runs, the BLAS behind ``scipy.linalg.cython_blas`` is held at one
 thread, and put back afterwards.
+
+Thread counts: an explicit ``n_threads``, else :func:`set_num_threads`'s value,
+else OpenMP's default (``OMP_NUM_THREADS``, or the cores this process may run
+on). None of them goes beyond :func:`thread_cap` (4 threads per
+usable core): more threads only wait for each other, and thousands exhaust
+memory or make OpenMP end the process.
 """
 from __future__ import annotations
 
@@ -12,12 +18,16 @@ import contextlib
 import ctypes
 import os
 import threading
+import warnings
 
 from ._lazy import core as _core
 from ._validation import check_positive_int
 
 _num_threads = None
+# the largest thread count accepted as a setting at all (larger ones are refused as
+# mistakes); counts up to it are then capped at thread_cap()
 MAX_THREADS = 4096
+THREADS_PER_CORE = 4
 _lock = threading.Lock()
 _blas_users = 0
 _blas_saved = None
@@ -102,9 +112,39 @@ def single_threaded_blas():
                 setter(_blas_saved)
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS tells, else all)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def thread_cap() -> int:
+    """The most threads cprop runs: THREADS_PER_CORE per usable core."""
+    return THREADS_PER_CORE * usable_cores()
+
+
+def _capped(n, source):
+    """n, or thread_cap() with a warning naming `source` when n is larger."""
+    cap = thread_cap()
+    if n <= cap:
+        return n
+    warnings.warn(f"cprop: {source} asks for {n} threads, more than {THREADS_PER_CORE} per usable "
+                  f"core ({usable_cores()}): using {cap}", RuntimeWarning, stacklevel=3)
+    return cap
+
+
 def get_num_threads() -> int:
-    """Threads cprop's kernels use: set_num_threads's value, else OMP_NUM_THREADS, else all cores."""
-    return _num_threads if _num_threads is not None else max(1, _core.max_threads())
+    """Threads cprop's kernels use when no ``n_threads`` is given.
+
+    :func:`set_num_threads`'s value, else OpenMP's default (``OMP_NUM_THREADS``,
+    or the usable cores). At most
+    :func:`thread_cap`; a larger ``OMP_NUM_THREADS`` is capped with a warning.
+    """
+    if _num_threads is None:
+        return _capped(max(1, _core.max_threads()), "OMP_NUM_THREADS")
+    return _num_threads
 
 
 def set_num_threads(n: int | None) -> None:
@@ -113,10 +153,16 @@ def set_num_threads(n: int | None) -> None:
     Parameters
     ----------
     n : int in [1, 4096] or None
-        None goes back to the default: ``OMP_NUM_THREADS`` when set, else all cores.
+        None goes back to the default: ``OMP_NUM_THREADS`` when set, else all
+        usable cores. Counts above :func:`thread_cap` (4 per usable core) are
+        capped at it, with a RuntimeWarning.
     """
     global _num_threads
-    _num_threads = None if n is None else check_positive_int(n, "n_threads", maximum=MAX_THREADS)
+    if n is None:
+        _num_threads = None
+        return
+    n = check_positive_int(n, "n_threads", maximum=MAX_THREADS)
+    _num_threads = _capped(n, f"set_num_threads({n})")
 
 
 @contextlib.contextmanager
@@ -132,9 +178,11 @@ def num_threads(n):
 
 
 def resolve_threads(n_threads):
-    """An explicit n_threads, or the global setting; 1 in a build without OpenMP."""
+    """An explicit n_threads (capped at thread_cap()), or the global setting; 1 in a build
+    without OpenMP."""
     if not _core.OPENMP:
         return 1
     if n_threads is None:
         return get_num_threads()
-    return check_positive_int(n_threads, "n_threads", maximum=MAX_THREADS)
+    n_threads = check_positive_int(n_threads, "n_threads", maximum=MAX_THREADS)
+    return _capped(n_threads, f"n_threads={n_threads}")
