@@ -8,9 +8,13 @@ thread, and put back afterwards.
 
 Thread counts: an explicit ``n_threads``, else :func:`set_num_threads`'s value,
 else OpenMP's default (``OMP_NUM_THREADS``, or the cores this process may run
-on). None of them goes beyond :func:`thread_cap` (4 threads per
+on); an OpenMP limit lowered at run time (threadpoolctl's ``threadpool_limits``)
+caps the last two. None of them goes beyond :func:`thread_cap` (4 threads per
 usable core): more threads only wait for each other, and thousands exhaust
 memory or make OpenMP end the process.
+
+On a busy machine libgomp's own spinning can stall a fit's threads: see
+:func:`openmp_environment`.
 """
 from __future__ import annotations
 
@@ -135,16 +139,30 @@ def _capped(n, source):
     return cap
 
 
+# omp_get_max_threads() when cprop's core was loaded: OMP_NUM_THREADS or the cores
+_openmp_default = None
+
+
+def _openmp_threads():
+    """OpenMP's thread count for this thread now, and whether it was lowered at run time
+    (omp_set_num_threads, as threadpoolctl does) below its value when the core loaded."""
+    n = max(1, _core.max_threads())
+    default = _openmp_default if _openmp_default is not None else n
+    return n, n < default
+
+
 def get_num_threads() -> int:
     """Threads cprop's kernels use when no ``n_threads`` is given.
 
     :func:`set_num_threads`'s value, else OpenMP's default (``OMP_NUM_THREADS``,
-    or the usable cores). At most
+    or the usable cores); a lower OpenMP limit set at run time, such as
+    threadpoolctl's ``threadpool_limits(1)``, caps either. At most
     :func:`thread_cap`; a larger ``OMP_NUM_THREADS`` is capped with a warning.
     """
+    openmp, lowered = _openmp_threads()
     if _num_threads is None:
-        return _capped(max(1, _core.max_threads()), "OMP_NUM_THREADS")
-    return _num_threads
+        return _capped(openmp, "OMP_NUM_THREADS")
+    return min(_num_threads, openmp) if lowered else _num_threads
 
 
 def set_num_threads(n: int | None) -> None:
@@ -186,3 +204,55 @@ def resolve_threads(n_threads):
         return get_num_threads()
     n_threads = check_positive_int(n_threads, "n_threads", maximum=MAX_THREADS)
     return _capped(n_threads, f"n_threads={n_threads}")
+
+
+# libgomp's own waits (a pool thread between two parallel regions, the barrier that
+# ends a region) spin GOMP_SPINCOUNT pauses before they sleep: 300,000 by default,
+# about 20 ms where a pause takes 70 ns (this project's machine). Between two epochs
+# that keeps a thread spinning through the Python in between, and on a machine whose
+# cores are shared it is then descheduled just when the next epoch needs it. libgomp
+# reads the variable once, when it loads, so cprop sets it while its core loads
+# (unless the user chose a wait policy) and puts the environment back afterwards.
+GOMP_SPINCOUNT = "1000"
+_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+_openmp_wait = None
+
+
+def _libgomp_loaded():
+    """Whether a libgomp.so is mapped into this process (Linux; False where unknown)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return any(os.path.basename(line.split()[-1]).startswith("libgomp.so")
+                       for line in f if "/" in line)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def openmp_environment():
+    """For the import of cprop's core: GOMP_SPINCOUNT set for libgomp, then the environment
+    as it was; records what applies (see :func:`openmp_wait_info`)."""
+    global _openmp_wait, _openmp_default
+    user = [f"{name}={os.environ[name]}" for name in _WAIT_VARIABLES if name in os.environ]
+    if user:
+        _openmp_wait = f"{', '.join(user)} (set by the user)"
+    elif _libgomp_loaded():
+        _openmp_wait = ("libgomp's default spinning: it was loaded before cprop's core "
+                        "(set OMP_WAIT_POLICY=passive before starting Python to change it)")
+    else:
+        _openmp_wait = f"GOMP_SPINCOUNT={GOMP_SPINCOUNT} (set by cprop while loading libgomp)"
+        os.environ["GOMP_SPINCOUNT"] = GOMP_SPINCOUNT
+    try:
+        yield
+    finally:
+        if not user:
+            os.environ.pop("GOMP_SPINCOUNT", None)
+    _openmp_default = max(1, _core.max_threads())
+
+
+def openmp_wait_info():
+    """How OpenMP's own waits are set: by the user, by cprop, or libgomp's default."""
+    _core.OPENMP   # loads the core
+    if not _core.OPENMP:
+        return None
+    return _openmp_wait
