@@ -13,8 +13,8 @@ caps the last two. None of them goes beyond :func:`thread_cap` (4 threads per
 usable core): more threads only wait for each other, and thousands exhaust
 memory or make OpenMP end the process.
 
-On a busy machine libgomp's own spinning can stall a fit's threads: see
-:func:`openmp_environment`.
+On a busy machine a fit's threads can stall each other: see
+:class:`ThreadFallback` and :func:`openmp_environment`.
 """
 from __future__ import annotations
 
@@ -204,6 +204,52 @@ def resolve_threads(n_threads):
         return get_num_threads()
     n_threads = check_positive_int(n_threads, "n_threads", maximum=MAX_THREADS)
     return _capped(n_threads, f"n_threads={n_threads}")
+
+
+# -- busy machines -----------------------------------------------------------------
+# A fit falls back to one thread when, over a window of at least this many seconds of
+# epochs, its threads together got less work done than one thread alone would have
+STALL_WINDOW_SECONDS = 0.05
+
+
+class ThreadFallback:
+    """The thread count of each epoch of one fit, and its fall-back to one thread.
+
+    With ``n_threads=None`` the fit starts on :func:`get_num_threads` threads and
+    goes on with one when they stall each other; an explicit count is kept as
+    given (so that a fit repeats bit for bit: results differ between thread
+    counts in the last bits).
+
+    The epoch's threads meet at barriers twice a minibatch. When other processes
+    take the cores, a descheduled thread holds up every other at the next
+    barrier, and two threads can train several times slower than one. After
+    every multi-threaded epoch the compiled core reports the CPU time its
+    threads spent working (spinning at barriers not counted); over a window of
+    at least STALL_WINDOW_SECONDS of epochs, worked / elapsed is how many
+    threads' worth the team got done. Below one, a single thread (which never
+    waits for another) would have been faster, and the rest of the fit runs on
+    one thread. On a quiet machine the ratio is about the speed-up, above one.
+    """
+
+    def __init__(self, n_threads: int | None) -> None:
+        self.adaptive = n_threads is None
+        self.n_threads = resolve_threads(n_threads)
+        self.fell_back = False
+        self._elapsed = 0.0
+        self._worked = 0.0
+        _core.take_team_stats()   # forget epochs before this fit
+
+    def after_epoch(self, seconds: float) -> int:
+        """Account an epoch that took `seconds`; returns the thread count for the next one."""
+        threads, _, worked = _core.take_team_stats()
+        if threads > 1 and self.adaptive and not self.fell_back:
+            self._elapsed += seconds
+            self._worked += worked
+            if self._elapsed >= STALL_WINDOW_SECONDS:
+                if self._worked < self._elapsed:
+                    self.n_threads, self.fell_back = 1, True
+                self._elapsed = self._worked = 0.0
+        return self.n_threads
 
 
 # libgomp's own waits (a pool thread between two parallel regions, the barrier that

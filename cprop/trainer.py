@@ -11,7 +11,7 @@ from numpy.typing import ArrayLike
 
 from ._lazy import core as _core
 from . import io as _io
-from ._threads import resolve_threads, single_threaded_blas
+from ._threads import ThreadFallback, single_threaded_blas
 from ._threads import MAX_THREADS
 from ._validation import check_X, check_bool, check_positive_int, check_real
 from .callbacks import Checkpoint, as_callbacks
@@ -106,7 +106,8 @@ class Trainer:
     batch_size : int, default 32
     shuffle : bool, default True — reshuffle the sample order every epoch
     seed : int or None — seed of the shuffling
-    n_threads : int or None — threads for the kernels (default: cprop.get_num_threads())
+    n_threads : int or None — threads for the kernels (default: cprop.get_num_threads(),
+        and a fit whose threads stall each other on a busy machine goes on with one)
     on_divergence : {"raise", "warn"} — what fit does when the loss or an update
         becomes non-finite; either way it stops at that batch and the network
         keeps its last finite parameters.
@@ -250,7 +251,7 @@ class Trainer:
         return {"batch_size": batch_size, "gather": self.shuffle,
                 "work": np.empty(_core.workspace_size(net.sizes, batch_size, self.shuffle), dtype=net.dtype),
                 "label_buf": np.empty(batch_size, dtype=np.intp),
-                "n_threads": resolve_threads(self.n_threads),
+                "threads": ThreadFallback(self.n_threads),
                 "order": np.arange(n, dtype=np.intp)}
 
     def _epoch(self, X, T, labels, buffers):
@@ -266,7 +267,7 @@ class Trainer:
             status, loss_sum, n_seen, step = _core.train_epoch(
                 X, T, labels, order, buffers["gather"], net.params, net.grads, state_a, state_b,
                 buffers["work"], buffers["label_buf"], net.sizes, net.activations, LOSSES[self.loss],
-                self.loss_scale, batch_size, cfg, buffers["n_threads"])
+                self.loss_scale, batch_size, cfg, buffers["threads"].n_threads)
         except KeyboardInterrupt:
             # the interrupted epoch's completed steps are kept; Adam's count with them
             self.optimizer.step_count = cfg["step"]
@@ -275,6 +276,7 @@ class Trainer:
         self.optimizer.step_count = step
         net._has_grads, net._grad_rows = True, n - (n - 1) // batch_size * batch_size
         elapsed = time.perf_counter() - start
+        buffers["threads"].after_epoch(elapsed)   # one thread for the rest of the fit if they stall
         if status != _core.OK:
             self._diverged(status, n_seen)
             return None
