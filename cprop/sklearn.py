@@ -68,6 +68,7 @@ except ImportError as exc:  # validate_data is public from scikit-learn 1.6 on
 
 from .layers import Dense
 from .network import Sequential
+from ._threads import MAX_THREADS
 from .optim import SGD, Adam
 from .trainer import DivergenceError, Trainer
 
@@ -120,6 +121,7 @@ class _BaseMLP(BaseEstimator):
         "epsilon": [Interval(Real, 0, None, closed="neither")],
         "n_iter_no_change": [Interval(Integral, 1, None, closed="left"), Options(Real, {np.inf})],
         "max_fun": [Interval(Integral, 1, None, closed="left")],
+        "n_threads": [Interval(Integral, 1, MAX_THREADS, closed="both"), None],
     }
 
     # -- set-up --------------------------------------------------------------
@@ -294,7 +296,8 @@ class _BaseMLP(BaseEstimator):
         targets = np.ascontiguousarray(y.argmax(axis=1)) if loss_name == "cross_entropy" else y
         seed = self._random_state.randint(np.iinfo(np.int32).max) if self.shuffle else None
         trainer = Trainer(self._net, loss=loss_name, optimizer=self._optimizer, batch_size=batch_size,
-                          shuffle=self.shuffle, seed=seed, loss_scale=scale(self.n_outputs_))
+                          shuffle=self.shuffle, seed=seed, loss_scale=scale(self.n_outputs_),
+                          n_threads=self.n_threads)
         alpha = float(self.alpha)
         sq_weights = [self._sum_squared_weights()] if alpha > 0 else None
 
@@ -383,7 +386,7 @@ class _BaseMLP(BaseEstimator):
 
     def _score(self, X, y):
         """Validation score from validated X (accuracy or R²); NaN when predictions are not finite."""
-        raw = self._net.predict_raw(X)
+        raw = self._net.predict_raw(X, n_threads=self.n_threads)
         if not np.isfinite(raw).all():
             return np.nan
         return self._score_function(y, self._predict_from_raw(raw))
@@ -409,7 +412,7 @@ class _BaseMLP(BaseEstimator):
         """The network's raw output (logits for classification) for unvalidated X."""
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=(np.float64, np.float32))
-        return self._network().predict_raw(X)
+        return self._network().predict_raw(X, n_threads=self.n_threads)
 
     # -- pickling: coefs_ / intercepts_ are views, so rebind them after loading --
     def __getstate__(self):
@@ -436,6 +439,9 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     (same names, defaults and meaning), except that ``solver`` must be
     "adam" or "sgd" and ``max_fun`` (an L-BFGS setting) is accepted and
     unused. See the module docstring for the remaining small differences.
+    One parameter is cprop's own: ``n_threads`` (int or None, default None),
+    the threads fit and predict use; None follows :func:`cprop.get_num_threads`
+    (``cprop.set_num_threads``, ``OMP_NUM_THREADS``, threadpoolctl's limits).
 
     Attributes
     ----------
@@ -479,6 +485,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         epsilon=1e-8,
         n_iter_no_change=10,
         max_fun=15000,
+        n_threads=None,
     ):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
@@ -503,6 +510,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         self.epsilon = epsilon
         self.n_iter_no_change = n_iter_no_change
         self.max_fun = max_fun
+        self.n_threads = n_threads
 
     _score_function = staticmethod(accuracy_score)
 
@@ -612,8 +620,9 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     meaning), except that ``loss`` must be "squared_error", ``solver`` "adam"
     or "sgd", and ``max_fun`` is accepted and unused. Multi-output targets
     (y of shape (n_samples, n_outputs)) train one network with n_outputs
-    outputs. Attributes as :class:`MLPClassifier` (without ``classes_``;
-    ``validation_scores_`` holds R²; ``out_activation_`` is "identity").
+    outputs. ``n_threads`` and the attributes as :class:`MLPClassifier`
+    (without ``classes_``; ``validation_scores_`` holds R²;
+    ``out_activation_`` is "identity").
     """
 
     _parameter_constraints: dict = {
@@ -648,6 +657,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         epsilon=1e-8,
         n_iter_no_change=10,
         max_fun=15000,
+        n_threads=None,
     ):
         self.loss = loss
         self.hidden_layer_sizes = hidden_layer_sizes
@@ -673,6 +683,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         self.epsilon = epsilon
         self.n_iter_no_change = n_iter_no_change
         self.max_fun = max_fun
+        self.n_threads = n_threads
 
     _score_function = staticmethod(r2_score)
 
