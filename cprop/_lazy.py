@@ -65,7 +65,9 @@ class _LazyCore:
     def module(self):
         """The compiled module itself (imported now if it was not yet)."""
         if self._module is None:
-            self._module = importlib.import_module(VARIANTS[choose_variant()])
+            from ._threads import openmp_environment   # OpenMP reads it as the core loads
+            with openmp_environment():
+                self._module = importlib.import_module(VARIANTS[choose_variant()])
         return self._module
 
     def variant(self):

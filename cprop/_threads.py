@@ -5,6 +5,16 @@ calls BLAS single-threaded inside each: two thread pools spinning on the same
 cores (OpenBLAS's and OpenMP's) make training many times slower. So while a
 kernel runs, the BLAS behind ``scipy.linalg.cython_blas`` is held at one
 thread, and put back afterwards.
+
+Thread counts: an explicit ``n_threads``, else :func:`set_num_threads`'s value,
+else OpenMP's default (``OMP_NUM_THREADS``, or the cores this process may run
+on); an OpenMP limit lowered at run time (threadpoolctl's ``threadpool_limits``)
+caps the last two. None of them goes beyond :func:`thread_cap` (4 threads per
+usable core): more threads only wait for each other, and thousands exhaust
+memory or make OpenMP end the process.
+
+On a busy machine a fit's threads can stall each other: see
+:class:`ThreadFallback` and :func:`openmp_environment`.
 """
 from __future__ import annotations
 
@@ -12,12 +22,16 @@ import contextlib
 import ctypes
 import os
 import threading
+import warnings
 
 from ._lazy import core as _core
 from ._validation import check_positive_int
 
 _num_threads = None
+# the largest thread count accepted as a setting at all (larger ones are refused as
+# mistakes); counts up to it are then capped at thread_cap()
 MAX_THREADS = 4096
+THREADS_PER_CORE = 4
 _lock = threading.Lock()
 _blas_users = 0
 _blas_saved = None
@@ -102,9 +116,53 @@ def single_threaded_blas():
                 setter(_blas_saved)
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS tells, else all)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def thread_cap() -> int:
+    """The most threads cprop runs: THREADS_PER_CORE per usable core."""
+    return THREADS_PER_CORE * usable_cores()
+
+
+def _capped(n, source):
+    """n, or thread_cap() with a warning naming `source` when n is larger."""
+    cap = thread_cap()
+    if n <= cap:
+        return n
+    warnings.warn(f"cprop: {source} asks for {n} threads, more than {THREADS_PER_CORE} per usable "
+                  f"core ({usable_cores()}): using {cap}", RuntimeWarning, stacklevel=3)
+    return cap
+
+
+# omp_get_max_threads() when cprop's core was loaded: OMP_NUM_THREADS or the cores
+_openmp_default = None
+
+
+def _openmp_threads():
+    """OpenMP's thread count for this thread now, and whether it was lowered at run time
+    (omp_set_num_threads, as threadpoolctl does) below its value when the core loaded."""
+    n = max(1, _core.max_threads())
+    default = _openmp_default if _openmp_default is not None else n
+    return n, n < default
+
+
 def get_num_threads() -> int:
-    """Threads cprop's kernels use: set_num_threads's value, else OMP_NUM_THREADS, else all cores."""
-    return _num_threads if _num_threads is not None else max(1, _core.max_threads())
+    """Threads cprop's kernels use when no ``n_threads`` is given.
+
+    :func:`set_num_threads`'s value, else OpenMP's default (``OMP_NUM_THREADS``,
+    or the usable cores); a lower OpenMP limit set at run time, such as
+    threadpoolctl's ``threadpool_limits(1)``, caps either. At most
+    :func:`thread_cap`; a larger ``OMP_NUM_THREADS`` is capped with a warning.
+    """
+    openmp, lowered = _openmp_threads()
+    if _num_threads is None:
+        return _capped(openmp, "OMP_NUM_THREADS")
+    return min(_num_threads, openmp) if lowered else _num_threads
 
 
 def set_num_threads(n: int | None) -> None:
@@ -113,10 +171,16 @@ def set_num_threads(n: int | None) -> None:
     Parameters
     ----------
     n : int in [1, 4096] or None
-        None goes back to the default: ``OMP_NUM_THREADS`` when set, else all cores.
+        None goes back to the default: ``OMP_NUM_THREADS`` when set, else all
+        usable cores. Counts above :func:`thread_cap` (4 per usable core) are
+        capped at it, with a RuntimeWarning.
     """
     global _num_threads
-    _num_threads = None if n is None else check_positive_int(n, "n_threads", maximum=MAX_THREADS)
+    if n is None:
+        _num_threads = None
+        return
+    n = check_positive_int(n, "n_threads", maximum=MAX_THREADS)
+    _num_threads = _capped(n, f"set_num_threads({n})")
 
 
 @contextlib.contextmanager
@@ -132,9 +196,109 @@ def num_threads(n):
 
 
 def resolve_threads(n_threads):
-    """An explicit n_threads, or the global setting; 1 in a build without OpenMP."""
+    """An explicit n_threads (capped at thread_cap()), or the global setting; 1 in a build
+    without OpenMP."""
     if not _core.OPENMP:
         return 1
     if n_threads is None:
         return get_num_threads()
-    return check_positive_int(n_threads, "n_threads", maximum=MAX_THREADS)
+    n_threads = check_positive_int(n_threads, "n_threads", maximum=MAX_THREADS)
+    return _capped(n_threads, f"n_threads={n_threads}")
+
+
+# -- busy machines -----------------------------------------------------------------
+# A fit falls back to one thread when, over a window of at least this many seconds of
+# epochs, its threads together got less work done than one thread alone would have
+STALL_WINDOW_SECONDS = 0.05
+
+
+class ThreadFallback:
+    """The thread count of each epoch of one fit, and its fall-back to one thread.
+
+    With ``n_threads=None`` the fit starts on :func:`get_num_threads` threads and
+    goes on with one when they stall each other; an explicit count is kept as
+    given (so that a fit repeats bit for bit: results differ between thread
+    counts in the last bits).
+
+    The epoch's threads meet at barriers twice a minibatch. When other processes
+    take the cores, a descheduled thread holds up every other at the next
+    barrier, and two threads can train several times slower than one. After
+    every multi-threaded epoch the compiled core reports the CPU time its
+    threads spent working (spinning at barriers not counted); over a window of
+    at least STALL_WINDOW_SECONDS of epochs, worked / elapsed is how many
+    threads' worth the team got done. Below one, a single thread (which never
+    waits for another) would have been faster, and the rest of the fit runs on
+    one thread. On a quiet machine the ratio is about the speed-up, above one.
+    """
+
+    def __init__(self, n_threads: int | None) -> None:
+        self.adaptive = n_threads is None
+        self.n_threads = resolve_threads(n_threads)
+        self.fell_back = False
+        self._elapsed = 0.0
+        self._worked = 0.0
+        _core.take_team_stats()   # forget epochs before this fit
+
+    def after_epoch(self, seconds: float) -> int:
+        """Account an epoch that took `seconds`; returns the thread count for the next one."""
+        threads, _, worked = _core.take_team_stats()
+        if threads > 1 and self.adaptive and not self.fell_back:
+            self._elapsed += seconds
+            self._worked += worked
+            if self._elapsed >= STALL_WINDOW_SECONDS:
+                if self._worked < self._elapsed:
+                    self.n_threads, self.fell_back = 1, True
+                self._elapsed = self._worked = 0.0
+        return self.n_threads
+
+
+# libgomp's own waits (a pool thread between two parallel regions, the barrier that
+# ends a region) spin GOMP_SPINCOUNT pauses before they sleep: 300,000 by default,
+# about 20 ms where a pause takes 70 ns (this project's machine). Between two epochs
+# that keeps a thread spinning through the Python in between, and on a machine whose
+# cores are shared it is then descheduled just when the next epoch needs it. libgomp
+# reads the variable once, when it loads, so cprop sets it while its core loads
+# (unless the user chose a wait policy) and puts the environment back afterwards.
+GOMP_SPINCOUNT = "1000"
+_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+_openmp_wait = None
+
+
+def _libgomp_loaded():
+    """Whether a libgomp.so is mapped into this process (Linux; False where unknown)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return any(os.path.basename(line.split()[-1]).startswith("libgomp.so")
+                       for line in f if "/" in line)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def openmp_environment():
+    """For the import of cprop's core: GOMP_SPINCOUNT set for libgomp, then the environment
+    as it was; records what applies (see :func:`openmp_wait_info`)."""
+    global _openmp_wait, _openmp_default
+    user = [f"{name}={os.environ[name]}" for name in _WAIT_VARIABLES if name in os.environ]
+    if user:
+        _openmp_wait = f"{', '.join(user)} (set by the user)"
+    elif _libgomp_loaded():
+        _openmp_wait = ("libgomp's default spinning: it was loaded before cprop's core "
+                        "(set OMP_WAIT_POLICY=passive before starting Python to change it)")
+    else:
+        _openmp_wait = f"GOMP_SPINCOUNT={GOMP_SPINCOUNT} (set by cprop while loading libgomp)"
+        os.environ["GOMP_SPINCOUNT"] = GOMP_SPINCOUNT
+    try:
+        yield
+    finally:
+        if not user:
+            os.environ.pop("GOMP_SPINCOUNT", None)
+    _openmp_default = max(1, _core.max_threads())
+
+
+def openmp_wait_info():
+    """How OpenMP's own waits are set: by the user, by cprop, or libgomp's default."""
+    _core.OPENMP   # loads the core
+    if not _core.OPENMP:
+        return None
+    return _openmp_wait

@@ -100,6 +100,7 @@ except ImportError as exc:  # validate_data is public from scikit-learn 1.6 on
 
 from .layers import Dense
 from .network import Sequential
+from ._threads import MAX_THREADS
 from .optim import LBFGS, SGD, Adam
 from .trainer import DivergenceError, Trainer
 
@@ -178,6 +179,7 @@ class _BaseMLP(BaseEstimator):
         "epsilon": [Interval(Real, 0, None, closed="neither")],
         "n_iter_no_change": [Interval(Integral, 1, None, closed="left"), Options(Real, {np.inf})],
         "max_fun": [Interval(Integral, 1, None, closed="left")],
+        "n_threads": [Interval(Integral, 1, MAX_THREADS, closed="both"), None],
     }
 
     # -- set-up --------------------------------------------------------------
@@ -416,7 +418,7 @@ class _BaseMLP(BaseEstimator):
         offset = self._loss_offset(y, sample_weight, batch_size)
         seed = self._random_state.randint(np.iinfo(np.int32).max) if self.shuffle else None
         trainer = Trainer(self._net, loss=loss_name, optimizer=self._optimizer, batch_size=batch_size,
-                          shuffle=self.shuffle, seed=seed, loss_scale=scale)
+                          shuffle=self.shuffle, seed=seed, loss_scale=scale, n_threads=self.n_threads)
         alpha = float(self.alpha)
         sq_weights = [self._sum_squared_weights()] if alpha > 0 else None
 
@@ -524,7 +526,7 @@ class _BaseMLP(BaseEstimator):
 
     def _score(self, X, y, sample_weight=None):
         """Validation score from validated X (accuracy or R²); NaN when predictions are not finite."""
-        raw = self._net.predict_raw(X)
+        raw = self._net.predict_raw(X, n_threads=self.n_threads)
         if not np.isfinite(raw).all():
             return np.nan
         return self._score_function(y, self._predict_from_raw(raw), sample_weight=sample_weight)
@@ -554,7 +556,7 @@ class _BaseMLP(BaseEstimator):
         """The network's raw output (logits for classification) for unvalidated X."""
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=(np.float64, np.float32))
-        return self._network().predict_raw(X)
+        return self._network().predict_raw(X, n_threads=self.n_threads)
 
     # -- pickling: coefs_ / intercepts_ are views, so rebind them after loading --
     def __getstate__(self):
@@ -579,7 +581,10 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
     Parameters are those of :class:`sklearn.neural_network.MLPClassifier`
     (same names, defaults and meaning); see the module docstring for the
-    small differences that remain.
+    small differences that remain. One parameter is cprop's own: ``n_threads``
+    (int or None, default None), the threads fit and predict use; None follows
+    :func:`cprop.get_num_threads` (``cprop.set_num_threads``, ``OMP_NUM_THREADS``,
+    threadpoolctl's limits).
 
     Attributes
     ----------
@@ -623,6 +628,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         epsilon=1e-8,
         n_iter_no_change=10,
         max_fun=15000,
+        n_threads=None,
     ):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
@@ -647,6 +653,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         self.epsilon = epsilon
         self.n_iter_no_change = n_iter_no_change
         self.max_fun = max_fun
+        self.n_threads = n_threads
 
     _score_function = staticmethod(accuracy_score)
 
@@ -765,8 +772,8 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     returns the rate); parameters are those of
     :class:`sklearn.neural_network.MLPRegressor` (same names, defaults and
     meaning). Multi-output targets (y of shape (n_samples, n_outputs)) train
-    one network with n_outputs outputs. Attributes as :class:`MLPClassifier`
-    (without ``classes_``; ``validation_scores_`` holds R²;
+    one network with n_outputs outputs. ``n_threads`` and the attributes as
+    :class:`MLPClassifier` (without ``classes_``; ``validation_scores_`` holds R²;
     ``out_activation_`` is "identity", or "exp" for poisson).
     """
 
@@ -802,6 +809,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         epsilon=1e-8,
         n_iter_no_change=10,
         max_fun=15000,
+        n_threads=None,
     ):
         self.loss = loss
         self.hidden_layer_sizes = hidden_layer_sizes
@@ -827,6 +835,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         self.epsilon = epsilon
         self.n_iter_no_change = n_iter_no_change
         self.max_fun = max_fun
+        self.n_threads = n_threads
 
     _score_function = staticmethod(r2_score)
 

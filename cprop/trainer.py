@@ -13,7 +13,7 @@ from numpy.typing import ArrayLike
 from ._lazy import core as _core
 from . import distributed as _distributed
 from . import io as _io
-from ._threads import resolve_threads, single_threaded_blas
+from ._threads import ThreadFallback, resolve_threads, single_threaded_blas
 from ._threads import MAX_THREADS
 from ._validation import check_X, check_bool, check_positive_int, check_real, check_sample_weight
 from .callbacks import Checkpoint, as_callbacks
@@ -110,7 +110,8 @@ class Trainer:
     batch_size : int, default 32
     shuffle : bool, default True — reshuffle the sample order every epoch
     seed : int or None — seed of the shuffling
-    n_threads : int or None — threads for the kernels (default: cprop.get_num_threads())
+    n_threads : int or None — threads for the kernels (default: cprop.get_num_threads(),
+        and a fit whose threads stall each other on a busy machine goes on with one)
     on_divergence : {"raise", "warn"} — what fit does when the loss or an update
         becomes non-finite; either way it stops at that batch and the network
         keeps its last finite parameters.
@@ -345,7 +346,8 @@ class Trainer:
         size = _core.workspace_size(row_width, n_bstats, net.n_inputs, net.n_outputs, batch_size)
         return {"settings": settings, "work": np.empty(size, dtype=net.dtype),
                 "label_buf": np.empty(batch_size, dtype=np.intp), "order": np.arange(n, dtype=np.intp),
-                "weights": None, "weight_buf": np.empty(batch_size, dtype=net.dtype)}
+                "weights": None, "weight_buf": np.empty(batch_size, dtype=net.dtype),
+                "threads": ThreadFallback(self.n_threads)}
 
     def _epoch(self, X, T, labels, buffers):
         """One compiled epoch over (X, T, labels): its logs, or None when it diverged and
@@ -359,6 +361,7 @@ class Trainer:
         cfg = self.optimizer.config()     # a callback may have changed its hyper-parameters
         state_a, state_b = self.optimizer._kernel_state(net, cfg)
         table, hyper, row_width, n_bstats = net._plan
+        settings["n_threads"] = buffers["threads"].n_threads   # one, once the threads stalled
         start = time.perf_counter()
         try:
             status, loss_sum, n_seen, step = _core.train_epoch(
@@ -373,6 +376,7 @@ class Trainer:
         self.optimizer.step_count = step
         net._has_grads, net._grad_rows = True, n - (n - 1) // batch_size * batch_size
         elapsed = time.perf_counter() - start
+        buffers["threads"].after_epoch(elapsed)   # one thread for the rest of the fit if they stall
         if status != _core.OK:
             self._diverged(status, n_seen)
             return None

@@ -16,7 +16,9 @@ cdef extern from "Python.h":
 
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy
-from _openmp cimport CPROP_OPENMP, CPROP_OPENMP_VERSION, omp_get_max_threads, omp_get_thread_num, cprop_barrier
+from _openmp cimport (CPROP_OPENMP, CPROP_OPENMP_VERSION, omp_get_max_threads, omp_get_num_threads,
+                     omp_get_thread_num, cprop_barrier, cprop_team_barrier, cprop_barrier_init,
+                     cprop_barrier_join, cprop_barrier_leave, cprop_take_team_stats)
 from _activations cimport activation_grad as _activation_grad, needs_z, N_ACTIVATIONS
 from _activations cimport (IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH, ELU, SOFTPLUS, GELU,
                            GELU_TANH, SILU)
@@ -73,6 +75,15 @@ cdef double SIGNAL_CHECK_SECONDS = 0.05
 def max_threads():
     """Threads OpenMP would use by default (OMP_NUM_THREADS honoured); 1 without OpenMP."""
     return omp_get_max_threads()
+
+
+def take_team_stats():
+    """(threads, waited, worked): the size of the last team this thread led through an
+    epoch, its threads' summed seconds waiting at barriers and their CPU seconds working;
+    (1, 0.0, 0.0) when no multi-threaded epoch ran on this thread since the last call."""
+    cdef long long waited_ns, worked_ns
+    cdef int size = cprop_take_team_stats(&waited_ns, &worked_ns)
+    return size, waited_ns * 1e-9, worked_ns * 1e-9
 
 
 # -- single kernels (the tests' subjects, and the per-layer reference points) ----------
@@ -395,6 +406,7 @@ def forward_train(const long long[:, ::1] table, const double[:, ::1] hyper, Py_
     the training pass (training=True: dropout masks from `seed`, batch statistics, running
     statistics updated) or the evaluation one."""
     cdef Plan P = make_plan(table, hyper, row_width, n_bstats)
+    cdef cprop_team_barrier barrier
     cdef Py_ssize_t n = X.shape[0]
     cdef int t, nt = threads_for(_pass_flops(&P, n), n, n_threads)
     cdef floating* buf = &buffers[0] if buffers.shape[0] else NULL
@@ -404,9 +416,11 @@ def forward_train(const long long[:, ::1] table, const double[:, ::1] hyper, Py_
         if nt == 1:
             forward_pass(&P, &params[0], buf, &work[0], n, &X[0, 0], n, 0, 1, training, seed, 0)
         else:
+            cprop_barrier_init(&barrier)
             with parallel(num_threads=nt):
-                t = omp_get_thread_num()
-                forward_pass(&P, &params[0], buf, &work[0], n, &X[0, 0], n, t, nt, training, seed, 0)
+                t = cprop_barrier_join(&barrier)    # nt may be more than OpenMP gave
+                forward_pass(&P, &params[0], buf, &work[0], n, &X[0, 0], n, t, omp_get_num_threads(), training, seed, 0)
+                cprop_barrier_leave()
 
 
 def backward(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ssize_t row_width,
@@ -416,6 +430,7 @@ def backward(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ssize
     """From ∂L/∂output of the forward_train call that filled `work`: every δ, then every
     parameter gradient into grads (the network's flat layout)."""
     cdef Plan P = make_plan(table, hyper, row_width, n_bstats)
+    cdef cprop_team_barrier barrier
     cdef Py_ssize_t n = X.shape[0], m = grad_out.shape[1]
     cdef const long long* last = _row(&P, P.n_layers - 1)
     cdef floating* G_last = &work[0] + n * last[_plan.G_COL]
@@ -431,11 +446,13 @@ def backward(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ssize
             param_pass(&P, <Optim*> NULL, &params[0], &grads[0], <floating*> NULL, <floating*> NULL,
                        &work[0], n, &X[0, 0], n, n, 0, 1)
         else:
+            cprop_barrier_init(&barrier)
             with parallel(num_threads=nt):
-                t = omp_get_thread_num()
-                backward_pass(&P, &params[0], &work[0], n, n, t, nt, training, seed, 0)
+                t = cprop_barrier_join(&barrier)    # nt may be more than OpenMP gave
+                backward_pass(&P, &params[0], &work[0], n, n, t, omp_get_num_threads(), training, seed, 0)
                 param_pass(&P, <Optim*> NULL, &params[0], &grads[0], <floating*> NULL, <floating*> NULL,
-                           &work[0], n, &X[0, 0], n, n, t, nt)
+                           &work[0], n, &X[0, 0], n, n, t, omp_get_num_threads())
+                cprop_barrier_leave()
 
 
 # -- inference ---------------------------------------------------------------------------
@@ -722,6 +739,7 @@ def train_epoch(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ss
     progress and the KeyboardInterrupt propagates.
     """
     cdef Plan P = make_plan(table, hyper, row_width, n_bstats)
+    cdef cprop_team_barrier barrier
     cdef Optim opt = make_optim(optimizer)
     cdef Fit fit
     cdef Shared sh
@@ -750,11 +768,13 @@ def train_epoch(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ss
                                             &state_a[0], &state_b[0], buf, &work[0], &label_buf[0],
                                             w, w_buf, &opt, &sh, 0, 1)
             else:
+                cprop_barrier_init(&barrier)
                 with parallel(num_threads=nt):
-                    t = omp_get_thread_num()
+                    t = cprop_barrier_join(&barrier)    # nt may be more than OpenMP gave
                     statuses[t] = _epoch_worker(&P, &fit, X, T, labels, order, &params[0], &grads[0],
                                                 &state_a[0], &state_b[0], buf, &work[0], &label_buf[0],
-                                                w, w_buf, &opt, &sh, t, nt)
+                                                w, w_buf, &opt, &sh, t, omp_get_num_threads())
+                    cprop_barrier_leave()
             status = statuses[0]
         else:
             status = STATUS_NO_MEMORY
@@ -811,6 +831,7 @@ def batch_gradient(const long long[:, ::1] table, const double[:, ::1] hyper, Py
     and BatchNorm's running statistics move as in a training step. `work` holds
     len(X) × row_width + n_bstats values."""
     cdef Plan P = make_plan(table, hyper, row_width, n_bstats)
+    cdef cprop_team_barrier barrier
     cdef Fit fit
     cdef Py_ssize_t n = X.shape[0], k
     cdef int t, nt
@@ -838,10 +859,12 @@ def batch_gradient(const long long[:, ::1] table, const double[:, ::1] hyper, Py
             _gradient_worker(&P, &fit, &X[0, 0], T_ptr, labels_ptr, w, batch_weight, &params[0],
                              &grads[0], buf, &work[0], n, row_base, part_loss, 0, 1)
         else:
+            cprop_barrier_init(&barrier)
             with parallel(num_threads=nt):
-                t = omp_get_thread_num()
+                t = cprop_barrier_join(&barrier)    # nt may be more than OpenMP gave
                 _gradient_worker(&P, &fit, &X[0, 0], T_ptr, labels_ptr, w, batch_weight, &params[0],
-                                 &grads[0], buf, &work[0], n, row_base, part_loss, t, nt)
+                                 &grads[0], buf, &work[0], n, row_base, part_loss, t, omp_get_num_threads())
+                cprop_barrier_leave()
         for k in range(nt):
             total += part_loss[k]
     free(part_loss)

@@ -13,6 +13,17 @@ TOLERANCES = {np.float32: {"rtol": 1e-4, "atol": 1e-5},
               np.float64: {"rtol": 1e-10, "atol": 1e-10}}
 
 
+@pytest.fixture(autouse=True, scope="session")
+def no_thread_fallback():
+    """A fit on a busy machine may go on with one thread (cprop._threads.ThreadFallback),
+    which changes its results in the last bits: tests that compare results bit for bit must
+    not depend on the machine's load. tests/test_threads.py tests the fall-back itself."""
+    saved = cprop._threads.STALL_WINDOW_SECONDS
+    cprop._threads.STALL_WINDOW_SECONDS = float("inf")
+    yield
+    cprop._threads.STALL_WINDOW_SECONDS = saved
+
+
 @pytest.fixture(params=[np.float32, np.float64], ids=["float32", "float64"])
 def dtype(request):
     return request.param
