@@ -13,6 +13,19 @@ WORKLOADS = [Workload("test-classes", (8, 16, 16, 3), 16, "cross_entropy", 200),
              Workload("test-regression", (2, 16, 1), 16, "mse", 200)]
 
 
+@pytest.fixture(autouse=True)
+def _restore_openmp_threads():
+    """The torch runner calls torch.set_num_threads, which (torch and cprop sharing one
+    libgomp here) sets OpenMP's thread count for the process: put it back afterwards, so
+    that later tests see the machine's default."""
+    import os
+    import sys
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+
+
 def learnable_data(workload, n_samples=200, seed=1):
     """(X, y) in the runners' format, y a fixed function of X (labels: the argmax of a
     random projection; targets: a smooth function), so training has something to find."""
