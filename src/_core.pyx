@@ -50,12 +50,15 @@ def max_threads():
 
 
 def take_team_stats():
-    """(threads, waited, worked): the size of the last team this thread led through an
-    epoch, its threads' summed seconds waiting at barriers and their CPU seconds working;
-    (1, 0.0, 0.0) when no multi-threaded epoch ran on this thread since the last call."""
-    cdef long long waited_ns, worked_ns
-    cdef int size = cprop_take_team_stats(&waited_ns, &worked_ns)
-    return size, waited_ns * 1e-9, worked_ns * 1e-9
+    """(threads, waited, worked, share) of the last team this thread led through an epoch:
+    its size, its threads' summed seconds waiting at barriers and CPU seconds working, and
+    the share of a CPU they got while runnable (their CPU time over the time they were not
+    asleep at a barrier: about 1 on a quiet machine); (1, 0.0, 0.0, 1.0) when no
+    multi-threaded epoch ran on this thread since the last call."""
+    cdef long long waited_ns, worked_ns, cpu_ns, runnable_ns
+    cdef int size = cprop_take_team_stats(&waited_ns, &worked_ns, &cpu_ns, &runnable_ns)
+    share = min(1.0, <double> cpu_ns / runnable_ns) if runnable_ns > 0 else 1.0
+    return size, waited_ns * 1e-9, worked_ns * 1e-9, share
 
 
 def dense_forward(const floating[:, ::1] X, const floating[:, ::1] W, const floating[::1] b,
