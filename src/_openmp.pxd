@@ -8,13 +8,14 @@
 # before it sleeps, and that variable is read once when libgomp loads, so a
 # library cannot change it. On a machine whose cores are busy with other
 # processes a thread that reaches the barrier first then burns its timeslice
-# waiting for a peer that is not running. cprop's barrier spins a few
-# microseconds (about as long as threads of a quiet machine arrive apart),
-# then sleeps on a futex until the last thread wakes it.
+# waiting for a peer that is not running. cprop's barrier spins for at most
+# as long as recent waits took (2-200 microseconds), not at all while a peer
+# yet to arrive sits on the same CPU, then sleeps on a futex until the last
+# thread wakes it.
 #
 # It also keeps count of how the team spent its time (time waited, CPU time
-# worked), which cprop/_threads.py reads after each epoch to decide whether
-# the rest of the fit is better off on one thread.
+# worked, share of a CPU while runnable), which cprop/_threads.py reads after
+# each epoch to decide whether the rest of the fit is better off on one thread.
 #
 # Use, in a parallel region: before it, cprop_barrier_init(&barrier) on a
 # cprop_team_barrier shared by the team; in it, t = cprop_barrier_join(&barrier)
@@ -51,10 +52,9 @@ cdef extern from *:
 
     /* How long a thread that reaches the barrier spins before it sleeps adapts
        to how long waits take: on a quiet machine threads meet within tens of
-       microseconds, and sleeping would add a futex wake-up to each wait (spinning
-       through them made 2-thread digits epochs 1.5x faster than sleeping at once);
-       on a busy one a peer may be descheduled for milliseconds, and spinning
-       only takes the core from whoever could use it. A wait that ends asleep
+       microseconds, and sleeping would add a futex wake-up to each wait; on a
+       busy one a peer may be descheduled for milliseconds, and spinning only
+       takes the core from whoever could use it. A wait that ends asleep
        after less than CPROP_SPIN_MAX_NS raises the budget to twice its length;
        a longer one halves it. Figures chosen by measurement (benchmarks/README.md). */
     #define CPROP_SPIN_MIN_NS 2000
