@@ -16,8 +16,8 @@ cdef extern from "Python.h":
 
 from libc.stdlib cimport calloc, free
 from _openmp cimport (CPROP_OPENMP, omp_get_max_threads, omp_get_num_threads, cprop_barrier,
-                     cprop_team_barrier, cprop_barrier_init, cprop_barrier_join, cprop_barrier_leave,
-                     cprop_take_team_stats)
+                      cprop_team_barrier, cprop_barrier_init, cprop_barrier_join, cprop_barrier_leave,
+                      cprop_take_team_stats)
 from _activations cimport activation_grad as _activation_grad
 from _dense cimport (dense_forward as _dense_forward, dense_forward_block, dense_param_grads,
                      dense_param_grads_part, dense_input_grad, dense_input_grad_block, gather_rows,
