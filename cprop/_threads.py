@@ -224,31 +224,33 @@ class ThreadFallback:
     take the cores, a descheduled thread holds up every other at the next
     barrier, and two threads can train several times slower than one. After
     every multi-threaded epoch the compiled core reports the CPU time its
-    threads spent working (spinning at barriers not counted); over a window of
-    at least STALL_WINDOW_SECONDS of epochs, worked / elapsed is how many
-    threads' worth the team got done. Below one, a single thread (which never
-    waits for another) would have been faster, and the rest of the fit runs on
-    one thread. On a quiet machine the ratio is about the speed-up, above one.
+    threads worked (spinning at barriers not counted) and the share of a CPU
+    they got while runnable. Over a window of at least STALL_WINDOW_SECONDS of
+    epochs, the team's work is set against what one thread would have done in
+    the same time with that share of a CPU (a thread alone never waits for
+    another); when it is less, the rest of the fit runs on one thread. On a
+    quiet machine the team works about speed-up x the time, and one thread
+    would have had the whole CPU.
     """
 
     def __init__(self, n_threads: int | None) -> None:
         self.adaptive = n_threads is None
         self.n_threads = resolve_threads(n_threads)
         self.fell_back = False
-        self._elapsed = 0.0
-        self._worked = 0.0
+        self._elapsed = self._worked = self._one_thread = 0.0
         _core.take_team_stats()   # forget epochs before this fit
 
     def after_epoch(self, seconds: float) -> int:
         """Account an epoch that took `seconds`; returns the thread count for the next one."""
-        threads, _, worked = _core.take_team_stats()
+        threads, _, worked, share = _core.take_team_stats()
         if threads > 1 and self.adaptive and not self.fell_back:
             self._elapsed += seconds
             self._worked += worked
+            self._one_thread += share * seconds
             if self._elapsed >= STALL_WINDOW_SECONDS:
-                if self._worked < self._elapsed:
+                if self._worked < self._one_thread:
                     self.n_threads, self.fell_back = 1, True
-                self._elapsed = self._worked = 0.0
+                self._elapsed = self._worked = self._one_thread = 0.0
         return self.n_threads
 
 

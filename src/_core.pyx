@@ -17,8 +17,8 @@ cdef extern from "Python.h":
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy
 from _openmp cimport (CPROP_OPENMP, CPROP_OPENMP_VERSION, omp_get_max_threads, omp_get_num_threads,
-                     omp_get_thread_num, cprop_barrier, cprop_team_barrier, cprop_barrier_init,
-                     cprop_barrier_join, cprop_barrier_leave, cprop_take_team_stats)
+                      omp_get_thread_num, cprop_barrier, cprop_team_barrier, cprop_barrier_init,
+                      cprop_barrier_join, cprop_barrier_leave, cprop_take_team_stats)
 from _activations cimport activation_grad as _activation_grad, needs_z, N_ACTIVATIONS
 from _activations cimport (IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH, ELU, SOFTPLUS, GELU,
                            GELU_TANH, SILU)
@@ -78,12 +78,15 @@ def max_threads():
 
 
 def take_team_stats():
-    """(threads, waited, worked): the size of the last team this thread led through an
-    epoch, its threads' summed seconds waiting at barriers and their CPU seconds working;
-    (1, 0.0, 0.0) when no multi-threaded epoch ran on this thread since the last call."""
-    cdef long long waited_ns, worked_ns
-    cdef int size = cprop_take_team_stats(&waited_ns, &worked_ns)
-    return size, waited_ns * 1e-9, worked_ns * 1e-9
+    """(threads, waited, worked, share) of the last team this thread led through an epoch:
+    its size, its threads' summed seconds waiting at barriers and CPU seconds working, and
+    the share of a CPU they got while runnable (their CPU time over the time they were not
+    asleep at a barrier: about 1 on a quiet machine); (1, 0.0, 0.0, 1.0) when no
+    multi-threaded epoch ran on this thread since the last call."""
+    cdef long long waited_ns, worked_ns, cpu_ns, runnable_ns
+    cdef int size = cprop_take_team_stats(&waited_ns, &worked_ns, &cpu_ns, &runnable_ns)
+    share = min(1.0, <double> cpu_ns / runnable_ns) if runnable_ns > 0 else 1.0
+    return size, waited_ns * 1e-9, worked_ns * 1e-9, share
 
 
 # -- single kernels (the tests' subjects, and the per-layer reference points) ----------

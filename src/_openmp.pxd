@@ -8,13 +8,14 @@
 # before it sleeps, and that variable is read once when libgomp loads, so a
 # library cannot change it. On a machine whose cores are busy with other
 # processes a thread that reaches the barrier first then burns its timeslice
-# waiting for a peer that is not running. cprop's barrier spins a few
-# microseconds (about as long as threads of a quiet machine arrive apart),
-# then sleeps on a futex until the last thread wakes it.
+# waiting for a peer that is not running. cprop's barrier spins for at most
+# as long as recent waits took (2-200 microseconds), not at all while a peer
+# yet to arrive sits on the same CPU, then sleeps on a futex until the last
+# thread wakes it.
 #
 # It also keeps count of how the team spent its time (time waited, CPU time
-# worked), which cprop/_threads.py reads after each epoch to decide whether
-# the rest of the fit is better off on one thread.
+# worked, share of a CPU while runnable), which cprop/_threads.py reads after
+# each epoch to decide whether the rest of the fit is better off on one thread.
 #
 # Use, in a parallel region: before it, cprop_barrier_init(&barrier) on a
 # cprop_team_barrier shared by the team; in it, t = cprop_barrier_join(&barrier)
@@ -53,10 +54,9 @@ cdef extern from *:
 
     /* How long a thread that reaches the barrier spins before it sleeps adapts
        to how long waits take: on a quiet machine threads meet within tens of
-       microseconds, and sleeping would add a futex wake-up to each wait (spinning
-       through them made 2-thread digits epochs 1.5x faster than sleeping at once);
-       on a busy one a peer may be descheduled for milliseconds, and spinning
-       only takes the core from whoever could use it. A wait that ends asleep
+       microseconds, and sleeping would add a futex wake-up to each wait; on a
+       busy one a peer may be descheduled for milliseconds, and spinning only
+       takes the core from whoever could use it. A wait that ends asleep
        after less than CPROP_SPIN_MAX_NS raises the budget to twice its length;
        a longer one halves it. Figures chosen by measurement (benchmarks/README.md). */
     #define CPROP_SPIN_MIN_NS 2000
@@ -77,20 +77,27 @@ cdef extern from *:
         int generation;       /* the futex word */
         int spin_ns;          /* how long a waiting thread spins before it sleeps */
         int cpu[CPROP_TRACKED_THREADS];   /* the CPU each thread was last seen on */
-        long long waited_ns;  /* the team's time at barriers, summed over threads */
-        long long worked_ns;  /* the team's CPU time between join and leave, less spinning */
+        /* the team's figures, summed over its threads, from join to leave: */
+        long long waited_ns;  /* time at barriers */
+        long long slept_ns;   /* time asleep at barriers (not runnable) */
+        long long spun_ns;    /* time spinning at barriers */
+        long long worked_ns;  /* CPU time, less spinning */
+        long long present_ns; /* wall time */
     } __attribute__((aligned(64))) cprop_team_barrier;
 
     /* the barrier of the region this thread has joined, NULL outside one */
     static __thread cprop_team_barrier* cprop_current_barrier = NULL;
-    /* this thread's CPU clock when it joined, and its spinning since */
+    /* this thread's CPU and wall clocks when it joined, and its spinning since */
     static __thread long long cprop_joined_cpu_ns = 0;
+    static __thread long long cprop_joined_ns = 0;
     static __thread int cprop_thread_num = 0;
     static __thread long long cprop_spun_ns = 0;
     /* the last team this thread led (as thread 0), kept for cprop_take_team_stats */
     static __thread int cprop_led_size = 1;
     static __thread long long cprop_led_waited_ns = 0;
     static __thread long long cprop_led_worked_ns = 0;
+    static __thread long long cprop_led_cpu_ns = 0;
+    static __thread long long cprop_led_runnable_ns = 0;
     static __thread int cprop_led_spin_ns = CPROP_SPIN_START_NS;
 
     static inline long long cprop_clock_ns(clockid_t clock) {
@@ -129,6 +136,7 @@ cdef extern from *:
         cprop_thread_num = t;
         cprop_spun_ns = 0;
         cprop_joined_cpu_ns = cprop_clock_ns(CLOCK_THREAD_CPUTIME_ID);
+        cprop_joined_ns = cprop_clock_ns(CLOCK_MONOTONIC);
         return t;
     }
 
@@ -187,7 +195,7 @@ cdef extern from *:
        and the last arrival acquires through the arrival count; the generation
        bump releases and the waiters acquire it). */
     static inline void cprop_team_wait(cprop_team_barrier* b, int record) {
-        long long start, waited;
+        long long start, waited, spun;
         int spin, slept, shared;
         /* this thread saw the current generation begin (it passed the last
            barrier, or none was yet), so a relaxed load reads it */
@@ -207,7 +215,8 @@ cdef extern from *:
         start = cprop_clock_ns(CLOCK_MONOTONIC);
         shared = cprop_cpu_shared(b);
         spin = shared ? 0 : __atomic_load_n(&b->spin_ns, __ATOMIC_RELAXED);
-        cprop_spun_ns += cprop_barrier_wait_for(b, gen, start, spin, &slept);
+        spun = cprop_barrier_wait_for(b, gen, start, spin, &slept);
+        cprop_spun_ns += spun;
         waited = cprop_clock_ns(CLOCK_MONOTONIC) - start;
         if (slept && !shared) {
             /* threads racing here may overwrite each other: any of their values will do */
@@ -216,8 +225,11 @@ cdef extern from *:
                  : spin > CPROP_SPIN_MAX_NS ? CPROP_SPIN_MAX_NS : spin;
             __atomic_store_n(&b->spin_ns, spin, __ATOMIC_RELAXED);
         }
-        if (record)
+        if (record) {
             __atomic_add_fetch(&b->waited_ns, waited, __ATOMIC_RELAXED);
+            if (slept)
+                __atomic_add_fetch(&b->slept_ns, waited - spun, __ATOMIC_RELAXED);
+        }
     }
 
     /* Every thread of the team waits here until all have arrived (see
@@ -233,36 +245,50 @@ cdef extern from *:
         cprop_team_wait(b, 1);
     }
 
-    /* Called by every thread as it leaves the region. Adds its CPU time less
-       its spinning to the team's work, then meets the others at a last barrier
-       (so that they also reach the barrier OpenMP puts at the region's end,
-       which spins for milliseconds, together), after which thread 0 keeps the
-       team's figures for cprop_take_team_stats. The barrier is gone after. */
+    /* Called by every thread as it leaves the region. Adds its figures to the
+       team's, then meets the others at a last barrier (so that they also reach
+       the barrier OpenMP puts at the region's end, which spins, together),
+       after which thread 0 keeps the team's figures for cprop_take_team_stats.
+       The barrier is gone after. */
     static inline void cprop_barrier_leave(void) {
         cprop_team_barrier* b = cprop_current_barrier;
+        long long slept, spun, worked, present;
         if (b == NULL)
             return;
         __atomic_add_fetch(&b->worked_ns, cprop_clock_ns(CLOCK_THREAD_CPUTIME_ID)
                            - cprop_joined_cpu_ns - cprop_spun_ns, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&b->spun_ns, cprop_spun_ns, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&b->present_ns, cprop_clock_ns(CLOCK_MONOTONIC) - cprop_joined_ns,
+                           __ATOMIC_RELAXED);
         cprop_team_wait(b, 0);
         if (omp_get_thread_num() == 0) {
+            slept = __atomic_load_n(&b->slept_ns, __ATOMIC_RELAXED);
+            spun = __atomic_load_n(&b->spun_ns, __ATOMIC_RELAXED);
+            worked = __atomic_load_n(&b->worked_ns, __ATOMIC_RELAXED);
+            present = __atomic_load_n(&b->present_ns, __ATOMIC_RELAXED);
             cprop_led_size = __atomic_load_n(&b->size, __ATOMIC_RELAXED);
             cprop_led_waited_ns = __atomic_load_n(&b->waited_ns, __ATOMIC_RELAXED);
-            cprop_led_worked_ns = __atomic_load_n(&b->worked_ns, __ATOMIC_RELAXED);
+            cprop_led_worked_ns = worked;
+            cprop_led_cpu_ns = worked + spun;
+            cprop_led_runnable_ns = present - slept;
             cprop_led_spin_ns = __atomic_load_n(&b->spin_ns, __ATOMIC_RELAXED);
         }
         cprop_current_barrier = NULL;
     }
 
-    /* The size of the last team this thread led, and in *waited_ns and
-       *worked_ns its threads' summed time at barriers and CPU time working;
-       1, 0 and 0 when it led none since the last call. */
-    static inline int cprop_take_team_stats(long long* waited_ns, long long* worked_ns) {
+    /* The size of the last team this thread led and, summed over its threads,
+       the time they waited at barriers, the CPU time they worked (spinning not
+       counted), all their CPU time, and the time they were runnable (not
+       asleep at a barrier); 1 and zeros when it led none since the last call. */
+    static inline int cprop_take_team_stats(long long* waited_ns, long long* worked_ns,
+                                            long long* cpu_ns, long long* runnable_ns) {
         int size = cprop_led_size;
         *waited_ns = cprop_led_waited_ns;
         *worked_ns = cprop_led_worked_ns;
+        *cpu_ns = cprop_led_cpu_ns;
+        *runnable_ns = cprop_led_runnable_ns;
         cprop_led_size = 1;
-        cprop_led_waited_ns = cprop_led_worked_ns = 0;
+        cprop_led_waited_ns = cprop_led_worked_ns = cprop_led_cpu_ns = cprop_led_runnable_ns = 0;
         return size;
     }
     """
@@ -278,4 +304,5 @@ cdef extern from *:
     int cprop_barrier_join(cprop_team_barrier* b) noexcept nogil
     void cprop_barrier() noexcept nogil
     void cprop_barrier_leave() noexcept nogil
-    int cprop_take_team_stats(long long* waited_ns, long long* worked_ns) noexcept nogil
+    int cprop_take_team_stats(long long* waited_ns, long long* worked_ns, long long* cpu_ns,
+                              long long* runnable_ns) noexcept nogil

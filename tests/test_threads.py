@@ -291,10 +291,10 @@ def test_team_statistics_of_a_two_thread_epoch(monkeypatch):
     cprop.Trainer(make_net([100, 64, 10]), loss="cross_entropy", batch_size=300,
                   n_threads=2).fit(X, y, epochs=3)
 
-    assert seen[0] == (1, 0.0, 0.0)                    # the fit starts with a clean slate
-    for threads, waited, worked in seen[1:]:
-        assert threads == 2 and waited >= 0 and worked > 0
-    assert real() == (1, 0.0, 0.0)                     # read once, then cleared
+    assert seen[0] == (1, 0.0, 0.0, 1.0)               # the fit starts with a clean slate
+    for threads, waited, worked, share in seen[1:]:
+        assert threads == 2 and waited >= 0 and worked > 0 and 0 < share <= 1
+    assert real() == (1, 0.0, 0.0, 1.0)                # read once, then cleared
 
 
 @needs_openmp
@@ -305,7 +305,7 @@ def test_single_threaded_epochs_report_no_team(monkeypatch):
     X, y = classification()
     cprop.Trainer(make_net([100, 64, 10]), loss="cross_entropy", batch_size=300,
                   n_threads=1).fit(X, y, epochs=2)
-    assert seen == [(1, 0.0, 0.0)] * 3
+    assert seen == [(1, 0.0, 0.0, 1.0)] * 3
 
 
 SHORT_HANDED = """
@@ -349,20 +349,21 @@ class FakeCore:
         return self.threads
 
     def take_team_stats(self):
-        return self.stats.pop(0) if self.stats else (1, 0.0, 0.0)
+        return self.stats.pop(0) if self.stats else (1, 0.0, 0.0, 1.0)
 
 
 def fallback_with(monkeypatch, stats, threads=2, n_threads=None, window=0.05):
     monkeypatch.setattr(_threads, "STALL_WINDOW_SECONDS", window)
     monkeypatch.setattr(_threads, "_num_threads", None)
     # the first stats answer the constructor's call, which forgets earlier epochs
-    monkeypatch.setattr(_threads, "_core", FakeCore(threads, [(1, 0.0, 0.0)] + stats))
+    monkeypatch.setattr(_threads, "_core", FakeCore(threads, [(1, 0.0, 0.0, 1.0)] + stats))
     return _threads.ThreadFallback(n_threads)
 
 
 def test_fallback_waits_for_a_full_window_then_drops_to_one_thread(monkeypatch):
-    # 0.02 s epochs in which the two threads did 0.01 s of work together: half a thread
-    fallback = fallback_with(monkeypatch, [(2, 0.018, 0.01)] * 10)
+    # 0.02 s epochs in which the two threads did 0.01 s of work together, with whole CPUs:
+    # half a thread's worth
+    fallback = fallback_with(monkeypatch, [(2, 0.018, 0.01, 1.0)] * 10)
 
     assert fallback.n_threads == 2
     assert [fallback.after_epoch(0.02) for _ in range(3)] == [2, 2, 1]
@@ -373,21 +374,31 @@ def test_fallback_waits_for_a_full_window_then_drops_to_one_thread(monkeypatch):
 def test_fallback_keeps_the_threads_while_they_get_more_done_than_one(monkeypatch):
     # 0.02 s epochs with 0.03 s of work: one and a half threads' worth; then one stalled
     # epoch inside a window that is still above one thread overall
-    stats = [(2, 0.005, 0.03)] * 6 + [(2, 0.015, 0.005), (2, 0.002, 0.035), (2, 0.002, 0.035)]
+    stats = [(2, 0.005, 0.03, 1.0)] * 6 + [(2, 0.015, 0.005, 1.0), (2, 0.002, 0.035, 1.0),
+                                          (2, 0.002, 0.035, 1.0)]
     fallback = fallback_with(monkeypatch, stats)
 
     assert [fallback.after_epoch(0.02) for _ in range(9)] == [2] * 9
     assert not fallback.fell_back
 
 
+def test_fallback_judges_the_team_against_one_thread_with_the_same_share_of_a_cpu(monkeypatch):
+    # a busy machine: runnable threads get 40% of a CPU. Two threads that worked 0.012 s in
+    # a 0.02 s epoch beat one thread (0.008 s); two that worked 0.006 s do not
+    busy = fallback_with(monkeypatch, [(2, 0.01, 0.012, 0.4)] * 5)
+    assert [busy.after_epoch(0.02) for _ in range(5)] == [2] * 5
+    stalled = fallback_with(monkeypatch, [(2, 0.01, 0.006, 0.4)] * 5)
+    assert [stalled.after_epoch(0.02) for _ in range(5)] == [2, 2, 1, 1, 1]
+
+
 def test_fallback_leaves_an_explicit_thread_count_alone(monkeypatch):
-    fallback = fallback_with(monkeypatch, [(2, 0.019, 0.001)] * 5, n_threads=2, window=0.0)
+    fallback = fallback_with(monkeypatch, [(2, 0.019, 0.001, 1.0)] * 5, n_threads=2, window=0.0)
     assert [fallback.after_epoch(0.02) for _ in range(5)] == [2] * 5
 
 
 def test_fallback_ignores_single_threaded_epochs(monkeypatch):
     # (a batch too small for threads, or a build without OpenMP): no team, nothing to judge
-    fallback = fallback_with(monkeypatch, [(1, 0.0, 0.0)] * 5, threads=4, window=0.0)
+    fallback = fallback_with(monkeypatch, [(1, 0.0, 0.0, 1.0)] * 5, threads=4, window=0.0)
     assert [fallback.after_epoch(1.0) for _ in range(4)] == [4] * 4
 
 
@@ -398,8 +409,8 @@ def test_a_fit_whose_threads_stall_goes_on_with_one(epoch_threads, monkeypatch, 
     real = _core.take_team_stats
 
     def stalled():
-        threads, waited, _ = real()
-        return threads, waited, 0.0
+        threads, waited, _, share = real()
+        return threads, waited, 0.0, share
 
     monkeypatch.setattr(_core, "take_team_stats", stalled)
     X, y = classification()
