@@ -399,6 +399,39 @@ cdef double _pass_flops(const Plan* P, Py_ssize_t rows) noexcept nogil:
     return flops
 
 
+cdef inline void _output_delta(const Plan* P, floating* work, Py_ssize_t rows, Py_ssize_t r0,
+                               Py_ssize_t r1) noexcept nogil:
+    """Rows r0:r1 of δ_last = ∂L/∂Y_last ⊙ f'_last, in place in the last layer's G column
+    (which holds ∂L/∂Y_last)."""
+    cdef const long long* last = _row(P, P.n_layers - 1)
+    cdef Py_ssize_t m = last[_plan.N_OUT]
+    cdef floating* G = work + rows * last[_plan.G_COL] + r0 * m
+    cdef floating* Z = NULL if last[_plan.Z_COL] < 0 else work + rows * last[_plan.Z_COL] + r0 * m
+    _activation_grad(G, work + rows * last[_plan.Y_COL] + r0 * m, G, (r1 - r0) * m,
+                     <int> last[_plan.ACT], <floating> _hyper(P, P.n_layers - 1)[_plan.ALPHA], Z)
+
+
+cdef double _loss_and_delta(const Plan* P, const Fit* fit, floating* work, Py_ssize_t rows,
+                            const floating* T_in, const Py_ssize_t* labels_in, const floating* w_in,
+                            double batch_weight, Py_ssize_t r0, Py_ssize_t r1) noexcept nogil:
+    """A thread's rows r0:r1 of a batch after forward_pass: returns their part of the
+    batch's mean loss (Σ w·l / batch_weight, times loss_scale) and leaves their δ_last in
+    the last layer's G column. T_in/labels_in/w_in point at the batch's first row."""
+    cdef const long long* last = _row(P, P.n_layers - 1)
+    cdef Py_ssize_t m = last[_plan.N_OUT]
+    cdef double part
+    if r1 <= r0:
+        return 0
+    part = loss_and_grad(fit.loss_kind, work + rows * last[_plan.Y_COL] + r0 * m,
+                         T_in + r0 * m if T_in != NULL else NULL,
+                         labels_in + r0 if labels_in != NULL else NULL,
+                         w_in + r0 if w_in != NULL else NULL,
+                         work + rows * last[_plan.G_COL] + r0 * m, r1 - r0, m,
+                         fit.loss_scale * (r1 - r0) / batch_weight)
+    _output_delta(P, work, rows, r0, r1)
+    return part
+
+
 # -- forward and backward from Python ----------------------------------------------------
 
 def forward_train(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ssize_t row_width,
@@ -435,15 +468,11 @@ def backward(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ssize
     cdef Plan P = make_plan(table, hyper, row_width, n_bstats)
     cdef cprop_team_barrier barrier
     cdef Py_ssize_t n = X.shape[0], m = grad_out.shape[1]
-    cdef const long long* last = _row(&P, P.n_layers - 1)
-    cdef floating* G_last = &work[0] + n * last[_plan.G_COL]
-    cdef floating* Y_last = &work[0] + n * last[_plan.Y_COL]
-    cdef floating* Z_last = NULL if last[_plan.Z_COL] < 0 else &work[0] + n * last[_plan.Z_COL]
+    cdef floating* G_last = &work[0] + n * _row(&P, P.n_layers - 1)[_plan.G_COL]
     cdef int t, nt = threads_for(2 * _pass_flops(&P, n), n, n_threads)
     with nogil:
         memcpy(G_last, &grad_out[0, 0], n * m * sizeof(floating))
-        _activation_grad(G_last, Y_last, G_last, n * m, <int> last[_plan.ACT],
-                         <floating> _hyper(&P, P.n_layers - 1)[_plan.ALPHA], Z_last)
+        _output_delta(&P, &work[0], n, 0, n)
         if nt == 1:
             backward_pass(&P, &params[0], &work[0], n, n, 0, 1, training, seed, 0)
             param_pass(&P, <Optim*> NULL, &params[0], &grads[0], <floating*> NULL, <floating*> NULL,
@@ -607,10 +636,6 @@ cdef int _epoch_worker(const Plan* P, const Fit* fit, const floating[:, ::1] X,
     cdef Optim opt = shared_opt[0]   # a private copy: Adam's step count advances in each alike
     cdef floating* Xb = work + rows * P.row_width + P.n_bstats
     cdef floating* Tb = Xb + rows * d
-    cdef floating* Y_last = work + rows * last[_plan.Y_COL]
-    cdef floating* G_last = work + rows * last[_plan.G_COL]
-    cdef floating* Z_last = NULL if last[_plan.Z_COL] < 0 else work + rows * last[_plan.Z_COL]
-    cdef floating alpha_last = <floating> _hyper(P, P.n_layers - 1)[_plan.ALPHA]
     cdef const floating* X_in
     cdef const floating* T_in = NULL
     cdef const Py_ssize_t* labels_in = NULL
@@ -663,19 +688,9 @@ cdef int _epoch_worker(const Plan* P, const Fit* fit, const floating[:, ::1] X,
 
         forward_pass(P, params, buffers, work, rows, X_in, bs, t, nt, True, fit.seed, start)
 
-        # this thread's part of the batch's mean loss, and its rows of
-        # δ_last = ∂L/∂Y_last ⊙ f'_last (the scale makes a share of rows count as such)
-        sh.part_loss[t] = 0
-        if r1 > r0:
-            sh.part_loss[t] = loss_and_grad(fit.loss_kind, Y_last + r0 * m,
-                                            T_in + r0 * m if T_in != NULL else NULL,
-                                            labels_in + r0 if labels_in != NULL else NULL,
-                                            w_in + r0 if w_in != NULL else NULL,
-                                            G_last + r0 * m, r1 - r0, m,
-                                            fit.loss_scale * (r1 - r0) / batch_weight)
-            _activation_grad(G_last + r0 * m, Y_last + r0 * m, G_last + r0 * m, (r1 - r0) * m,
-                             <int> last[_plan.ACT], alpha_last,
-                             NULL if Z_last == NULL else Z_last + r0 * m)
+        # this thread's part of the batch's mean loss, and its rows of δ_last
+        sh.part_loss[t] = _loss_and_delta(P, fit, work, rows, T_in, labels_in, w_in, batch_weight,
+                                          r0, r1)
 
         backward_pass(P, params, work, rows, bs, t, nt, True, fit.seed, start)
 
@@ -800,23 +815,9 @@ cdef void _gradient_worker(const Plan* P, const Fit* fit, const floating* X_in, 
                            Py_ssize_t bs, long long row_base, double* part_loss, int t, int nt) noexcept nogil:
     """Thread t's share of one batch's training pass: forward, loss, backward, gradients.
     w_in: the rows' weights, summing to batch_weight (NULL: none, batch_weight = bs)."""
-    cdef const long long* last = _row(P, P.n_layers - 1)
-    cdef Py_ssize_t m = last[_plan.N_OUT], r0 = bs * t // nt, r1 = bs * (t + 1) // nt
-    cdef floating* Y_last = work + bs * last[_plan.Y_COL]
-    cdef floating* G_last = work + bs * last[_plan.G_COL]
-    cdef floating* Z_last = NULL if last[_plan.Z_COL] < 0 else work + bs * last[_plan.Z_COL]
     forward_pass(P, params, buffers, work, bs, X_in, bs, t, nt, True, fit.seed, row_base)
-    part_loss[t] = 0
-    if r1 > r0:
-        part_loss[t] = loss_and_grad(fit.loss_kind, Y_last + r0 * m,
-                                     T_in + r0 * m if T_in != NULL else NULL,
-                                     labels_in + r0 if labels_in != NULL else NULL,
-                                     w_in + r0 if w_in != NULL else NULL,
-                                     G_last + r0 * m, r1 - r0, m,
-                                     fit.loss_scale * (r1 - r0) / batch_weight)
-        _activation_grad(G_last + r0 * m, Y_last + r0 * m, G_last + r0 * m, (r1 - r0) * m,
-                         <int> last[_plan.ACT], <floating> _hyper(P, P.n_layers - 1)[_plan.ALPHA],
-                         NULL if Z_last == NULL else Z_last + r0 * m)
+    part_loss[t] = _loss_and_delta(P, fit, work, bs, T_in, labels_in, w_in, batch_weight,
+                                   bs * t // nt, bs * (t + 1) // nt)
     backward_pass(P, params, work, bs, bs, t, nt, True, fit.seed, row_base)
     param_pass(P, <Optim*> NULL, params, grads, <floating*> NULL, <floating*> NULL, work, bs, X_in, bs, bs,
                t, nt)
