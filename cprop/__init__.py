@@ -36,6 +36,7 @@ def show_config(file=None):
         "simd": _core.variant(),
         "threads": get_num_threads(),
         "blas": _threads.blas_info(),
+        "gemm": _core.BLAS,
         "omp_wait": _threads.openmp_wait_info(),
     }
     for key, value in info.items():

@@ -1,8 +1,8 @@
 """The compiled core, chosen for this CPU and imported on first use.
 
-``cprop._core`` cimports scipy's Cython BLAS, and importing that imports all of
-scipy.linalg (about 0.15 s); ``import cprop`` should not pay for it until a
-kernel is actually called.
+Loading ``cprop._core`` binds the BLAS its products call (scipy's, see
+``_bind_blas`` in src/_core.pyx) and starts OpenMP; ``import cprop`` does not
+pay for either until a kernel is actually called.
 
 On x86-64 the core is built twice (see setup.py): ``_core`` for any CPU and
 ``_core_avx2`` for CPUs with AVX2 and FMA, which is used when this CPU has

@@ -3,7 +3,7 @@
 cprop splits every large matrix product between its own OpenMP threads and
 calls BLAS single-threaded inside each: two thread pools spinning on the same
 cores (OpenBLAS's and OpenMP's) make training many times slower. So while a
-kernel runs, the BLAS behind ``scipy.linalg.cython_blas`` is held at one
+kernel runs, the BLAS the core's products call (scipy's) is held at one
 thread, and put back afterwards.
 
 Thread counts: an explicit ``n_threads``, else :func:`set_num_threads`'s value,
@@ -49,7 +49,7 @@ _BLAS_SYMBOLS = [
 
 def _find_blas():
     """(get, set) ctypes functions of the BLAS scipy's Cython BLAS calls, or None."""
-    import scipy.linalg.cython_blas  # noqa: F401  (loads the library)
+    _core.BLAS   # binding the core's BLAS loads the library (without importing scipy.linalg)
 
     paths = []
     try:

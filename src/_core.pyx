@@ -22,6 +22,7 @@ from _openmp cimport (CPROP_OPENMP, CPROP_OPENMP_VERSION, omp_get_max_threads, o
 from _activations cimport activation_grad as _activation_grad, needs_z, N_ACTIVATIONS
 from _activations cimport (IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH, ELU, SOFTPLUS, GELU,
                            GELU_TANH, SILU)
+from _blas cimport gemm
 from _dense cimport (dense_forward as _dense_forward, dense_forward_block, dense_param_grads,
                      dense_param_grads_part, dense_input_grad, dense_input_grad_block, gather_rows,
                      threads_for, _col_split)
@@ -33,6 +34,76 @@ from _losses cimport loss_and_grad, CROSS_ENTROPY, MSE, BINARY_CROSS_ENTROPY, PO
 from _optim cimport Optim, optim_range, optim_step, ADAM, SGD
 cimport _plan
 from _plan cimport Plan, DENSE, DROPOUT, BATCHNORM, LAYERNORM
+
+from _blas cimport cprop_sgemm, cprop_dgemm, cprop_sgemm_t, cprop_dgemm_t, cprop_dlsym
+from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
+
+
+cdef bint _gemm_works() noexcept:
+    """Whether the bound sgemm and dgemm multiply [[1,2],[3,4]]·[[5,6],[7,8]] right."""
+    cdef float As[4]
+    cdef float Bs[4]
+    cdef float Cs[4]
+    cdef double Ad[4]
+    cdef double Bd[4]
+    cdef double Cd[4]
+    cdef int i
+    for i in range(4):
+        As[i] = Ad[i] = i + 1
+        Bs[i] = Bd[i] = i + 5
+        Cs[i] = Cd[i] = 0
+    gemm(False, False, 2, 2, 2, 1.0, As, 2, Bs, 2, 0.0, Cs, 2)
+    gemm(False, False, 2, 2, 2, 1.0, Ad, 2, Bd, 2, 0.0, Cd, 2)
+    return (Cs[0] == 19 and Cs[1] == 22 and Cs[2] == 43 and Cs[3] == 50
+            and Cd[0] == 19 and Cd[1] == 22 and Cd[2] == 43 and Cd[3] == 50)
+
+
+def _bind_blas():
+    """Bind the sgemm/dgemm every product calls; returns where they came from.
+
+    The functions are scipy's BLAS, the ones ``scipy.linalg.cython_blas`` calls.
+    Importing that module imports all of scipy.linalg (0.15-0.25 s), so they are
+    first looked up in the shared library it links to, loaded without running
+    its Python (dlopen/dlsym on the module's file, found without importing
+    scipy). Where that fails (another platform, a scipy built differently), or
+    ``CPROP_BLAS=cython_blas`` is set, they are taken from the C functions the
+    imported module exports. Either way a 2x2 product checks them.
+    """
+    global cprop_sgemm, cprop_dgemm
+    import os
+    import importlib.machinery
+    import importlib.util
+    cdef void* s
+    cdef void* d
+    if os.environ.get("CPROP_BLAS", "").strip().lower() != "cython_blas":
+        spec = importlib.util.find_spec("scipy")
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+                path = os.path.join(folder, "linalg", "cython_blas" + suffix)
+                if not os.path.isfile(path):
+                    continue
+                encoded = os.fsencode(path)
+                for prefix in (b"scipy_", b""):
+                    s = cprop_dlsym(encoded, prefix + b"sgemm_")
+                    d = cprop_dlsym(encoded, prefix + b"dgemm_")
+                    if s != NULL and d != NULL:
+                        cprop_sgemm = <cprop_sgemm_t> s
+                        cprop_dgemm = <cprop_dgemm_t> d
+                        if _gemm_works():
+                            return path
+    from scipy.linalg import cython_blas
+    capsules = cython_blas.__pyx_capi__
+    cprop_sgemm = <cprop_sgemm_t> PyCapsule_GetPointer(capsules["sgemm"],
+                                                       PyCapsule_GetName(capsules["sgemm"]))
+    cprop_dgemm = <cprop_dgemm_t> PyCapsule_GetPointer(capsules["dgemm"],
+                                                       PyCapsule_GetName(capsules["dgemm"]))
+    if not _gemm_works():
+        raise ImportError("cprop: scipy.linalg.cython_blas's sgemm/dgemm give wrong products")
+    return "scipy.linalg.cython_blas"
+
+
+# where the products' sgemm/dgemm come from (cprop.show_config prints it)
+BLAS = _bind_blas()
 
 OPENMP = bool(CPROP_OPENMP)
 OPENMP_VERSION = CPROP_OPENMP_VERSION

@@ -1,4 +1,5 @@
 """The public surface: docstrings, version, show_config, thread settings, import cost, py.typed."""
+import importlib.machinery
 import importlib.metadata
 import inspect
 import io
@@ -167,3 +168,41 @@ def test_unknown_attributes_raise_attribute_error():
 
 def test_the_package_ships_py_typed():
     assert os.path.isfile(os.path.join(os.path.dirname(cprop.__file__), "py.typed"))
+
+
+# -- the BLAS the core binds ----------------------------------------------------------------------
+
+BLAS_PROBE = """
+import hashlib, json, sys
+import numpy as np
+import cprop
+X = np.random.default_rng(0).standard_normal((300, 20))
+y = (X[:, 0] + X[:, 1] > 0).astype(np.int64)
+digests = {}
+for dtype in (np.float32, np.float64):
+    net = cprop.Sequential([cprop.Dense(20, 64, "relu"), cprop.Dense(64, 2)], seed=0, dtype=dtype)
+    cprop.Trainer(net, loss="cross_entropy", optimizer=cprop.SGD(lr=0.1, momentum=0.9), batch_size=32,
+                  seed=0, n_threads=1).fit(X.astype(dtype), y, epochs=2, verbose=0)
+    digests[np.dtype(dtype).name] = hashlib.sha256(net.params.tobytes()).hexdigest()
+print(json.dumps({"blas": cprop.show_config(file=open("/dev/null", "w"))["gemm"], "digests": digests,
+                  "scipy.linalg": "scipy.linalg" in sys.modules}))
+"""
+
+
+def _blas_probe(**env):
+    proc = subprocess.run([sys.executable, "-c", BLAS_PROBE], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_core_binds_scipys_gemm_without_importing_scipy_linalg_and_trains_the_same_either_way():
+    bound = _blas_probe(CPROP_BLAS="")
+    imported = _blas_probe(CPROP_BLAS="cython_blas")
+
+    assert imported["blas"] == "scipy.linalg.cython_blas" and imported["scipy.linalg"]
+    if sys.platform.startswith("linux"):   # the dlsym path is for ELF platforms; others fall back
+        assert bound["blas"].endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)) and "cython_blas" in bound["blas"]
+        assert not bound["scipy.linalg"], "a fit through the core API imported scipy.linalg"
+    # the same library's sgemm/dgemm either way: the same products, bit for bit
+    assert bound["digests"] == imported["digests"]
