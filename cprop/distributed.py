@@ -44,7 +44,7 @@ from . import losses
 __all__ = ["DistributedError", "check_comm"]
 
 # slots after the flat gradient (and running statistics) in a batch's allreduce buffer
-_LOSS, _INTERRUPT, _FAILED, _N_SLOTS = 0, 1, 2, 3
+_LOSS, _INTERRUPT, _FAILED, _REJECTED, _N_SLOTS = 0, 1, 2, 3, 4
 # rows of X and y compared across ranks at the start of a fit (they must pass the same data)
 _SAMPLED_ROWS = 64
 
@@ -307,7 +307,8 @@ class _Fit:
                 "batch_size": trainer.batch_size, "shuffle": trainer.shuffle,
                 "loss_scale": trainer.loss_scale, "on_divergence": trainer.on_divergence,
                 "optimizer": (type(opt).__name__, sorted(cfg.items())), "epochs": self.epochs,
-                "sharded": self.sharded, "validation": None if val is None else (
+                "sharded": self.sharded, "average_every": trainer.average_every,
+                "validation": None if val is None else (
                     "split" if validation_split is not None else "data"),
                 "checkpoint": checkpoint is not None,
                 "callbacks": [type(cb).__name__ for cb in self.callbacks],
@@ -498,10 +499,15 @@ class _Fit:
         if weighted_running:
             running[...] = net._buffers
         loss_scale = trainer.loss_scale
+        # local SGD: each rank's share weighs R·rows/bs, so the ranks' mean is the batch's gradient
+        local = trainer.average_every is not None
+        share_weight = ranks.size if local else 1
+        if local:
+            averaging = _Averaging(ranks, net, running, state_a, state_b, cfg)
         status, loss_sum, n_seen, last_bs = _core.OK, 0.0, 0, 0
         start_time = time.perf_counter()
         try:
-            for bs, row_base, a, b in self.steps:
+            for step, (bs, row_base, a, b) in enumerate(self.steps, start=1):
                 rows = b - a
                 failed = None
                 slots[...] = 0
@@ -518,42 +524,57 @@ class _Fit:
                             Lr = (np.take(labels, idx, out=self.Lb[:rows], mode="clip")
                                   if labels.shape[0] else labels)
                         # this rank's rows count as rows/bs of the global batch's mean loss
-                        settings["loss_scale"] = loss_scale * rows / bs
+                        settings["loss_scale"] = loss_scale * share_weight * rows / bs
                         slots[_LOSS] = _core.batch_gradient(table, hyper, row_width, n_bstats, settings,
                                                             Xr, Tr, Lr, net._params, grads, running,
-                                                            self.work, row_base)
-                        if weighted_running:
+                                                            self.work, row_base) / share_weight
+                        if weighted_running and not local:
                             running *= rows / bs    # the sum over ranks: running stats of the whole batch
                     else:
                         grads[...] = 0
-                        if weighted_running:
+                        if weighted_running and not local:
                             running[...] = 0
                 except Exception as exc:
                     failed = exc
                     slots[_FAILED] = 1
                 slots[_INTERRUPT] = self.interrupted[0]
-                ranks.comm.Allreduce(MPI.IN_PLACE, pack, op=MPI.SUM)
+                if local:
+                    # this rank's own step first; then the flags (not the gradient) are summed
+                    if not slots[_FAILED] and math.isfinite(slots[_LOSS]):
+                        rejected, cfg["step"] = _core.optimizer_step(cfg, table, net._params, grads, state_a,
+                                                                     state_b, bs, self.n_threads)
+                        slots[_REJECTED] = rejected
+                    ranks.comm.Allreduce(MPI.IN_PLACE, slots, op=MPI.SUM)
+                else:
+                    ranks.comm.Allreduce(MPI.IN_PLACE, pack, op=MPI.SUM)
                 if slots[_FAILED]:
                     ranks.agree(failed)
                 batch_loss = float(slots[_LOSS])
                 last_bs = bs
-                if not math.isfinite(batch_loss):
-                    status = _core.NONFINITE_LOSS     # before this step changed anything
+                if not math.isfinite(batch_loss) or (local and slots[_REJECTED]):
+                    if local:
+                        averaging.restore()   # every rank back to the last average
+                    status = _core.NONFINITE_STEP if slots[_REJECTED] else _core.NONFINITE_LOSS
                     break
-                rejected, cfg["step"] = _core.optimizer_step(cfg, table, net._params, grads, state_a, state_b,
-                                                             bs, self.n_threads)
-                if rejected:
-                    status = _core.NONFINITE_STEP
-                    break
+                if not local:
+                    rejected, cfg["step"] = _core.optimizer_step(cfg, table, net._params, grads, state_a,
+                                                                 state_b, bs, self.n_threads)
+                    if rejected:
+                        status = _core.NONFINITE_STEP
+                        break
                 loss_sum += batch_loss * bs
                 n_seen += bs
+                if local and (step % trainer.average_every == 0 or step == len(self.steps)
+                              or slots[_INTERRUPT]):
+                    averaging.average()
                 if slots[_INTERRUPT]:
                     status = _core.INTERRUPTED
                     break
         finally:
             trainer.optimizer.step_count = cfg["step"]
             net._grads[...] = grads
-            net._has_grads, net._grad_rows = status != _core.INTERRUPTED, last_bs
+            # local SGD: each rank holds its own share's gradient only, not the batch's
+            net._has_grads, net._grad_rows = status != _core.INTERRUPTED and not local, last_bs
             if weighted_running:
                 net._buffers[...] = running
         if status == _core.INTERRUPTED:
@@ -575,6 +596,35 @@ class _Fit:
         rows = (0, X.shape[0]) if self.sharded else self.ranks.share(X.shape[0])
         # the warning's stack: _metrics < evaluate < loop < fit < Trainer.fit < the caller
         return _metrics(self.trainer, self.ranks, X, T, labels, rows, "val_", stacklevel=7)
+
+
+class _Averaging:
+    """Local SGD's averages (Trainer(average_every=H)): every rank's parameters, running
+    statistics and optimizer state replaced by their mean over the ranks, and a copy of the
+    last average for every rank to go back to when a step fails on any rank."""
+
+    def __init__(self, ranks, net, running, state_a, state_b, cfg):
+        self.ranks, self.cfg = ranks, cfg
+        # the running statistics the epoch updates (its allreduce buffer's or the network's)
+        # and the optimizer's state: none (a placeholder), one array (momentum, passed twice) or two
+        arrays = [net._params, running, state_a] + ([state_b] if state_b is not state_a else [])
+        self.arrays = [a for a in arrays
+                       if a.size and (a is net._params or a is running or a.shape == net._params.shape)]
+        self.saved = [a.copy() for a in self.arrays]
+        self.saved_step = cfg["step"]
+
+    def average(self):
+        MPI = self.ranks.MPI
+        for a, saved in zip(self.arrays, self.saved):
+            self.ranks.comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM)
+            a *= a.dtype.type(1.0 / self.ranks.size)
+            saved[...] = a
+        self.saved_step = self.cfg["step"]
+
+    def restore(self):
+        for a, saved in zip(self.arrays, self.saved):
+            a[...] = saved
+        self.cfg["step"] = self.saved_step
 
 
 # -- evaluation and prediction under comm ---------------------------------------------------

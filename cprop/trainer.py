@@ -125,12 +125,22 @@ class Trainer:
         ``Trainer.load(path, comm=...)`` are then collective: every rank calls them
         (see cprop.distributed and the README). A communicator of one rank
         (``MPI.COMM_SELF``) trains exactly as comm=None.
+    average_every : int >= 1 or None, default None — under comm, local SGD: instead of
+        allreducing every batch's gradient, each rank steps on its own share of every
+        global batch (its gradient weighted so that the ranks' mean is the global
+        batch's gradient) and the ranks average their parameters, running statistics
+        and optimizer state every `average_every` steps and at the end of every epoch.
+        Cheaper communication for slow networks; with SGD (momentum, Nesterov, weight
+        decay: all linear in the gradient) ``average_every=1`` is synchronous training,
+        up to rounding; larger values, and Adam, train differently. None: synchronous
+        (the gradient allreduced every step). Ignored without comm (one process).
     """
 
     # what a running fit was started with: changing them from a callback (or another
     # thread) mid-fit raises instead of reaching the compiled epoch half-changed
     _FIXED_DURING_FIT = frozenset({"net", "loss", "optimizer", "batch_size", "shuffle", "seed", "rng",
-                                   "n_threads", "on_divergence", "loss_scale", "dropout_seed", "comm"})
+                                   "n_threads", "on_divergence", "loss_scale", "dropout_seed", "comm",
+                                   "average_every"})
 
     def __setattr__(self, name, value):
         if name in self._FIXED_DURING_FIT and self.__dict__.get("_fitting"):
@@ -141,7 +151,7 @@ class Trainer:
     def __init__(self, net: Sequential, loss: str = "mse", optimizer: Optimizer | None = None,
                  batch_size: int = 32, shuffle: bool = True, seed: int | None = None,
                  n_threads: int | None = None, on_divergence: str = "raise",
-                 loss_scale: float = 1.0, comm=None) -> None:
+                 loss_scale: float = 1.0, comm=None, average_every: int | None = None) -> None:
         self.net = net
         self.loss = loss
         self.optimizer = optimizer if optimizer is not None else SGD(lr=0.01)
@@ -153,6 +163,7 @@ class Trainer:
         self.on_divergence = on_divergence
         self.loss_scale = loss_scale
         self.comm = comm
+        self.average_every = average_every
         self._check_settings()
         self._fitting = False
         self._fit_lock = threading.Lock()
@@ -180,6 +191,8 @@ class Trainer:
         self.loss_scale = check_real(self.loss_scale, "loss_scale", low=0, low_open=True)
         self.optimizer.config()
         self.comm = _distributed.check_comm(self.comm)
+        if self.average_every is not None:
+            self.average_every = check_positive_int(self.average_every, "average_every")
 
     @property
     def rank(self) -> int:
