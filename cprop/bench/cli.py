@@ -35,6 +35,12 @@ def add_arguments(parser):
                              "scikit-learn's on the same settings: fit time and held-out accuracy "
                              "(--samples-scale scales the epochs; --threads, --rounds, --quick and "
                              "--json apply)")
+    parser.add_argument("--ranks", type=int, default=None, metavar="N",
+                        help="under mpiexec (with at least N ranks): train each workload over MPI at "
+                             "1, 2, 4, ... N ranks (--threads per rank, default 1), print samples/s and "
+                             "the scaling efficiency, and an alpha-beta model of larger runs")
+    parser.add_argument("--average-every", type=int, default=None, metavar="H",
+                        help="with --ranks: local SGD, averaging every H steps (Trainer(average_every=H))")
 
 
 def _parse_workloads(values):
@@ -61,7 +67,8 @@ def _parse_peers(value):
 
 def run(args):
     """Run ``cprop bench`` with parsed arguments; print the tables; returns the exit code."""
-    n_threads = args.threads if args.threads is not None else available_cores()
+    ranks = getattr(args, "ranks", None)
+    n_threads = args.threads if args.threads is not None else (1 if ranks else available_cores())
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 5)
     scale = args.samples_scale if args.samples_scale is not None else (0.05 if args.quick else 1.0)
     if n_threads < 1:
@@ -72,6 +79,11 @@ def run(args):
         raise ValueError(f"--samples-scale must be > 0, got {scale}")
     if getattr(args, "estimators", False):
         return _run_estimators(args, n_threads, rounds, scale)
+    average_every = getattr(args, "average_every", None)
+    if ranks is not None:
+        return _run_ranks(args, ranks, average_every, n_threads, rounds, scale)
+    if average_every is not None:
+        raise ValueError("--average-every is for --ranks")
     workloads = [WORKLOADS[n] for n in _parse_workloads(args.workload)]
     peers = _parse_peers(args.peers)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
@@ -130,6 +142,21 @@ def _run_estimators(args, n_threads, rounds, scale):
     from .estimators import run_estimators
     report = run_estimators(n_threads, rounds, scale)
     _write_json(report, args.json)
+    return 0
+
+
+def _run_ranks(args, n_ranks, average_every, n_threads, rounds, scale):
+    """``cprop bench --ranks N``: see :mod:`cprop.bench.ranks`."""
+    if args.peers not in (None, "none") or args.plot or args.estimators:
+        raise ValueError("--ranks measures cprop alone over MPI: drop --peers, --plot and --estimators")
+    if average_every is not None and average_every < 1:
+        raise ValueError(f"--average-every must be >= 1, got {average_every}")
+    from .ranks import run_ranks
+    workloads = [WORKLOADS[n] for n in _parse_workloads(args.workload)]
+    report = run_ranks(workloads, n_ranks, n_threads, rounds, args.dtype, scale, average_every)
+    if report is not None:      # MPI rank 0
+        report["machine"] = machine_info()
+        _write_json(report, args.json)
     return 0
 
 

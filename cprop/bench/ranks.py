@@ -1,0 +1,186 @@
+"""``cprop bench --ranks N``: training over MPI at 1, 2, 4, ... N ranks, and an α-β model.
+
+Run under an MPI launcher with at least N ranks (``mpiexec -n 4 cprop bench --ranks 4``).
+For every rank count k, the first k ranks of COMM_WORLD train the workload together
+(``Trainer(comm=...)``, each rank ``--threads`` threads, default 1) while the others wait; the
+counts take turns, in an order rotated from round to round, and each reports the median over
+rounds of one epoch's samples/s (the slowest rank's time). The efficiency of k ranks is their
+samples/s over k times one rank's: weak scaling per rank would be different, this is the same
+global batch split k ways (what `batch_size` means under comm).
+
+The model: ring allreduce of n bytes over p ranks takes ``2(p-1)·α + 2(p-1)/p·n·β`` (latency α
+per message, β seconds per byte). α and β are fitted to allreduces timed between the first
+two ranks; the table then predicts, for p ranks that each compute the workload's batch
+(the global batch growing with p, as clusters are used), the efficiency
+``t / (t + T_allreduce(p)/H)``, t being one rank's time per batch measured here (gradient and
+step) and H the steps between averages (1: synchronous; ``Trainer(average_every=H)``), for
+the α and β measured here and for typical 10 GbE and 100 Gb/s InfiniBand links.
+"""
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from .measure import rotated, settle
+from .workloads import LEARNING_RATE, MOMENTUM, SEED
+
+# typical links, for the model: (name, α seconds, β seconds per byte)
+LINKS = [("10 GbE (TCP)", 30e-6, 8 / 10e9), ("100 Gb/s InfiniBand", 2e-6, 8 / 100e9)]
+MODEL_RANKS = (8, 64, 512)
+MODEL_AVERAGE_EVERY = (1, 8)
+ALLREDUCE_BYTES = [2 ** k for k in range(3, 24, 2)]      # 8 B .. 8 MB
+
+
+def rank_counts(n):
+    """1, 2, 4, ... below n, and n."""
+    counts, k = [], 1
+    while k < n:
+        counts.append(k)
+        k *= 2
+    return counts + [n]
+
+
+def _world(n_ranks):
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise ValueError("--ranks needs mpi4py (pip install 'cprop[mpi]')") from None
+    world = MPI.COMM_WORLD
+    if n_ranks < 1 or n_ranks > world.Get_size():
+        raise ValueError(f"--ranks {n_ranks} needs at least that many MPI ranks; this run has "
+                         f"{world.Get_size()}: launch with `mpiexec -n {max(n_ranks, 2)} cprop bench "
+                         f"--ranks {max(n_ranks, 2)}`")
+    return MPI, world
+
+
+def _trainer(workload, comm, n_threads, dtype, average_every):
+    from .. import SGD, Trainer
+    return Trainer(workload.network(dtype, SEED), loss=workload.loss,
+                   optimizer=SGD(lr=LEARNING_RATE, momentum=MOMENTUM), batch_size=workload.batch_size,
+                   seed=SEED, n_threads=n_threads, comm=comm,
+                   average_every=average_every if comm is not None else None)
+
+
+def _epoch_rates(MPI, world, workload, counts, n_threads, rounds, dtype, scale, average_every):
+    """{k: [samples/s of each round]} (on world rank 0), every count taking its turn each round."""
+    n = workload.epoch_samples(scale)
+    X, y = workload.make_data(n, dtype, SEED)
+    trainers = {}
+    for k in counts:   # every rank takes part in every Split, in the same order
+        sub = world.Split(0 if world.rank < k else MPI.UNDEFINED, world.rank)
+        if sub != MPI.COMM_NULL:
+            trainers[k] = _trainer(workload, sub if k > 1 else None, n_threads, dtype, average_every)
+            trainers[k].fit(X, y, epochs=1)          # warm-up: buffers, pools, caches
+    rates = {k: [] for k in counts}
+    for r in range(rounds):
+        for k in rotated(counts, r):
+            world.Barrier()
+            if k in trainers:
+                settle()
+                trainers[k].fit(X, y, epochs=1)
+                if world.rank == 0:      # the epoch's time is already the slowest rank's
+                    rates[k].append(n / trainers[k].history.time[-1])
+    return n, rates
+
+
+def _allreduce_seconds(MPI, world, dtype, repeats=20):
+    """{bytes: median seconds of an in-place allreduce between world ranks 0 and 1}."""
+    sub = world.Split(0 if world.rank < 2 else MPI.UNDEFINED, world.rank)
+    result = {}
+    for size in ALLREDUCE_BYTES:
+        world.Barrier()
+        if sub == MPI.COMM_NULL:
+            continue
+        buf = np.ones(max(1, size // np.dtype(dtype).itemsize), dtype=dtype)
+        times = []
+        for _ in range(repeats):
+            sub.Barrier()
+            start = time.perf_counter()
+            sub.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            times.append(time.perf_counter() - start)
+        result[buf.nbytes] = statistics.median(sub.allreduce(t, op=MPI.MAX) for t in times)
+    return result
+
+
+def fit_alpha_beta(seconds_by_bytes):
+    """(α, β) of T(n) = 2α + n·β, the 2-rank ring allreduce, by least squares (α, β >= 0)."""
+    n = np.array(sorted(seconds_by_bytes), dtype=float)
+    t = np.array([seconds_by_bytes[k] for k in sorted(seconds_by_bytes)])
+    # relative errors: the small messages (α) count as much as the large ones (β)
+    A = np.stack([2 * np.ones_like(n), n], axis=1) / t[:, None]
+    (alpha, beta), *_ = np.linalg.lstsq(A, np.ones_like(t), rcond=None)
+    return max(float(alpha), 0.0), max(float(beta), 0.0)
+
+
+def ring_allreduce_seconds(p, n_bytes, alpha, beta):
+    """2(p-1)·α + 2(p-1)/p·n·β."""
+    return 2 * (p - 1) * alpha + 2 * (p - 1) / p * n_bytes * beta
+
+
+def model_efficiency(batch_seconds, n_bytes, p, alpha, beta, average_every=1):
+    """t / (t + T_allreduce(p)/H): p ranks each computing one batch of the workload per step."""
+    return batch_seconds / (batch_seconds + ring_allreduce_seconds(p, n_bytes, alpha, beta) / average_every)
+
+
+def run_ranks(workloads, n_ranks, n_threads, rounds, dtype, scale, average_every=None):
+    """Measure, print (world rank 0) and return the report of ``cprop bench --ranks``."""
+    MPI, world = _world(n_ranks)
+    counts = rank_counts(n_ranks)
+    report = {"ranks": counts, "threads_per_rank": n_threads, "average_every": average_every,
+              "rounds": rounds, "dtype": dtype, "workloads": []}
+    for workload in workloads:
+        if world.rank == 0 and sys.stderr.isatty():
+            print(f"cprop bench --ranks: {workload.name} ...", file=sys.stderr, flush=True)
+        n, rates = _epoch_rates(MPI, world, workload, counts, n_threads, rounds, dtype, scale, average_every)
+        if world.rank == 0:
+            medians = {k: statistics.median(v) for k, v in rates.items()}
+            n_params = workload.network(dtype).n_params
+            report["workloads"].append({
+                "name": workload.name, "layers": workload.layers, "batch_size": workload.batch_size,
+                "epoch_samples": n, "gradient_bytes": n_params * np.dtype(dtype).itemsize,
+                "samples_per_second": medians,
+                "efficiency": {k: medians[k] / (k * medians[1]) for k in counts}})
+    if n_ranks >= 2:
+        seconds = _allreduce_seconds(MPI, world, dtype)
+        if world.rank == 0:
+            alpha, beta = fit_alpha_beta(seconds)
+            report["allreduce"] = {"seconds_by_bytes": seconds, "alpha": alpha, "beta": beta}
+    if world.rank == 0:
+        print(format_ranks(report))
+    return report if world.rank == 0 else None
+
+
+def format_ranks(report):
+    """The tables of ``cprop bench --ranks``: measured scaling, then the α-β model."""
+    counts = report["ranks"]
+    lines = [f"training over MPI: {report['threads_per_rank']} thread(s) per rank, {report['dtype']}, "
+             f"median of {report['rounds']} round(s), "
+             + ("synchronous (gradient allreduced every step)" if report["average_every"] is None
+                else f"local SGD averaging every {report['average_every']} steps"),
+             "the same global batch split over k ranks; efficiency = samples/s / (k x one rank's)", ""]
+    head = f"{'workload':<8} {'layers':<22} {'batch':>5} " + " ".join(f"{f'{k} rank(s)':>18}" for k in counts)
+    lines += [head, "-" * len(head)]
+    for w in report["workloads"]:
+        cells = " ".join(f"{w['samples_per_second'][k]:>9,.0f} ({w['efficiency'][k]:>4.0%})" for k in counts)
+        lines.append(f"{w['name']:<8} {w['layers']:<22} {w['batch_size']:>5} {cells}")
+    ar = report.get("allreduce")
+    if ar:
+        alpha, beta = ar["alpha"], ar["beta"]
+        lines += ["", f"allreduce between 2 ranks here: α = {alpha * 1e6:.1f} µs, β = {beta * 1e9:.3f} ns/byte "
+                      f"({1 / beta / 1e9 if beta else float('inf'):.1f} GB/s) fitted to "
+                      + ", ".join(f"{b:,} B {s * 1e6:.0f} µs" for b, s in sorted(ar["seconds_by_bytes"].items())
+                                  if b in (8, 2048, 131072, 8388608)),
+                  "model: p ranks each computing one batch per step, ring allreduce of the gradient",
+                  "(efficiency t / (t + T_allreduce(p) / H), t = one rank's batch time measured above)"]
+        links = [("here", alpha, beta)] + LINKS
+        head = f"{'workload':<8} {'link':<20} {'H':>3} " + " ".join(f"{f'p={p}':>7}" for p in MODEL_RANKS)
+        lines += [head, "-" * len(head)]
+        for w in report["workloads"]:
+            t = w["batch_size"] / w["samples_per_second"][1]
+            for name, a, b in links:
+                for h in MODEL_AVERAGE_EVERY:
+                    cells = " ".join(f"{model_efficiency(t, w['gradient_bytes'], p, a, b, h):>7.0%}"
+                                     for p in MODEL_RANKS)
+                    lines.append(f"{w['name']:<8} {name:<20} {h:>3} {cells}")
+    return "\n".join(lines)

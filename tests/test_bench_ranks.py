@@ -1,0 +1,50 @@
+"""`cprop bench --ranks`: the α-β model's arithmetic, and the command's errors outside mpiexec.
+(tests/distributed/test_mpi_bench.py runs the measurement itself under mpiexec.)"""
+import math
+
+import pytest
+
+from cprop.__main__ import main
+from cprop.bench import ranks
+
+from test_cli import assert_clean_error
+
+
+def test_rank_counts_double_up_to_n():
+    assert ranks.rank_counts(1) == [1]
+    assert ranks.rank_counts(2) == [1, 2]
+    assert ranks.rank_counts(6) == [1, 2, 4, 6]
+    assert ranks.rank_counts(8) == [1, 2, 4, 8]
+
+
+def test_alpha_beta_fit_recovers_the_model_it_was_given():
+    alpha, beta = 3e-6, 0.2e-9
+    seconds = {n: 2 * alpha + n * beta for n in ranks.ALLREDUCE_BYTES}
+    got_alpha, got_beta = ranks.fit_alpha_beta(seconds)
+    assert math.isclose(got_alpha, alpha, rel_tol=1e-6) and math.isclose(got_beta, beta, rel_tol=1e-6)
+
+
+def test_ring_allreduce_and_efficiency_formulas():
+    # 2 ranks: 2α + n·β; many ranks: the bandwidth term tends to 2·n·β
+    assert math.isclose(ranks.ring_allreduce_seconds(2, 1000, 1e-6, 1e-9), 2e-6 + 1e-6)
+    assert math.isclose(ranks.ring_allreduce_seconds(1000, 1e6, 0.0, 1e-9), 2 * 999 / 1000 * 1e-3)
+    assert ranks.ring_allreduce_seconds(1, 1e6, 1e-6, 1e-9) == 0       # one rank sends nothing
+    # compute of 1 ms against 1 ms of allreduce: 50%, and 8 steps between averages: 8/9
+    t_ar = ranks.ring_allreduce_seconds(8, 1e6, 1e-6, 1e-9)
+    assert math.isclose(ranks.model_efficiency(t_ar, 1e6, 8, 1e-6, 1e-9), 0.5)
+    assert math.isclose(ranks.model_efficiency(t_ar, 1e6, 8, 1e-6, 1e-9, average_every=8), 8 / 9)
+
+
+def test_bench_ranks_outside_mpiexec_says_how_to_launch(capsys):
+    pytest.importorskip("mpi4py")
+    code = main(["bench", "--ranks", "4", "--quick", "--workload", "tiny"])
+    assert_clean_error(code, capsys.readouterr().err, "bench", "--ranks 4", "mpiexec -n 4")
+
+
+@pytest.mark.parametrize("args, words", [(["--average-every", "4"], ["--average-every", "--ranks"]),
+                                         (["--ranks", "1", "--peers", "torch"], ["--ranks", "--peers"]),
+                                         (["--ranks", "1", "--average-every", "0"], ["--average-every", ">= 1"])],
+                         ids=["average_without_ranks", "peers", "average_zero"])
+def test_bench_ranks_refuses_options_that_do_not_apply(args, words, capsys):
+    code = main(["bench", "--quick", "--workload", "tiny", *args])
+    assert_clean_error(code, capsys.readouterr().err, "bench", *words)
