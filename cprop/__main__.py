@@ -169,7 +169,103 @@ def _openmp_api(macro):
     return f"(OpenMP {OPENMP_API.get(macro, macro)} API, _OPENMP={macro})"
 
 
+# environment variables that MPI launchers (Open MPI, MPICH/Hydra, PMIx, Slurm's srun) set
+_LAUNCHER_SIZE = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+
+
+def _launched_ranks():
+    """How many processes an MPI launcher started with this one (1 when none did)."""
+    for name in _LAUNCHER_SIZE:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
+def _cli_comm(mode):
+    """The communicator `cprop train` trains over: COMM_WORLD when launched by mpiexec/srun with
+    more than one process (--mpi auto) or asked to (--mpi yes), else None."""
+    if mode == "no" or (mode == "auto" and _launched_ranks() <= 1):
+        return None
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise UsageError(
+            f"{'--mpi yes' if mode == 'yes' else f'launched as {_launched_ranks()} MPI processes'} needs "
+            "mpi4py (pip install 'cprop[mpi]'); --mpi no trains each process on its own") from None
+    return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
+
+
+def _as_cli_error(exc):
+    """An anticipated exception as the UsageError or Failure main() prints; None for a bug."""
+    from .io import CpropFileError
+    from .trainer import DivergenceError
+    if isinstance(exc, (UsageError, Failure)):
+        return exc
+    if isinstance(exc, (CpropFileError, DivergenceError)):
+        return Failure(str(exc))
+    if isinstance(exc, OSError):
+        return Failure(_describe_os_error(exc))
+    if isinstance(exc, MemoryError):
+        return Failure(f"out of memory ({exc})" if str(exc) else "out of memory")
+    return None
+
+
+def _agree(comm, error):
+    """Raise on every rank the first error any rank had (every rank calls this at the same
+    point: an error on one rank alone would leave the others waiting in the next collective)."""
+    if comm is not None:
+        gathered = comm.allgather(None if error is None else (isinstance(error, UsageError), str(error)))
+        first = next(((r, g) for r, g in enumerate(gathered) if g is not None), None)
+        if first is not None and error is None:
+            rank, (usage, message) = first
+            error = (UsageError if usage else Failure)(f"(rank {rank}) {message}")
+    if error is not None:
+        raise error
+
+
 def _train(args):
+    """`cprop train`; under MPI (mpiexec/srun, or --mpi yes) one training over every rank,
+    rank 0 printing and writing the model."""
+    from .trainer import DivergenceError
+    comm = _cli_comm(args.mpi)
+    if comm is not None:
+        args.mpi_rank = comm.Get_rank()
+        args.quiet = args.quiet or args.mpi_rank != 0
+    prepared, error = None, None
+    try:
+        prepared = _prepare_training(args, comm)
+    except Exception as exc:
+        error = _as_cli_error(exc)
+        if error is None:
+            raise
+    _agree(comm, error)
+    trainer, X, y, loss, lr, scaled = prepared
+    try:
+        trainer.fit(X, y, epochs=args.epochs, validation_split=args.validation_split or None,
+                    verbose=not args.quiet)
+    except DivergenceError as exc:   # under MPI every rank raises it together
+        raise Failure(f"training diverged in epoch {trainer.epochs_done + 1}: the loss or an update became "
+                      f"infinite or NaN, and nothing was saved. The {scaled} are already standardised; "
+                      f"lower the learning rate: --lr {lr / 10:g} (it was {lr:g})") from exc
+    error = None
+    if trainer.rank == 0:          # one writer; the other ranks learn whether it worked
+        try:
+            trainer.save(args.out)
+        except Exception as exc:
+            error = _as_cli_error(exc)
+            if error is None:
+                raise
+    _agree(comm, error)
+    score = _training_score(trainer, X, y, loss)      # collective under MPI
+    _say(args, f"training-set {score}; saved {args.out}"
+               + (f" (trained over {comm.Get_size()} MPI ranks)" if comm is not None else ""))
+    return 0
+
+
+def _prepare_training(args, comm):
+    """Everything before the fit: options checked, data read and scaled, the trainer made;
+    (trainer, X, y, loss, lr, what was scaled)."""
     import numpy as np
     import cprop
     from . import _cli_data as data
@@ -226,20 +322,11 @@ def _train(args):
               for i in range(len(sizes) - 1)]
     net = cprop.Sequential(layers, dtype=args.dtype, seed=args.seed)
     trainer = cprop.Trainer(net, loss, optimizer, batch_size=args.batch_size, seed=args.seed,
-                            n_threads=args.threads)
+                            n_threads=args.threads, comm=comm)
     trainer.extra = extra
     _say(args, f"training {'-'.join(map(str, sizes))} ({args.activation}) on {X.shape[0]} samples, "
                f"loss {loss}, {args.optimizer} lr {lr:g}")
-    try:
-        trainer.fit(X, y, epochs=args.epochs, validation_split=args.validation_split or None,
-                    verbose=not args.quiet)
-    except cprop.DivergenceError:
-        raise Failure(f"training diverged in epoch {trainer.epochs_done + 1}: the loss or an update became "
-                      f"infinite or NaN, and nothing was saved. The {scaled} are already standardised; "
-                      f"lower the learning rate: --lr {lr / 10:g} (it was {lr:g})") from None
-    trainer.save(args.out)
-    _say(args, f"training-set {_training_score(trainer, X, y, loss)}; saved {args.out}")
-    return 0
+    return trainer, X, y, loss, lr, scaled
 
 
 def _training_score(trainer, X, y, loss):
@@ -432,6 +519,10 @@ def build_parser():
     p.add_argument("--threads", type=_count, default=None)
     p.add_argument("--out", default="model.npz", help="where to save the trained model (default model.npz)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--mpi", default="auto", choices=["auto", "yes", "no"],
+                   help="train over MPI, every process reading the same data, rank 0 printing and "
+                        "writing (needs mpi4py): auto (default) when launched by mpiexec or srun with "
+                        "more than one process")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("predict", help="predict with a model saved by `cprop train`",
@@ -504,7 +595,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"cprop {args.command}: interrupted", file=sys.stderr)
         return 130
-    print(f"cprop {args.command}: error: {message}", file=sys.stderr)
+    if getattr(args, "mpi_rank", 0) == 0:       # under MPI every rank fails alike; rank 0 says why
+        print(f"cprop {args.command}: error: {message}", file=sys.stderr)
     return status
 
 

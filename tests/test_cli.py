@@ -795,3 +795,23 @@ def test_memory_and_os_errors_while_running_are_one_line(error, words, files, mo
     code = main(["train", str(files["root"] / "regression.csv"), "--target", "target"])
 
     assert_clean_error(code, capsys.readouterr().err, "train", *words, status=1)
+
+
+# -- train under MPI (the runs over several ranks are in tests/distributed/test_mpi_cli.py) --------
+
+def test_train_launched_as_several_mpi_processes_without_mpi4py_says_what_to_install(files, tmp_path, capsys,
+                                                                                      monkeypatch):
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.setitem(sys.modules, "mpi4py", None)      # as if it were not installed
+    code = main(["train", str(files["root"] / "digits.csv"), "--target", "digit", "--out", str(tmp_path / "m.npz")])
+    assert_clean_error(code, capsys.readouterr().err, "train", "mpi4py", "--mpi no")
+    assert not (tmp_path / "m.npz").exists()
+
+
+def test_train_with_mpi_asked_for_but_one_process_trains_alone(files, tmp_path, capsys):
+    pytest.importorskip("mpi4py")
+    out = tmp_path / "m.npz"
+    code = main(["train", str(files["root"] / "digits.csv"), "--target", "digit", "--epochs", "2", "--out", str(out),
+                 "--mpi", "yes"])
+    assert code == 0, capsys.readouterr().err
+    assert "MPI" not in capsys.readouterr().out and out.exists()
