@@ -141,12 +141,9 @@ def _demo(args):
 def _info(args):
     import cprop
     from ._lazy import core
+    from threadpoolctl import threadpool_info
+
     cprop.show_config()
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        print("    (install threadpoolctl to list every thread pool)")
-        return 0
     for pool in threadpool_info():
         version = pool.get("version")
         if version is None and pool.get("user_api") == "openmp":
