@@ -157,7 +157,7 @@ cdef inline floating activate(floating z, int activation, floating alpha) noexce
 
 cdef inline floating derivative(floating y, floating z, int activation, floating alpha) noexcept nogil:
     """f'(z), through y = f(z) where that is enough, else through z (see needs_z)."""
-    cdef floating one = 1, half = <floating> 0.5, s, t, k, c, inner
+    cdef floating one = 1, half = <floating> 0.5, s, t, k, c
     if activation == RELU:
         return one if y > 0 else 0
     if activation == LEAKY_RELU:
