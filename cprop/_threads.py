@@ -58,7 +58,7 @@ def _blas_controller():
     """
     global _blas
     if _blas is None:
-        _core.BLAS   # binding the core's BLAS loads the library (without importing scipy.linalg)
+        _core.module()   # binding the core's BLAS loads the library (without importing scipy.linalg)
         from threadpoolctl import OpenBLASController, ThreadpoolController
 
         blas = ThreadpoolController().select(user_api="blas")
@@ -304,7 +304,6 @@ def openmp_environment():
 
 def openmp_wait_info():
     """How OpenMP's own waits are set: by the user, by cprop, or libgomp's default."""
-    _core.OPENMP   # loads the core
-    if not _core.OPENMP:
+    if not _core.OPENMP:   # loads the core
         return None
     return _openmp_wait

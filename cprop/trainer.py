@@ -10,14 +10,13 @@ import warnings
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._lazy import core as _core
 from . import distributed as _distributed
 from . import io as _io
-from ._threads import ThreadFallback, resolve_threads, single_threaded_blas
-from ._threads import MAX_THREADS
-from ._validation import check_X, check_bool, check_positive_int, check_real, check_sample_weight
-from .callbacks import Checkpoint, as_callbacks
 from . import losses
+from ._lazy import core as _core
+from ._threads import MAX_THREADS, ThreadFallback, resolve_threads, single_threaded_blas
+from ._validation import check_bool, check_positive_int, check_real, check_sample_weight, check_X
+from .callbacks import Checkpoint, as_callbacks
 from .losses import loss_code, prepare_targets
 from .network import Sequential, network_from_archive
 from .optim import OPTIMIZERS, SGD, Optimizer
@@ -32,8 +31,14 @@ class History:
     ``samples_per_second`` (lists of floats, one per completed epoch)."""
 
     FIELDS = ("loss", "val_loss", "val_accuracy", "lr", "time", "samples_per_second")
+    loss: list[float]
+    val_loss: list[float]
+    val_accuracy: list[float]
+    lr: list[float]
+    time: list[float]
+    samples_per_second: list[float]
 
-    def __init__(self):
+    def __init__(self) -> None:
         for name in self.FIELDS:
             setattr(self, name, [])
 
@@ -160,7 +165,7 @@ class Trainer:
         self.dropout_seed = int(np.random.default_rng(seed).integers(2**63))
         self.epochs_done = 0
         self.history = History()
-        self.extra = {}   # JSON-serialisable notes saved with the trainer (the CLI keeps classes, scaling)
+        self.extra: dict = {}   # JSON-serialisable notes saved with the trainer (the CLI keeps classes, scaling)
 
     def _check_settings(self):
         """Validate the settings (again at each fit: they are plain attributes users may change)."""

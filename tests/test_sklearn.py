@@ -9,16 +9,16 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 pytest.importorskip("sklearn", minversion="1.6")
 
-from sklearn import neural_network as sk                                    # noqa: E402
-from sklearn.base import clone                                               # noqa: E402
-from sklearn.exceptions import ConvergenceWarning, NotFittedError            # noqa: E402
-from sklearn.model_selection import GridSearchCV, train_test_split           # noqa: E402
-from sklearn.pipeline import make_pipeline                                   # noqa: E402
-from sklearn.preprocessing import StandardScaler                             # noqa: E402
-from sklearn.utils.estimator_checks import parametrize_with_checks           # noqa: E402
+from sklearn import neural_network as sk  # noqa: E402
+from sklearn.base import clone  # noqa: E402
+from sklearn.exceptions import ConvergenceWarning, NotFittedError  # noqa: E402
+from sklearn.model_selection import GridSearchCV, train_test_split  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 
-import cprop                                                                 # noqa: E402
-from cprop.sklearn import MLPClassifier, MLPRegressor                        # noqa: E402
+import cprop  # noqa: E402
+from cprop.sklearn import MLPClassifier, MLPRegressor  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 
@@ -251,6 +251,7 @@ def test_adam_takes_sklearns_steps_on_digits(alpha):
 
 def test_private_adam_learning_rate_answers_as_sklearns():
     from sklearn.neural_network._stochastic_optimizers import AdamOptimizer
+
     from cprop.sklearn import _Adam
     net = cprop.Sequential([cprop.Dense(3, 1)], dtype=np.float64, seed=0)
     ours = _Adam(lr=0.005, betas=(0.8, 0.99), eps=1e-8)

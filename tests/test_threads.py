@@ -11,11 +11,13 @@ import warnings
 
 import numpy as np
 import pytest
+import threadpoolctl
 from numpy.testing import assert_allclose, assert_array_equal
 
 import cprop
 from cprop import _threads
 from cprop._lazy import core as _core
+
 from conftest import TOLERANCES, make_net
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -204,10 +206,9 @@ def test_estimator_results_do_not_depend_on_n_threads_beyond_rounding():
 
 @needs_openmp
 def test_threadpool_limits_limit_cprop(epoch_threads, restore_threads):
-    import threadpoolctl
     X, y = classification()
     net = make_net([100, 64, 10])
-    _core.OPENMP                            # cprop's libgomp must be loaded to be limited
+    _core.module()                          # cprop's libgomp must be loaded to be limited
     default = cprop.get_num_threads()
 
     with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
@@ -223,8 +224,7 @@ def test_threadpool_limits_limit_cprop(epoch_threads, restore_threads):
 
 @needs_openmp
 def test_threadpoolctl_sees_cprops_openmp():
-    import threadpoolctl
-    _core.OPENMP
+    _core.module()
     maps = open("/proc/self/maps").read() if os.path.exists("/proc/self/maps") else ""
     openmp = [lib for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "openmp"]
     if maps:   # the libgomp cprop's core linked is among the libraries threadpoolctl controls
@@ -235,7 +235,7 @@ def test_threadpoolctl_sees_cprops_openmp():
         assert core_libgomp & {os.path.realpath(lib["filepath"]) for lib in openmp}
 
 
-def blas_threads(threadpoolctl):
+def blas_threads():
     """The thread count threadpoolctl reports for the BLAS cprop holds."""
     path = _threads.blas_info()
     counts = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["filepath"] == path]
@@ -244,22 +244,21 @@ def blas_threads(threadpoolctl):
 
 
 def test_a_fit_holds_blas_at_one_thread_and_puts_the_count_back():
-    import threadpoolctl
     X, y = classification()
     seen = []
 
     def callback(trainer, epoch, logs):
-        seen.append(blas_threads(threadpoolctl))
+        seen.append(blas_threads())
 
     assert _threads.blas_info() is not None
     with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
-        before = blas_threads(threadpoolctl)
+        before = blas_threads()
         if before == 1:
             pytest.skip("this BLAS runs one thread only")
         cprop.Trainer(make_net([100, 16, 10]), loss="cross_entropy", batch_size=100).fit(
             X, y, epochs=2, callbacks=[callback])
         assert seen == [1, 1]
-        assert blas_threads(threadpoolctl) == before
+        assert blas_threads() == before
 
 
 BLAS_ACROSS_THREADS = """
