@@ -420,9 +420,8 @@ class Sequential:
         through every layer in chunks of `chunk_size` rows; the intermediate
         buffers are kept per thread and reused by the next call. The default
         makes a layer's output about 1 MB (512 to 4096 rows): every chunk
-        re-packs each W for BLAS, and on this project's 2-core machine chunks
-        of 1024-2048 rows ran 784-128-10 and 784-256-256-256-10 networks 3-4%
-        faster than chunks of 256 rows sized for L2.
+        re-packs each W for BLAS, so chunks of that size ran faster than
+        smaller ones sized for L2 (benchmarks/README.md).
         """
         X = check_X(X, self._dtype, self.n_inputs)
         n_threads = resolve_threads(n_threads)

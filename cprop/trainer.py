@@ -317,9 +317,8 @@ class Trainer:
         for cb in callbacks:
             cb.on_train_begin(self)
         # BLAS is held at one thread for the whole fit, not set and restored
-        # around every epoch: an epoch that starts right after a restore found
-        # OpenBLAS's pool awake on the cores it needs (measured: 6% slower short epochs;
-        # digits fits of 100 epochs 1-3% faster held once, in two A/B runs)
+        # around every epoch: an epoch that starts right after a restore finds
+        # OpenBLAS's pool awake on the cores it needs (benchmarks/README.md)
         try:
             with single_threaded_blas():
                 for _ in range(epochs):

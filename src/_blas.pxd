@@ -1,7 +1,8 @@
 # BLAS in one place: a row-major GEMM over the BLAS scipy's Cython BLAS calls, without the GIL.
 #
 # The core does not cimport scipy.linalg.cython_blas: importing that module imports all
-# of scipy.linalg (0.15-0.25 s), which every process would pay before its first fit. The
+# of scipy.linalg (benchmarks/README.md: what it costs), which every process would pay
+# before its first fit. The
 # Fortran sgemm_/dgemm_ that cython_blas wraps are bound at import instead (_bind_blas in
 # _core.pyx, through cprop_bind_gemm): looked up in the shared library cython_blas links
 # to, without running any Python, or, where that cannot be done, read from cython_blas's

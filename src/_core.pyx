@@ -62,7 +62,8 @@ def _bind_blas():
     """Bind the sgemm/dgemm every product calls; returns where they came from.
 
     The functions are scipy's BLAS, the ones ``scipy.linalg.cython_blas`` calls.
-    Importing that module imports all of scipy.linalg (0.15-0.25 s), so they are
+    Importing that module imports all of scipy.linalg (a large import, see
+    benchmarks/README.md), so they are
     first looked up in the shared library it links to, loaded without running
     its Python (dlopen/dlsym on the module's file, found without importing
     scipy). Where that fails (another platform, a scipy built differently), or
