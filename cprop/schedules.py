@@ -34,8 +34,8 @@ class Schedule(Callback):
             self.base_lr = trainer.optimizer.lr
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, logs: Logs) -> None:
-        self.on_train_begin(trainer)   # the base rate, also for a schedule called outside a fit
-        assert self.base_lr is not None
+        if self.base_lr is None:       # a schedule called outside a fit
+            self.base_lr = trainer.optimizer.lr
         self.t += 1
         trainer.optimizer.lr = float(self.rate(self.t, self.base_lr, logs))
 
