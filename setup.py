@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 
@@ -31,7 +30,6 @@ import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
-
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

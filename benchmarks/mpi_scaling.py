@@ -74,6 +74,7 @@ def worker(args):
 def _parts(trainer, comm, X, y, w, args):
     """The per-batch cost of the MPI job's three parts, each timed alone (the slowest rank's)."""
     from mpi4py import MPI
+
     from cprop import losses
     net = trainer.net
     share = w.batch_size // comm.Get_size()

@@ -60,45 +60,48 @@ def first_fit(rounds):
 DROPIN_CASES = [("adam-100x100", 100, "adam", 100), ("sgd-64x30", 64, "sgd", 30)]
 
 
-def dropin_overhead(rounds):
-    """{case: (median seconds of the drop-in, of Trainer.fit, their ratio)}."""
+def _dropin_case(X, y, hidden, solver, epochs, rounds):
+    """(median seconds of the drop-in, of Trainer.fit, their ratio) for one case."""
     import numpy as np
-    from sklearn.datasets import load_digits
     from sklearn.exceptions import ConvergenceWarning
 
     import cprop
     import cprop.sklearn
 
+    def dropin():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            cprop.sklearn.MLPClassifier(
+                hidden_layer_sizes=(hidden,), solver=solver, learning_rate_init=0.01 if solver == "adam" else 0.1,
+                momentum=0.9, nesterovs_momentum=False, batch_size=200, max_iter=epochs, tol=0,
+                n_iter_no_change=10**6, random_state=0).fit(X, y)
+
+    def trainer():
+        net = cprop.Sequential([cprop.Dense(64, hidden, "relu"), cprop.Dense(hidden, 10)], seed=0,
+                               dtype=np.float64)
+        optimizer = cprop.Adam(lr=0.01, eps=1e-8) if solver == "adam" else cprop.SGD(lr=0.1, momentum=0.9)
+        cprop.Trainer(net, loss="cross_entropy", batch_size=200, seed=0, optimizer=optimizer).fit(X, y, epochs=epochs)
+
+    runs = {"drop-in": dropin, "Trainer.fit": trainer}
+    seconds = {key: [] for key in runs}
+    dropin(), trainer()          # warm-up
+    for r in range(rounds):
+        for key in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            start = time.perf_counter()
+            runs[key]()
+            seconds[key].append(time.perf_counter() - start)
+    medians = {key: statistics.median(s) for key, s in seconds.items()}
+    return medians["drop-in"], medians["Trainer.fit"], medians["drop-in"] / medians["Trainer.fit"]
+
+
+def dropin_overhead(rounds):
+    """{case: (median seconds of the drop-in, of Trainer.fit, their ratio)}."""
+    from sklearn.datasets import load_digits
+
     X, y = load_digits(return_X_y=True)
     X = X / 16.0
-    results = {}
-    for name, hidden, solver, epochs in DROPIN_CASES:
-        def dropin():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                cprop.sklearn.MLPClassifier(
-                    hidden_layer_sizes=(hidden,), solver=solver, learning_rate_init=0.01 if solver == "adam" else 0.1,
-                    momentum=0.9, nesterovs_momentum=False, batch_size=200, max_iter=epochs, tol=0,
-                    n_iter_no_change=10**6, random_state=0).fit(X, y)
-
-        def trainer():
-            net = cprop.Sequential([cprop.Dense(64, hidden, "relu"), cprop.Dense(hidden, 10)], seed=0,
-                                   dtype=np.float64)
-            optimizer = (cprop.Adam(lr=0.01, eps=1e-8) if solver == "adam" else cprop.SGD(lr=0.1, momentum=0.9))
-            cprop.Trainer(net, loss="cross_entropy", batch_size=200, seed=0, optimizer=optimizer
-                          ).fit(X, y, epochs=epochs)
-
-        runs = {"drop-in": dropin, "Trainer.fit": trainer}
-        seconds = {key: [] for key in runs}
-        dropin(), trainer()          # warm-up
-        for r in range(rounds):
-            for key in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
-                start = time.perf_counter()
-                runs[key]()
-                seconds[key].append(time.perf_counter() - start)
-        medians = {key: statistics.median(s) for key, s in seconds.items()}
-        results[name] = (medians["drop-in"], medians["Trainer.fit"], medians["drop-in"] / medians["Trainer.fit"])
-    return results
+    return {name: _dropin_case(X, y, hidden, solver, epochs, rounds)
+            for name, hidden, solver, epochs in DROPIN_CASES}
 
 
 def main():
@@ -108,14 +111,14 @@ def main():
     print(f"machine load average at start: {os.getloadavg()[0]:.2f}; "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}")
     fit = first_fit(args.rounds)
-    print("first fit of a fresh process (median of %d):" % args.rounds)
+    print(f"first fit of a fresh process (median of {args.rounds}):")
     for mode, m in fit.items():
         print(f"  {mode:<12} core load {m['core_load'] * 1e3:7.1f} ms   import to end of first fit "
               f"{m['first_fit'] * 1e3:7.1f} ms")
     saved = fit["cython_blas"]["first_fit"] - fit["dlsym"]["first_fit"]
     print(f"  dlsym saves {saved * 1e3:.0f} ms of the first fit "
           f"({fit['cython_blas']['first_fit'] / fit['dlsym']['first_fit']:.2f}x)")
-    print("drop-in against Trainer.fit on digits, the same network and settings (median of %d):" % args.rounds)
+    print(f"drop-in against Trainer.fit on digits, the same network and settings (median of {args.rounds}):")
     for name, (dropin, trainer, ratio) in dropin_overhead(args.rounds).items():
         print(f"  {name:<14} drop-in {dropin * 1e3:7.1f} ms   Trainer.fit {trainer * 1e3:7.1f} ms   "
               f"ratio {ratio:.3f}")

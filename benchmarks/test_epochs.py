@@ -11,7 +11,7 @@ import pytest
 from cprop import bench
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _data(name, n_samples, dtype):
     return bench.WORKLOADS[name].make_data(n_samples, dtype)
 

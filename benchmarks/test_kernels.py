@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import cprop
-from cprop._lazy import core as _core   # the build this CPU uses
+from cprop._lazy import core as _core  # the build this CPU uses
 from cprop._threads import single_threaded_blas
 from cprop.activations import ACTIVATIONS
 from cprop.bench import LEARNING_RATE, MOMENTUM, WORKLOADS, blas_limits

@@ -8,12 +8,13 @@ epoch is one call into Cython that runs without the GIL.
 __version__ = "0.1.0"
 
 from ._lazy import check_built as _check_built
+
 _check_built()   # an uncompiled source checkout says so here, not at the first kernel call
 del _check_built
 
 from . import callbacks, datasets, losses, schedules
-from .callbacks import Callback, Checkpoint, EarlyStopping
 from ._threads import get_num_threads, set_num_threads
+from .callbacks import Callback, Checkpoint, EarlyStopping
 from .gradcheck import gradient_check
 from .io import CpropFileError
 from .layers import BatchNorm, Dense, Dropout, LayerNorm
@@ -24,9 +25,13 @@ from .trainer import DivergenceError, History, Trainer
 
 def show_config(file=None):
     """Print (and return as a dict) how this cprop was built and what it will use."""
+    import sys
+
+    import numpy
+    import scipy
+
     from . import _threads
     from ._lazy import core as _core
-    import numpy, scipy, sys
     info = {
         "cprop": __version__,
         "python": sys.version.split()[0],
@@ -47,9 +52,10 @@ def show_config(file=None):
 
 
 __all__ = [
-    "Dense", "Dropout", "BatchNorm", "LayerNorm", "Sequential", "Trainer", "History", "SGD", "Adam", "AdamW", "LBFGS", "losses", "datasets",
-    "callbacks", "schedules", "Callback", "Checkpoint", "EarlyStopping",
-    "gradient_check", "load", "set_num_threads", "get_num_threads", "show_config",
+    "Dense", "Dropout", "BatchNorm", "LayerNorm", "Sequential", "Trainer", "History",
+    "SGD", "Adam", "AdamW", "LBFGS", "losses", "datasets", "callbacks", "schedules",
+    "Callback", "Checkpoint", "EarlyStopping", "gradient_check", "load",
+    "set_num_threads", "get_num_threads", "show_config",
     "DivergenceError", "CpropFileError", "__version__",
 ]
 

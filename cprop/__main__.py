@@ -72,6 +72,7 @@ def _check_network_size(sizes, dtype, n_state, batch_size, option):
     """UsageError, before anything is allocated, for a network too large for this machine's
     memory: its parameters, gradients and `n_state` optimizer arrays, and the activations."""
     import numpy as np
+
     from ._cli_data import available_memory
     from ._validation import MAX_SIZE
     if max(sizes) > MAX_SIZE:
@@ -110,6 +111,7 @@ def _say(args, *text):
 
 def _demo(args):
     import numpy as np
+
     import cprop
 
     _check_threads(args.threads)
@@ -139,14 +141,13 @@ def _demo(args):
 
 
 def _info(args):
+    from threadpoolctl import threadpool_info
+
     import cprop
+
     from ._lazy import core
+
     cprop.show_config()
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        print("    (install threadpoolctl to list every thread pool)")
-        return 0
     for pool in threadpool_info():
         version = pool.get("version")
         if version is None and pool.get("user_api") == "openmp":
@@ -267,7 +268,9 @@ def _prepare_training(args, comm):
     """Everything before the fit: options checked, data read and scaled, the trainer made;
     (trainer, X, y, loss, lr, what was scaled)."""
     import numpy as np
+
     import cprop
+
     from . import _cli_data as data
 
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
@@ -363,7 +366,9 @@ def _choose_loss(loss, table):
 
 def _predict(args):
     import numpy as np
+
     import cprop
+
     from . import _cli_data as data
 
     if args.out:

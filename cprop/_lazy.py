@@ -19,7 +19,7 @@ VARIANTS = {"baseline": "cprop._core", "avx2": "cprop._core_avx2"}
 def cpu_has_avx2():
     """Whether this CPU (and OS) runs AVX2 and FMA code, as NumPy's own dispatch detects it."""
     try:
-        from numpy._core._multiarray_umath import __cpu_features__ as features
+        from numpy._core._multiarray_umath import __cpu_features__ as features  # type: ignore[import-not-found]
     except ImportError:
         try:
             from numpy.core._multiarray_umath import __cpu_features__ as features
@@ -65,7 +65,7 @@ class _LazyCore:
     def module(self):
         """The compiled module itself (imported now if it was not yet)."""
         if self._module is None:
-            from ._threads import openmp_environment   # OpenMP reads it as the core loads
+            from ._threads import openmp_environment  # OpenMP reads it as the core loads
             with openmp_environment():
                 self._module = importlib.import_module(VARIANTS[choose_variant()])
         return self._module

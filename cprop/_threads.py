@@ -4,7 +4,7 @@ cprop splits every large matrix product between its own OpenMP threads and
 calls BLAS single-threaded inside each: two thread pools spinning on the same
 cores (OpenBLAS's and OpenMP's) make training many times slower. So while a
 kernel runs, the BLAS the core's products call (scipy's) is held at one
-thread, and put back afterwards.
+thread through threadpoolctl, and put back afterwards.
 
 Thread counts: an explicit ``n_threads``, else :func:`set_num_threads`'s value,
 else OpenMP's default (``OMP_NUM_THREADS``, or the cores this process may run
@@ -19,7 +19,7 @@ On a busy machine a fit's threads can stall each other: see
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import importlib.util
 import os
 import threading
 import warnings
@@ -34,86 +34,80 @@ MAX_THREADS = 4096
 THREADS_PER_CORE = 4
 _lock = threading.Lock()
 _blas_users = 0
-_blas_saved = None
-
-# (getter, setter) symbol names of the BLAS libraries scipy ships or links
-_BLAS_SYMBOLS = [
-    ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
-    ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
-    ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
-    ("openblas_get_num_threads", "openblas_set_num_threads"),
-    ("MKL_Get_Max_Threads", "MKL_Set_Num_Threads"),
-    ("bli_thread_get_num_threads", "bli_thread_set_num_threads"),
-]
+_blas_limit = None       # threadpoolctl's limit of the BLAS at one thread, from the first user to the last
+_blas = None             # (threadpoolctl's controller of the BLAS the core calls, release), made once
 
 
-def _find_blas():
-    """(get, set) ctypes functions of the BLAS scipy's Cython BLAS calls, or None."""
-    _core.BLAS   # binding the core's BLAS loads the library (without importing scipy.linalg)
-
-    paths = []
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                path = line.split()[-1] if line.strip() else ""
-                low = os.path.basename(path).lower()
-                if (path.startswith("/") and ("blas" in low or "mkl" in low or "blis" in low)
-                        and ".cpython-" not in low and path not in paths):
-                    paths.append(path)
-    except OSError:
-        return None
-    # scipy's own library first: it is the one cython_blas calls
-    paths.sort(key=lambda p: "scipy" not in p)
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for get_name, set_name in _BLAS_SYMBOLS:
-            getter = getattr(lib, get_name, None)
-            setter = getattr(lib, set_name, None)
-            if getter is not None and setter is not None:
-                getter.restype = ctypes.c_int
-                setter.argtypes = [ctypes.c_int]
-                return path, getter, setter
-    return None
+def _scipy_folders():
+    """Folders of scipy's install (the package and its wheel's ``scipy.libs``), found without
+    importing scipy."""
+    spec = importlib.util.find_spec("scipy")
+    packages = [os.path.realpath(folder) for folder in (spec.submodule_search_locations or [])] if spec else []
+    return [folder for package in packages for folder in (package, package + ".libs")]
 
 
-_blas = None
-_blas_searched = False
+def _blas_controller():
+    """threadpoolctl's ThreadpoolController over the BLAS the core's products call.
+
+    Made once, after the core loaded (binding its sgemm/dgemm loads scipy's BLAS;
+    threadpoolctl only sees libraries already loaded): listing the loaded
+    libraries anew costs about a millisecond. That is the library scipy ships
+    when threadpoolctl finds one inside scipy's install (numpy's own copy of
+    OpenBLAS is left alone, as the products never call it), else every BLAS
+    threadpoolctl finds (a scipy linked to a system BLAS).
+    """
+    global _blas
+    if _blas is None:
+        _core.module()   # binding the core's BLAS loads the library (without importing scipy.linalg)
+        from threadpoolctl import OpenBLASController, ThreadpoolController
+
+        blas = ThreadpoolController().select(user_api="blas")
+        scipy = tuple(os.path.join(folder, "") for folder in _scipy_folders())
+        own = [lib.filepath for lib in blas.lib_controllers
+               if os.path.realpath(lib.filepath).startswith(scipy)]
+        if own:
+            blas = blas.select(filepath=own)
+        # threadpoolctl 3.7 and later let only the thread that last set a process-wide
+        # OpenBLAS limit set it again, until that thread clears its claim; cprop's first
+        # user sets the limit and its last user, maybe in another thread, restores it
+        release = getattr(OpenBLASController, "clear_controlling_thread", lambda: None)
+        _blas = blas, release
+    return _blas[0]
 
 
 def blas_info():
-    """Path of the BLAS library cprop holds at one thread, or None when none was found."""
-    global _blas, _blas_searched
-    if not _blas_searched:
-        _blas = _find_blas()
-        _blas_searched = True
-    return _blas[0] if _blas else None
+    """Path of the BLAS library cprop holds at one thread, or None when threadpoolctl finds none."""
+    libraries = _blas_controller().lib_controllers
+    return libraries[0].filepath if libraries else None
 
 
 @contextlib.contextmanager
 def single_threaded_blas():
-    """Hold BLAS at one thread for the duration (re-entrant and thread-safe)."""
-    global _blas_users, _blas_saved
-    blas_info()
-    if _blas is None:
-        yield
-        return
-    _, getter, setter = _blas
+    """Hold BLAS at one thread for the duration (re-entrant and thread-safe).
+
+    The first of overlapping users (nested, or fits in several threads) sets the
+    limit and the last puts the previous thread counts back: a fit that ends
+    while another runs leaves it single-threaded BLAS. A Python thread inside
+    the user's own ``threadpool_limits`` block keeps threadpoolctl's claim on
+    OpenBLAS, and a fit in another thread meanwhile leaves BLAS as that block set it.
+    """
+    global _blas_users, _blas_limit
+    controller = _blas_controller()
+    release = _blas[1]
     with _lock:
         if _blas_users == 0:
-            _blas_saved = getter()
-            if _blas_saved != 1:
-                setter(1)
+            _blas_limit = controller.limit(limits=1)
+            release()
         _blas_users += 1
     try:
         yield
     finally:
         with _lock:
             _blas_users -= 1
-            if _blas_users == 0 and _blas_saved not in (None, 1):
-                setter(_blas_saved)
+            if _blas_users == 0:
+                _blas_limit.restore_original_limits()
+                _blas_limit = None
+                release()
 
 
 def usable_cores() -> int:
@@ -255,52 +249,61 @@ class ThreadFallback:
 
 
 # libgomp's own waits (a pool thread between two parallel regions, the barrier that
-# ends a region) spin GOMP_SPINCOUNT pauses before they sleep: 300,000 by default,
-# about 20 ms where a pause takes 70 ns (this project's machine). Between two epochs
-# that keeps a thread spinning through the Python in between, and on a machine whose
-# cores are shared it is then descheduled just when the next epoch needs it. libgomp
-# reads the variable once, when it loads, so cprop sets it while its core loads
-# (unless the user chose a wait policy) and puts the environment back afterwards.
+# ends a region) spin GOMP_SPINCOUNT pauses before they sleep: 300,000 by default, tens
+# of milliseconds (benchmarks/README.md). Between two epochs that keeps a thread
+# spinning through the Python in between, and on a machine whose cores are shared it is
+# then descheduled just when the next epoch needs it. libgomp reads the variable once,
+# when it loads, so cprop sets it while its core loads (unless the user chose a wait
+# policy) and puts the environment back afterwards.
 GOMP_SPINCOUNT = "1000"
 _WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 _openmp_wait = None
 
 
-def _libgomp_loaded():
-    """Whether a libgomp.so is mapped into this process (Linux; False where unknown)."""
-    try:
-        with open("/proc/self/maps") as f:
-            return any(os.path.basename(line.split()[-1]).startswith("libgomp.so")
-                       for line in f if "/" in line)
-    except OSError:
-        return False
+def _libgomps():
+    """The libgomp libraries loaded in this process (as threadpoolctl finds them: a system
+    libgomp.so.1, or a wheel's vendored libgomp-<hash>)."""
+    from threadpoolctl import ThreadpoolController
+
+    return {os.path.realpath(lib.filepath)
+            for lib in ThreadpoolController().select(prefix="libgomp").lib_controllers}
 
 
 @contextlib.contextmanager
 def openmp_environment():
     """For the import of cprop's core: GOMP_SPINCOUNT set for libgomp, then the environment
-    as it was; records what applies (see :func:`openmp_wait_info`)."""
+    as it was; records what applies (see :func:`openmp_wait_info`).
+
+    Whether the setting reached cprop's libgomp shows afterwards: the core's import
+    loaded a libgomp that was not there before, and that one read the environment.
+    Otherwise the core uses one already loaded under the same name (torch's
+    libgomp.so.1, say), which read it before.
+    """
     global _openmp_wait, _openmp_default
     user = [f"{name}={os.environ[name]}" for name in _WAIT_VARIABLES if name in os.environ]
-    if user:
-        _openmp_wait = f"{', '.join(user)} (set by the user)"
-    elif _libgomp_loaded():
-        _openmp_wait = ("libgomp's default spinning: it was loaded before cprop's core "
-                        "(set OMP_WAIT_POLICY=passive before starting Python to change it)")
-    else:
-        _openmp_wait = f"GOMP_SPINCOUNT={GOMP_SPINCOUNT} (set by cprop while loading libgomp)"
+    before = _libgomps()
+    if not user:
         os.environ["GOMP_SPINCOUNT"] = GOMP_SPINCOUNT
     try:
         yield
     finally:
         if not user:
             os.environ.pop("GOMP_SPINCOUNT", None)
+    after = _libgomps()
+    if user:
+        _openmp_wait = f"{', '.join(user)} (set by the user)"
+    elif after - before:
+        _openmp_wait = f"GOMP_SPINCOUNT={GOMP_SPINCOUNT} (set by cprop while loading libgomp)"
+    elif after:
+        _openmp_wait = ("libgomp's default spinning: it was loaded before cprop's core "
+                        "(set OMP_WAIT_POLICY=passive before starting Python to change it)")
+    else:
+        _openmp_wait = "the OpenMP runtime's own default (cprop's core did not load libgomp)"
     _openmp_default = max(1, _core.max_threads())
 
 
 def openmp_wait_info():
     """How OpenMP's own waits are set: by the user, by cprop, or libgomp's default."""
-    _core.OPENMP   # loads the core
-    if not _core.OPENMP:
+    if not _core.OPENMP:   # loads the core
         return None
     return _openmp_wait

@@ -4,8 +4,8 @@ Every public entry converts and validates here, once, before anything reaches
 a compiled kernel that runs without bounds checks. Messages say what was
 expected and what was given.
 """
-import numbers
 import math
+import numbers
 
 import numpy as np
 
@@ -56,7 +56,7 @@ def check_finite(arr, name):
         raise ValueError(f"{name} contains {bad} NaN or infinite value(s); cprop needs finite numbers")
 
 
-def check_X(X, dtype, n_features=None, name="X"):
+def check_X(X, dtype, n_features=None, name="X") -> np.ndarray:
     """X as a C-contiguous 2-D array of `dtype`; no copy when it already is one."""
     arr = _as_numeric_array(X, name)
     if arr.ndim != 2:

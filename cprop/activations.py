@@ -81,4 +81,5 @@ def to_torch_module(name: str, alpha: float):
     torch_name, kwargs = TORCH[name]
     if name == "leaky_relu":
         kwargs = {"negative_slope": alpha}
+    assert isinstance(kwargs, dict)
     return getattr(torch.nn, torch_name)(**kwargs)

@@ -35,11 +35,11 @@ import zlib
 
 import numpy as np
 
+from . import losses
 from ._lazy import core as _core
 from ._threads import resolve_threads, single_threaded_blas
 from ._validation import check_bool, check_positive_int
 from .callbacks import Checkpoint, as_callbacks
-from . import losses
 
 __all__ = ["DistributedError", "check_comm"]
 
@@ -413,7 +413,7 @@ class _Fit:
 
     # -- the epochs ---------------------------------------------------------------------------
     def loop(self, verbose):
-        from .trainer import _Progress, _is_true
+        from .trainer import _is_true, _Progress
         trainer, ranks, epochs = self.trainer, self.ranks, self.epochs
         progress = _Progress(epochs, verbose and ranks.rank == 0)
         try:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike
 
-from .losses import compute, loss_code
 from ._validation import check_positive_int, check_real
+from .losses import compute, loss_code
 from .network import Sequential
 
 
@@ -14,6 +14,8 @@ class GradientCheck(float):
 
     ``bool(result.passed)``; ``result.tol`` is the tolerance it was held to.
     """
+
+    tol: float
 
     def __new__(cls, error: float, tol: float):
         self = super().__new__(cls, error)

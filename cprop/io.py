@@ -39,6 +39,7 @@ import zlib
 
 import numpy as np
 
+_LZMA_ERRORS: tuple[type[Exception], ...]
 try:
     import lzma
     _LZMA_ERRORS = (lzma.LZMAError,)
@@ -403,7 +404,8 @@ class Archive:
             dims.pop()
         if (len(dims) > MAX_NPY_DIMS or any(not d.isdigit() or len(d) > 19 for d in dims)
                 or (len(dims) == 1 and "," not in match["shape"])):
-            raise self.error(f"member {name!r} has a malformed or over-dimensioned shape in its .npy header: ({match['shape']})")
+            raise self.error(f"member {name!r} has a malformed or over-dimensioned shape in its .npy header: "
+                             f"({match['shape']})")
         return np.dtype(match["descr"]), tuple(int(d) for d in dims), 8 + len(raw) + length
 
 

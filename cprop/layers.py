@@ -14,6 +14,8 @@ own arrays, never an object a user holds (and may have reshaped).
 """
 from __future__ import annotations
 
+from typing import NoReturn
+
 import numpy as np
 
 from ._lazy import core as _core
@@ -21,11 +23,16 @@ from ._validation import check_parameter_values, check_positive_int, check_real
 from .activations import activation_code, activation_name, needs_pre_activation, to_torch_module
 
 
+def refuse_change(obj: object, name: str, advice: str) -> NoReturn:
+    """What a structure property's setter does: refuse, saying why and what to do instead."""
+    raise AttributeError(f"{type(obj).__name__}.{name} is fixed once built (the compiled "
+                         f"kernels rely on it); {advice}")
+
+
 def structure_setter(name, advice):
-    """A property setter that refuses with a message saying why and what to do instead."""
+    """A property setter that refuses with :func:`refuse_change`."""
     def refuse(self, value):
-        raise AttributeError(f"{type(self).__name__}.{name} is fixed once built (the compiled "
-                             f"kernels rely on it); {advice}")
+        refuse_change(self, name, advice)
     return refuse
 
 
@@ -44,7 +51,7 @@ class Layer:
     names of their parameter blocks, in flat-array order, with each block's shape).
     """
 
-    kind = None
+    kind: str | None = None
     param_names = ()
     buffer_names = ()
 
@@ -65,7 +72,9 @@ class Layer:
         """Name of the activation applied to the layer's output (read-only)."""
         return activation_name(self._activation_code)
 
-    activation = activation.setter(structure_setter("activation", _NEW_LAYER))
+    @activation.setter
+    def activation(self, value):
+        refuse_change(self, "activation", _NEW_LAYER)
 
     # -- sizes ----------------------------------------------------------------------
     def _param_shapes(self):

@@ -19,6 +19,7 @@ from numpy.typing import ArrayLike
 from ._lazy import core as _core
 from ._validation import check_labels, check_targets
 
+
 class Loss:
     """One loss, everything cprop does with it in one place: its kernel code (from the
     compiled enum), what its targets are, and how raw outputs become predictions,

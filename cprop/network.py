@@ -11,8 +11,7 @@ import contextlib
 import os
 import re
 import threading
-
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
@@ -20,18 +19,18 @@ from numpy.typing import ArrayLike, DTypeLike
 from . import io as _io
 from ._lazy import core as _core
 from ._threads import resolve_threads, single_threaded_blas
-from ._validation import as_dtype, check_bool, check_X, check_parameter_values, check_positive_int
+from ._validation import as_dtype, check_bool, check_parameter_values, check_positive_int, check_X
 from .activations import from_torch_module
-from .layers import BatchNorm, Dense, Dropout, Layer, LayerNorm, layer_from_config, structure_setter
+from .layers import BatchNorm, Dense, Dropout, Layer, LayerNorm, layer_from_config, refuse_change
 
 
 def _resolve_widths(layers):
     """Width-agnostic layers (Dropout) take the width of the layer before them, or after."""
     for i, layer in enumerate(layers):
         if layer.n_in is None:
-            neighbour = next((l.n_out for l in reversed(layers[:i]) if l.n_out is not None), None)
+            neighbour = next((layer.n_out for layer in reversed(layers[:i]) if layer.n_out is not None), None)
             if neighbour is None:
-                neighbour = next((l.n_in for l in layers[i + 1:] if l.n_in is not None), None)
+                neighbour = next((layer.n_in for layer in layers[i + 1:] if layer.n_in is not None), None)
             if neighbour is None:
                 raise ValueError("a network of Dropout layers alone has no width: add a Dense layer")
             layer._set_width(neighbour)
@@ -111,11 +110,11 @@ class Sequential:
         self._layers = tuple(layers)
         self._dtype = as_dtype(dtype)
         self.seed = seed
-        self._sizes = _frozen(np.array([layers[0].n_in] + [l.n_out for l in layers], dtype=np.intp))
-        self._activations = _frozen(np.array([l.activation_code for l in layers], dtype=np.intc))
-        self._params = np.zeros(sum(l.n_params for l in layers), dtype=self._dtype)
+        self._sizes = _frozen(np.array([layers[0].n_in] + [layer.n_out for layer in layers], dtype=np.intp))
+        self._activations = _frozen(np.array([layer.activation_code for layer in layers], dtype=np.intc))
+        self._params = np.zeros(sum(layer.n_params for layer in layers), dtype=self._dtype)
         self._grads = np.zeros_like(self._params)
-        self._buffers = np.zeros(sum(l.n_buffers for l in layers), dtype=self._dtype)
+        self._buffers = np.zeros(sum(layer.n_buffers for layer in layers), dtype=self._dtype)
         offset = buffer_offset = 0
         for layer in layers:
             layer._bind(self._params, self._grads, self._buffers, offset, buffer_offset)
@@ -139,28 +138,36 @@ class Sequential:
         """The layers, in order (a tuple: the structure is fixed once built)."""
         return self._layers
 
-    layers = layers.setter(structure_setter("layers", "build a new Sequential instead"))
+    @layers.setter
+    def layers(self, value):
+        refuse_change(self, "layers", "build a new Sequential instead")
 
     @property
     def dtype(self) -> type:
         """np.float32 or np.float64 (read-only; see :meth:`astype`)."""
         return self._dtype
 
-    dtype = dtype.setter(structure_setter("dtype", "use net.astype(dtype) for a copy"))
+    @dtype.setter
+    def dtype(self, value):
+        refuse_change(self, "dtype", "use net.astype(dtype) for a copy")
 
     @property
     def sizes(self) -> np.ndarray:
         """Layer widths ``[n_inputs, n_out of each layer...]`` (a read-only array)."""
         return self._sizes.view()
 
-    sizes = sizes.setter(structure_setter("sizes", "build a new Sequential instead"))
+    @sizes.setter
+    def sizes(self, value):
+        refuse_change(self, "sizes", "build a new Sequential instead")
 
     @property
     def activations(self) -> np.ndarray:
         """Kernel codes of the layers' activations (a read-only array)."""
         return self._activations.view()
 
-    activations = activations.setter(structure_setter("activations", "build a new Sequential instead"))
+    @activations.setter
+    def activations(self, value):
+        refuse_change(self, "activations", "build a new Sequential instead")
 
     @property
     def params(self) -> np.ndarray:
@@ -171,14 +178,18 @@ class Sequential:
         """
         return self._params.view()
 
-    params = params.setter(structure_setter("params", "copy values in with net.params[...] = p or net.set_params(p)"))
+    @params.setter
+    def params(self, value):
+        refuse_change(self, "params", "copy values in with net.params[...] = p or net.set_params(p)")
 
     @property
     def grads(self) -> np.ndarray:
         """All gradients of the last backward pass, laid out like :attr:`params`."""
         return self._grads.view()
 
-    grads = grads.setter(structure_setter("grads", "gradients are written by backward()"))
+    @grads.setter
+    def grads(self, value):
+        refuse_change(self, "grads", "gradients are written by backward()")
 
     @property
     def n_inputs(self) -> int:
@@ -200,12 +211,14 @@ class Sequential:
         """The running statistics of the BatchNorm layers, one flat array (a view)."""
         return self._buffers.view()
 
-    buffers = buffers.setter(structure_setter("buffers", "copy values in with net.buffers[...] = b"))
+    @buffers.setter
+    def buffers(self, value):
+        refuse_change(self, "buffers", "copy values in with net.buffers[...] = b")
 
     @property
     def has_training_behaviour(self) -> bool:
         """Whether training and evaluation differ (Dropout or BatchNorm layers)."""
-        return any(isinstance(l, (Dropout, BatchNorm)) for l in self._layers)
+        return any(isinstance(layer, (Dropout, BatchNorm)) for layer in self._layers)
 
     @contextlib.contextmanager
     def _training(self, what):
@@ -221,7 +234,7 @@ class Sequential:
             self._training_lock.release()
 
     def __repr__(self):
-        inner = ",\n    ".join(repr(l) for l in self.layers)
+        inner = ",\n    ".join(repr(layer) for layer in self.layers)
         return f"Sequential([\n    {inner},\n], dtype={np.dtype(self.dtype).name!r})"
 
     def init_params(self, seed: int | np.random.Generator | None = None) -> None:
@@ -234,7 +247,7 @@ class Sequential:
 
     def architecture(self) -> dict:
         """The layers' kinds and settings, and the dtype, as saved in files."""
-        return {"layers": [l.config() for l in self._layers], "dtype": np.dtype(self._dtype).name}
+        return {"layers": [layer.config() for layer in self._layers], "dtype": np.dtype(self._dtype).name}
 
     @classmethod
     def from_architecture(cls, arch: dict, params: ArrayLike | None = None,
@@ -313,7 +326,7 @@ class Sequential:
         work = np.empty(n * row_width + n_bstats, dtype=self._dtype)
         last = table[-1]
         with single_threaded_blas():
-            if training and any(isinstance(l, BatchNorm) for l in self._layers):
+            if training and any(isinstance(layer, BatchNorm) for layer in self._layers):
                 with self._training("forward(training=True) with BatchNorm"):   # writes running stats
                     _core.forward_train(table, hyper, row_width, n_bstats, X, self._params,
                                         self._buffers, work, training, seed, n_threads)
@@ -407,9 +420,8 @@ class Sequential:
         through every layer in chunks of `chunk_size` rows; the intermediate
         buffers are kept per thread and reused by the next call. The default
         makes a layer's output about 1 MB (512 to 4096 rows): every chunk
-        re-packs each W for BLAS, and on this project's 2-core machine chunks
-        of 1024-2048 rows ran 784-128-10 and 784-256-256-256-10 networks 3-4%
-        faster than chunks of 256 rows sized for L2.
+        re-packs each W for BLAS, so chunks of that size ran faster than
+        smaller ones sized for L2 (benchmarks/README.md).
         """
         X = check_X(X, self._dtype, self.n_inputs)
         n_threads = resolve_threads(n_threads)
@@ -449,7 +461,8 @@ class Sequential:
         nn = torch.nn
         if not isinstance(module, nn.Sequential):
             raise TypeError(f"from_torch needs a torch.nn.Sequential, got {type(module).__name__}")
-        specs, dtype = [], None        # [kind, torch module, activation, alpha]
+        specs: list = []               # [kind, torch module, activation, alpha]
+        dtype = None
         for i, m in enumerate(module):
             kind = type(m).__name__
             try:
@@ -490,7 +503,7 @@ class Sequential:
             raise ValueError("the module has no Linear layer")
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"weights must be float32 or float64, got {dtype}")
-        layers = []
+        layers: list[Layer] = []
         for kind, m, act, alpha in specs:
             slope = alpha if act == "leaky_relu" else 0.01
             if kind == "dense":
@@ -591,7 +604,7 @@ def architecture_from_meta(meta):
         if not isinstance(configs, list) or not 1 <= len(configs) <= MAX_LAYERS:
             raise ValueError(f"architecture 'layers' must be a list of 1 to {MAX_LAYERS} layers")
         layers = [layer_from_config(c) for c in configs]
-        arch = {"layers": [l.config() for l in layers], "dtype": dtype}
+        arch = {"layers": [layer.config() for layer in layers], "dtype": dtype}
     else:
         sizes, acts = arch.get("sizes"), arch.get("activations")
         if not isinstance(sizes, list) or not isinstance(acts, list):
@@ -600,14 +613,14 @@ def architecture_from_meta(meta):
             raise ValueError(f"{len(sizes)} sizes and {len(acts)} activations do not describe 1 to "
                              f"{MAX_LAYERS} layers")
         layers = [Dense(sizes[i], sizes[i + 1], acts[i]) for i in range(len(acts))]
-        arch = {"sizes": [l.n_in for l in layers[:1]] + [l.n_out for l in layers],
-                "activations": [l.activation for l in layers], "dtype": dtype}
+        arch = {"sizes": [layer.n_in for layer in layers[:1]] + [layer.n_out for layer in layers],
+                "activations": [layer.activation for layer in layers], "dtype": dtype}
     _resolve_widths(layers)
     for i in range(len(layers) - 1):
         if layers[i].n_out != layers[i + 1].n_in:
             raise ValueError(f"layers[{i}] outputs {layers[i].n_out} features, layers[{i + 1}] "
                              f"expects {layers[i + 1].n_in}")
-    return arch, sum(l.n_params for l in layers), sum(l.n_buffers for l in layers)
+    return arch, sum(layer.n_params for layer in layers), sum(layer.n_buffers for layer in layers)
 
 
 def network_from_archive(archive):

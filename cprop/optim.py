@@ -21,7 +21,9 @@ from ._validation import check_bool, check_positive_int, check_real
 class Optimizer:
     """Base class: holds hyper-parameters and per-network state (flat arrays like the parameters)."""
 
-    _CORE = None     # the compiled update this class runs (a key of _core.OPTIMIZERS)
+    lr: float
+    weight_decay: float
+    _CORE: str | None = None     # the compiled update this class runs (a key of _core.OPTIMIZERS)
     full_batch = False   # True: Trainer hands it the whole data set each epoch (L-BFGS)
 
     @property

@@ -73,12 +73,18 @@ Known differences from scikit-learn (documented, deliberate):
   parameters: modify them in place (``coefs_[0][...] = W``) to change the
   model; assigning new arrays to the lists does not.
 """
+from __future__ import annotations
+
 import math
 import warnings
+from collections.abc import Sequence
 from numbers import Integral, Real
+from typing import TypeVar
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.special import expit, log_expit, xlogy
+
 try:
     from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, _fit_context, is_classifier
 except ImportError as exc:   # scikit-learn is an optional extra
@@ -93,16 +99,19 @@ from sklearn.utils._param_validation import Interval, Options, StrOptions
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import _check_partial_fit_first_call, type_of_target, unique_labels
 from sklearn.utils.optimize import _check_optimize_result
+
 try:
     from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 except ImportError as exc:  # validate_data is public from scikit-learn 1.6 on
     raise ImportError("cprop.sklearn needs scikit-learn >= 1.6") from exc
 
+from ._threads import MAX_THREADS
 from .layers import Dense
 from .network import Sequential
-from ._threads import MAX_THREADS
 from .optim import LBFGS, SGD, Adam
 from .trainer import DivergenceError, Trainer
+
+_Estimator = TypeVar("_Estimator", bound="_BaseMLP")
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
 
@@ -409,8 +418,9 @@ class _BaseMLP(BaseEstimator):
             batch_size = min(200, n_samples)
         else:
             if self.batch_size > n_samples:
+                # stacklevel 5: the caller of fit (< fit < sklearn's _fit_context < _fit < here)
                 warnings.warn("Got `batch_size` less than 1 or larger than sample size. "
-                              "It is going to be clipped")
+                              "It is going to be clipped", stacklevel=5)
             batch_size = int(np.clip(self.batch_size, 1, n_samples))
         l2_factors = self._l2_factors(n_samples, batch_size, sample_weight)
 
@@ -421,6 +431,7 @@ class _BaseMLP(BaseEstimator):
                           shuffle=self.shuffle, seed=seed, loss_scale=scale, n_threads=self.n_threads)
         alpha = float(self.alpha)
         sq_weights = [self._sum_squared_weights()] if alpha > 0 else None
+        stopped = []     # the reason, when the callback stops training before max_iter
 
         def end_of_epoch(trainer, epoch, logs):
             """sklearn's per-iteration bookkeeping; True stops training."""
@@ -437,7 +448,7 @@ class _BaseMLP(BaseEstimator):
             self.loss_ = loss
             self.loss_curve_.append(loss)
             if self.verbose:
-                print("Iteration %d, loss = %.8f" % (self.n_iter_, self.loss_))
+                print(f"Iteration {self.n_iter_}, loss = {self.loss_:.8f}")
             if early_stopping:
                 self._update_validation(X_val, y_val, sample_weight_val)
             else:
@@ -453,16 +464,15 @@ class _BaseMLP(BaseEstimator):
                     self._set_learning_rate(self._optimizer.lr / 5.0)
                     self._no_improvement_count = 0
                     if self.verbose:
-                        print(msg + " Setting learning rate to %f" % self._optimizer.lr)
+                        print(msg + f" Setting learning rate to {self._optimizer.lr:f}")
                 else:
                     if self.verbose:
                         print(msg + " Stopping.")
+                    stopped.append("no improvement")
                     return True
             if incremental:
+                stopped.append("one epoch")
                 return True
-            if self.n_iter_ == self.max_iter:
-                warnings.warn("Stochastic Optimizer: Maximum iterations (%d) reached and the "
-                              "optimization hasn't converged yet." % self.max_iter, ConvergenceWarning)
             return False
 
         self.n_iter_ = 0
@@ -472,12 +482,18 @@ class _BaseMLP(BaseEstimator):
         except DivergenceError as exc:
             if early_stopping:
                 # as sklearn: a diverging fit with early stopping keeps its best weights
-                warnings.warn(str(exc), RuntimeWarning)
+                warnings.warn(str(exc), RuntimeWarning, stacklevel=5)
             else:
                 raise ValueError("Solver produced non-finite parameter weights. The input data may "
                                  f"contain large values and need to be preprocessed. ({exc})") from exc
         except KeyboardInterrupt:
-            warnings.warn("Training interrupted by user.")
+            warnings.warn("Training interrupted by user.", stacklevel=5)
+        else:
+            # after the fit rather than in its callback, so that the warning points at the
+            # caller of fit whatever the frames between trainer.fit and the callback
+            if not stopped and self.n_iter_ == self.max_iter:
+                warnings.warn(f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and the "
+                              "optimization hasn't converged yet.", ConvergenceWarning, stacklevel=5)
         if early_stopping:
             self._net.params[...] = self._best_params   # restore the best weights
 
@@ -515,7 +531,7 @@ class _BaseMLP(BaseEstimator):
         score = self._score(X_val, y_val, sample_weight_val)
         self.validation_scores_.append(score)
         if self.verbose:
-            print("Validation score: %f" % score)
+            print(f"Validation score: {score:f}")
         if score < self.best_validation_score_ + self.tol:
             self._no_improvement_count += 1
         else:
@@ -532,7 +548,7 @@ class _BaseMLP(BaseEstimator):
         return self._score_function(y, self._predict_from_raw(raw), sample_weight=sample_weight)
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y, sample_weight=None):
+    def fit(self: _Estimator, X: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | None = None) -> _Estimator:
         """Fit the model to data matrix X and targets y.
 
         Parameters
@@ -604,32 +620,32 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
     def __init__(
         self,
-        hidden_layer_sizes=(100,),
-        activation="relu",
+        hidden_layer_sizes: int | Sequence[int] = (100,),
+        activation: str = "relu",
         *,
-        solver="adam",
-        alpha=0.0001,
-        batch_size="auto",
-        learning_rate="constant",
-        learning_rate_init=0.001,
-        power_t=0.5,
-        max_iter=200,
-        shuffle=True,
-        random_state=None,
-        tol=1e-4,
-        verbose=False,
-        warm_start=False,
-        momentum=0.9,
-        nesterovs_momentum=True,
-        early_stopping=False,
-        validation_fraction=0.1,
-        beta_1=0.9,
-        beta_2=0.999,
-        epsilon=1e-8,
-        n_iter_no_change=10,
-        max_fun=15000,
-        n_threads=None,
-    ):
+        solver: str = "adam",
+        alpha: float = 0.0001,
+        batch_size: int | str = "auto",
+        learning_rate: str = "constant",
+        learning_rate_init: float = 0.001,
+        power_t: float = 0.5,
+        max_iter: int = 200,
+        shuffle: bool = True,
+        random_state: int | np.random.RandomState | None = None,
+        tol: float = 1e-4,
+        verbose: bool = False,
+        warm_start: bool = False,
+        momentum: float = 0.9,
+        nesterovs_momentum: bool = True,
+        early_stopping: bool = False,
+        validation_fraction: float = 0.1,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-8,
+        n_iter_no_change: int = 10,
+        max_fun: int = 15000,
+        n_threads: int | None = None,
+    ) -> None:
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.solver = solver
@@ -685,7 +701,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
     @available_if(_stochastic_solver)
     @_fit_context(prefer_skip_nested_validation=True)
-    def partial_fit(self, X, y, sample_weight=None, classes=None):
+    def partial_fit(self, X: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | None = None,
+                    classes: ArrayLike | None = None) -> MLPClassifier:
         """One epoch over (X, y), continuing from the current state.
 
         Parameters
@@ -721,11 +738,11 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         proba = self._proba_from_raw(raw)
         return self._label_binarizer.inverse_transform(proba.ravel() if self.n_outputs_ == 1 else proba)
 
-    def predict(self, X):
+    def predict(self, X: ArrayLike) -> np.ndarray:
         """Predicted classes, shape (n_samples,) (or (n_samples, n_labels) for multi-label)."""
         return self._predict_from_raw(self._raw_output(X))
 
-    def predict_proba(self, X):
+    def predict_proba(self, X: ArrayLike) -> np.ndarray:
         """Probability of each class in ``classes_`` order, shape (n_samples, n_classes).
 
         Binary targets give two columns (1 - p, p); multi-label targets one
@@ -737,7 +754,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             proba = np.hstack([1 - proba, proba])
         return proba.astype(raw.dtype, copy=False)
 
-    def predict_log_proba(self, X):
+    def predict_log_proba(self, X: ArrayLike) -> np.ndarray:
         """log(predict_proba(X)), computed from the logits: accurate where a probability
         rounds to 1, and -inf exactly where predict_proba's probability is 0 (scikit-learn's
         checks hold it to be a transformation of predict_proba)."""
@@ -784,33 +801,33 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     def __init__(
         self,
-        loss="squared_error",
-        hidden_layer_sizes=(100,),
-        activation="relu",
+        loss: str = "squared_error",
+        hidden_layer_sizes: int | Sequence[int] = (100,),
+        activation: str = "relu",
         *,
-        solver="adam",
-        alpha=0.0001,
-        batch_size="auto",
-        learning_rate="constant",
-        learning_rate_init=0.001,
-        power_t=0.5,
-        max_iter=200,
-        shuffle=True,
-        random_state=None,
-        tol=1e-4,
-        verbose=False,
-        warm_start=False,
-        momentum=0.9,
-        nesterovs_momentum=True,
-        early_stopping=False,
-        validation_fraction=0.1,
-        beta_1=0.9,
-        beta_2=0.999,
-        epsilon=1e-8,
-        n_iter_no_change=10,
-        max_fun=15000,
-        n_threads=None,
-    ):
+        solver: str = "adam",
+        alpha: float = 0.0001,
+        batch_size: int | str = "auto",
+        learning_rate: str = "constant",
+        learning_rate_init: float = 0.001,
+        power_t: float = 0.5,
+        max_iter: int = 200,
+        shuffle: bool = True,
+        random_state: int | np.random.RandomState | None = None,
+        tol: float = 1e-4,
+        verbose: bool = False,
+        warm_start: bool = False,
+        momentum: float = 0.9,
+        nesterovs_momentum: bool = True,
+        early_stopping: bool = False,
+        validation_fraction: float = 0.1,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-8,
+        n_iter_no_change: int = 10,
+        max_fun: int = 15000,
+        n_threads: int | None = None,
+    ) -> None:
         self.loss = loss
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
@@ -851,7 +868,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     @available_if(_stochastic_solver)
     @_fit_context(prefer_skip_nested_validation=True)
-    def partial_fit(self, X, y, sample_weight=None):
+    def partial_fit(self, X: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | None = None) -> MLPRegressor:
         """One epoch over (X, y) (with sample weights, as for :meth:`fit`), continuing from
         the current state; returns self."""
         return self._fit(X, y, incremental=True, sample_weight=sample_weight)
@@ -862,7 +879,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
                 raw = np.exp(raw)
         return raw.ravel() if raw.shape[1] == 1 else raw
 
-    def predict(self, X):
+    def predict(self, X: ArrayLike) -> np.ndarray:
         """Predicted values, shape (n_samples,) or (n_samples, n_outputs)."""
         return self._predict_from_raw(self._raw_output(X))
 

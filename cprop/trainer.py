@@ -10,14 +10,13 @@ import warnings
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._lazy import core as _core
 from . import distributed as _distributed
 from . import io as _io
-from ._threads import ThreadFallback, resolve_threads, single_threaded_blas
-from ._threads import MAX_THREADS
-from ._validation import check_X, check_bool, check_positive_int, check_real, check_sample_weight
-from .callbacks import Checkpoint, as_callbacks
 from . import losses
+from ._lazy import core as _core
+from ._threads import MAX_THREADS, ThreadFallback, resolve_threads, single_threaded_blas
+from ._validation import check_bool, check_positive_int, check_real, check_sample_weight, check_X
+from .callbacks import Checkpoint, as_callbacks
 from .losses import loss_code, prepare_targets
 from .network import Sequential, network_from_archive
 from .optim import OPTIMIZERS, SGD, Optimizer
@@ -32,8 +31,14 @@ class History:
     ``samples_per_second`` (lists of floats, one per completed epoch)."""
 
     FIELDS = ("loss", "val_loss", "val_accuracy", "lr", "time", "samples_per_second")
+    loss: list[float]
+    val_loss: list[float]
+    val_accuracy: list[float]
+    lr: list[float]
+    time: list[float]
+    samples_per_second: list[float]
 
-    def __init__(self):
+    def __init__(self) -> None:
         for name in self.FIELDS:
             setattr(self, name, [])
 
@@ -171,7 +176,7 @@ class Trainer:
         self.dropout_seed = int(np.random.default_rng(seed).integers(2**63))
         self.epochs_done = 0
         self.history = History()
-        self.extra = {}   # JSON-serialisable notes saved with the trainer (the CLI keeps classes, scaling)
+        self.extra: dict = {}   # JSON-serialisable notes saved with the trainer (the CLI keeps classes, scaling)
 
     def _check_settings(self):
         """Validate the settings (again at each fit: they are plain attributes users may change)."""
@@ -325,9 +330,8 @@ class Trainer:
         for cb in callbacks:
             cb.on_train_begin(self)
         # BLAS is held at one thread for the whole fit, not set and restored
-        # around every epoch: an epoch that starts right after a restore found
-        # OpenBLAS's pool awake on the cores it needs (measured: 6% slower short epochs;
-        # digits fits of 100 epochs 1-3% faster held once, in two A/B runs)
+        # around every epoch: an epoch that starts right after a restore finds
+        # OpenBLAS's pool awake on the cores it needs (benchmarks/README.md)
         try:
             with single_threaded_blas():
                 for _ in range(epochs):

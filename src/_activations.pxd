@@ -6,9 +6,9 @@
 #
 # e^x, σ and tanh are computed here rather than by libm: libm's scalar calls
 # keep the loops over a layer's outputs from vectorizing, and made a tanh or
-# logistic network train a quarter slower than a relu one. The functions below
-# are branch-free (selects, not jumps), so gcc vectorizes the loops that call
-# them; they keep NaN as NaN, so divergence is still detected.
+# logistic network train markedly slower than a relu one (benchmarks/README.md).
+# The functions below are branch-free (selects, not jumps), so gcc vectorizes the
+# loops that call them; they keep NaN as NaN, so divergence is still detected.
 from cython cimport floating
 from libc.math cimport fabs, fabsf, copysign, copysignf, erf, erff, expm1, expm1f, log1p, log1pf
 
@@ -157,7 +157,7 @@ cdef inline floating activate(floating z, int activation, floating alpha) noexce
 
 cdef inline floating derivative(floating y, floating z, int activation, floating alpha) noexcept nogil:
     """f'(z), through y = f(z) where that is enough, else through z (see needs_z)."""
-    cdef floating one = 1, half = <floating> 0.5, s, t, k, c, inner
+    cdef floating one = 1, half = <floating> 0.5, s, t, k, c
     if activation == RELU:
         return one if y > 0 else 0
     if activation == LEAKY_RELU:

@@ -1,10 +1,11 @@
 # BLAS in one place: a row-major GEMM over the BLAS scipy's Cython BLAS calls, without the GIL.
 #
 # The core does not cimport scipy.linalg.cython_blas: importing that module imports all
-# of scipy.linalg (0.15-0.25 s), which every process would pay before its first fit. The
-# Fortran sgemm_/dgemm_ that cython_blas wraps are bound at import instead (bind_blas in
-# _core.pyx): looked up in the shared library cython_blas links to, without running any
-# Python, or, where that cannot be done, read from cython_blas's exported C functions.
+# of scipy.linalg (benchmarks/README.md: what it costs), which every process would pay
+# before its first fit. The Fortran sgemm_/dgemm_ that cython_blas wraps are bound at
+# import instead (_bind_blas in _core.pyx, through cprop_bind_gemm): looked up in the
+# shared library cython_blas links to, without running any Python, or, where that cannot
+# be done, read from cython_blas's exported C functions.
 from cython cimport floating
 
 cdef extern from *:
@@ -17,6 +18,11 @@ cdef extern from *:
                                   const int*, const double*, double*, const int*);
     static cprop_sgemm_t cprop_sgemm = 0;
     static cprop_dgemm_t cprop_dgemm = 0;
+    /* where every product's sgemm and dgemm are: set once, as the core loads */
+    static void cprop_bind_gemm(void* sgemm, void* dgemm) {
+        cprop_sgemm = (cprop_sgemm_t) sgemm;
+        cprop_dgemm = (cprop_dgemm_t) dgemm;
+    }
 
     #if defined(_WIN32)
     static void* cprop_dlsym(const char* library, const char* name) { return 0; }
@@ -38,6 +44,7 @@ cdef extern from *:
                                    const int*, const double*, double*, const int*) noexcept nogil
     cprop_sgemm_t cprop_sgemm
     cprop_dgemm_t cprop_dgemm
+    void cprop_bind_gemm(void* sgemm, void* dgemm)
     void* cprop_dlsym(const char* library, const char* name)
 
 

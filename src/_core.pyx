@@ -17,16 +17,16 @@ cdef extern from "Python.h":
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy
 from _openmp cimport (CPROP_OPENMP, CPROP_OPENMP_VERSION, omp_get_max_threads, omp_get_num_threads,
-                      omp_get_thread_num, cprop_barrier, cprop_team_barrier, cprop_barrier_init,
+                      cprop_barrier, cprop_team_barrier, cprop_barrier_init,
                       cprop_barrier_join, cprop_barrier_leave, cprop_take_team_stats)
-from _activations cimport activation_grad as _activation_grad, needs_z, N_ACTIVATIONS
+from _activations cimport activation_grad as _activation_grad, needs_z
 from _activations cimport (IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH, ELU, SOFTPLUS, GELU,
                            GELU_TANH, SILU)
 from _blas cimport gemm
 from _dense cimport (dense_forward as _dense_forward, dense_forward_block, dense_param_grads,
                      dense_param_grads_part, dense_input_grad, dense_input_grad_block, gather_rows,
                      threads_for, _col_split)
-from _dropout cimport dropout_rows, _mix
+from _dropout cimport dropout_rows
 from _norm cimport (layernorm_forward_rows, layernorm_backward_rows, batchnorm_stats_cols,
                     batchnorm_forward_rows, batchnorm_eval_stats, batchnorm_grad_sums_cols,
                     batchnorm_backward_rows, affine_param_grads_cols)
@@ -35,7 +35,7 @@ from _optim cimport Optim, optim_range, optim_step, ADAM, SGD
 cimport _plan
 from _plan cimport Plan, DENSE, DROPOUT, BATCHNORM, LAYERNORM
 
-from _blas cimport cprop_sgemm, cprop_dgemm, cprop_sgemm_t, cprop_dgemm_t, cprop_dlsym
+from _blas cimport cprop_bind_gemm, cprop_dlsym
 from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
 
 
@@ -62,14 +62,13 @@ def _bind_blas():
     """Bind the sgemm/dgemm every product calls; returns where they came from.
 
     The functions are scipy's BLAS, the ones ``scipy.linalg.cython_blas`` calls.
-    Importing that module imports all of scipy.linalg (0.15-0.25 s), so they are
-    first looked up in the shared library it links to, loaded without running
-    its Python (dlopen/dlsym on the module's file, found without importing
-    scipy). Where that fails (another platform, a scipy built differently), or
+    Importing that module imports all of scipy.linalg (a large import, see
+    benchmarks/README.md), so they are first looked up in the shared library it
+    links to, loaded without running its Python (dlopen/dlsym on the module's
+    file, found without importing scipy). Where that fails (another platform, a scipy built differently), or
     ``CPROP_BLAS=cython_blas`` is set, they are taken from the C functions the
     imported module exports. Either way a 2x2 product checks them.
     """
-    global cprop_sgemm, cprop_dgemm
     import os
     import importlib.machinery
     import importlib.util
@@ -87,16 +86,13 @@ def _bind_blas():
                     s = cprop_dlsym(encoded, prefix + b"sgemm_")
                     d = cprop_dlsym(encoded, prefix + b"dgemm_")
                     if s != NULL and d != NULL:
-                        cprop_sgemm = <cprop_sgemm_t> s
-                        cprop_dgemm = <cprop_dgemm_t> d
+                        cprop_bind_gemm(s, d)
                         if _gemm_works():
                             return path
     from scipy.linalg import cython_blas
     capsules = cython_blas.__pyx_capi__
-    cprop_sgemm = <cprop_sgemm_t> PyCapsule_GetPointer(capsules["sgemm"],
-                                                       PyCapsule_GetName(capsules["sgemm"]))
-    cprop_dgemm = <cprop_dgemm_t> PyCapsule_GetPointer(capsules["dgemm"],
-                                                       PyCapsule_GetName(capsules["dgemm"]))
+    cprop_bind_gemm(PyCapsule_GetPointer(capsules["sgemm"], PyCapsule_GetName(capsules["sgemm"])),
+                    PyCapsule_GetPointer(capsules["dgemm"], PyCapsule_GetName(capsules["dgemm"])))
     if not _gemm_works():
         raise ImportError("cprop: scipy.linalg.cython_blas's sgemm/dgemm give wrong products")
     return "scipy.linalg.cython_blas"
@@ -220,12 +216,12 @@ cdef Plan make_plan(const long long[:, ::1] table, const double[:, ::1] hyper, P
     return P
 
 
-cdef inline const long long* _row(const Plan* P, Py_ssize_t l) noexcept nogil:
-    return P.t + l * _plan.N_PLAN_INT
+cdef inline const long long* _row(const Plan* P, Py_ssize_t layer) noexcept nogil:
+    return P.t + layer * _plan.N_PLAN_INT
 
 
-cdef inline const double* _hyper(const Plan* P, Py_ssize_t l) noexcept nogil:
-    return P.f + l * _plan.N_PLAN_FLOAT
+cdef inline const double* _hyper(const Plan* P, Py_ssize_t layer) noexcept nogil:
+    return P.f + layer * _plan.N_PLAN_FLOAT
 
 
 cdef inline floating* _col(floating* work, Py_ssize_t rows, long long col) noexcept nogil:
@@ -264,7 +260,7 @@ cdef void forward_pass(const Plan* P, floating* params, floating* buffers, float
     """Every layer's output for this thread's rows: Y_l = layer_l(Y_{l-1}), Y_{-1} = X_in.
     `rows`: the row count the workspace was laid out for (>= bs). In evaluation BatchNorm
     reads its mean and rstd from the batch-statistics area, filled by the caller."""
-    cdef Py_ssize_t l, n_in, n_out, c0, c1
+    cdef Py_ssize_t layer, n_in, n_out, c0, c1
     cdef Py_ssize_t r0 = bs * t // nt, r1 = bs * (t + 1) // nt
     cdef const long long* T
     cdef const double* F
@@ -275,9 +271,9 @@ cdef void forward_pass(const Plan* P, floating* params, floating* buffers, float
     cdef floating* bst
     cdef floating alpha
     cdef bint shared = False     # whether the last output is whole (all threads synced)
-    for l in range(P.n_layers):
-        T = _row(P, l)
-        F = _hyper(P, l)
+    for layer in range(P.n_layers):
+        T = _row(P, layer)
+        F = _hyper(P, layer)
         n_in = T[_plan.N_IN]
         n_out = T[_plan.N_OUT]
         alpha = <floating> F[_plan.ALPHA]
@@ -301,7 +297,7 @@ cdef void forward_pass(const Plan* P, floating* params, floating* buffers, float
         elif T[_plan.KIND] == DROPOUT:
             # Y = X ⊙ M / (1 - p) in training, X in evaluation
             if training and F[_plan.DROP_P] > 0:
-                dropout_rows(inp, Y, r0, r1, n_out, F[_plan.DROP_P], seed, row_base, l)
+                dropout_rows(inp, Y, r0, r1, n_out, F[_plan.DROP_P], seed, row_base, layer)
             elif r1 > r0:
                 memcpy(Y + r0 * n_out, inp + r0 * n_out, (r1 - r0) * n_out * sizeof(floating))
             shared = False
@@ -336,7 +332,7 @@ cdef void backward_pass(const Plan* P, floating* params, floating* work, Py_ssiz
     """δ of every layer for this thread's rows, last layer first, from δ_last (already in the
     last layer's G): G_{l-1} = ∂L/∂Y_{l-1} from δ_l, then δ_{l-1} = G_{l-1} ⊙ f'_{l-1} in place.
     Ends with a barrier: every row of every δ is complete."""
-    cdef Py_ssize_t l, i, n_in, n_out, r0 = bs * t // nt, r1 = bs * (t + 1) // nt
+    cdef Py_ssize_t layer, i, n_in, n_out, r0 = bs * t // nt, r1 = bs * (t + 1) // nt
     cdef const long long* T
     cdef const long long* Tp
     cdef const double* F
@@ -350,10 +346,10 @@ cdef void backward_pass(const Plan* P, floating* params, floating* work, Py_ssiz
     cdef floating alpha_p
     cdef int act_p
     cdef bint shared = False
-    for l in range(P.n_layers - 1, 0, -1):
-        T = _row(P, l)
-        F = _hyper(P, l)
-        Tp = _row(P, l - 1)
+    for layer in range(P.n_layers - 1, 0, -1):
+        T = _row(P, layer)
+        F = _hyper(P, layer)
+        Tp = _row(P, layer - 1)
         n_in = T[_plan.N_IN]
         n_out = T[_plan.N_OUT]
         G = _col(work, rows, T[_plan.G_COL])
@@ -361,7 +357,7 @@ cdef void backward_pass(const Plan* P, floating* params, floating* work, Py_ssiz
         Yp = _col(work, rows, Tp[_plan.Y_COL])
         Zp = _col(work, rows, Tp[_plan.Z_COL])
         act_p = <int> Tp[_plan.ACT]
-        alpha_p = <floating> _hyper(P, l - 1)[_plan.ALPHA]
+        alpha_p = <floating> _hyper(P, layer - 1)[_plan.ALPHA]
         gamma = params + T[_plan.PARAM] if T[_plan.N_PARAM] else NULL
         xhat = _col(work, rows, T[_plan.XHAT_COL])
         if T[_plan.KIND] == DENSE:
@@ -381,7 +377,7 @@ cdef void backward_pass(const Plan* P, floating* params, floating* work, Py_ssiz
             continue
         if T[_plan.KIND] == DROPOUT:
             if training and F[_plan.DROP_P] > 0:
-                dropout_rows(G, Gp, r0, r1, n_out, F[_plan.DROP_P], seed, row_base, l)
+                dropout_rows(G, Gp, r0, r1, n_out, F[_plan.DROP_P], seed, row_base, layer)
             elif r1 > r0:
                 memcpy(Gp + r0 * n_out, G + r0 * n_out, (r1 - r0) * n_out * sizeof(floating))
         elif T[_plan.KIND] == LAYERNORM:
@@ -417,12 +413,12 @@ cdef Py_ssize_t param_pass(const Plan* P, const Optim* opt, floating* params, fl
     step on exactly that slice while it is in this core's cache (batch_weight: the batch's
     size, or summed sample weights, for decay per sample). Returns the count of updates
     refused as non-finite."""
-    cdef Py_ssize_t l, off, n_in, n_out, c0, c1, rejected = 0
+    cdef Py_ssize_t layer, off, n_in, n_out, c0, c1, rejected = 0
     cdef const long long* T
     cdef const floating* inp
     cdef floating* delta
-    for l in range(P.n_layers - 1, -1, -1):
-        T = _row(P, l)
+    for layer in range(P.n_layers - 1, -1, -1):
+        T = _row(P, layer)
         if T[_plan.N_PARAM] == 0:
             continue
         off = T[_plan.PARAM]
@@ -432,7 +428,7 @@ cdef Py_ssize_t param_pass(const Plan* P, const Optim* opt, floating* params, fl
         c0 = n_out * t // nt
         c1 = n_out * (t + 1) // nt
         if T[_plan.KIND] == DENSE:
-            inp = X_in if l == 0 else _col(work, rows, _row(P, l - 1)[_plan.Y_COL])
+            inp = X_in if layer == 0 else _col(work, rows, _row(P, layer - 1)[_plan.Y_COL])
             dense_param_grads_part(inp, delta, grads + off, grads + off + n_in * n_out, bs, n_in, n_out,
                                    n_in * t // nt, n_in * (t + 1) // nt, c0, c1)
             if opt != NULL:
@@ -452,21 +448,22 @@ cdef Py_ssize_t param_pass(const Plan* P, const Optim* opt, floating* params, fl
 
 cdef void eval_stats(const Plan* P, floating* buffers, floating* work, Py_ssize_t rows) noexcept nogil:
     """Evaluation-mode mean and rstd of every BatchNorm, from its running estimates."""
-    cdef Py_ssize_t l
+    cdef Py_ssize_t layer
     cdef const long long* T
-    for l in range(P.n_layers):
-        T = _row(P, l)
+    for layer in range(P.n_layers):
+        T = _row(P, layer)
         if T[_plan.KIND] == BATCHNORM:
             batchnorm_eval_stats(buffers + T[_plan.BUFFER], buffers + T[_plan.BUFFER] + T[_plan.N_OUT],
                                  _bstats(P, work, rows, T), _bstats(P, work, rows, T) + T[_plan.N_OUT],
-                                 T[_plan.N_OUT], _hyper(P, l)[_plan.EPS])
+                                 T[_plan.N_OUT], _hyper(P, layer)[_plan.EPS])
 
 
 cdef double _pass_flops(const Plan* P, Py_ssize_t rows) noexcept nogil:
-    cdef Py_ssize_t l
-    cdef double flops = 0
-    for l in range(P.n_layers):
-        flops += 2.0 * rows * _row(P, l)[_plan.N_IN] * _row(P, l)[_plan.N_OUT] + 8.0 * rows * _row(P, l)[_plan.N_OUT]
+    cdef Py_ssize_t layer
+    cdef double flops = 0, n_out
+    for layer in range(P.n_layers):
+        n_out = _row(P, layer)[_plan.N_OUT]
+        flops += 2.0 * rows * _row(P, layer)[_plan.N_IN] * n_out + 8.0 * rows * n_out
     return flops
 
 
@@ -627,13 +624,13 @@ def optimizer_step(dict config, const long long[:, ::1] table, floating[::1] par
     """One optimizer step over the flat parameters: each layer's weights (W, γ) decayed, its
     biases (b, β) when decay_bias. Returns (rejected values, Adam's new step count)."""
     cdef Optim opt = make_optim(config)
-    cdef Py_ssize_t rejected = 0, l, off, n_w
+    cdef Py_ssize_t rejected = 0, layer, off, n_w
     cdef const long long* T
     if opt.kind == ADAM:
         opt.step += 1
     with nogil:
-        for l in range(table.shape[0]):
-            T = &table[l, 0]
+        for layer in range(table.shape[0]):
+            T = &table[layer, 0]
             if T[_plan.N_PARAM] == 0:
                 continue
             off = T[_plan.PARAM]

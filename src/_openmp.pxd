@@ -4,7 +4,7 @@
 # and cprop.show_config() says so (CPROP_OPENMP == 0).
 #
 # Why a barrier of cprop's own: OpenMP's `#pragma omp barrier` in libgomp spins
-# for GOMP_SPINCOUNT (300,000 pauses, about 20 ms on this project's machine)
+# for GOMP_SPINCOUNT (300,000 pauses, tens of milliseconds: benchmarks/README.md)
 # before it sleeps, and that variable is read once when libgomp loads, so a
 # library cannot change it. On a machine whose cores are busy with other
 # processes a thread that reaches the barrier first then burns its timeslice

@@ -54,7 +54,7 @@ def make_net(sizes, hidden="tanh", output="identity", dtype=np.float64, seed=0):
 
 def layers_of(net):
     """The network's (W, b) pairs as float64 copies, for the reference."""
-    return [(l.W.astype(np.float64), l.b.astype(np.float64)) for l in net.layers]
+    return [(layer.W.astype(np.float64), layer.b.astype(np.float64)) for layer in net.layers]
 
 
 def flat(pairs):
@@ -63,7 +63,7 @@ def flat(pairs):
 
 
 def activations_of(net):
-    return [l.activation for l in net.layers]
+    return [layer.activation for layer in net.layers]
 
 
 def make_targets(loss, n_samples, n_outputs, rng):

@@ -117,9 +117,9 @@ def forward(layers, activations, X):
 def backward(layers, activations, X, outputs, G):
     """[(dW, db)] per layer from G = ∂L/∂output: the chain rule, last layer first."""
     grads = []
-    for l in range(len(layers) - 1, -1, -1):
-        inp = X if l == 0 else outputs[l - 1]
-        dW, db, G = dense_backward(inp, layers[l][0], outputs[l], G, activations[l])
+    for i in range(len(layers) - 1, -1, -1):
+        inp = X if i == 0 else outputs[i - 1]
+        dW, db, G = dense_backward(inp, layers[i][0], outputs[i], G, activations[i])
         grads.append((dW, db))
     return grads[::-1]
 

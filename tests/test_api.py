@@ -144,8 +144,8 @@ def test_set_num_threads_refuses_bad_values_and_keeps_the_setting(value, error, 
 IMPORT_PROBE = """
 import json, sys
 import cprop
-loaded = {name: name in sys.modules for name in ("scipy.linalg", "cprop._core", "cprop._core_avx2", "sklearn", "cprop.sklearn",
-                                                 "torch", "matplotlib", "tqdm")}
+loaded = {name: name in sys.modules for name in ("scipy.linalg", "cprop._core", "cprop._core_avx2", "sklearn",
+                                                 "cprop.sklearn", "threadpoolctl", "torch", "matplotlib", "tqdm")}
 mlp = cprop.sklearn.MLPClassifier
 print(json.dumps({"loaded": loaded, "estimator": mlp.__name__, "module": mlp.__module__}))
 """

@@ -3,11 +3,10 @@
 import math
 
 import pytest
+from test_cli import assert_clean_error
 
 from cprop.__main__ import main
 from cprop.bench import ranks
-
-from test_cli import assert_clean_error
 
 
 def test_rank_counts_double_up_to_n():

@@ -11,8 +11,7 @@ from numpy.testing import assert_array_equal
 
 import cprop
 from cprop.callbacks import Callback, Checkpoint, EarlyStopping
-from cprop.schedules import (Constant, CosineAnnealing, ExponentialLR, InverseScaling, ReduceLROnPlateau,
-                             StepLR)
+from cprop.schedules import Constant, CosineAnnealing, ExponentialLR, InverseScaling, ReduceLROnPlateau, StepLR
 
 from conftest import make_net, make_targets
 

@@ -157,7 +157,6 @@ def test_bench_quick_prints_a_table(tmp_path):
 
 def test_bench_estimators_compares_the_drop_in_with_sklearn(tmp_path, capsys):
     pytest.importorskip("sklearn")
-    pytest.importorskip("threadpoolctl")
     from cprop.bench import estimators
 
     out = tmp_path / "est.json"

@@ -14,7 +14,8 @@ import zipfile
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from numpy.testing import assert_array_equal
 
 import cprop
@@ -244,7 +245,8 @@ def test_a_npy_header_declaring_another_shape_is_refused_unallocated(shape, tmp_
 
 def test_a_stored_member_declaring_more_than_the_file_holds_is_refused(tmp_path):
     meta, n = network_meta()
-    path = write_zip(tmp_path / "liar.npz", {"__cprop__.npy": meta_npy(meta), "params.npy": npy(np.zeros(n, np.float32))})
+    path = write_zip(tmp_path / "liar.npz",
+                     {"__cprop__.npy": meta_npy(meta), "params.npy": npy(np.zeros(n, np.float32))})
     data = bytearray(path.read_bytes())
     central = data.rindex(b"PK\x01\x02")                 # the last member's directory entry: params.npy
     struct.pack_into("<II", data, central + 20, 2 ** 31, 2 ** 31)    # compressed and uncompressed sizes

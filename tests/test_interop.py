@@ -60,7 +60,7 @@ def test_from_torch_copies_weights_exactly_and_computes_the_same(activation, dty
     net = cprop.Sequential.from_torch(module)
 
     assert net.dtype == dtype
-    assert [l.activation for l in net.layers] == [activation, activation, "sigmoid"]
+    assert [layer.activation for layer in net.layers] == [activation, activation, "sigmoid"]
     linears = [m for m in module if isinstance(m, torch.nn.Linear)]
     for layer, linear in zip(net.layers, linears):
         assert_array_equal(layer.W, linear.weight.detach().numpy().T)
@@ -118,7 +118,7 @@ def test_explicit_identity_modules_are_accepted(torch):
 
     net = cprop.Sequential.from_torch(module)
 
-    assert [l.activation for l in net.layers] == ["identity", "tanh"]
+    assert [layer.activation for layer in net.layers] == ["identity", "tanh"]
     X = np.random.default_rng(2).normal(size=(3, 4)).astype(np.float32)
     with torch.no_grad():
         assert_allclose(net.forward(X), module(torch.from_numpy(X)).numpy(), rtol=1e-6, atol=1e-6)

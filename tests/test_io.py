@@ -38,7 +38,7 @@ def test_network_round_trip(dtype, tmp_path, rng):
     loaded = cprop.load(str(path))
 
     assert loaded.architecture() == net.architecture()
-    assert [repr(l) for l in loaded.layers] == [repr(l) for l in net.layers]
+    assert [repr(layer) for layer in loaded.layers] == [repr(layer) for layer in net.layers]
     assert loaded.params.dtype == dtype
     assert_array_equal(loaded.params, net.params)
     X = rng.normal(size=(4, 5))

@@ -7,16 +7,18 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from numpy.testing import assert_allclose, assert_array_equal
 
 import cprop
-from cprop._lazy import core as _core, cpu_has_avx2   # _core: the build this CPU uses
-from cprop._lazy import core as _lazy_core
-CODES = _lazy_core.ACTIVATIONS
+from cprop._lazy import core as _core  # _core: the build this CPU uses
+from cprop._lazy import cpu_has_avx2
 
 import reference as ref
 from conftest import ACTIVATIONS, LOSSES, TOLERANCES, activations_of, flat, layers_of, make_net, make_targets
+
+CODES = _core.ACTIVATIONS
 
 # (n_samples, n_in, n_out): a batch of one, odd sizes, sizes around a SIMD width
 SHAPES = [(1, 1, 1), (1, 5, 3), (7, 13, 5), (33, 17, 9), (16, 8, 16)]

@@ -5,6 +5,7 @@ resumable; the compiled plan's codes the ones the Python tables use."""
 import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
+
 import cprop
 from cprop._lazy import core as _core
 
@@ -180,7 +181,7 @@ def test_training_pass_matches_torch_autograd(torch, np_dtype, rng):
     assert_allclose(out, out_t.detach().numpy(), **tol)
     assert loss == pytest.approx(loss_t.item(), rel=tol["rtol"])
     grads_t = {name: p.grad.numpy() for name, p in model.named_parameters()}
-    cprop_layers = [l for l in net.layers]
+    cprop_layers = list(net.layers)
     index = 0
     for i, m in enumerate(model):
         if isinstance(m, torch.nn.Linear):
@@ -324,7 +325,8 @@ def test_save_and_load_keep_every_kind(tmp_path, rng):
 
 
 def test_files_of_format_1_still_load(tmp_path, rng):
-    import json, zipfile
+    import json
+    import zipfile
     net = cprop.Sequential([cprop.Dense(3, 4, "tanh"), cprop.Dense(4, 2)], seed=0)
     meta = {"format": "cprop", "version": 1, "kind": "network",
             "architecture": {"sizes": [3, 4, 2], "activations": ["tanh", "identity"], "dtype": "float32"}}

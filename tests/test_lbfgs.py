@@ -79,7 +79,7 @@ def test_decay_per_sample_and_on_biases():
 
 def numpy_objective(net, X, labels, n_classes):
     """cross_entropy of a tanh-softmax network over flat parameters (cprop's layout), in NumPy."""
-    (W0, b0), (W1, b1) = [(l.W.shape, l.b.shape) for l in net.layers]
+    (W0, b0), (W1, b1) = [(layer.W.shape, layer.b.shape) for layer in net.layers]
     sizes = [np.prod(W0), W0[1], np.prod(W1), W1[1]]
     onehot = np.eye(n_classes)[labels]
 

@@ -20,11 +20,11 @@ from scipy.special import expit, softmax
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-import cprop                      # noqa: E402
-import cprop.onnx as cprop_onnx   # noqa: E402
-from cprop.__main__ import main   # noqa: E402
+import cprop  # noqa: E402
+import cprop.onnx as cprop_onnx  # noqa: E402
+from cprop.__main__ import main  # noqa: E402
 
-from conftest import make_net   # noqa: E402
+from conftest import make_net  # noqa: E402
 
 # ONNX Runtime's float32 Tanh and Sigmoid are vectorised approximations (within a few float32
 # ulps); in float64 only the summation order of the products differs
@@ -496,6 +496,7 @@ CLASSIFICATIONS = ["binary", "binary_strings", "multiclass", "multiclass_strings
 def test_classifier_converts_with_labels_and_probabilities(skl2onnx, kind, in_pipeline, dtype):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+
     from cprop.sklearn import MLPClassifier
     X, y = classification_data(kind)
     X = X.astype(dtype)
@@ -556,6 +557,7 @@ def test_input_of_another_dtype_is_cast_to_the_networks(skl2onnx, network_dtype,
 def test_regressor_converts_with_its_values(skl2onnx, n_targets, in_pipeline, dtype):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+
     from cprop.sklearn import MLPRegressor
     X, _ = classification_data("binary")
     X = X.astype(dtype)

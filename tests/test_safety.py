@@ -172,7 +172,7 @@ def test_swapping_the_network_or_optimizer_mid_fit_raises(rng):
     bigger = small_net((4, 512, 512, 2))
     for name, value in (("net", bigger), ("optimizer", cprop.SGD())):
         with pytest.raises(RuntimeError, match=f"trainer.{name}"):
-            trainer.fit(X, y, epochs=2, callbacks=[lambda t, e, l: setattr(t, name, value)])
+            trainer.fit(X, y, epochs=2, callbacks=[lambda t, e, logs, name=name, value=value: setattr(t, name, value)])
     assert trainer.net is net
 
 
@@ -181,7 +181,7 @@ def test_optimizer_hyper_parameters_may_change_mid_fit(rng):
     net = small_net((4, 8, 2))
     trainer = cprop.Trainer(net, loss="mse", optimizer=cprop.SGD(lr=0.01), batch_size=4)
     X, y = rng.normal(size=(20, 4)), rng.normal(size=(20, 2))
-    trainer.fit(X, y, epochs=3, callbacks=[lambda t, e, l: setattr(t.optimizer, "lr", 0.0)])
+    trainer.fit(X, y, epochs=3, callbacks=[lambda t, e, logs: setattr(t.optimizer, "lr", 0.0)])
     after_first = trainer.history.loss
     assert after_first[1] == pytest.approx(after_first[2])    # lr 0: nothing moves
 
@@ -238,7 +238,7 @@ def test_trainer_swaps_in_a_subprocess_do_not_crash():
                             ("net", cprop.Sequential([cprop.Dense(16, 1024), cprop.Dense(1024, 2)]))]:
             trainer = cprop.Trainer(cprop.Sequential([cprop.Dense(16, 2)], seed=0), loss="mse")
             try:
-                trainer.fit(X, y, epochs=3, callbacks=[lambda t, e, l: setattr(t, name, value)])
+                trainer.fit(X, y, epochs=3, callbacks=[lambda t, e, logs: setattr(t, name, value)])
             except RuntimeError as exc:
                 print("refused", name)
         print("survived")

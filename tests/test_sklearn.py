@@ -9,16 +9,16 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 pytest.importorskip("sklearn", minversion="1.6")
 
-from sklearn import neural_network as sk                                    # noqa: E402
-from sklearn.base import clone                                               # noqa: E402
-from sklearn.exceptions import ConvergenceWarning, NotFittedError            # noqa: E402
-from sklearn.model_selection import GridSearchCV, train_test_split           # noqa: E402
-from sklearn.pipeline import make_pipeline                                   # noqa: E402
-from sklearn.preprocessing import StandardScaler                             # noqa: E402
-from sklearn.utils.estimator_checks import parametrize_with_checks           # noqa: E402
+from sklearn import neural_network as sk  # noqa: E402
+from sklearn.base import clone  # noqa: E402
+from sklearn.exceptions import ConvergenceWarning, NotFittedError  # noqa: E402
+from sklearn.model_selection import GridSearchCV, train_test_split  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 
-import cprop                                                                 # noqa: E402
-from cprop.sklearn import MLPClassifier, MLPRegressor                        # noqa: E402
+import cprop  # noqa: E402
+from cprop.sklearn import MLPClassifier, MLPRegressor  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 
@@ -251,6 +251,7 @@ def test_adam_takes_sklearns_steps_on_digits(alpha):
 
 def test_private_adam_learning_rate_answers_as_sklearns():
     from sklearn.neural_network._stochastic_optimizers import AdamOptimizer
+
     from cprop.sklearn import _Adam
     net = cprop.Sequential([cprop.Dense(3, 1)], dtype=np.float64, seed=0)
     ours = _Adam(lr=0.005, betas=(0.8, 0.99), eps=1e-8)
@@ -684,15 +685,24 @@ def test_warm_start_continues_from_the_fitted_weights(digits):
 
 def test_convergence_warning_only_when_max_iter_is_reached(digits):
     X_train, _, y_train, _ = digits
-    with pytest.warns(ConvergenceWarning, match="Maximum iterations \\(3\\)"):
+    with pytest.warns(ConvergenceWarning, match="Maximum iterations \\(3\\)") as warned:
         MLPClassifier((8,), max_iter=3, random_state=0).fit(X_train, y_train)
+    assert [w.filename for w in warned] == [__file__]      # the warning points at the call of fit
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
         clf = MLPClassifier((8,), max_iter=100, tol=1.0, n_iter_no_change=2, random_state=0)
         clf.fit(X_train, y_train)
-    # epoch 1 sets best_loss_; epochs 2, 3, 4 do not improve on it by 1.0: 3 > 2 stops
-    assert clf.n_iter_ == 4
+        # epoch 1 sets best_loss_; epochs 2, 3, 4 do not improve on it by 1.0: 3 > 2 stops
+        assert clf.n_iter_ == 4
+        MLPClassifier((8,), max_iter=1, random_state=0).partial_fit(X_train, y_train, classes=np.unique(y_train))
+
+
+def test_batch_size_larger_than_the_data_warns_at_the_call_of_fit(digits):
+    X_train, _, y_train, _ = digits
+    with pytest.warns(UserWarning, match="batch_size") as warned:
+        MLPClassifier((8,), batch_size=10**6, max_iter=1, random_state=0).fit(X_train, y_train)
+    assert [w.filename for w in warned if "batch_size" in str(w.message)] == [__file__]
 
 
 def test_diverging_fit():

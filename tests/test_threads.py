@@ -11,11 +11,13 @@ import warnings
 
 import numpy as np
 import pytest
+import threadpoolctl
 from numpy.testing import assert_allclose, assert_array_equal
 
 import cprop
 from cprop import _threads
 from cprop._lazy import core as _core
+
 from conftest import TOLERANCES, make_net
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -204,10 +206,9 @@ def test_estimator_results_do_not_depend_on_n_threads_beyond_rounding():
 
 @needs_openmp
 def test_threadpool_limits_limit_cprop(epoch_threads, restore_threads):
-    threadpoolctl = pytest.importorskip("threadpoolctl")
     X, y = classification()
     net = make_net([100, 64, 10])
-    _core.OPENMP                            # cprop's libgomp must be loaded to be limited
+    _core.module()                          # cprop's libgomp must be loaded to be limited
     default = cprop.get_num_threads()
 
     with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
@@ -223,8 +224,7 @@ def test_threadpool_limits_limit_cprop(epoch_threads, restore_threads):
 
 @needs_openmp
 def test_threadpoolctl_sees_cprops_openmp():
-    threadpoolctl = pytest.importorskip("threadpoolctl")
-    _core.OPENMP
+    _core.module()
     maps = open("/proc/self/maps").read() if os.path.exists("/proc/self/maps") else ""
     openmp = [lib for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "openmp"]
     if maps:   # the libgomp cprop's core linked is among the libraries threadpoolctl controls
@@ -233,6 +233,77 @@ def test_threadpoolctl_sees_cprops_openmp():
                         if os.path.basename(line.split()[-1]).startswith("libgomp")}
         assert core_libgomp
         assert core_libgomp & {os.path.realpath(lib["filepath"]) for lib in openmp}
+
+
+def blas_threads():
+    """The thread count threadpoolctl reports for the BLAS cprop holds."""
+    path = _threads.blas_info()
+    counts = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["filepath"] == path]
+    assert len(counts) == 1, (path, threadpoolctl.threadpool_info())
+    return counts[0]
+
+
+def test_a_fit_holds_blas_at_one_thread_and_puts_the_count_back():
+    X, y = classification()
+    seen = []
+
+    def callback(trainer, epoch, logs):
+        seen.append(blas_threads())
+
+    assert _threads.blas_info() is not None
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+        if before == 1:
+            pytest.skip("this BLAS runs one thread only")
+        cprop.Trainer(make_net([100, 16, 10]), loss="cross_entropy", batch_size=100).fit(
+            X, y, epochs=2, callbacks=[callback])
+        assert seen == [1, 1]
+        assert blas_threads() == before
+
+
+BLAS_ACROSS_THREADS = """
+import json, threading
+import threadpoolctl
+from cprop import _threads
+
+path = _threads.blas_info()      # loads cprop's core, and with it the BLAS
+
+def count():
+    return [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["filepath"] == path][0]
+
+before = count()
+seen = {}
+a_in, b_in, a_out, b_out = (threading.Event() for _ in range(4))
+
+def first():                      # enters first and leaves first, and outlives the last user
+    with _threads.single_threaded_blas():
+        a_in.set(); b_in.wait()
+        seen["a"] = count()
+    a_out.set(); b_out.wait()
+    seen["a, after b left"] = count()
+
+def last():
+    a_in.wait()
+    with _threads.single_threaded_blas():
+        b_in.set(); a_out.wait()
+        seen["b, alone"] = count()
+    b_out.set()
+
+threads = [threading.Thread(target=first), threading.Thread(target=last)]
+for t in threads: t.start()
+for t in threads: t.join()
+with _threads.single_threaded_blas():    # and once more from the main thread
+    seen["main"] = count()
+print(json.dumps({"before": before, "seen": seen, "after": count()}))
+"""
+
+
+def test_blas_is_held_by_overlapping_users_in_other_threads_and_put_back_by_the_last():
+    result, _ = run_python(BLAS_ACROSS_THREADS, env={"OPENBLAS_NUM_THREADS": "2"})
+    if result["before"] == 1:
+        pytest.skip("this BLAS runs one thread only")
+    assert result["seen"] == {"a": 1, "b, alone": 1, "a, after b left": result["before"], "main": 1}
+    assert result["after"] == result["before"]
 
 
 def report_threads():

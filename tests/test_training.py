@@ -8,7 +8,6 @@ import cprop
 import reference as ref
 from conftest import LOSSES, TOLERANCES, activations_of, flat, layers_of, make_net, make_targets
 
-
 # -- the bundled digits ---------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -136,9 +136,8 @@ def _run_estimators(args, n_threads, rounds, scale):
         if given:
             raise ValueError(f"{option} is for the workloads; --estimators compares float32 "
                              "MLPClassifier fits of its own cases")
-    for module, package in (("sklearn", "scikit-learn"), ("threadpoolctl", "threadpoolctl")):
-        if importlib.util.find_spec(module) is None:
-            raise ValueError(f"--estimators needs {package} (pip install {package})")
+    if importlib.util.find_spec("sklearn") is None:
+        raise ValueError("--estimators needs scikit-learn (pip install scikit-learn)")
     from .estimators import run_estimators
     report = run_estimators(n_threads, rounds, scale)
     _write_json(report, args.json)

@@ -92,8 +92,8 @@ def bench_estimator(case, n_threads, rounds, scale=1.0):
     ``accuracy`` and ``n_iter``) and ``sklearn_over_cprop``, the ratio of the
     median fit times.
     """
-    from threadpoolctl import threadpool_limits
     from sklearn.neural_network import MLPClassifier as SklearnMLP
+    from threadpoolctl import threadpool_limits
 
     from .. import _threads
     from ..sklearn import MLPClassifier as CpropMLP

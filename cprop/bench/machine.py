@@ -1,5 +1,4 @@
 """The machine a benchmark runs on: CPU, cores, load, versions, and BLAS thread limits."""
-import contextlib
 import importlib.metadata
 import os
 import platform
@@ -36,11 +35,9 @@ def available_cores():
 
 
 def blas_limits(n_threads):
-    """threadpoolctl's BLAS limit at `n_threads`, or a no-op without threadpoolctl."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
+    """threadpoolctl's BLAS limit at `n_threads`."""
+    from threadpoolctl import threadpool_limits
+
     return threadpool_limits(limits=n_threads, user_api="blas")
 
 

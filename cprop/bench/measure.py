@@ -17,9 +17,9 @@ from .workloads import SEED
 
 # After each call OpenBLAS's worker threads keep spinning for about 2**28
 # cycles (~0.1 s), and OpenMP pools for a while too: on a small machine they
-# take the cores from whichever framework runs next (cprop's 2-thread epochs
-# ran 2-5x slower right after a numpy matmul). So every timed call starts
-# after this pause.
+# take the cores from whichever framework runs next (benchmarks/README.md:
+# how much slower cprop's epochs ran right after a numpy matmul). So every
+# timed call starts after this pause.
 SETTLE_SECONDS = 0.15
 
 

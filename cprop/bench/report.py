@@ -2,7 +2,6 @@
 from .measure import summarise
 from .runners import PEERS, RUNNERS
 
-
 # (header, width, alignment) of the printed tables; fixed widths so rows print as they come
 TRAIN_COLUMNS = [("workload", 8, "l"), ("layers", 18, "l"), ("batch", 5, "r"), ("samples", 9, "r"),
                  ("framework", 13, "l"), ("samples/s", 11, "r"), ("spread", 6, "r"),

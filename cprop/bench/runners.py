@@ -12,6 +12,8 @@ settings); its first call is a warm-up that is not timed (compilation, caches).
 Frameworks are imported inside the runners, so this module imports without
 torch, JAX or scikit-learn.
 """
+from __future__ import annotations
+
 import contextlib
 import importlib.util
 import os
@@ -32,9 +34,9 @@ class PeerUnavailable(Exception):
 class Runner:
     """One framework training one workload on given data."""
 
-    name = None
-    module = None      # what must be importable for this runner to run
-    package = None     # the distribution that brings it, for `pip install`
+    name: str | None = None
+    module: str | None = None      # what must be importable for this runner to run
+    package: str | None = None     # the distribution that brings it, for `pip install`
     same_start = True  # starts from Workload.initial_parameters (False: the framework's own initialisation)
 
     def __init__(self, workload, X, y, n_threads, seed=SEED):
@@ -430,10 +432,10 @@ class NumpyMLP:
     def forward(self, X):
         """Raw outputs for X (allocating; for inference)."""
         A = X
-        for l, (W, b) in enumerate(zip(self.W, self.b)):
+        for i, (W, b) in enumerate(zip(self.W, self.b)):
             A = A @ W
             A += b
-            if l < len(self.W) - 1:
+            if i < len(self.W) - 1:
                 np.maximum(A, 0, out=A)
         return A
 
@@ -448,18 +450,18 @@ class NumpyMLP:
             A = [a[:m] for a in self.A]
             delta = [d[:m] for d in self.delta]
             np.take(X, idx, axis=0, out=A[0])
-            for l in range(L):
-                np.dot(A[l], self.W[l], out=A[l + 1])
-                A[l + 1] += self.b[l]
-                if l < L - 1:
-                    np.maximum(A[l + 1], 0, out=A[l + 1])
+            for i in range(L):
+                np.dot(A[i], self.W[i], out=A[i + 1])
+                A[i + 1] += self.b[i]
+                if i < L - 1:
+                    np.maximum(A[i + 1], 0, out=A[i + 1])
             self._loss_grad(A[L], y[idx], delta[L - 1])
-            for l in range(L - 1, -1, -1):
-                np.dot(A[l].T, delta[l], out=dW[l])
-                np.sum(delta[l], axis=0, out=db[l])
-                if l > 0:
-                    np.dot(delta[l], self.W[l].T, out=delta[l - 1])
-                    delta[l - 1] *= A[l] > 0            # relu' through the layer's output
+            for i in range(L - 1, -1, -1):
+                np.dot(A[i].T, delta[i], out=dW[i])
+                np.sum(delta[i], axis=0, out=db[i])
+                if i > 0:
+                    np.dot(delta[i], self.W[i].T, out=delta[i - 1])
+                    delta[i - 1] *= A[i] > 0            # relu' through the layer's output
             for p, g, v in zip(self.params, self.grads, self.velocity):
                 v *= MOMENTUM
                 v += g

@@ -4,8 +4,10 @@ import pytest
 from cprop.bench import ranks
 from cprop.bench.workloads import Workload
 
-from mpi_helpers import OVERSUBSCRIBED
-from mpi_helpers import comm  # noqa: F401 (fixture)
+from mpi_helpers import (
+    OVERSUBSCRIBED,
+    comm,  # noqa: F401 (fixture)
+)
 
 pytestmark = OVERSUBSCRIBED
 

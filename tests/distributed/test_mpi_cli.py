@@ -3,13 +3,11 @@ model, the same model as one process trains; an error on any rank ends every ran
 import os
 
 import numpy as np
-import pytest
 
 import cprop
 from cprop.__main__ import main
 
-from mpi_helpers import OVERSUBSCRIBED
-from mpi_helpers import comm, shared_dir  # noqa: F401 (fixtures)
+from mpi_helpers import OVERSUBSCRIBED, comm, shared_dir  # noqa: F401 (fixtures)
 
 pytestmark = OVERSUBSCRIBED
 

@@ -11,13 +11,11 @@ import pytest
 
 import cprop
 from cprop import distributed
-from cprop.distributed import DistributedError
 
-from mpi_helpers import OVERSUBSCRIBED, assert_same_on_every_rank
-from mpi_helpers import comm, shared_dir  # noqa: F401 (fixtures)
+from mpi_helpers import OVERSUBSCRIBED, assert_same_on_every_rank, comm, shared_dir  # noqa: F401 (fixtures)
+from test_mpi_training import assert_close, data, make
 
 pytestmark = OVERSUBSCRIBED
-from test_mpi_training import assert_close, data, make
 
 
 def outcome(comm, fn):

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 import cprop
-from mpi_helpers import OVERSUBSCRIBED, assert_same_on_every_rank, fingerprint
-from mpi_helpers import comm, shared_dir  # noqa: F401 (fixtures)
+
+from mpi_helpers import OVERSUBSCRIBED, assert_same_on_every_rank, comm, fingerprint, shared_dir  # noqa: F401 (fixtures)
+from test_mpi_failures import outcome
+from test_mpi_training import data, make
 
 pytestmark = OVERSUBSCRIBED
-from test_mpi_failures import outcome
-from test_mpi_training import assert_close, data, make
 
 
 def test_checkpoint_and_resume_give_the_weights_of_one_fit(comm, shared_dir):

@@ -8,8 +8,11 @@ import pytest
 
 import cprop
 
-from mpi_helpers import OVERSUBSCRIBED, assert_same_on_every_rank
-from mpi_helpers import comm  # noqa: F401 (fixture)
+from mpi_helpers import (
+    OVERSUBSCRIBED,
+    assert_same_on_every_rank,
+    comm,  # noqa: F401 (fixture)
+)
 from test_mpi_failures import outcome, overflowing
 from test_mpi_training import assert_close, data, make
 

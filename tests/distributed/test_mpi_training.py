@@ -9,8 +9,7 @@ import cprop
 from cprop import schedules
 from cprop.callbacks import EarlyStopping
 
-from mpi_helpers import OVERSUBSCRIBED, assert_same_on_every_rank
-from mpi_helpers import comm, shared_dir  # noqa: F401 (fixtures)
+from mpi_helpers import OVERSUBSCRIBED, assert_same_on_every_rank, comm, shared_dir  # noqa: F401 (fixtures)
 
 pytestmark = OVERSUBSCRIBED
 
