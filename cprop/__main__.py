@@ -189,12 +189,46 @@ def _cli_comm(mode):
     if mode == "no" or (mode == "auto" and _launched_ranks() <= 1):
         return None
     try:
-        from mpi4py import MPI
+        MPI = _import_mpi()
     except ImportError:
         raise UsageError(
             f"{'--mpi yes' if mode == 'yes' else f'launched as {_launched_ranks()} MPI processes'} needs "
             "mpi4py (pip install 'cprop[mpi]'); --mpi no trains each process on its own") from None
     return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
+
+
+def _import_mpi():
+    """mpi4py.MPI, imported (MPI_Init) with Ctrl-C held back until the import is over: an
+    interrupt inside it would leave MPI started and no module to abort the job with."""
+    import signal
+    held = []
+    previous = None
+    if _in_main_thread():
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        from mpi4py import MPI
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if held:
+        _abort_mpi_job(130)
+        raise KeyboardInterrupt
+    return MPI
+
+
+def _in_main_thread():
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def _abort_mpi_job(status):
+    """MPI_Abort, when this process started MPI: its exit alone would leave the other ranks
+    waiting (in their next collective, or in MPI_Finalize) forever."""
+    MPI = sys.modules.get("mpi4py.MPI")
+    if MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized():
+        print(f"cprop: rank {MPI.COMM_WORLD.Get_rank()} interrupted while MPI started: "
+              "aborting the MPI job (MPI_Abort)", file=sys.stderr, flush=True)
+        MPI.COMM_WORLD.Abort(status)
 
 
 def _as_cli_error(exc):
@@ -222,17 +256,32 @@ def _agree(comm, error):
             rank, (usage, message) = first
             error = (UsageError if usage else Failure)(f"(rank {rank}) {message}")
     if error is not None:
-        raise error
+        from .distributed import _every_rank
+        raise _every_rank(error)       # agreed: every rank raises it
 
 
 def _train(args):
     """`cprop train`; under MPI (mpiexec/srun, or --mpi yes) one training over every rank,
     rank 0 printing and writing the model."""
+    try:
+        comm = _cli_comm(args.mpi)
+    except KeyboardInterrupt:
+        _abort_mpi_job(130)      # Ctrl-C on this rank while MPI started: the others would wait
+        raise
+    if comm is None:
+        return _run_training(args, None)
+    from . import distributed
+    args.mpi_rank = comm.Get_rank()
+    args.quiet = args.quiet or args.mpi_rank != 0
+    # what every rank raises alike ends the command on every rank; anything one rank raises
+    # alone (Ctrl-C reaching one process, a bug) ends the MPI job, or the others would wait
+    with distributed.abort_on_error(distributed.Ranks(comm), "cprop train"):
+        return _run_training(args, comm)
+
+
+def _run_training(args, comm):
+    from .distributed import _every_rank
     from .trainer import DivergenceError
-    comm = _cli_comm(args.mpi)
-    if comm is not None:
-        args.mpi_rank = comm.Get_rank()
-        args.quiet = args.quiet or args.mpi_rank != 0
     prepared, error = None, None
     try:
         prepared = _prepare_training(args, comm)
@@ -246,9 +295,10 @@ def _train(args):
         trainer.fit(X, y, epochs=args.epochs, validation_split=args.validation_split or None,
                     verbose=not args.quiet)
     except DivergenceError as exc:   # under MPI every rank raises it together
-        raise Failure(f"training diverged in epoch {trainer.epochs_done + 1}: the loss or an update became "
-                      f"infinite or NaN, and nothing was saved. The {scaled} are already standardised; "
-                      f"lower the learning rate: --lr {lr / 10:g} (it was {lr:g})") from exc
+        raise _every_rank(Failure(
+            f"training diverged in epoch {trainer.epochs_done + 1}: the loss or an update became "
+            f"infinite or NaN, and nothing was saved. The {scaled} are already standardised; "
+            f"lower the learning rate: --lr {lr / 10:g} (it was {lr:g})")) from exc
     error = None
     if trainer.rank == 0:          # one writer; the other ranks learn whether it worked
         try:

@@ -238,7 +238,7 @@ def check_threads(ranks, n_threads):
 # -- the fit ----------------------------------------------------------------------------------
 
 def fit(trainer, X, y, epochs, validation_data, validation_split, callbacks, verbose, checkpoint,
-        checkpoint_every, sharded):
+        checkpoint_every, sharded, sample_weight=None):
     """Trainer.fit over trainer.comm (more than one rank); see Trainer.fit."""
     ranks = Ranks(trainer.comm)
     with abort_on_error(ranks, "Trainer.fit"):
@@ -250,7 +250,7 @@ def fit(trainer, X, y, epochs, validation_data, validation_split, callbacks, ver
                     _deferred_interrupt() as interrupted:
                 run = _Fit(trainer, ranks, interrupted)
                 run.prepare(X, y, epochs, validation_data, validation_split, callbacks, checkpoint,
-                            checkpoint_every, sharded)
+                            checkpoint_every, sharded, sample_weight)
                 trainer._fitting = True
                 try:
                     return run.loop(verbose)
@@ -268,13 +268,16 @@ class _Fit:
 
     # -- before the first epoch: every rank checks, then rank 0's state is everyone's ---------
     def prepare(self, X, y, epochs, validation_data, validation_split, callbacks, checkpoint,
-                checkpoint_every, sharded):
+                checkpoint_every, sharded, sample_weight=None):
         trainer, ranks = self.trainer, self.ranks
         # the generator first: validation_split draws from it
         self._broadcast_state(early=True)
         error, signature = None, {}
         try:
             trainer._check_settings()
+            if sample_weight is not None or trainer.optimizer.full_batch:
+                raise ValueError("under comm, sample_weight and full-batch optimizers (LBFGS) are not "
+                                 "supported yet; train them in one process")
             self.sharded = check_bool(sharded, "sharded")
             self.epochs = check_positive_int(epochs, "epochs", minimum=0, maximum=None)
             X, T, labels = trainer._prepare(X, y, name="X_shard" if self.sharded else "X")
@@ -383,7 +386,12 @@ class _Fit:
         self.n_threads = resolve_threads(trainer.n_threads)
         self.settings = {"loss": losses.get(trainer.loss).code, "loss_scale": trainer.loss_scale,
                          "seed": 0, "n_threads": self.n_threads}
-        check_threads(self.ranks, self.n_threads)
+        error = None
+        try:      # its warning, raised where a rank's warning filters make it an error
+            check_threads(self.ranks, self.n_threads)
+        except Exception as exc:
+            error = exc
+        self.ranks.agree(error)
 
     def _steps(self, rank):
         """(global rows of the step, global row index of this rank's first row, local start,
@@ -581,10 +589,12 @@ class _Fit:
             raise _every_rank(KeyboardInterrupt())
         elapsed = ranks.comm.allreduce(time.perf_counter() - start_time, op=MPI.MAX)
         if status != _core.OK:
-            try:
+            error = None
+            try:     # DivergenceError, or the warning where a rank's filters make it an error
                 trainer._diverged(status, n_seen, stacklevel=6)
             except Exception as exc:
-                raise _every_rank(exc) from None
+                error = exc
+            ranks.agree(error)
             return None
         trainer.epochs_done += 1
         return {"loss": loss_sum / n_seen, "lr": trainer.optimizer.lr, "time": elapsed,
@@ -616,8 +626,10 @@ class _Averaging:
     def average(self):
         MPI = self.ranks.MPI
         for a, saved in zip(self.arrays, self.saved):
-            self.ranks.comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM)
+            # scaled before the sum: finite values near the dtype's largest would overflow
+            # when summed first (and a power-of-2 rank count rounds the same either way)
             a *= a.dtype.type(1.0 / self.ranks.size)
+            self.ranks.comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM)
             saved[...] = a
         self.saved_step = self.cfg["step"]
 

@@ -274,12 +274,9 @@ class Trainer:
         KeyboardInterrupt — Ctrl-C takes effect between batches; the network keeps
             the parameters of the last completed step, the history its completed epochs.
         """
-        if self._parallel:
-            if sample_weight is not None or self.optimizer.full_batch:
-                raise ValueError("under comm, sample_weight and full-batch optimizers (LBFGS) are not "
-                                 "supported yet; train them in one process")
+        if self._parallel:     # every check there is agreed between the ranks
             return _distributed.fit(self, X, y, epochs, validation_data, validation_split, callbacks,
-                                    verbose, checkpoint, checkpoint_every, sharded)
+                                    verbose, checkpoint, checkpoint_every, sharded, sample_weight)
         if check_bool(sharded, "sharded") and self.comm is None:
             raise ValueError("sharded=True needs comm= (each MPI rank passing its own shard)")
         if not self._fit_lock.acquire(blocking=False):

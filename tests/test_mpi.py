@@ -124,3 +124,62 @@ def test_an_unagreed_exception_on_one_rank_aborts_the_job(tmp_path):
     assert "finished" not in result.stdout
     assert "rank 1 of 2 raised RuntimeError: broken on rank 1 during Trainer.fit" in result.stderr
     assert "aborting the MPI job (MPI_Abort)" in result.stderr
+
+
+@pytest.mark.skipif(_open_mpi_launcher() is None, reason="needs mpi4py and Open MPI's mpiexec")
+def test_cli_interrupted_on_one_rank_outside_the_fit_aborts_the_job(tmp_path):
+    # Ctrl-C reaching rank 1 alone while it reads the data: rank 0 is waiting for it in the
+    # ranks' agreement after reading, so the job must end by MPI_Abort, not hang
+    data = tmp_path / "data.csv"
+    rows = np.random.default_rng(0).normal(size=(50, 3))
+    data.write_text("a,b,c,y\n" + "".join(f"{a},{b},{c},{int(a > 0)}\n" for a, b, c in rows))
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys
+        from cprop import _cli_data
+        from cprop.__main__ import main
+        if os.environ.get("OMPI_COMM_WORLD_RANK") == "1":
+            def interrupted(*args, **kwargs):
+                raise KeyboardInterrupt
+            _cli_data.read_table = interrupted
+        sys.exit(main(["train", {str(data)!r}, "--target", "y", "--epochs", "1", "--out", "m.npz"]))
+    """))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cprop.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([_open_mpi_launcher(), "--oversubscribe", "-n", "2", sys.executable, str(script)],
+                            capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "rank 1 of 2 raised KeyboardInterrupt" in result.stderr and "MPI_Abort" in result.stderr
+    assert not (tmp_path / "m.npz").exists()
+
+
+def test_cli_ctrl_c_while_mpi_starts_is_held_until_mpi_can_abort_the_job(tmp_path):
+    # a stand-in mpi4py whose import (MPI_Init) is interrupted: cprop train must hold the
+    # interrupt until the module exists, then abort the job through it
+    package = tmp_path / "mpi4py"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "MPI.py").write_text(textwrap.dedent("""
+        import os, signal, sys
+        os.kill(os.getpid(), signal.SIGINT)      # Ctrl-C in the middle of MPI_Init
+        class _World:
+            def Get_rank(self):
+                return 1
+            def Get_size(self):
+                return 2
+            def Abort(self, status):
+                print(f"Abort({status})", flush=True)
+                os._exit(status)
+        COMM_WORLD = _World()
+        def Is_initialized():
+            return True
+        def Is_finalized():
+            return False
+    """))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+               OMPI_COMM_WORLD_SIZE="2")
+    result = subprocess.run([sys.executable, "-m", "cprop", "train", "no-such.csv", "--target", "y"],
+                            capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert result.returncode == 130 and "Abort(130)" in result.stdout, (result.stdout, result.stderr)
+    assert "rank 1 interrupted while MPI started" in result.stderr

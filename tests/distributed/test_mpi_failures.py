@@ -59,6 +59,18 @@ def test_nonfinite_loss_on_one_rank_stops_every_rank_at_that_step(comm, on_diver
     assert_close(ours.net.params, alone.net.params, np.float64)
 
 
+def test_divergence_warning_that_one_rank_turns_into_an_error_stops_every_rank(comm):
+    X, y, kw = overflowing(200)
+    X[94] = 1e200
+    trainer = make(comm, shuffle=False, on_divergence="warn", optimizer="adam", **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error" if comm.rank == last(comm) else "ignore", RuntimeWarning)
+        got = outcome(comm, lambda: trainer.fit(X, y, epochs=3))
+    assert got[last(comm)][0] == "RuntimeWarning"
+    assert all(kind == "DistributedError" for kind, _ in got[:-1])
+    assert_same_on_every_rank(comm, trainer)
+
+
 def test_nonfinite_loss_in_one_shard_stops_every_rank(comm):
     X, y, kw = overflowing(60 + 10 * comm.rank, seed=comm.rank)
     if comm.rank == last(comm):
@@ -183,6 +195,20 @@ def test_bad_input_on_one_rank_raises_on_every_rank(comm):
     for call in (lambda: trainer.evaluate(Xr, y), lambda: trainer.predict(Xr)):
         got = outcome(comm, call)
         assert got[last(comm)][0] == "ValueError" and all(k == "DistributedError" for k, _ in got[:-1])
+
+
+@pytest.mark.parametrize("what", ["sample_weight", "lbfgs"])
+def test_what_comm_refuses_on_one_rank_is_refused_on_every_rank(comm, what):
+    # refused before any collective on that rank alone, the others would wait for it forever
+    X, y = data(100)
+    odd = comm.rank == last(comm)
+    trainer = make(comm)
+    if what == "lbfgs" and odd:
+        trainer.optimizer = cprop.LBFGS()
+    weights = np.ones(100) if what == "sample_weight" and odd else None
+    got = outcome(comm, lambda: trainer.fit(X, y, epochs=1, sample_weight=weights))
+    assert got[last(comm)][0] == "ValueError" and "under comm" in got[last(comm)][1]
+    assert all(kind == "DistributedError" for kind, _ in got[:-1])
 
 
 def test_error_computing_one_share_raises_on_every_rank(comm, monkeypatch):

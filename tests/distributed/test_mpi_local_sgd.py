@@ -85,3 +85,16 @@ def test_average_every_must_be_a_positive_int_and_is_checked_across_ranks(comm):
     trainer = make(comm, average_every=2 + comm.rank)     # differs between ranks
     got = outcome(comm, lambda: trainer.fit(X, y, epochs=1))
     assert all(g[0] is not None and "average_every" in g[1] for g in got), got
+
+
+def test_averaging_parameters_near_the_largest_float_keeps_them_finite(comm):
+    # averaged as a sum over ranks first, two finite float32 values above max/2 would give inf
+    X, y = data(100, dtype=np.float32)
+    X[:, 0] = 0                    # feature 0 never fires: its weights only get averaged
+    net = cprop.Sequential([cprop.Dense(8, 3)], dtype=np.float32, seed=0)
+    net.layers[0].W[0, 0] = 2e38
+    trainer = cprop.Trainer(net, "cross_entropy", optimizer=cprop.SGD(lr=0.01), batch_size=10, seed=0,
+                            comm=comm, n_threads=1, average_every=1)
+    trainer.fit(X, y, epochs=2)
+    assert np.isfinite(trainer.net.params).all() and trainer.net.layers[0].W[0, 0] > 1e38
+    assert_same_on_every_rank(comm, trainer)
