@@ -93,6 +93,15 @@ def _open_mpi_launcher():
     return mpiexec if ("Open MPI" in version or "OpenRTE" in version or "prterun" in version) else None
 
 
+def _run_two_ranks(script, cwd):
+    """`mpiexec -n 2 python script` with this cprop importable: the CompletedProcess."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cprop.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
+    return subprocess.run([_open_mpi_launcher(), "--oversubscribe", "-n", "2", sys.executable, str(script)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+
+
 @pytest.mark.skipif(_open_mpi_launcher() is None, reason="needs mpi4py and Open MPI's mpiexec")
 def test_an_unagreed_exception_on_one_rank_aborts_the_job(tmp_path):
     # rank 1 fails inside fit where the ranks do not compare notes: rank 0 is already waiting
@@ -115,11 +124,7 @@ def test_an_unagreed_exception_on_one_rank_aborts_the_job(tmp_path):
         trainer.fit(X, (X[:, 0] > 0).astype(int), epochs=1000)
         print("finished", flush=True)
     """))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(cprop.__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
-    result = subprocess.run([_open_mpi_launcher(), "--oversubscribe", "-n", "2", sys.executable, str(script)],
-                            capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    result = _run_two_ranks(script, tmp_path)
     assert result.returncode != 0
     assert "finished" not in result.stdout
     assert "rank 1 of 2 raised RuntimeError: broken on rank 1 during Trainer.fit" in result.stderr
@@ -144,11 +149,7 @@ def test_cli_interrupted_on_one_rank_outside_the_fit_aborts_the_job(tmp_path):
             _cli_data.read_table = interrupted
         sys.exit(main(["train", {str(data)!r}, "--target", "y", "--epochs", "1", "--out", "m.npz"]))
     """))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(cprop.__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
-    result = subprocess.run([_open_mpi_launcher(), "--oversubscribe", "-n", "2", sys.executable, str(script)],
-                            capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    result = _run_two_ranks(script, tmp_path)
     assert result.returncode != 0
     assert "rank 1 of 2 raised KeyboardInterrupt" in result.stderr and "MPI_Abort" in result.stderr
     assert not (tmp_path / "m.npz").exists()
