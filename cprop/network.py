@@ -283,7 +283,9 @@ class Sequential:
         ----------
         X : array-like of shape (n_samples, n_inputs)
             Any real dtype, any memory layout; converted to the network's dtype
-            (no copy when it is already C-contiguous in that dtype).
+            (no copy when it is already C-contiguous in that dtype). Not sparse
+            (TypeError): :meth:`predict_raw` and :class:`cprop.Trainer` take
+            scipy.sparse input, or pass ``X.toarray()`` here.
         n_threads : int, optional
             Threads for the kernels (default: :func:`cprop.get_num_threads`).
         training : bool, default False

@@ -464,7 +464,7 @@ class Trainer:
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_inputs)
+        X : array-like of shape (n_samples, n_inputs), or a scipy.sparse matrix (as for :meth:`fit`)
         y : targets, as for :meth:`fit`
 
         Returns
@@ -481,7 +481,7 @@ class Trainer:
         return self._evaluate_prepared(*self._prepare(X, y))
 
     def predict(self, X: ArrayLike) -> np.ndarray:
-        """Predictions for X.
+        """Predictions for X (an array, or a scipy.sparse matrix as for :meth:`fit`).
 
         Returns
         -------

@@ -140,7 +140,7 @@ def bench_estimator(case, n_threads, rounds, scale=1.0):
                 results[name]["seconds"].append(seconds)
                 results[name]["accuracy"].append(accuracy)
                 results[name]["n_iter"].append(n_iter)
-    return {"case": case.name, "data": case.data, "n_train": len(data[0]), "n_features": data[0].shape[1],
+    return {"case": case.name, "data": case.data, "n_train": data[0].shape[0], "n_features": data[0].shape[1],
             "params": {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()},
             "estimators": results,
             "sklearn_over_cprop": (statistics.median(results["sklearn"]["seconds"])
