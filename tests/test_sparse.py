@@ -398,8 +398,8 @@ def test_dropin_on_csr_reproduces_scikit_learn_on_csr(rng):
     from cprop.sklearn import MLPClassifier
     X = random_csr(80, 30, 0.15, rng)
     y = rng.integers(0, 3, 80)
-    kw = dict(hidden_layer_sizes=(8,), solver="sgd", shuffle=False, max_iter=10, random_state=3,
-              learning_rate_init=0.1)
+    kw = {"hidden_layer_sizes": (8,), "solver": "sgd", "shuffle": False, "max_iter": 10,
+          "random_state": 3, "learning_rate_init": 0.1}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ours, theirs = MLPClassifier(**kw).fit(X, y), SkMLP(**kw).fit(X, y)
