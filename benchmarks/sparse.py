@@ -1,8 +1,9 @@
 """Sparse input: cprop.sklearn.MLPClassifier against scikit-learn's MLPClassifier on a CSR matrix.
 
 The data is a synthetic bag of words (cprop.bench.estimators.sparse_classification):
-20,000 × 50,000 CSR at 0.1% density (about 50 nonzeros a row), float32, 5 classes
-from a sparse linear model, split 80/20 with a fixed seed. Both estimators get the
+20,000 × 50,000 CSR at 0.1% density (about 50 draws a row, columns as frequent as
+words, 1/(k + 10)), float32, 5 classes from a sparse linear model, split 80/20
+with a fixed seed. Both estimators get the
 same parameters (hidden 100, relu, scikit-learn's defaults otherwise) and run exactly
 ``--epochs`` epochs (``tol=0``); they fit in alternation, ``--rounds`` times each,
 after a one-epoch warm-up that is not timed. The report gives the median fit time
@@ -54,7 +55,8 @@ def main(argv=None):
           f"{info['cpu']}, {args.threads} threads, {args.rounds} rounds, "
           f"OPENBLAS_CORETYPE={info['OPENBLAS_CORETYPE']}, load average "
           f"{load_before[0]:.2f} before, {load_after[0]:.2f} after")
-    print("data: 20,000 × 50,000 CSR, density 0.1%, float32, 5 classes; 16,000 rows train, 4,000 held out")
+    print("data: 20,000 × 50,000 CSR, 0.1% density drawn, float32, 5 classes; 16,000 rows train, "
+          "4,000 held out")
     print(format_estimators(entries))
     if args.json:
         with open(args.json, "w") as f:

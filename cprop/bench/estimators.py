@@ -55,16 +55,18 @@ def sparse_classification(n_samples=20_000, n_features=50_000, density=0.001, n_
     """(X, y): a CSR matrix like a bag of words, float32, and labels a sparse linear model
     gives it.
 
-    Each row holds Binomial(n_features, density) nonzeros at uniform columns, values
-    uniform in [0.1, 1); the labels are argmax(X·B + noise) for a Gaussian B
-    (n_features × n_classes) and Gaussian noise of 0.3, so a model can learn them from
-    the features it has seen in training.
+    Each row holds Binomial(n_features, density) nonzeros (duplicates summed), values
+    uniform in [0.1, 1), at columns drawn as words are, column k with probability
+    ∝ 1/(k + 10), so that some features recur often enough to be learnt; the labels
+    are argmax(X·B + noise) for a Gaussian B (n_features × n_classes) and Gaussian
+    noise of 0.3.
     """
     import scipy.sparse as sp
 
     rng = np.random.default_rng(seed)
     indptr = np.r_[0, np.cumsum(rng.binomial(n_features, density, n_samples))]
-    indices = rng.integers(0, n_features, indptr[-1])
+    frequency = 1.0 / (np.arange(n_features) + 10.0)
+    indices = rng.choice(n_features, indptr[-1], p=frequency / frequency.sum())
     data = rng.uniform(0.1, 1.0, indptr[-1]).astype(np.float32)
     X = sp.csr_matrix((data, indices, indptr), shape=(n_samples, n_features))
     X.sum_duplicates()
