@@ -153,7 +153,8 @@ def test_training_on_csr_equals_training_on_dense(dtype, optimizer, shuffle, n_t
 
 
 @pytest.mark.parametrize("first", ["dropout", "batchnorm", "layernorm"])
-def test_a_first_layer_that_is_not_dense_gets_dense_batches(first, rng):
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_a_first_layer_that_is_not_dense_gets_dense_batches(first, shuffle, rng):
     X = random_csr(70, 30, 0.1, rng, empty_rows=(2,))
     y = rng.normal(size=(70, 2))
     layer = {"dropout": lambda: cprop.Dropout(0.3), "batchnorm": lambda: cprop.BatchNorm(30),
@@ -161,7 +162,7 @@ def test_a_first_layer_that_is_not_dense_gets_dense_batches(first, rng):
     for optimizer in ("adam", "lbfgs"):
         (p_s, out_s, _, _), (p_d, out_d, _, _) = fit_both(
             lambda: [layer(), cprop.Dense(30, 8, "tanh"), cprop.Dense(8, 2)], OPTIMIZERS[optimizer], X, y,
-            loss="mse", epochs=2)
+            loss="mse", epochs=2, shuffle=shuffle)
         assert_allclose(p_s, p_d, rtol=1e-10, atol=1e-12)
         assert_allclose(out_s, out_d, rtol=1e-10, atol=1e-12)
 
