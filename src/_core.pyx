@@ -200,11 +200,11 @@ def sparse_forward(const floating[::1] data, const Py_ssize_t[::1] indices,
     from X's row rows[r] (a shuffled minibatch). Threads split Y's rows."""
     cdef CSRBatch X
     cdef Py_ssize_t n = Y.shape[0], n_out = W.shape[1]
-    cdef int t, nt = n_threads if n_threads < n else <int> n
+    cdef int t, nt = <int> max(1, min(n_threads, n))    # no thread without rows
     _csr(&X, data, indices, indptr)
     X.rows = NULL if rows is None else &rows[0]
     with nogil:
-        for t in prange(nt if nt > 1 else 1, num_threads=nt if nt > 1 else 1, schedule='static'):
+        for t in prange(nt, num_threads=nt, schedule='static'):
             csr_forward_rows(&X, &W[0, 0], &b[0], &Y[0, 0], n * t // nt, n * (t + 1) // nt, n_out,
                              activation, <floating> alpha)
 
@@ -217,11 +217,11 @@ def sparse_backward(const floating[::1] data, const Py_ssize_t[::1] indices,
     to X's row rows[r]). Threads split dW's rows (the features) and db."""
     cdef CSRBatch X
     cdef Py_ssize_t n = delta.shape[0], n_in = dW.shape[0], n_out = dW.shape[1]
-    cdef int t, nt = n_threads if n_threads < n_in else <int> n_in
+    cdef int t, nt = <int> max(1, min(n_threads, n_in))  # no thread without features
     _csr(&X, data, indices, indptr)
     X.rows = NULL if rows is None else &rows[0]
     with nogil:
-        for t in prange(nt if nt > 1 else 1, num_threads=nt if nt > 1 else 1, schedule='static'):
+        for t in prange(nt, num_threads=nt, schedule='static'):
             csr_weight_grad_features(&X, &delta[0, 0], &dW[0, 0], n, n_out, n_in * t // nt,
                                      n_in * (t + 1) // nt)
             dense_param_grads_part(<floating*> NULL, &delta[0, 0], &dW[0, 0], &db[0], n, n_in, n_out,
