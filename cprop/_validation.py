@@ -6,6 +6,7 @@ expected and what was given.
 """
 import math
 import numbers
+import sys
 
 import numpy as np
 
@@ -56,8 +57,132 @@ def check_finite(arr, name):
         raise ValueError(f"{name} contains {bad} NaN or infinite value(s); cprop needs finite numbers")
 
 
-def check_X(X, dtype, n_features=None, name="X") -> np.ndarray:
-    """X as a C-contiguous 2-D array of `dtype`; no copy when it already is one."""
+def is_sparse(X):
+    """Whether X is a scipy.sparse matrix or array (of any format)."""
+    # scipy.sparse is not imported for dense input: X cannot be one of its
+    # matrices unless the module is already loaded
+    sparse = sys.modules.get("scipy.sparse")
+    return sparse is not None and sparse.issparse(X)
+
+
+class CSRInput:
+    """A validated CSR matrix, as the compiled core reads it.
+
+    ``data`` in the network's dtype, ``indices`` and ``indptr`` as intp, all three
+    fresh arrays of cprop's own: changing the user's matrix afterwards cannot make
+    a kernel read outside them. Every index lies in [0, n_features), ``indptr``
+    runs from 0 to nnz without decreasing. Duplicate entries are kept (the kernels
+    add them up, as scipy does); indices need not be sorted.
+    """
+
+    __slots__ = ("data", "indices", "indptr", "shape")
+
+    def __init__(self, data, indices, indptr, shape):
+        self.data, self.indices, self.indptr, self.shape = data, indices, indptr, shape
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def nnz(self):
+        return self.data.shape[0]
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, rows):
+        """The rows `rows` (a 1-D integer array) as a new CSRInput (validation splits)."""
+        rows = np.asarray(rows, dtype=np.intp)
+        counts = self.indptr[rows + 1] - self.indptr[rows]
+        indptr = np.zeros(rows.shape[0] + 1, dtype=np.intp)
+        np.cumsum(counts, out=indptr[1:])
+        # the positions of the chosen rows' nonzeros, row after row
+        take = np.repeat(self.indptr[rows] - indptr[:-1], counts) + np.arange(indptr[-1], dtype=np.intp)
+        return CSRInput(self.data[take], self.indices[take], indptr, (rows.shape[0], self.shape[1]))
+
+    def astype(self, dtype):
+        """The same matrix with its values in `dtype` (itself when they already are)."""
+        if self.data.dtype == dtype:
+            return self
+        data = _converted(self.data, dtype, "X")
+        return CSRInput(data, self.indices, self.indptr, self.shape)
+
+    def core_args(self):
+        """(the placeholder X of shape (n_samples, 0), the CSR keyword arguments) that the
+        compiled core's train_epoch, batch_gradient and forward take for this matrix."""
+        return (np.empty((self.shape[0], 0), dtype=self.data.dtype),
+                {"csr_data": self.data, "csr_indices": self.indices, "csr_indptr": self.indptr})
+
+    def toarray(self):
+        """The dense matrix, C-contiguous in the values' dtype."""
+        from ._lazy import core
+        out = np.empty(self.shape, dtype=self.data.dtype)
+        core.sparse_to_dense(self.data, self.indices, self.indptr, out)
+        return out
+
+    def dense_rows(self, start, stop):
+        """Rows start:stop as a dense C-contiguous block."""
+        from ._lazy import core
+        out = np.empty((stop - start, self.shape[1]), dtype=self.data.dtype)
+        core.sparse_to_dense(self.data, self.indices, self.indptr, out,
+                             np.arange(start, stop, dtype=np.intp))
+        return out
+
+
+def check_sparse_X(X, dtype, n_features=None, name="X"):
+    """A scipy.sparse X (any format: converted with ``.tocsr()``) as a :class:`CSRInput`."""
+    if isinstance(X, CSRInput):
+        if n_features is not None and X.shape[1] != n_features:
+            raise ValueError(f"{name} has {X.shape[1]} features per sample, the network expects {n_features}")
+        return X.astype(dtype)
+    shape = tuple(X.shape)
+    if len(shape) != 2:
+        raise ValueError(f"{name} must be 2-D (n_samples, n_features), got a sparse array of shape {shape}")
+    if shape[0] == 0:
+        raise ValueError(f"{name} is empty: got shape {shape}, need at least one sample")
+    if n_features is not None and shape[1] != n_features:
+        raise ValueError(f"{name} has {shape[1]} features per sample, the network expects {n_features}")
+    csr = X if X.format == "csr" else X.tocsr()
+    # our own copies first, then every check on them: what the kernels read is what was checked
+    indptr = np.array(csr.indptr, dtype=np.intp)
+    indices = np.array(csr.indices, copy=True)
+    values = np.array(csr.data, copy=True)
+    n_samples, n_cols = shape
+    if indptr.ndim != 1 or indptr.shape[0] != n_samples + 1:
+        raise ValueError(f"{name}'s indptr must have {n_samples + 1} entries (n_samples + 1), "
+                         f"got shape {indptr.shape}")
+    if indices.dtype.kind not in "iu":
+        raise TypeError(f"{name}'s indices must be integers, got dtype {indices.dtype}")
+    if values.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must hold real numbers (bool, int or float), got dtype {values.dtype}")
+    nnz = int(indptr[-1])
+    if indptr[0] != 0 or (indptr.shape[0] > 1 and (np.diff(indptr) < 0).any()):
+        raise ValueError(f"{name}'s indptr must start at 0 and never decrease, got "
+                         f"indptr[0]={indptr[0]} and a smallest step of {np.diff(indptr).min()}")
+    if indices.ndim != 1 or values.ndim != 1 or indices.shape[0] < nnz or values.shape[0] < nnz:
+        raise ValueError(f"{name}'s indptr ends at {nnz} nonzeros but it holds {indices.shape} indices "
+                         f"and {values.shape} values")
+    indices, values = indices[:nnz], values[:nnz]
+    if nnz and (indices.min() < 0 or indices.max() >= n_cols):
+        raise ValueError(f"{name}'s column indices must lie in [0, {n_cols}), got values in "
+                         f"[{indices.min()}, {indices.max()}]")
+    check_finite(values, name)
+    data = _converted(values, dtype, name)
+    return CSRInput(data, np.ascontiguousarray(indices, dtype=np.intp), indptr, (n_samples, n_cols))
+
+
+def check_X(X, dtype, n_features=None, name="X", accept_sparse=False) -> np.ndarray:
+    """X as a C-contiguous 2-D array of `dtype`; no copy when it already is one.
+
+    A scipy.sparse X: a validated :class:`CSRInput` when `accept_sparse`, else a
+    TypeError naming `accept_sparse` (a string: what to use instead).
+    """
+    if is_sparse(X) or isinstance(X, CSRInput):
+        if accept_sparse is True:
+            return check_sparse_X(X, dtype, n_features, name)
+        raise TypeError(f"{name} is a sparse matrix ({type(X).__name__}), which {accept_sparse or 'this'} "
+                        "does not take; pass a dense array (X.toarray())")
     arr = _as_numeric_array(X, name)
     if arr.ndim != 2:
         raise ValueError(f"{name} must be 2-D (n_samples, n_features), got an array of shape {arr.shape}")

@@ -45,6 +45,8 @@ __all__ = ["DistributedError", "check_comm"]
 
 # slots after the flat gradient (and running statistics) in a batch's allreduce buffer
 _LOSS, _INTERRUPT, _FAILED, _REJECTED, _N_SLOTS = 0, 1, 2, 3, 4
+# what check_X says a sparse X is refused by: under comm the ranks exchange dense rows only
+_NO_SPARSE = "training over MPI (comm=)"
 # rows of X and y compared across ranks at the start of a fit (they must pass the same data)
 _SAMPLED_ROWS = 64
 
@@ -280,7 +282,8 @@ class _Fit:
                                  "supported yet; train them in one process")
             self.sharded = check_bool(sharded, "sharded")
             self.epochs = check_positive_int(epochs, "epochs", minimum=0, maximum=None)
-            X, T, labels = trainer._prepare(X, y, name="X_shard" if self.sharded else "X")
+            X, T, labels = trainer._prepare(X, y, name="X_shard" if self.sharded else "X",
+                                            accept_sparse=_NO_SPARSE)
             data = (X, T, labels)
             val = None
             if validation_split is not None:
@@ -294,7 +297,7 @@ class _Fit:
             elif validation_data is not None:
                 if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
                     raise ValueError("validation_data must be a pair (X_val, y_val)")
-                val = trainer._prepare(*validation_data, name="validation X")
+                val = trainer._prepare(*validation_data, name="validation X", accept_sparse=_NO_SPARSE)
             self.data, self.val = data, val
             self.callbacks = as_callbacks(callbacks)
             if checkpoint is not None:
@@ -691,7 +694,7 @@ def evaluate(trainer, X, y):
     """Trainer.evaluate under comm: each rank takes a share of the rows, results combined."""
     ranks = Ranks(trainer.comm)
     with abort_on_error(ranks, "Trainer.evaluate"):
-        X, T, labels = _prepared(trainer, ranks, lambda: trainer._prepare(X, y))
+        X, T, labels = _prepared(trainer, ranks, lambda: trainer._prepare(X, y, accept_sparse=_NO_SPARSE))
         return _metrics(trainer, ranks, X, T, labels, ranks.share(X.shape[0]), "", stacklevel=5)
 
 
@@ -702,7 +705,7 @@ def raw_output(trainer, X):
     ranks = Ranks(trainer.comm)
     net = trainer.net
     with abort_on_error(ranks, "Trainer.predict"):
-        (X,) = _prepared(trainer, ranks, lambda: (check_X(X, net.dtype, net.n_inputs),))
+        (X,) = _prepared(trainer, ranks, lambda: (check_X(X, net.dtype, net.n_inputs, accept_sparse=_NO_SPARSE),))
         n, m = X.shape[0], net.n_outputs
         r0, r1 = ranks.share(n)
         error, mine = None, np.zeros((r1 - r0, m), dtype=net.dtype)

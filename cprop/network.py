@@ -19,7 +19,7 @@ from numpy.typing import ArrayLike, DTypeLike
 from . import io as _io
 from ._lazy import core as _core
 from ._threads import resolve_threads, single_threaded_blas
-from ._validation import as_dtype, check_bool, check_parameter_values, check_positive_int, check_X
+from ._validation import CSRInput, as_dtype, check_bool, check_parameter_values, check_positive_int, check_X
 from .activations import from_torch_module
 from .layers import BatchNorm, Dense, Dropout, Layer, LayerNorm, layer_from_config, refuse_change
 
@@ -295,7 +295,9 @@ class Sequential:
         ----------
         X : array-like of shape (n_samples, n_inputs)
             Any real dtype, any memory layout; converted to the network's dtype
-            (no copy when it is already C-contiguous in that dtype).
+            (no copy when it is already C-contiguous in that dtype). Not sparse
+            (TypeError): :meth:`predict_raw` and :class:`cprop.Trainer` take
+            scipy.sparse input, or pass ``X.toarray()`` here.
         n_threads : int, optional
             Threads for the kernels (default: :func:`cprop.get_num_threads`).
         training : bool, default False
@@ -312,7 +314,8 @@ class Sequential:
         ndarray of shape (n_samples, n_outputs), the network's dtype
         """
         self._local.tape = None     # a forward that fails halfway leaves nothing for backward
-        X = check_X(X, self._dtype, self.n_inputs)
+        X = check_X(X, self._dtype, self.n_inputs,
+                    accept_sparse="Sequential.forward (predict_raw and Trainer take it)")
         training = check_bool(training, "training")
         n_threads = resolve_threads(n_threads)
         if seed is None:
@@ -393,6 +396,7 @@ class Sequential:
         that evaluate many times (else a new one). `weights`: validated sample weights (the
         mean is then the weighted one)."""
         table, hyper, row_width, n_bstats = self._plan
+        X, csr = self._core_input(X, whole=True)
         if work is None:
             work = self._gradient_workspace(X.shape[0])
         elif work.dtype != self._dtype or work.shape != (X.shape[0] * row_width + n_bstats,):
@@ -403,9 +407,27 @@ class Sequential:
         with self._training("a gradient pass"), single_threaded_blas():
             value = _core.batch_gradient(table, hyper, row_width, n_bstats, settings, X, T, labels,
                                          self._params, self._grads, self._buffers, work, row_base,
-                                         weights)
+                                         weights, **csr)
             self._has_grads, self._grad_rows = True, X.shape[0]
         return value
+
+    @property
+    def _reads_sparse(self):
+        """Whether the first layer reads a CSR input in place (it is Dense); else a sparse
+        input is made dense for it."""
+        return isinstance(self._layers[0], Dense)
+
+    def _core_input(self, X, whole=False):
+        """(X, keyword arguments) for the compiled core: a dense X as it is; a CSRInput as
+        a (n, 0) placeholder and its arrays when the first layer reads it in place, else
+        (whole=True: for the full-batch gradient) densified."""
+        if not isinstance(X, CSRInput):
+            return X, {}
+        if self._reads_sparse:
+            return X.core_args()
+        if whole:
+            return X.toarray(), {}
+        raise TypeError("the first layer is not Dense: its sparse batches are gathered densely")
 
     def _gradient_workspace(self, n_rows):
         """The workspace :meth:`_batch_gradient` needs for n_rows rows."""
@@ -422,8 +444,12 @@ class Sequential:
         makes a layer's output about 1 MB (512 to 4096 rows): every chunk
         re-packs each W for BLAS, so chunks of that size ran faster than
         smaller ones sized for L2 (benchmarks/README.md).
+
+        X may be a scipy.sparse matrix or array of any format (validated and taken as
+        CSR): a Dense first layer multiplies its rows in place (sparse × dense), any
+        other first layer gets them densified a block of rows at a time.
         """
-        X = check_X(X, self._dtype, self.n_inputs)
+        X = check_X(X, self._dtype, self.n_inputs, accept_sparse=True)
         n_threads = resolve_threads(n_threads)
         table, hyper, row_width, n_bstats = self._plan
         widest = int(self._sizes[1:].max())
@@ -433,8 +459,18 @@ class Sequential:
         work = self._inference_workspace(n_threads * (chunk_size * row_width + n_bstats))
         out = np.empty((X.shape[0], self.n_outputs), dtype=self._dtype)
         with single_threaded_blas():
-            _core.forward(table, hyper, row_width, n_bstats, X, self._params, self._buffers, work, out,
-                          chunk_size, n_threads)
+            if isinstance(X, CSRInput) and not self._reads_sparse:
+                # a first layer that is not Dense takes dense rows: one block of them at a time
+                block = max(chunk_size * n_threads, 4096)
+                for start in range(0, X.shape[0], block):
+                    stop = min(start + block, X.shape[0])
+                    _core.forward(table, hyper, row_width, n_bstats, X.dense_rows(start, stop),
+                                  self._params, self._buffers, work, out[start:stop],
+                                  min(chunk_size, stop - start), n_threads)
+            else:
+                X_core, csr = self._core_input(X)
+                _core.forward(table, hyper, row_width, n_bstats, X_core, self._params, self._buffers,
+                              work, out, chunk_size, n_threads, **csr)
         return out
 
     def _inference_workspace(self, size):

@@ -39,13 +39,16 @@ scikit-learn's conventions and how cprop reproduces them:
 - sample_weight: each batch's loss is its weighted mean ``Σ w·l / Σ w`` and
   the L2 term is divided by the batch's ``Σ w`` (as sklearn); early stopping
   splits the weights with the data and scores the validation set with them.
+- sparse X (any scipy.sparse format; CSR and CSC kept by sklearn's validation,
+  the others converted to CSR): the first layer multiplies each minibatch's CSR
+  rows in place and its dW = Xᵀ·δ is a sparse product, as sklearn's
+  ``safe_sparse_dot``; the result is the dense input's to rounding.
 - initial weights: drawn exactly as sklearn draws them (Glorot-uniform weights
   *and* biases from ``check_random_state(random_state)``), so the same
   ``random_state`` starts both from the same point.
 
 Known differences from scikit-learn (documented, deliberate):
 
-- sparse X is rejected (sklearn takes CSR/CSC matrices).
 - Poisson targets must be >= 0 (ValueError; sklearn takes negative ones and
   reports a NaN loss).
 - negative sample weights are refused (sklearn takes them); a batch whose
@@ -106,6 +109,7 @@ except ImportError as exc:  # validate_data is public from scikit-learn 1.6 on
     raise ImportError("cprop.sklearn needs scikit-learn >= 1.6") from exc
 
 from ._threads import MAX_THREADS
+from ._validation import check_sparse_X, is_sparse
 from .layers import Dense
 from .network import Sequential
 from .optim import LBFGS, SGD, Adam
@@ -114,6 +118,9 @@ from .trainer import DivergenceError, Trainer
 _Estimator = TypeVar("_Estimator", bound="_BaseMLP")
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
+
+# the sparse formats sklearn's validation keeps (others become CSR), as sklearn's MLP
+_SPARSE = ["csr", "csc"]
 
 # sklearn's activation names -> cprop's
 _ACTIVATIONS = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}
@@ -328,7 +335,9 @@ class _BaseMLP(BaseEstimator):
             self._initialize(layer_units, X.dtype)
         else:
             self._continue_with(layer_units)
-        X = np.ascontiguousarray(X, dtype=self._net.dtype)
+        # a sparse X: validated (copied, indices checked) once, as the CSR the core reads
+        X = (check_sparse_X(X, self._net.dtype) if is_sparse(X)
+             else np.ascontiguousarray(X, dtype=self._net.dtype))
         if self.solver == "lbfgs":
             self._fit_lbfgs(X, y, sample_weight)
         else:
@@ -399,12 +408,13 @@ class _BaseMLP(BaseEstimator):
         if early_stopping:
             # as sklearn: stratify single-output classification only
             stratify = y if is_classifier(self) and self.n_outputs_ == 1 else None
-            arrays = (X, y) if sample_weight is None else (X, y, sample_weight)
-            X, X_val, y, y_val, *weights = train_test_split(
-                *arrays, random_state=self._random_state, test_size=self.validation_fraction,
-                stratify=stratify)
-            if weights:
-                sample_weight, sample_weight_val = weights
+            # split the row numbers (sklearn's split of (X, y), which depends only on
+            # their count and stratify), then take those rows of X, dense or CSR alike
+            train, val = train_test_split(np.arange(X.shape[0]), random_state=self._random_state,
+                                          test_size=self.validation_fraction, stratify=stratify)
+            X, X_val, y, y_val = X[train], X[val], y[train], y[val]
+            if sample_weight is not None:
+                sample_weight, sample_weight_val = sample_weight[train], sample_weight[val]
                 if not sample_weight.any():
                     raise ValueError("the training samples left after the validation split all "
                                      "have weight zero; use a different random_state")
@@ -553,7 +563,7 @@ class _BaseMLP(BaseEstimator):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
+        X : array-like or sparse matrix of shape (n_samples, n_features)
         y : array-like of shape (n_samples,) or (n_samples, n_outputs)
             Class labels (classification) or real targets (regression).
         sample_weight : array-like of shape (n_samples,), optional
@@ -571,7 +581,7 @@ class _BaseMLP(BaseEstimator):
     def _raw_output(self, X):
         """The network's raw output (logits for classification) for unvalidated X."""
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=(np.float64, np.float32))
+        X = validate_data(self, X, reset=False, dtype=(np.float64, np.float32), accept_sparse=_SPARSE)
         return self._network().predict_raw(X, n_threads=self.n_threads)
 
     # -- pickling: coefs_ / intercepts_ are views, so rebind them after loading --
@@ -678,7 +688,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
     def _validate_input(self, X, y, incremental, reset):
         X, y = validate_data(self, X, y, multi_output=True, dtype=(np.float64, np.float32),
-                             reset=reset)
+                             accept_sparse=_SPARSE, reset=reset)
         if y.ndim == 2 and y.shape[1] == 1:
             y = column_or_1d(y, warn=True)
         # as sklearn: (re)define classes_ on a fresh fit, else check compatibility
@@ -707,7 +717,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
+        X : array-like or sparse matrix of shape (n_samples, n_features)
         y : array-like of shape (n_samples,) or (n_samples, n_labels)
         sample_weight : array-like of shape (n_samples,), optional — as for :meth:`fit`
         classes : array of shape (n_classes,) — all the classes; required on
@@ -778,6 +788,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.classifier_tags.multi_label = True
+        tags.input_tags.sparse = True
         return tags
 
 
@@ -861,7 +872,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     def _validate_input(self, X, y, incremental, reset):
         X, y = validate_data(self, X, y, multi_output=True, y_numeric=True,
-                             dtype=(np.float64, np.float32), reset=reset)
+                             dtype=(np.float64, np.float32), accept_sparse=_SPARSE, reset=reset)
         if y.ndim == 2 and y.shape[1] == 1:
             y = column_or_1d(y, warn=True)
         return X, y
@@ -886,4 +897,5 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.target_tags.multi_output = True
+        tags.input_tags.sparse = True
         return tags

@@ -15,7 +15,7 @@ from . import io as _io
 from . import losses
 from ._lazy import core as _core
 from ._threads import MAX_THREADS, ThreadFallback, resolve_threads, single_threaded_blas
-from ._validation import check_bool, check_positive_int, check_real, check_sample_weight, check_X
+from ._validation import CSRInput, check_bool, check_positive_int, check_real, check_sample_weight, check_X
 from .callbacks import Checkpoint, as_callbacks
 from .losses import loss_code, prepare_targets
 from .network import Sequential, network_from_archive
@@ -215,8 +215,8 @@ class Trainer:
         return self.comm is not None and _distributed.check_comm(self.comm).Get_size() > 1
 
     # -- training ----------------------------------------------------------
-    def _prepare(self, X, y, name="X"):
-        X = check_X(X, self.net.dtype, self.net.n_inputs, name=name)
+    def _prepare(self, X, y, name="X", accept_sparse=True):
+        X = check_X(X, self.net.dtype, self.net.n_inputs, name=name, accept_sparse=accept_sparse)
         T, labels = prepare_targets(self.loss, y, X.shape[0], self.net.n_outputs, self.net.dtype)
         return X, T, labels
 
@@ -236,7 +236,11 @@ class Trainer:
 
         Parameters
         ----------
-        X : array-like (n_samples, n_features)
+        X : array-like (n_samples, n_features), or a scipy.sparse matrix or array of
+            any format (taken as CSR, its arrays copied and checked once): a Dense first
+            layer multiplies each minibatch's rows in place (sparse × dense, and
+            dW = Xᵀ·δ sparse), any other first layer gets them gathered densely; not
+            under comm
         y : labels (n_samples,) for cross_entropy; targets (n_samples, n_outputs)
             (or (n_samples,) for one output) for mse and binary_cross_entropy
         epochs : int >= 0
@@ -321,7 +325,7 @@ class Trainer:
                 raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
             callbacks.append(Checkpoint(checkpoint, checkpoint_every))
 
-        buffers = self._buffers(X.shape[0])
+        buffers = self._buffers(X.shape[0], sparse=isinstance(X, CSRInput))
         buffers["weights"] = weights
         progress = _Progress(epochs, verbose)
         for cb in callbacks:
@@ -349,15 +353,17 @@ class Trainer:
             cb.on_train_end(self)
         return self.history
 
-    def _buffers(self, n):
+    def _buffers(self, n, sparse=False):
         """What every epoch of a fit over n samples reuses: the fit's settings, workspace, label
-        buffer, sample order (shuffled in place of the identity when shuffling)."""
+        buffer, sample order (shuffled in place of the identity when shuffling). `sparse`: X is
+        a CSRInput (a Dense first layer reads it in place: no dense minibatch)."""
         batch_size = min(self.batch_size, n)
         net = self.net
         _, _, row_width, n_bstats = net._plan
         settings = {"loss": losses.get(self.loss).code, "loss_scale": self.loss_scale, "batch_size": batch_size,
                     "gather": self.shuffle, "n_threads": resolve_threads(self.n_threads), "seed": 0}
-        size = _core.workspace_size(row_width, n_bstats, net.n_inputs, net.n_outputs, batch_size)
+        size = _core.workspace_size(row_width, n_bstats, net.n_inputs, net.n_outputs, batch_size,
+                                    sparse, int(net._plan[0][0, _core.PLAN_INT["kind"]]))
         return {"settings": settings, "work": np.empty(size, dtype=net.dtype),
                 "label_buf": np.empty(batch_size, dtype=np.intp), "order": np.arange(n, dtype=np.intp),
                 "weights": None, "weight_buf": np.empty(batch_size, dtype=net.dtype),
@@ -376,12 +382,14 @@ class Trainer:
         state_a, state_b = self.optimizer._kernel_state(net, cfg)
         table, hyper, row_width, n_bstats = net._plan
         settings["n_threads"] = buffers["threads"].n_threads   # one, once the threads stalled
+        # a CSR X: its arrays, and a placeholder of its row count (the epoch gathers its rows)
+        X_core, csr = X.core_args() if isinstance(X, CSRInput) else (X, {})
         start = time.perf_counter()
         try:
             status, loss_sum, n_seen, step = _core.train_epoch(
-                table, hyper, row_width, n_bstats, settings, cfg, X, T, labels, order,
+                table, hyper, row_width, n_bstats, settings, cfg, X_core, T, labels, order,
                 net._params, net._grads, state_a, state_b, net._buffers, buffers["work"],
-                buffers["label_buf"], buffers["weights"], buffers["weight_buf"])
+                buffers["label_buf"], buffers["weights"], buffers["weight_buf"], **csr)
         except KeyboardInterrupt:
             # the interrupted epoch's completed steps are kept; Adam's count with them
             self.optimizer.step_count = cfg["step"]
@@ -467,7 +475,7 @@ class Trainer:
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_inputs)
+        X : array-like of shape (n_samples, n_inputs), or a scipy.sparse matrix (as for :meth:`fit`)
         y : targets, as for :meth:`fit`
 
         Returns
@@ -483,7 +491,7 @@ class Trainer:
         return self._evaluate_prepared(*self._prepare(X, y))
 
     def predict(self, X: ArrayLike) -> np.ndarray:
-        """Predictions for X.
+        """Predictions for X (an array, or a scipy.sparse matrix as for :meth:`fit`).
 
         Returns
         -------

@@ -27,6 +27,7 @@ from _dense cimport (dense_forward as _dense_forward, dense_forward_block, dense
                      dense_param_grads_part, dense_input_grad, dense_input_grad_block, gather_rows,
                      threads_for, _col_split)
 from _dropout cimport dropout_rows
+from _sparse cimport CSRBatch, csr_forward_rows, csr_weight_grad_features, csr_gather_dense
 from _norm cimport (layernorm_forward_rows, layernorm_backward_rows, batchnorm_stats_cols,
                     batchnorm_forward_rows, batchnorm_eval_stats, batchnorm_grad_sums_cols,
                     batchnorm_backward_rows, affine_param_grads_cols)
@@ -187,6 +188,54 @@ def dense_backward(const floating[:, ::1] X, const floating[:, ::1] W, const flo
                              n, n_in, n_out, n_threads)
 
 
+def sparse_forward(const floating[::1] data, const Py_ssize_t[::1] indices,
+                   const Py_ssize_t[::1] indptr, const floating[:, ::1] W, const floating[::1] b,
+                   floating[:, ::1] Y, int activation, int n_threads, double alpha=0.01,
+                   const Py_ssize_t[::1] rows=None):
+    """Y = f(X·W + b) for the CSR matrix X (data, indices, indptr); with `rows`, Y's row r
+    from X's row rows[r] (a shuffled minibatch). Threads split Y's rows."""
+    cdef CSRBatch X
+    cdef Py_ssize_t n = Y.shape[0], n_out = W.shape[1]
+    cdef int t, nt = <int> max(1, min(n_threads, n))    # no thread without rows
+    _csr(&X, data, indices, indptr)
+    X.rows = NULL if rows is None else &rows[0]
+    with nogil:
+        for t in prange(nt, num_threads=nt, schedule='static'):
+            csr_forward_rows(&X, &W[0, 0], &b[0], &Y[0, 0], n * t // nt, n * (t + 1) // nt, n_out,
+                             activation, <floating> alpha)
+
+
+def sparse_backward(const floating[::1] data, const Py_ssize_t[::1] indices,
+                    const Py_ssize_t[::1] indptr, const floating[:, ::1] delta,
+                    floating[:, ::1] dW, floating[::1] db, int n_threads,
+                    const Py_ssize_t[::1] rows=None):
+    """dW = Xᵀ·δ and db = Σ_rows δ for the CSR matrix X (with `rows`, δ's row r belongs
+    to X's row rows[r]). Threads split dW's rows (the features) and db."""
+    cdef CSRBatch X
+    cdef Py_ssize_t n = delta.shape[0], n_in = dW.shape[0], n_out = dW.shape[1]
+    cdef int t, nt = <int> max(1, min(n_threads, n_in))  # no thread without features
+    _csr(&X, data, indices, indptr)
+    X.rows = NULL if rows is None else &rows[0]
+    with nogil:
+        for t in prange(nt, num_threads=nt, schedule='static'):
+            csr_weight_grad_features(&X, &delta[0, 0], &dW[0, 0], n, n_out, n_in * t // nt,
+                                     n_in * (t + 1) // nt)
+            dense_param_grads_part(<floating*> NULL, &delta[0, 0], &dW[0, 0], &db[0], n, n_in, n_out,
+                                   0, 0, n_out * t // nt, n_out * (t + 1) // nt)
+
+
+def sparse_to_dense(const floating[::1] data, const Py_ssize_t[::1] indices,
+                    const Py_ssize_t[::1] indptr, floating[:, ::1] out,
+                    const Py_ssize_t[::1] rows=None):
+    """out[r] = row r of the CSR matrix (or row rows[r]) as a dense row, duplicates summed:
+    the minibatch of a first layer that is not Dense."""
+    cdef CSRBatch X
+    _csr(&X, data, indices, indptr)
+    X.rows = NULL if rows is None else &rows[0]
+    with nogil:
+        csr_gather_dense(&X, &out[0, 0], 0, out.shape[0], out.shape[1])
+
+
 def loss(int kind, const floating[:, ::1] out, const floating[:, ::1] T,
          const Py_ssize_t[::1] labels, floating[:, ::1] G, double scale=1.0,
          const floating[::1] weights=None):
@@ -255,9 +304,11 @@ cdef inline void _sync(int nt) noexcept nogil:
 # forward/backward from Python, and (one thread) the chunks of inference.
 
 cdef void forward_pass(const Plan* P, floating* params, floating* buffers, floating* work,
-                       Py_ssize_t rows, const floating* X_in, Py_ssize_t bs, int t, int nt,
-                       bint training, unsigned long long seed, long long row_base) noexcept nogil:
-    """Every layer's output for this thread's rows: Y_l = layer_l(Y_{l-1}), Y_{-1} = X_in.
+                       Py_ssize_t rows, const floating* X_in, const CSRBatch* X_sparse, Py_ssize_t bs,
+                       int t, int nt, bint training, unsigned long long seed,
+                       long long row_base) noexcept nogil:
+    """Every layer's output for this thread's rows: Y_l = layer_l(Y_{l-1}), Y_{-1} = X_in,
+    or, when X_sparse is not NULL, the CSR rows it names (the first layer is then Dense).
     `rows`: the row count the workspace was laid out for (>= bs). In evaluation BatchNorm
     reads its mean and rstd from the batch-statistics area, filled by the caller."""
     cdef Py_ssize_t layer, n_in, n_out, c0, c1
@@ -282,7 +333,12 @@ cdef void forward_pass(const Plan* P, floating* params, floating* buffers, float
         if T[_plan.KIND] == DENSE:
             # Y = f(X·W + b)
             W = params + T[_plan.PARAM]
-            if _split_columns(bs, n_out, nt):
+            if layer == 0 and X_sparse != NULL:
+                # sparse × dense by rows: a column split would have every thread scan every row
+                csr_forward_rows(X_sparse, W, W + n_in * n_out, Y, r0, r1, n_out, <int> T[_plan.ACT],
+                                 alpha, _col(work, rows, T[_plan.Z_COL]))
+                shared = False
+            elif _split_columns(bs, n_out, nt):
                 if not shared:
                     _sync(nt)
                 dense_forward_block(inp, W, W + n_in * n_out, Y, 0, bs, _col_split(n_out, t, nt),
@@ -406,13 +462,14 @@ cdef void backward_pass(const Plan* P, floating* params, floating* work, Py_ssiz
 
 cdef Py_ssize_t param_pass(const Plan* P, const Optim* opt, floating* params, floating* grads,
                            floating* state_a, floating* state_b, floating* work, Py_ssize_t rows,
-                           const floating* X_in, Py_ssize_t bs, double batch_weight,
-                           int t, int nt) noexcept nogil:
+                           const floating* X_in, const CSRBatch* X_sparse, Py_ssize_t bs,
+                           double batch_weight, int t, int nt) noexcept nogil:
     """Thread t's slice of every layer's parameter gradients over the whole batch
     (dW = inpᵀ·δ, db = Σδ; dγ = Σδ⊙x̂, dβ = Σδ), then, when opt is not NULL, the optimizer
     step on exactly that slice while it is in this core's cache (batch_weight: the batch's
     size, or summed sample weights, for decay per sample). Returns the count of updates
-    refused as non-finite."""
+    refused as non-finite. With X_sparse, the first layer's dW = Xᵀ·δ is the sparse product,
+    thread t owning the same rows of dW (features) it steps."""
     cdef Py_ssize_t layer, off, n_in, n_out, c0, c1, rejected = 0
     cdef const long long* T
     cdef const floating* inp
@@ -428,9 +485,16 @@ cdef Py_ssize_t param_pass(const Plan* P, const Optim* opt, floating* params, fl
         c0 = n_out * t // nt
         c1 = n_out * (t + 1) // nt
         if T[_plan.KIND] == DENSE:
-            inp = X_in if layer == 0 else _col(work, rows, _row(P, layer - 1)[_plan.Y_COL])
-            dense_param_grads_part(inp, delta, grads + off, grads + off + n_in * n_out, bs, n_in, n_out,
-                                   n_in * t // nt, n_in * (t + 1) // nt, c0, c1)
+            if layer == 0 and X_sparse != NULL:
+                csr_weight_grad_features(X_sparse, delta, grads + off, bs, n_out, n_in * t // nt,
+                                         n_in * (t + 1) // nt)
+                # db alone: an empty block of dW's rows
+                dense_param_grads_part(<floating*> NULL, delta, grads + off, grads + off + n_in * n_out,
+                                       bs, n_in, n_out, 0, 0, c0, c1)
+            else:
+                inp = X_in if layer == 0 else _col(work, rows, _row(P, layer - 1)[_plan.Y_COL])
+                dense_param_grads_part(inp, delta, grads + off, grads + off + n_in * n_out, bs, n_in,
+                                       n_out, n_in * t // nt, n_in * (t + 1) // nt, c0, c1)
             if opt != NULL:
                 rejected += optim_range(opt, params, grads, state_a, state_b, off + (n_in * t // nt) * n_out,
                                         off + (n_in * (t + 1) // nt) * n_out, True, batch_weight)
@@ -518,12 +582,13 @@ def forward_train(const long long[:, ::1] table, const double[:, ::1] hyper, Py_
         if not training:
             eval_stats(&P, buf, &work[0], n)
         if nt == 1:
-            forward_pass(&P, &params[0], buf, &work[0], n, &X[0, 0], n, 0, 1, training, seed, 0)
+            forward_pass(&P, &params[0], buf, &work[0], n, &X[0, 0], NULL, n, 0, 1, training, seed, 0)
         else:
             cprop_barrier_init(&barrier)
             with parallel(num_threads=nt):
                 t = cprop_barrier_join(&barrier)    # nt may be more than OpenMP gave
-                forward_pass(&P, &params[0], buf, &work[0], n, &X[0, 0], n, t, omp_get_num_threads(), training, seed, 0)
+                forward_pass(&P, &params[0], buf, &work[0], n, &X[0, 0], NULL, n, t, omp_get_num_threads(),
+                             training, seed, 0)
                 cprop_barrier_leave()
 
 
@@ -544,14 +609,14 @@ def backward(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ssize
         if nt == 1:
             backward_pass(&P, &params[0], &work[0], n, n, 0, 1, training, seed, 0)
             param_pass(&P, <Optim*> NULL, &params[0], &grads[0], <floating*> NULL, <floating*> NULL,
-                       &work[0], n, &X[0, 0], n, n, 0, 1)
+                       &work[0], n, &X[0, 0], NULL, n, n, 0, 1)
         else:
             cprop_barrier_init(&barrier)
             with parallel(num_threads=nt):
                 t = cprop_barrier_join(&barrier)    # nt may be more than OpenMP gave
                 backward_pass(&P, &params[0], &work[0], n, n, t, omp_get_num_threads(), training, seed, 0)
                 param_pass(&P, <Optim*> NULL, &params[0], &grads[0], <floating*> NULL, <floating*> NULL,
-                           &work[0], n, &X[0, 0], n, n, t, omp_get_num_threads())
+                           &work[0], n, &X[0, 0], NULL, n, n, t, omp_get_num_threads())
                 cprop_barrier_leave()
 
 
@@ -560,32 +625,41 @@ def backward(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ssize
 def forward(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ssize_t row_width,
             Py_ssize_t n_bstats, const floating[:, ::1] X, const floating[::1] params,
             const floating[::1] buffers, floating[::1] work, floating[:, ::1] out,
-            Py_ssize_t chunk_rows, int n_threads):
+            Py_ssize_t chunk_rows, int n_threads, const floating[::1] csr_data=None,
+            const Py_ssize_t[::1] csr_indices=None, const Py_ssize_t[::1] csr_indptr=None):
     """out = the network's raw output for X in evaluation mode: one call, no GIL, nothing kept.
 
     Each thread takes a contiguous share of the rows and carries it through every layer,
     chunk_rows rows at a time, in its own slice of `work` (n_threads slices, each laid out
     for chunk_rows rows, after one area of evaluation statistics): no thread waits for
     another, and each chunk's intermediate outputs stay in its core's cache.
+
+    With csr_data/csr_indices/csr_indptr, X is that CSR matrix (validated), X a (n, 0)
+    placeholder, and the first layer must be Dense: it reads the rows in place.
     """
     cdef Plan P = make_plan(table, hyper, row_width, n_bstats)
+    cdef CSRBatch csr_store
+    cdef const CSRBatch* X_csr = _csr(&csr_store, csr_data, csr_indices, csr_indptr)
+    cdef const floating* X_ptr = &X[0, 0] if X.shape[1] else NULL
     cdef Py_ssize_t n = X.shape[0], per_thread = chunk_rows * row_width + n_bstats
     cdef int t, nt = threads_for(_pass_flops(&P, n), n, n_threads)
     cdef floating* buf = <floating*> &buffers[0] if buffers.shape[0] else NULL
     with nogil:
         if nt == 1:
-            _infer_rows(&P, <floating*> &params[0], buf, &work[0], chunk_rows, &X[0, 0], &out[0, 0],
+            _infer_rows(&P, <floating*> &params[0], buf, &work[0], chunk_rows, X_ptr, X_csr, &out[0, 0],
                         0, n)
         else:
             for t in prange(nt, num_threads=nt, schedule='static'):
                 _infer_rows(&P, <floating*> &params[0], buf, &work[0] + t * per_thread, chunk_rows,
-                            &X[0, 0], &out[0, 0], n * t // nt, n * (t + 1) // nt)
+                            X_ptr, X_csr, &out[0, 0], n * t // nt, n * (t + 1) // nt)
 
 
 cdef void _infer_rows(const Plan* P, floating* params, floating* buffers, floating* work,
-                      Py_ssize_t chunk_rows, const floating* X, floating* out,
+                      Py_ssize_t chunk_rows, const floating* X, const CSRBatch* X_csr, floating* out,
                       Py_ssize_t r0, Py_ssize_t r1) noexcept nogil:
-    """out[r0:r1] for X[r0:r1], chunk_rows rows at a time, on this thread alone."""
+    """out[r0:r1] for X[r0:r1] (or X_csr's rows r0:r1), chunk_rows rows at a time, on this
+    thread alone."""
+    cdef CSRBatch chunk
     cdef Py_ssize_t start = r0, rows, d = _row(P, 0)[_plan.N_IN]
     cdef const long long* last = _row(P, P.n_layers - 1)
     cdef Py_ssize_t m = last[_plan.N_OUT]
@@ -593,7 +667,13 @@ cdef void _infer_rows(const Plan* P, floating* params, floating* buffers, floati
     while start < r1:
         rows = chunk_rows if start + chunk_rows <= r1 else r1 - start
         # the workspace is laid out for chunk_rows rows; a shorter last chunk uses its top
-        forward_pass(P, params, buffers, work, chunk_rows, X + start * d, rows, 0, 1, False, 0, 0)
+        if X_csr != NULL:
+            chunk = X_csr[0]
+            chunk.first = start
+            forward_pass(P, params, buffers, work, chunk_rows, NULL, &chunk, rows, 0, 1, False, 0, 0)
+        else:
+            forward_pass(P, params, buffers, work, chunk_rows, X + start * d, NULL, rows, 0, 1, False,
+                         0, 0)
         memcpy(out + start * m, work + chunk_rows * last[_plan.Y_COL], rows * m * sizeof(floating))
         start += rows
 
@@ -679,7 +759,7 @@ cdef struct Shared:
 
 
 cdef int _epoch_worker(const Plan* P, const Fit* fit, const floating[:, ::1] X,
-                       const floating[:, ::1] T, const Py_ssize_t[::1] labels,
+                       const CSRBatch* X_csr, const floating[:, ::1] T, const Py_ssize_t[::1] labels,
                        const Py_ssize_t[::1] order, floating* params, floating* grads,
                        floating* state_a, floating* state_b, floating* buffers, floating* work,
                        Py_ssize_t* label_buf, const floating* weights, floating* weight_buf,
@@ -696,15 +776,21 @@ cdef int _epoch_worker(const Plan* P, const Fit* fit, const floating[:, ::1] X,
     With sample weights (`weights` not NULL) the batch's loss is the weighted mean
     Σ w·l / Σ w, decay per sample divides by Σ w, and a batch whose weights are all
     0 is skipped as if its rows were not there.
+
+    With X_csr (X then only gives the row count), the minibatch is the CSR rows it names:
+    read in place by a Dense first layer, else gathered densely into the workspace.
     """
     cdef Py_ssize_t n = X.shape[0], bsz = fit.batch_size, rows = fit.batch_size
     cdef const long long* last = _row(P, P.n_layers - 1)
     cdef Py_ssize_t d = _row(P, 0)[_plan.N_IN], m = last[_plan.N_OUT]
     cdef Py_ssize_t i, k, start, bs, r0, r1, rejected
     cdef Optim opt = shared_opt[0]   # a private copy: Adam's step count advances in each alike
+    cdef bint sparse_first = _sparse_first(P, X_csr)
     cdef floating* Xb = work + rows * P.row_width + P.n_bstats
-    cdef floating* Tb = Xb + rows * d
-    cdef const floating* X_in
+    cdef floating* Tb = Xb + (0 if sparse_first else rows * d)   # as workspace_size lays it out
+    cdef const floating* X_in = NULL
+    cdef CSRBatch batch
+    cdef const CSRBatch* X_sparse = NULL
     cdef const floating* T_in = NULL
     cdef const Py_ssize_t* labels_in = NULL
     cdef const floating* w_in = NULL
@@ -736,7 +822,16 @@ cdef int _epoch_worker(const Plan* P, const Fit* fit, const floating[:, ::1] X,
 
         # this thread's rows of the minibatch: rows order[start+r0 : start+r1] of X
         # gathered into Xb (or, unshuffled, X's own rows in place)
-        if fit.gather:
+        if X_csr != NULL:
+            batch = X_csr[0]
+            batch.rows = &order[start] if fit.gather else NULL
+            batch.first = start
+            if sparse_first:
+                X_sparse = &batch
+            else:
+                csr_gather_dense(&batch, Xb, r0, r1, d)
+                X_in = Xb
+        elif fit.gather:
             gather_rows(&X[0, 0], &order[start], Xb, r0, r1, d)
             X_in = Xb
         else:
@@ -754,7 +849,7 @@ cdef int _epoch_worker(const Plan* P, const Fit* fit, const floating[:, ::1] X,
         else:
             T_in = &T[start, 0]
 
-        forward_pass(P, params, buffers, work, rows, X_in, bs, t, nt, True, fit.seed, start)
+        forward_pass(P, params, buffers, work, rows, X_in, X_sparse, bs, t, nt, True, fit.seed, start)
 
         # this thread's part of the batch's mean loss, and its rows of δ_last
         sh.part_loss[t] = _loss_and_delta(P, fit, work, rows, T_in, labels_in, w_in, batch_weight,
@@ -772,7 +867,7 @@ cdef int _epoch_worker(const Plan* P, const Fit* fit, const floating[:, ::1] X,
         if opt.kind == ADAM:
             opt.step += 1
         sh.part_rejected[t] = param_pass(P, &opt, params, grads, state_a, state_b, work, rows,
-                                         X_in, bs, batch_weight, t, nt)
+                                         X_in, X_sparse, bs, batch_weight, t, nt)
         if t == 0:
             sh.interrupted = _interrupted(&last_check)
         _sync(nt)
@@ -795,11 +890,34 @@ cdef int _epoch_worker(const Plan* P, const Fit* fit, const floating[:, ::1] X,
     return status
 
 
+cdef inline bint _sparse_first(const Plan* P, const CSRBatch* X_csr) noexcept nogil:
+    """Whether the first layer reads a CSR input in place (it is Dense), so no dense
+    minibatch is gathered."""
+    return X_csr != NULL and _row(P, 0)[_plan.KIND] == DENSE
+
+
 def workspace_size(Py_ssize_t row_width, Py_ssize_t n_bstats, Py_ssize_t n_in, Py_ssize_t n_out,
-                   Py_ssize_t batch_size):
+                   Py_ssize_t batch_size, bint sparse=False, int first_kind=DENSE):
     """Length of the flat workspace train_epoch needs for minibatches of batch_size rows:
-    the per-row buffers and batch statistics of the plan, then the gathered X and targets."""
+    the per-row buffers and batch statistics of the plan, then the gathered X and targets
+    (no gathered X for a sparse X read in place by a Dense first layer)."""
+    if sparse and first_kind == DENSE:
+        n_in = 0
     return batch_size * (row_width + n_in + n_out) + n_bstats
+
+
+cdef const CSRBatch* _csr(CSRBatch* out, const floating[::1] data, const Py_ssize_t[::1] indices,
+                          const Py_ssize_t[::1] indptr):
+    """`out` describing the validated CSR matrix (data, indices, indptr), its rows in order;
+    NULL when there is none (data None)."""
+    if data is None:
+        return NULL
+    out.data = &data[0] if data.shape[0] else NULL
+    out.indices = &indices[0] if indices.shape[0] else NULL
+    out.indptr = &indptr[0]
+    out.rows = NULL
+    out.first = 0
+    return out
 
 
 cdef int _raise_pending() except -1:
@@ -813,7 +931,8 @@ def train_epoch(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ss
                 const Py_ssize_t[::1] order, floating[::1] params, floating[::1] grads,
                 floating[::1] state_a, floating[::1] state_b, floating[::1] buffers,
                 floating[::1] work, Py_ssize_t[::1] label_buf, const floating[::1] weights=None,
-                floating[::1] weight_buf=None):
+                floating[::1] weight_buf=None, const floating[::1] csr_data=None,
+                const Py_ssize_t[::1] csr_indices=None, const Py_ssize_t[::1] csr_indptr=None):
     """One epoch of minibatch training, entirely without the GIL.
 
     settings: loss, loss_scale, batch_size, gather, seed, n_threads (the fit's, as one
@@ -823,8 +942,14 @@ def train_epoch(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ss
     changes anything; on a non-finite update it stops after it, the parameters whose new
     value would not be finite keeping their old one; on Ctrl-C it stops after the step in
     progress and the KeyboardInterrupt propagates.
+
+    csr_data, csr_indices, csr_indptr: a CSR X (validated: indices in [0, n_in), indptr
+    from 0 to nnz, non-decreasing), X then being a (n_samples, 0) placeholder; `work`
+    is then sized by workspace_size(..., sparse=True, first_kind=...).
     """
     cdef Plan P = make_plan(table, hyper, row_width, n_bstats)
+    cdef CSRBatch csr_store
+    cdef const CSRBatch* X_csr = _csr(&csr_store, csr_data, csr_indices, csr_indptr)
     cdef cprop_team_barrier barrier
     cdef Optim opt = make_optim(optimizer)
     cdef Fit fit
@@ -850,14 +975,14 @@ def train_epoch(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ss
         sh.part_rejected = <Py_ssize_t*> calloc(nt, sizeof(Py_ssize_t))
         if statuses != NULL and sh.part_loss != NULL and sh.part_rejected != NULL:
             if nt == 1:
-                statuses[0] = _epoch_worker(&P, &fit, X, T, labels, order, &params[0], &grads[0],
+                statuses[0] = _epoch_worker(&P, &fit, X, X_csr, T, labels, order, &params[0], &grads[0],
                                             &state_a[0], &state_b[0], buf, &work[0], &label_buf[0],
                                             w, w_buf, &opt, &sh, 0, 1)
             else:
                 cprop_barrier_init(&barrier)
                 with parallel(num_threads=nt):
                     t = cprop_barrier_join(&barrier)    # nt may be more than OpenMP gave
-                    statuses[t] = _epoch_worker(&P, &fit, X, T, labels, order, &params[0], &grads[0],
+                    statuses[t] = _epoch_worker(&P, &fit, X, X_csr, T, labels, order, &params[0], &grads[0],
                                                 &state_a[0], &state_b[0], buf, &work[0], &label_buf[0],
                                                 w, w_buf, &opt, &sh, t, omp_get_num_threads())
                     cprop_barrier_leave()
@@ -877,32 +1002,39 @@ def train_epoch(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ss
 
 # -- one batch's gradient (L-BFGS's full batch, a rank's share of a global batch) -------------
 
-cdef void _gradient_worker(const Plan* P, const Fit* fit, const floating* X_in, const floating* T_in,
+cdef void _gradient_worker(const Plan* P, const Fit* fit, const floating* X_in, const CSRBatch* X_csr,
+                           const floating* T_in,
                            const Py_ssize_t* labels_in, const floating* w_in, double batch_weight,
                            floating* params, floating* grads, floating* buffers, floating* work,
                            Py_ssize_t bs, long long row_base, double* part_loss, int t, int nt) noexcept nogil:
     """Thread t's share of one batch's training pass: forward, loss, backward, gradients.
     w_in: the rows' weights, summing to batch_weight (NULL: none, batch_weight = bs)."""
-    forward_pass(P, params, buffers, work, bs, X_in, bs, t, nt, True, fit.seed, row_base)
+    forward_pass(P, params, buffers, work, bs, X_in, X_csr, bs, t, nt, True, fit.seed, row_base)
     part_loss[t] = _loss_and_delta(P, fit, work, bs, T_in, labels_in, w_in, batch_weight,
                                    bs * t // nt, bs * (t + 1) // nt)
     backward_pass(P, params, work, bs, bs, t, nt, True, fit.seed, row_base)
-    param_pass(P, <Optim*> NULL, params, grads, <floating*> NULL, <floating*> NULL, work, bs, X_in, bs, bs,
-               t, nt)
+    param_pass(P, <Optim*> NULL, params, grads, <floating*> NULL, <floating*> NULL, work, bs, X_in, X_csr,
+               bs, bs, t, nt)
 
 
 def batch_gradient(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ssize_t row_width,
                    Py_ssize_t n_bstats, dict settings, const floating[:, ::1] X,
                    const floating[:, ::1] T, const Py_ssize_t[::1] labels, floating[::1] params,
                    floating[::1] grads, floating[::1] buffers, floating[::1] work, long long row_base=0,
-                   const floating[::1] weights=None):
+                   const floating[::1] weights=None, const floating[::1] csr_data=None,
+                   const Py_ssize_t[::1] csr_indices=None, const Py_ssize_t[::1] csr_indptr=None):
     """The training pass over the batch (X, T or labels) in one call without the GIL:
     grads = ∂(loss_scale × mean loss)/∂params, the loss returned; with per-row weights
     (summing to more than 0) the mean is the weighted one, Σ w·l / Σ w. Dropout masks are those of
     rows row_base, row_base + 1, … of an epoch keyed by settings["seed"] (as train_epoch's),
     and BatchNorm's running statistics move as in a training step. `work` holds
-    len(X) × row_width + n_bstats values."""
+    len(X) × row_width + n_bstats values. With csr_data/csr_indices/csr_indptr, X is a
+    CSR matrix (validated) of X.shape[0] rows, X a (n, 0) placeholder: the first layer must
+    be Dense."""
     cdef Plan P = make_plan(table, hyper, row_width, n_bstats)
+    cdef CSRBatch csr_store
+    cdef const CSRBatch* X_csr = _csr(&csr_store, csr_data, csr_indices, csr_indptr)
+    cdef const floating* X_ptr = &X[0, 0] if X.shape[1] else NULL
     cdef cprop_team_barrier barrier
     cdef Fit fit
     cdef Py_ssize_t n = X.shape[0], k
@@ -928,13 +1060,13 @@ def batch_gradient(const long long[:, ::1] table, const double[:, ::1] hyper, Py
             for k in range(n):
                 batch_weight += w[k]
         if nt == 1:
-            _gradient_worker(&P, &fit, &X[0, 0], T_ptr, labels_ptr, w, batch_weight, &params[0],
+            _gradient_worker(&P, &fit, X_ptr, X_csr, T_ptr, labels_ptr, w, batch_weight, &params[0],
                              &grads[0], buf, &work[0], n, row_base, part_loss, 0, 1)
         else:
             cprop_barrier_init(&barrier)
             with parallel(num_threads=nt):
                 t = cprop_barrier_join(&barrier)    # nt may be more than OpenMP gave
-                _gradient_worker(&P, &fit, &X[0, 0], T_ptr, labels_ptr, w, batch_weight, &params[0],
+                _gradient_worker(&P, &fit, X_ptr, X_csr, T_ptr, labels_ptr, w, batch_weight, &params[0],
                                  &grads[0], buf, &work[0], n, row_base, part_loss, t, omp_get_num_threads())
                 cprop_barrier_leave()
         for k in range(nt):

@@ -27,7 +27,8 @@ class EstimatorCase:
     """One comparison: a data set and the MLPClassifier parameters both estimators get."""
 
     name: str
-    data: str           # "digits" (bundled) or "synthetic" (784 features, 10 classes)
+    data: str           # "digits" (bundled), "synthetic" (784 features, 10 classes) or "sparse"
+                        # (CSR, 50,000 features at 0.1% density, 5 classes)
     params: tuple       # (name, value) pairs, on top of scikit-learn's defaults
 
     def estimator_params(self, epochs_scale=1.0):
@@ -45,7 +46,33 @@ ESTIMATOR_CASES = {c.name: c for c in [
                                             ("max_iter", 100))),
     EstimatorCase("synthetic-adam", "synthetic", (("hidden_layer_sizes", (128,)), ("solver", "adam"),
                                                    ("max_iter", 10))),
+    EstimatorCase("sparse-adam", "sparse", (("hidden_layer_sizes", (100,)), ("solver", "adam"),
+                                            ("max_iter", 3))),
 ]}
+
+
+def sparse_classification(n_samples=20_000, n_features=50_000, density=0.001, n_classes=5, seed=SEED):
+    """(X, y): a CSR matrix like a bag of words, float32, and labels a sparse linear model
+    gives it.
+
+    Each row holds Binomial(n_features, density) nonzeros (duplicates summed), values
+    uniform in [0.1, 1), at columns drawn as words are, column k with probability
+    ∝ 1/(k + 10), so that some features recur often enough to be learnt; the labels
+    are argmax(X·B + noise) for a Gaussian B (n_features × n_classes) and Gaussian
+    noise of 0.3.
+    """
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    indptr = np.r_[0, np.cumsum(rng.binomial(n_features, density, n_samples))]
+    frequency = 1.0 / (np.arange(n_features) + 10.0)
+    indices = rng.choice(n_features, indptr[-1], p=frequency / frequency.sum())
+    data = rng.uniform(0.1, 1.0, indptr[-1]).astype(np.float32)
+    X = sp.csr_matrix((data, indices, indptr), shape=(n_samples, n_features))
+    X.sum_duplicates()
+    B = rng.standard_normal((n_features, n_classes)).astype(np.float32)
+    y = (X @ B + 0.3 * rng.standard_normal((n_samples, n_classes))).argmax(axis=1)
+    return X, y
 
 
 def load_case_data(data):
@@ -53,13 +80,16 @@ def load_case_data(data):
 
     "digits": the bundled UCI digits (1,797 × 64). "synthetic": an MNIST-sized
     problem from scikit-learn's make_classification (20,000 × 784, 10 classes,
-    64 informative features, class_sep 3), standardised.
+    64 informative features, class_sep 3), standardised. "sparse": 20,000 × 50,000
+    CSR at 0.1% density from :func:`sparse_classification`.
     """
     from sklearn.model_selection import train_test_split
 
     if data == "digits":
         from ..datasets import load_digits
         X, y = load_digits()
+    elif data == "sparse":
+        X, y = sparse_classification()
     else:
         from sklearn.datasets import make_classification
         X, y = make_classification(n_samples=20_000, n_features=784,
@@ -112,7 +142,7 @@ def bench_estimator(case, n_threads, rounds, scale=1.0):
                 results[name]["seconds"].append(seconds)
                 results[name]["accuracy"].append(accuracy)
                 results[name]["n_iter"].append(n_iter)
-    return {"case": case.name, "data": case.data, "n_train": len(data[0]), "n_features": data[0].shape[1],
+    return {"case": case.name, "data": case.data, "n_train": data[0].shape[0], "n_features": data[0].shape[1],
             "params": {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()},
             "estimators": results,
             "sklearn_over_cprop": (statistics.median(results["sklearn"]["seconds"])

@@ -211,6 +211,21 @@ def test_what_comm_refuses_on_one_rank_is_refused_on_every_rank(comm, what):
     assert all(kind == "DistributedError" for kind, _ in got[:-1])
 
 
+@pytest.mark.parametrize("everywhere", [False, True], ids=["one_rank", "every_rank"])
+def test_sparse_input_under_comm_is_refused_on_every_rank(comm, everywhere):
+    sparse = pytest.importorskip("scipy.sparse")
+    X, y = data(100)
+    odd = everywhere or comm.rank == last(comm)
+    Xs = sparse.csr_matrix(X) if odd else X
+    trainer = make(comm)
+    for call in (lambda: trainer.fit(Xs, y, epochs=1), lambda: trainer.fit(X, y, validation_data=(Xs, y)),
+                 lambda: trainer.evaluate(Xs, y), lambda: trainer.predict(Xs)):
+        got = outcome(comm, call)
+        refused = [kind == "TypeError" and "X.toarray()" in message for kind, message in got]
+        assert refused[last(comm)] and all(refused if everywhere else
+                                           [kind == "DistributedError" for kind, _ in got[:-1]]), got
+
+
 def test_error_computing_one_share_raises_on_every_rank(comm, monkeypatch):
     # a failure inside a batch (here a MemoryError on the last rank's third share) travels
     # with that batch's allreduce: every rank raises before the step
