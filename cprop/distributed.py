@@ -483,11 +483,11 @@ class _Fit:
         X, T, labels = self.data
         n_local = X.shape[0]
         if self.sharded:
-            order = (np.random.default_rng([int(trainer.rng.integers(2**63)), ranks.rank])
-                     .permutation(n_local).astype(np.intp, copy=False) if trainer.shuffle else None)
+            order = (trainer._shuffled_order(n_local, np.random.default_rng(
+                [int(trainer.rng.integers(2**63)), ranks.rank])) if trainer.shuffle else None)
         else:
             # the one-process epoch's order, the same on every rank
-            order = trainer.rng.permutation(n_local).astype(np.intp, copy=False) if trainer.shuffle else None
+            order = trainer._shuffled_order(n_local) if trainer.shuffle else None
         settings = self.settings
         settings["seed"] = trainer._epoch_seed()
         cfg = trainer.optimizer.config()     # a callback may have changed its hyper-parameters

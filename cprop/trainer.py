@@ -180,6 +180,9 @@ class Trainer:
         self.loss_scale = check_real(self.loss_scale, "loss_scale", low=0, low_open=True)
         self.optimizer.config()
         self.comm = _distributed.check_comm(self.comm)
+        if not isinstance(self.rng, np.random.Generator):
+            raise TypeError(f"trainer.rng must be a numpy Generator (np.random.default_rng(seed)), "
+                            f"got {type(self.rng).__name__}")
 
     @property
     def rank(self) -> int:
@@ -354,7 +357,7 @@ class Trainer:
         on_divergence is "warn" (with "raise", DivergenceError)."""
         net, n, settings = self.net, X.shape[0], buffers["settings"]
         batch_size = settings["batch_size"]
-        order = self.rng.permutation(n).astype(np.intp, copy=False) if self.shuffle else buffers["order"]
+        order = self._shuffled_order(n) if self.shuffle else buffers["order"]
         settings["seed"] = self._epoch_seed()
         if self.optimizer.full_batch:
             return self._full_batch_epoch(X, T, labels, buffers)
@@ -395,6 +398,28 @@ class Trainer:
         self.epochs_done += 1
         return {"loss": result.data_loss, "time": elapsed,
                 "samples_per_second": X.shape[0] * result.nfev / elapsed if elapsed > 0 else math.inf}
+
+    def _shuffled_order(self, n, rng=None):
+        """A random permutation of range(n) (intp) drawn from `rng` (default: the trainer's
+        generator), checked: the compiled epoch indexes X with it unchecked.
+
+        It is drawn by numpy's own Generator.permutation, not the generator's attribute, so a
+        subclass or a patched method cannot hand the kernel indices outside X."""
+        rng = self.rng if rng is None else rng
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError(f"trainer.rng must be a numpy Generator (np.random.default_rng(seed)), "
+                            f"got {type(rng).__name__}")
+        order = np.asarray(np.random.Generator.permutation(rng, n))
+        if order.dtype.kind not in "iu" or order.shape != (n,) or (n and not (
+                0 <= order.min() and order.max() < n)):
+            raise RuntimeError(f"the sample order drawn from trainer.rng is not a permutation of "
+                               f"range({n}): dtype {order.dtype}, shape {order.shape}")
+        seen = np.zeros(n, dtype=bool)
+        seen[order] = True
+        if not seen.all():
+            raise RuntimeError(f"the sample order drawn from trainer.rng repeats samples: "
+                               f"{n - np.count_nonzero(seen)} of {n} are missing")
+        return np.ascontiguousarray(order, dtype=np.intp)
 
     def _epoch_seed(self):
         """The next epoch's dropout seed: keyed by the trainer's seed and the epoch, so a

@@ -342,3 +342,48 @@ def test_gradients_still_match_the_reference_through_views(rng):
     outputs = ref.forward(layers, acts, X)
     assert_allclose(out, outputs[-1], rtol=1e-12)
     assert_allclose(net.grads, flat(ref.backward(layers, acts, X, outputs, np.ones_like(out))), rtol=1e-10)
+
+
+# -- the epoch's sample order -------------------------------------------------------------
+
+def test_a_replaced_or_patched_generator_cannot_hand_the_epoch_bad_indices():
+    # the compiled epoch indexes X with the order unchecked: a generator that returns
+    # indices out of range, too few of them or floats once read outside X
+    result = run_python("""
+        import numpy as np, cprop
+        X, y = np.random.rand(20, 4), np.random.rand(20, 2)
+        bad = {"out of range": lambda n: np.arange(n) + 10**6, "short": lambda n: np.arange(n // 2),
+               "long": lambda n: np.arange(10 * n), "floats": lambda n: np.arange(n) * 1.5,
+               "negative": lambda n: -np.arange(1, n + 1)}
+        for name, permutation in bad.items():
+            class Patched(np.random.Generator):
+                pass
+            Patched.permutation = staticmethod(permutation)
+            net = cprop.Sequential([cprop.Dense(4, 8, "relu"), cprop.Dense(8, 2)], dtype="float64", seed=0)
+            tr = cprop.Trainer(net, batch_size=4, seed=0)
+            tr.rng = Patched(np.random.PCG64(0))
+            tr.fit(X, y, epochs=2)      # the order comes from numpy's own permutation
+            assert tr.epochs_done == 2, name
+        class NotAGenerator:
+            def permutation(self, n):
+                return np.arange(n) + 10**6
+        tr.rng = NotAGenerator()
+        try:
+            tr.fit(X, y)
+        except TypeError as exc:
+            assert "numpy Generator" in str(exc), exc
+        else:
+            raise AssertionError("a non-Generator rng was accepted")
+        print("ok")
+    """)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_the_epoch_order_is_the_generators_permutation(rng):
+    # drawing through numpy's own method changes nothing for an ordinary generator
+    net = small_net()
+    trainer = cprop.Trainer(net, seed=3)
+    expected = np.random.default_rng(3).permutation(50)
+    order = trainer._shuffled_order(50)
+    assert order.dtype == np.intp and order.flags.c_contiguous
+    assert_array_equal(order, expected)
