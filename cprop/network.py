@@ -60,6 +60,14 @@ def _build_plan(layers):
     return _frozen(table), _frozen(hyper), columns.total, bstats.total
 
 
+def plan_widths(net):
+    """(n_inputs, n_outputs) of `net` as its frozen plan states them: what the kernels
+    read, so what every check at the boundary uses (a subclass's n_inputs / n_outputs
+    properties may say otherwise)."""
+    table, codes = net._plan[0], _core.PLAN_INT
+    return int(table[0, codes["n_in"]]), int(table[-1, codes["n_out"]])
+
+
 def _frozen(array):
     """`array`, made read-only for good: views of it cannot be made writeable again."""
     array.flags.writeable = False
@@ -183,12 +191,12 @@ class Sequential:
     @property
     def n_inputs(self) -> int:
         """Features per input sample (the first layer's n_in)."""
-        return int(self._sizes[0])
+        return plan_widths(self)[0]
 
     @property
     def n_outputs(self) -> int:
         """Width of the raw output (the last layer's n_out)."""
-        return int(self._sizes[-1])
+        return plan_widths(self)[1]
 
     @property
     def n_params(self) -> int:
@@ -299,7 +307,8 @@ class Sequential:
         ndarray of shape (n_samples, n_outputs), the network's dtype
         """
         self._local.tape = None     # a forward that fails halfway leaves nothing for backward
-        X = check_X(X, self._dtype, self.n_inputs)
+        n_inputs, n_outputs = plan_widths(self)
+        X = check_X(X, self._dtype, n_inputs)
         training = check_bool(training, "training")
         n_threads = resolve_threads(n_threads)
         if seed is None:
@@ -322,7 +331,7 @@ class Sequential:
                                     self._buffers, work, training, seed, n_threads)
         y = _core.PLAN_INT["y"]
         self._local.tape = (X, work, training, seed)
-        return work[n * last[y]:n * (last[y] + self.n_outputs)].reshape(n, self.n_outputs).copy()
+        return work[n * last[y]:n * (last[y] + n_outputs)].reshape(n, n_outputs).copy()
 
     def backward(self, grad_out: np.ndarray, n_threads: int | None = None) -> Sequential:
         """Backpropagate ∂L/∂output through every layer, last layer first.
@@ -356,9 +365,10 @@ class Sequential:
         if not isinstance(grad_out, np.ndarray) or grad_out.dtype.kind not in "biuf":
             raise TypeError(f"grad_out must be a numeric array, got {type(grad_out).__name__}")
         G = grad_out.view()   # ours: another thread may reshape the caller's object
-        if G.shape != (rows, self.n_outputs):
+        n_outputs = plan_widths(self)[1]
+        if G.shape != (rows, n_outputs):
             raise ValueError(f"grad_out must have the shape of the last forward output, "
-                             f"({rows}, {self.n_outputs}), got {G.shape}")
+                             f"({rows}, {n_outputs}), got {G.shape}")
         G = np.ascontiguousarray(G, dtype=self._dtype)
         if not np.isfinite(G).all():
             raise ValueError("grad_out contains NaN or infinite values")
@@ -411,7 +421,8 @@ class Sequential:
         of 1024-2048 rows ran 784-128-10 and 784-256-256-256-10 networks 3-4%
         faster than chunks of 256 rows sized for L2.
         """
-        X = check_X(X, self._dtype, self.n_inputs)
+        n_inputs, n_outputs = plan_widths(self)
+        X = check_X(X, self._dtype, n_inputs)
         n_threads = resolve_threads(n_threads)
         table, hyper, row_width, n_bstats = self._plan
         widest = int(self._sizes[1:].max())
@@ -419,7 +430,7 @@ class Sequential:
             chunk_size = min(4096, max(512, (1 << 20) // (widest * np.dtype(self._dtype).itemsize)))
         chunk_size = min(check_positive_int(chunk_size, "chunk_size"), X.shape[0])
         work = self._inference_workspace(n_threads * (chunk_size * row_width + n_bstats))
-        out = np.empty((X.shape[0], self.n_outputs), dtype=self._dtype)
+        out = np.empty((X.shape[0], n_outputs), dtype=self._dtype)
         with single_threaded_blas():
             _core.forward(table, hyper, row_width, n_bstats, X, self._params, self._buffers, work, out,
                           chunk_size, n_threads)

@@ -19,7 +19,7 @@ from ._validation import check_X, check_bool, check_positive_int, check_real, ch
 from .callbacks import Checkpoint, as_callbacks
 from . import losses
 from .losses import loss_code, prepare_targets
-from .network import Sequential, network_from_archive
+from .network import Sequential, network_from_archive, plan_widths
 from .optim import OPTIMIZERS, SGD, Optimizer
 
 
@@ -171,8 +171,9 @@ class Trainer:
             raise TypeError(f"optimizer must be a cprop optimizer such as cprop.SGD(...), got {self.optimizer!r}")
         if self.on_divergence not in ("raise", "warn"):
             raise ValueError(f"on_divergence must be 'raise' or 'warn', got {self.on_divergence!r}")
-        if losses.get(self.loss).targets == "labels" and self.net.n_outputs < 2:
-            raise ValueError(f"cross_entropy needs a network with >= 2 outputs, this one has {self.net.n_outputs}")
+        n_outputs = plan_widths(self.net)[1]
+        if losses.get(self.loss).targets == "labels" and n_outputs < 2:
+            raise ValueError(f"cross_entropy needs a network with >= 2 outputs, this one has {n_outputs}")
         self.batch_size = check_positive_int(self.batch_size, "batch_size")
         self.shuffle = check_bool(self.shuffle, "shuffle")
         if self.n_threads is not None:
@@ -201,8 +202,9 @@ class Trainer:
 
     # -- training ----------------------------------------------------------
     def _prepare(self, X, y, name="X"):
-        X = check_X(X, self.net.dtype, self.net.n_inputs, name=name)
-        T, labels = prepare_targets(self.loss, y, X.shape[0], self.net.n_outputs, self.net.dtype)
+        n_inputs, n_outputs = plan_widths(self.net)
+        X = check_X(X, self.net._dtype, n_inputs, name=name)
+        T, labels = prepare_targets(self.loss, y, X.shape[0], n_outputs, self.net._dtype)
         return X, T, labels
 
     def fit(self, X: ArrayLike, y: ArrayLike, epochs: int = 1,
@@ -288,7 +290,7 @@ class Trainer:
         epochs = check_positive_int(epochs, "epochs", minimum=0, maximum=None)
         X, T, labels = self._prepare(X, y)
         weights = None if sample_weight is None else check_sample_weight(
-            sample_weight, X.shape[0], self.net.dtype)
+            sample_weight, X.shape[0], self.net._dtype)
         if validation_split is not None:
             if validation_data is not None:
                 raise ValueError("pass validation_data or validation_split, not both")
@@ -346,10 +348,10 @@ class Trainer:
         _, _, row_width, n_bstats = net._plan
         settings = {"loss": losses.get(self.loss).code, "loss_scale": self.loss_scale, "batch_size": batch_size,
                     "gather": self.shuffle, "n_threads": resolve_threads(self.n_threads), "seed": 0}
-        size = _core.workspace_size(row_width, n_bstats, net.n_inputs, net.n_outputs, batch_size)
-        return {"settings": settings, "work": np.empty(size, dtype=net.dtype),
+        size = _core.workspace_size(row_width, n_bstats, *plan_widths(net), batch_size)
+        return {"settings": settings, "work": np.empty(size, dtype=net._dtype),
                 "label_buf": np.empty(batch_size, dtype=np.intp), "order": np.arange(n, dtype=np.intp),
-                "weights": None, "weight_buf": np.empty(batch_size, dtype=net.dtype),
+                "weights": None, "weight_buf": np.empty(batch_size, dtype=net._dtype),
                 "threads": ThreadFallback(self.n_threads)}
 
     def _epoch(self, X, T, labels, buffers):

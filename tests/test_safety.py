@@ -387,3 +387,36 @@ def test_the_epoch_order_is_the_generators_permutation(rng):
     order = trainer._shuffled_order(50)
     assert order.dtype == np.intp and order.flags.c_contiguous
     assert_array_equal(order, expected)
+
+
+# -- a subclass's structural attributes cannot misstate the plan ---------------------------
+
+def test_a_sequential_subclass_lying_about_its_widths_gets_checked_against_the_plan():
+    result = run_python("""
+        import numpy as np, cprop
+        for n_in, n_out in ((1, 1), (100, 50)):
+            class Liar(cprop.Sequential):
+                n_inputs = property(lambda self: n_in)
+                n_outputs = property(lambda self: n_out)
+                dtype = property(lambda self: np.float32)
+            net = Liar([cprop.Dense(4, 8, "relu"), cprop.Dense(8, 2)], dtype="float64", seed=0)
+            X_lie, y_lie = np.random.rand(20, n_in), np.random.rand(20, n_out)
+            calls = {"fit": lambda: cprop.Trainer(net, batch_size=4).fit(X_lie, y_lie),
+                     "evaluate": lambda: cprop.Trainer(net).evaluate(X_lie, y_lie),
+                     "forward": lambda: net.forward(X_lie), "predict_raw": lambda: net.predict_raw(X_lie),
+                     "backward": lambda: (net.forward(np.ones((20, 4))), net.backward(np.ones((20, n_out))))}
+            for name, call in calls.items():
+                try:
+                    call()
+                except ValueError as exc:
+                    assert "expects 4" in str(exc) or "(20, 2)" in str(exc), (name, exc)
+                else:
+                    raise AssertionError(f"{name} accepted widths {n_in}, {n_out}")
+            # the true widths work, in the true dtype
+            X, y = np.random.rand(20, 4), np.random.rand(20, 2)
+            tr = cprop.Trainer(net, batch_size=4)
+            tr.fit(X, y)
+            assert net.predict_raw(X).shape == (20, 2) and net.predict_raw(X).dtype == np.float64
+        print("ok")
+    """)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
