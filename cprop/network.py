@@ -8,6 +8,7 @@ that one array plus its architecture.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import threading
@@ -49,15 +50,87 @@ class _Columns:
         return start
 
 
-def _build_plan(layers):
+def _build_plan(layers, n_params, n_buffers):
     """The compiled description of the network (src/_plan.pxd): an integer and a float table,
-    one row per layer, the per-row workspace width and the batch-statistics size; frozen."""
+    one row per layer, the per-row workspace width and the batch-statistics size; frozen.
+
+    Each layer fills its own row, so the table is checked against the arrays it indexes
+    (`n_params` parameters, `n_buffers` running statistics) before any kernel sees it: a
+    subclass whose declarations disagree with each other gets a ValueError."""
     table = np.full((len(layers), _core.N_PLAN_INT), -1, dtype=np.int64)
     hyper = np.zeros((len(layers), _core.N_PLAN_FLOAT), dtype=np.float64)
     columns, bstats = _Columns(), _Columns()
-    for layer, row, h in zip(layers, table, hyper):
+    for i, (layer, row, h) in enumerate(zip(layers, table, hyper)):
+        if layer.kind not in _core.LAYER_KINDS:
+            raise ValueError(f"layers[{i}] ({type(layer).__name__}) has kind {layer.kind!r}; expected "
+                             f"one of {sorted(_core.LAYER_KINDS)}")
         layer.plan(row, h, columns, bstats, _core.PLAN_INT)
-    return _frozen(table), _frozen(hyper), columns.total, bstats.total
+    plan = _frozen(table), _frozen(hyper), columns.total, bstats.total
+    _check_plan(layers, *plan, n_params, n_buffers)
+    return plan
+
+
+def _check_plan(layers, table, hyper, row_width, n_bstats, n_params, n_buffers):
+    """ValueError unless the plan describes `layers` as the kernels read them: known kinds and
+    activations, widths that chain, parameters and running statistics laid out one after the
+    other filling exactly the network's arrays, and workspace columns and batch statistics
+    each in range and none overlapping another."""
+    c, f, kinds = _core.PLAN_INT, _core.PLAN_FLOAT, _core.LAYER_KINDS
+    codes = set(_core.ACTIVATIONS.values())
+    param_end = buffer_end = 0
+    spans, bstat_spans = [], []
+    for i, (layer, row, h) in enumerate(zip(layers, table, hyper)):
+        where = f"layers[{i}] ({type(layer).__name__})"
+
+        def need(ok, what):
+            if not ok:
+                raise ValueError(f"{where} made an inconsistent plan row: {what} "
+                                 f"(row {dict(zip(c, (int(row[v]) for v in c.values())))})")
+
+        kind, n_in, n_out, n_param = (int(row[c[k]]) for k in ("kind", "n_in", "n_out", "n_param"))
+        need(kind in kinds.values(), f"kind code {kind} is not one of {sorted(kinds.values())}")
+        need(row[c["act"]] in codes, f"activation code {row[c['act']]} is unknown")
+        need(n_in >= 1 and n_out >= 1, "widths must be >= 1")
+        need(i == 0 or n_in == table[i - 1, c["n_out"]], f"n_in {n_in} is not the previous layer's "
+             f"n_out {table[i - 1, c['n_out']] if i else None}")
+        need(kind == kinds["dense"] or n_in == n_out, "n_in and n_out differ in a kind that keeps the width")
+        expected_params = {kinds["dense"]: (n_in * n_out + n_out,), kinds["dropout"]: (0,)}.get(
+            kind, (0, 2 * n_out))
+        need(n_param in expected_params, f"{n_param} parameters, expected one of {expected_params}")
+        need(row[c["param"]] == param_end, f"parameters at {row[c['param']]}, expected {param_end}")
+        param_end += n_param
+        if kind == kinds["batchnorm"]:
+            need(row[c["buffer"]] == buffer_end, f"running statistics at {row[c['buffer']]}, "
+                 f"expected {buffer_end}")
+            buffer_end += 2 * n_out
+            bstat_spans.append((row[c["bstat"]], 4 * n_out))
+        else:
+            need(row[c["buffer"]] == -1 and row[c["bstat"]] == -1, "running statistics in a kind without them")
+        need(kind != kinds["dropout"] or row[c["act"]] == _core.ACTIVATIONS["identity"],
+             "a Dropout row with an activation")
+        needs_z = row[c["act"]] in {_core.ACTIVATIONS[name] for name in _core.NEEDS_Z}
+        need((row[c["z"]] >= 0) == needs_z, "a pre-activation column "
+             f"{'missing' if needs_z else 'for an activation without one'}")
+        norm = kind in (kinds["batchnorm"], kinds["layernorm"])
+        need((row[c["xhat"]] >= 0) == norm, "an x̂ column exactly for the normalization kinds")
+        need((row[c["stat"]] >= 0) == (kind == kinds["layernorm"]), "a statistics column exactly for LayerNorm")
+        spans += [(row[c[name]], n_out) for name in ("y", "g", "z", "xhat") if row[c[name]] >= 0]
+        spans += [(row[c["stat"]], 1)] if row[c["stat"]] >= 0 else []
+        need(math.isfinite(h[f["alpha"]]) and h[f["alpha"]] >= 0, "alpha must be finite and >= 0")
+        need(kind != kinds["dropout"] or 0 <= h[f["p"]] < 1, "Dropout's p must be in [0, 1)")
+        need(not norm or (math.isfinite(h[f["eps"]]) and h[f["eps"]] > 0), "eps must be finite and > 0")
+        need(kind != kinds["batchnorm"] or 0 < h[f["momentum"]] <= 1, "momentum must be in (0, 1]")
+    if param_end != n_params or buffer_end != n_buffers:
+        raise ValueError(f"the layers' plan rows hold {param_end} parameters and {buffer_end} running "
+                         f"statistics, the network's arrays {n_params} and {n_buffers}: a layer's "
+                         "n_params / n_buffers disagree with its plan")
+    for what, found, total in (("workspace column", spans, row_width), ("batch statistic", bstat_spans, n_bstats)):
+        end = 0
+        for start, width in sorted(found):
+            if start < end or start + width > total:
+                raise ValueError(f"the layers' plan rows give overlapping or out-of-range {what}s "
+                                 f"({start}..{start + width} of {total})")
+            end = start + width
 
 
 def plan_widths(net):
@@ -119,8 +192,6 @@ class Sequential:
         self._layers = tuple(layers)
         self._dtype = as_dtype(dtype)
         self.seed = seed
-        self._sizes = _frozen(np.array([layers[0].n_in] + [l.n_out for l in layers], dtype=np.intp))
-        self._activations = _frozen(np.array([l.activation_code for l in layers], dtype=np.intc))
         self._params = np.zeros(sum(l.n_params for l in layers), dtype=self._dtype)
         self._grads = np.zeros_like(self._params)
         self._buffers = np.zeros(sum(l.n_buffers for l in layers), dtype=self._dtype)
@@ -129,7 +200,17 @@ class Sequential:
             layer._bind(self._params, self._grads, self._buffers, offset, buffer_offset)
             offset += layer.n_params
             buffer_offset += layer.n_buffers
-        self._plan = _build_plan(layers)
+        try:
+            self._plan = _build_plan(layers, self._params.size, self._buffers.size)
+        except ValueError:
+            for layer in layers:      # free to join a network again
+                layer._params = layer._grads = layer._buffers = None
+            raise
+        # what users read of the structure comes from the checked plan, not the layers' claims
+        table = self._plan[0]
+        self._sizes = _frozen(np.concatenate([table[:1, _core.PLAN_INT["n_in"]],
+                                              table[:, _core.PLAN_INT["n_out"]]]).astype(np.intp))
+        self._activations = _frozen(table[:, _core.PLAN_INT["act"]].astype(np.intc))
         self._has_grads = False     # grads hold a backward pass's result
         self._grad_rows = 0         # ... computed over this many samples
         self._local = threading.local()     # per thread: forward's tape, inference workspace

@@ -420,3 +420,66 @@ def test_a_sequential_subclass_lying_about_its_widths_gets_checked_against_the_p
         print("ok")
     """)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+# -- layer subclasses whose declarations disagree ------------------------------------------
+
+def test_layer_subclasses_with_inconsistent_declarations_are_refused_when_the_plan_is_built():
+    result = run_python("""
+        import numpy as np, cprop
+        from cprop.layers import Dense, BatchNorm, LayerNorm, Dropout
+        class NoBuffers(BatchNorm):
+            n_buffers = property(lambda self: 0)
+        class DenseCallingItselfBatchNorm(Dense):
+            kind = "batchnorm"
+        class FewerParams(Dense):
+            n_params = property(lambda self: 3)
+        class LayerNormCallingItselfDense(LayerNorm):
+            kind = "dense"
+        class DropoutWithParams(Dropout):
+            n_params = property(lambda self: 5)
+        class NoPreActivation(Dense):
+            def plan(self, row, hyper, columns, bstats, codes):
+                super().plan(row, hyper, columns, bstats, codes)
+                row[codes["z"]] = -1
+        class ColumnOutside(Dense):
+            def plan(self, row, hyper, columns, bstats, codes):
+                super().plan(row, hyper, columns, bstats, codes)
+                row[codes["g"]] = 10**6
+        class ColumnShared(LayerNorm):
+            def plan(self, row, hyper, columns, bstats, codes):
+                super().plan(row, hyper, columns, bstats, codes)
+                row[codes["xhat"]] = row[codes["y"]] + 1
+        class BufferFarAway(BatchNorm):
+            def plan(self, row, hyper, columns, bstats, codes):
+                super().plan(row, hyper, columns, bstats, codes)
+                row[codes["buffer"]] = 10**6
+        class Convolution(Dense):
+            kind = "conv"
+        cases = [[Dense(4, 8), NoBuffers(8), Dense(8, 2)], [DenseCallingItselfBatchNorm(4, 8), Dense(8, 2)],
+                 [FewerParams(4, 8), Dense(8, 2)], [Dense(4, 8), LayerNormCallingItselfDense(8), Dense(8, 2)],
+                 [Dense(4, 8), DropoutWithParams(0.5), Dense(8, 2)], [NoPreActivation(4, 8, "gelu"), Dense(8, 2)],
+                 [ColumnOutside(4, 8), Dense(8, 2)], [Dense(4, 8), ColumnShared(8), Dense(8, 2)],
+                 [Dense(4, 8), BufferFarAway(8), Dense(8, 2)], [Convolution(4, 8), Dense(8, 2)]]
+        X, y = np.random.rand(16, 4), np.random.rand(16, 2)
+        for layers in cases:
+            name = type(next(l for l in layers if type(l).__module__ == "__main__")).__name__
+            try:
+                net = cprop.Sequential(layers, dtype="float64", seed=0)
+                cprop.Trainer(net, batch_size=4).fit(X, y)
+            except ValueError as exc:
+                assert "plan" in str(exc) or "kind" in str(exc), (name, exc)
+            else:
+                raise AssertionError(f"{name} was accepted")
+            # the refused layers are free to join another network
+            assert all(layer._params is None for layer in layers), name
+        print("ok")
+    """)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_the_structure_users_read_comes_from_the_checked_plan():
+    net = cprop.Sequential([cprop.Dense(4, 8, "gelu"), cprop.LayerNorm(8), cprop.Dense(8, 3)], seed=0)
+    assert_array_equal(net.sizes, [4, 8, 8, 3])
+    assert_array_equal(net.activations, [cprop.activations.activation_code(a)
+                                         for a in ("gelu", "identity", "identity")])
