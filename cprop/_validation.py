@@ -6,6 +6,7 @@ expected and what was given.
 """
 import numbers
 import math
+import weakref
 
 import numpy as np
 
@@ -35,6 +36,21 @@ def _as_numeric_array(a, name):
     if arr.dtype.kind not in "biuf":
         raise TypeError(f"{name} must hold real numbers (bool, int or float), got dtype {arr.dtype}")
     return arr
+
+
+def hold_memory(*arrays):
+    """Keep the memory of `arrays` (views of callers' arrays, or None) where it is while the
+    result lives: a weak reference to each array that owns it. numpy refuses to resize an
+    array that has weak references, even with ``refcheck=False``, so a callback or another
+    thread cannot reallocate what a kernel is reading."""
+    held = []
+    for arr in arrays:
+        owner = arr
+        while isinstance(owner, np.ndarray) and not owner.flags.owndata and isinstance(owner.base, np.ndarray):
+            owner = owner.base
+        if isinstance(owner, np.ndarray) and owner.flags.owndata:
+            held.append(weakref.ref(owner))
+    return tuple(held)
 
 
 def check_finite(arr, name):

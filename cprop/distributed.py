@@ -37,7 +37,7 @@ import numpy as np
 
 from ._lazy import core as _core
 from ._threads import resolve_threads, single_threaded_blas
-from ._validation import check_bool, check_positive_int
+from ._validation import check_bool, check_positive_int, hold_memory
 from .callbacks import Checkpoint, as_callbacks
 from . import losses
 from .network import plan_widths
@@ -294,6 +294,8 @@ class _Fit:
                     raise ValueError("validation_data must be a pair (X_val, y_val)")
                 val = trainer._prepare(*validation_data, name="validation X")
             self.data, self.val = data, val
+            # the caller's arrays stay where they are for the fit (X.resize from a callback)
+            self.held = hold_memory(*data, *(val or ()))
             self.callbacks = as_callbacks(callbacks)
             if checkpoint is not None:
                 checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")

@@ -22,6 +22,7 @@ from . import io as _io
 from ._lazy import core as _core
 from ._threads import resolve_threads, single_threaded_blas
 from ._validation import as_dtype, check_bool, check_X, check_parameter_values, check_positive_int
+from ._validation import hold_memory
 from .activations import from_torch_module
 from .layers import BatchNorm, Dense, Dropout, Layer, LayerNorm, layer_from_config, structure_setter
 
@@ -390,6 +391,9 @@ class Sequential:
         self._local.tape = None     # a forward that fails halfway leaves nothing for backward
         n_inputs, n_outputs = plan_widths(self)
         X = check_X(X, self._dtype, n_inputs)
+        if not X.flags.owndata:
+            # the tape's X must be ours: the caller may resize or free theirs before backward
+            X = X.copy()
         training = check_bool(training, "training")
         n_threads = resolve_threads(n_threads)
         if seed is None:
@@ -511,10 +515,12 @@ class Sequential:
             chunk_size = min(4096, max(512, (1 << 20) // (widest * np.dtype(self._dtype).itemsize)))
         chunk_size = min(check_positive_int(chunk_size, "chunk_size"), X.shape[0])
         work = self._inference_workspace(n_threads * (chunk_size * row_width + n_bstats))
+        held = hold_memory(X)   # another thread cannot resize the caller's X while the kernel reads it
         out = np.empty((X.shape[0], n_outputs), dtype=self._dtype)
         with single_threaded_blas():
             _core.forward(table, hyper, row_width, n_bstats, X, self._params, self._buffers, work, out,
                           chunk_size, n_threads)
+        del held
         return out
 
     def _inference_workspace(self, size):

@@ -16,6 +16,7 @@ from . import io as _io
 from ._threads import ThreadFallback, resolve_threads, single_threaded_blas
 from ._threads import MAX_THREADS
 from ._validation import check_X, check_bool, check_positive_int, check_real, check_sample_weight
+from ._validation import hold_memory
 from .callbacks import Checkpoint, as_callbacks
 from . import losses
 from .losses import loss_code, prepare_targets
@@ -314,13 +315,16 @@ class Trainer:
         buffers = self._buffers(X.shape[0])
         buffers["weights"] = weights
         progress = _Progress(epochs, verbose)
-        for cb in callbacks:
-            cb.on_train_begin(self)
+        # the caller's arrays stay where they are until fit returns (X.resize from a callback
+        # would free what the epochs read)
+        held = hold_memory(X, T, labels, weights, *((Xv, Tv, labels_v) if has_validation else ()))
         # BLAS is held at one thread for the whole fit, not set and restored
         # around every epoch: an epoch that starts right after a restore found
         # OpenBLAS's pool awake on the cores it needs (measured: 6% slower short epochs;
         # digits fits of 100 epochs 1-3% faster held once, in two A/B runs)
         try:
+            for cb in callbacks:
+                cb.on_train_begin(self)
             with single_threaded_blas():
                 for _ in range(epochs):
                     logs = self._epoch(X, T, labels, buffers)
@@ -336,6 +340,7 @@ class Trainer:
                         break
         finally:
             progress.close()
+            del held          # not kept by a traceback: the caller may resize X afterwards
         for cb in callbacks:
             cb.on_train_end(self)
         return self.history

@@ -483,3 +483,45 @@ def test_the_structure_users_read_comes_from_the_checked_plan():
     assert_array_equal(net.sizes, [4, 8, 8, 3])
     assert_array_equal(net.activations, [cprop.activations.activation_code(a)
                                          for a in ("gelu", "identity", "identity")])
+
+
+# -- the caller's arrays cannot be reallocated under a kernel -------------------------------
+
+def test_resizing_the_callers_X_between_forward_and_backward_does_not_reach_the_tape():
+    result = run_python("""
+        import numpy as np, cprop
+        net = cprop.Sequential([cprop.Dense(64, 64, "relu"), cprop.Dense(64, 2)], dtype="float64", seed=0)
+        X = np.random.default_rng(0).random((2000, 64))
+        reference = net.copy()
+        reference.forward(X.copy(), training=True)
+        reference.backward(np.ones((2000, 2)))
+        out = net.forward(X, training=True)
+        X.resize((1, 64), refcheck=False)          # frees the memory X's views pointed at
+        junk = [np.full((2000, 64), np.nan) for _ in range(20)]
+        net.backward(np.ones_like(out))
+        assert np.array_equal(net.grads, reference.grads)
+        print("ok")
+    """)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_resizing_the_callers_arrays_mid_fit_is_refused():
+    result = run_python("""
+        import numpy as np, cprop
+        rng = np.random.default_rng(0)
+        X, y, w = rng.random((2000, 64)), rng.random((2000, 2)), rng.random(2000) + 0.5
+        for name, arr, shape in (("X", X, (1, 64)), ("y", y, (1, 2)), ("sample_weight", w, (1,))):
+            net = cprop.Sequential([cprop.Dense(64, 8, "relu"), cprop.Dense(8, 2)], dtype="float64", seed=0)
+            def resize(trainer, epoch, logs):
+                arr.resize(shape, refcheck=False)
+            try:
+                cprop.Trainer(net, batch_size=16).fit(X[:, :], y, epochs=3, callbacks=[resize],
+                                                      sample_weight=w, validation_data=(X, y))
+            except ValueError as exc:
+                assert "cannot resize" in str(exc), exc
+            else:
+                raise AssertionError(f"{name} was resized mid-fit")
+        X.resize((10, 64), refcheck=False)     # after fit, the caller's arrays are theirs again
+        print("ok")
+    """)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
