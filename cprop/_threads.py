@@ -197,13 +197,40 @@ def num_threads(n):
 
 def resolve_threads(n_threads):
     """An explicit n_threads (capped at thread_cap()), or the global setting; 1 in a build
-    without OpenMP."""
-    if not _core.OPENMP:
+    without OpenMP, and 1 inside a compiled epoch (see :func:`compiled_epoch`)."""
+    if n_threads is not None:
+        n_threads = check_positive_int(n_threads, "n_threads", maximum=MAX_THREADS)
+    if not _core.OPENMP or epoch_network() is not None:
         return 1
     if n_threads is None:
         return get_num_threads()
-    n_threads = check_positive_int(n_threads, "n_threads", maximum=MAX_THREADS)
     return _capped(n_threads, f"n_threads={n_threads}")
+
+
+# the network whose compiled epoch this thread is running, if any
+_epoch = threading.local()
+
+
+@contextlib.contextmanager
+def compiled_epoch(net):
+    """Mark this thread as running `net`'s compiled training epoch.
+
+    The epoch takes the GIL every SIGNAL_CHECK_SECONDS to run Python's signal handlers,
+    from inside its parallel region. cprop called from such a handler runs on one
+    thread (:func:`resolve_threads`): a parallel region nested in the epoch's would
+    reset this thread's team barrier and leave the epoch's threads waiting for good.
+    And `net` itself refuses to be trained meanwhile (Sequential._training)."""
+    previous = getattr(_epoch, "net", None)
+    _epoch.net = net
+    try:
+        yield
+    finally:
+        _epoch.net = previous
+
+
+def epoch_network():
+    """The network whose compiled epoch this thread is inside (from a signal handler), or None."""
+    return getattr(_epoch, "net", None)
 
 
 # -- busy machines -----------------------------------------------------------------

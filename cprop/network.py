@@ -20,7 +20,7 @@ from numpy.typing import ArrayLike, DTypeLike
 
 from . import io as _io
 from ._lazy import core as _core
-from ._threads import resolve_threads, single_threaded_blas
+from ._threads import epoch_network, resolve_threads, single_threaded_blas
 from ._validation import as_dtype, check_bool, check_X, check_parameter_values, check_positive_int
 from ._validation import hold_memory
 from .activations import from_torch_module
@@ -301,6 +301,11 @@ class Sequential:
     def _training(self, what):
         """Hold the network for a call that writes its gradients or parameters; another
         thread doing the same meanwhile gets a RuntimeError instead of corrupting them."""
+        if epoch_network() is self:
+            # a signal handler run by this network's compiled epoch, mid-step: the lock is
+            # re-entrant, so this thread would otherwise get in
+            raise RuntimeError(f"{what}: called from a signal handler while this thread runs a "
+                               "training epoch of this network; train it after fit() returns")
         if not self._training_lock.acquire(blocking=False):
             raise RuntimeError(f"{what}: another thread is training this network (backward, an "
                                "optimizer step or Trainer.fit); train one network from one thread "

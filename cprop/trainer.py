@@ -13,7 +13,7 @@ from numpy.typing import ArrayLike
 from ._lazy import core as _core
 from . import distributed as _distributed
 from . import io as _io
-from ._threads import ThreadFallback, resolve_threads, single_threaded_blas
+from ._threads import ThreadFallback, compiled_epoch, resolve_threads, single_threaded_blas
 from ._threads import MAX_THREADS
 from ._validation import check_X, check_bool, check_positive_int, check_real, check_sample_weight
 from ._validation import hold_memory
@@ -374,10 +374,11 @@ class Trainer:
         settings["n_threads"] = buffers["threads"].n_threads   # one, once the threads stalled
         start = time.perf_counter()
         try:
-            status, loss_sum, n_seen, step = _core.train_epoch(
-                table, hyper, row_width, n_bstats, settings, cfg, X, T, labels, order,
-                net._params, net._grads, state_a, state_b, net._buffers, buffers["work"],
-                buffers["label_buf"], buffers["weights"], buffers["weight_buf"])
+            with compiled_epoch(net):
+                status, loss_sum, n_seen, step = _core.train_epoch(
+                    table, hyper, row_width, n_bstats, settings, cfg, X, T, labels, order,
+                    net._params, net._grads, state_a, state_b, net._buffers, buffers["work"],
+                    buffers["label_buf"], buffers["weights"], buffers["weight_buf"])
         except KeyboardInterrupt:
             # the interrupted epoch's completed steps are kept; Adam's count with them
             self.optimizer.step_count = cfg["step"]

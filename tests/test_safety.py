@@ -525,3 +525,57 @@ def test_resizing_the_callers_arrays_mid_fit_is_refused():
         print("ok")
     """)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+# -- cprop called from a signal handler inside a running epoch ------------------------------
+
+@pytest.mark.parametrize("call", ["predict_raw", "forward", "fit_other", "backward_same", "step_same"])
+def test_cprop_from_a_signal_handler_inside_a_multithreaded_epoch_does_not_hang(call):
+    # the epoch takes the GIL every 50 ms to run signal handlers, inside its parallel
+    # region: a nested parallel region there once reset the thread's team barrier (hang)
+    result = run_python(f"""
+        import signal, numpy as np, cprop
+        from cprop._threads import epoch_network
+        rng = np.random.default_rng(0)
+        net = cprop.Sequential([cprop.Dense(64, 256, "relu"), cprop.Dense(256, 2)], dtype="float64", seed=0)
+        other = cprop.Sequential([cprop.Dense(64, 128, "relu"), cprop.Dense(128, 2)], dtype="float64", seed=1)
+        X, y = rng.random((20000, 64)), rng.random((20000, 2))
+        expected = other.predict_raw(X[:3000], n_threads=1)
+        seen = {{"in_epoch": 0, "refused": 0}}
+
+        def handler(signum, frame):
+            if epoch_network() is None or seen.get("busy"):   # not nested in itself
+                return
+            seen["in_epoch"] += 1
+            seen["busy"] = True
+            try:
+                if "{call}" == "predict_raw":
+                    assert np.allclose(other.predict_raw(X[:3000], n_threads=2), expected)
+                elif "{call}" == "forward":
+                    assert np.allclose(other.forward(X[:3000], n_threads=2), expected)
+                elif "{call}" == "fit_other":
+                    cprop.Trainer(other, batch_size=256, n_threads=2).fit(X[:2000], y[:2000])
+                elif "{call}" == "backward_same":
+                    net.backward(np.ones((64, 2)), n_threads=2)
+                else:
+                    net._has_grads = True
+                    cprop.SGD(lr=0.1).step(net, n_threads=2)
+            except RuntimeError as exc:
+                assert "signal handler" in str(exc), exc
+                seen["refused"] += 1
+            finally:
+                seen["busy"] = False
+
+        signal.signal(signal.SIGALRM, handler)
+        signal.setitimer(signal.ITIMER_REAL, 0.01, 0.01)
+        net.forward(X[:64])
+        try:
+            cprop.Trainer(net, batch_size=512, n_threads=2).fit(
+                X, y, epochs=500, callbacks=[lambda tr, epoch, logs: seen["in_epoch"] >= 3])
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        assert seen["in_epoch"] >= 3 and np.isfinite(net.params).all(), seen
+        assert (seen["refused"] == seen["in_epoch"]) == ("{call}".endswith("same")), seen
+        print("ok")
+    """, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
