@@ -579,3 +579,32 @@ def test_cprop_from_a_signal_handler_inside_a_multithreaded_epoch_does_not_hang(
         print("ok")
     """, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_a_forked_child_runs_cprop_on_one_thread_instead_of_hanging():
+    # libgomp's pool does not survive fork(): a parallel region in the child waited for good
+    result = run_python("""
+        import os, time, signal, numpy as np, cprop
+        net = cprop.Sequential([cprop.Dense(64, 256, "relu"), cprop.Dense(256, 2)], dtype="float64", seed=0)
+        X, y = np.random.default_rng(0).random((20000, 64)), np.random.default_rng(1).random((20000, 2))
+        cprop.Trainer(net, batch_size=512, n_threads=2).fit(X, y)      # the parent's pool is up
+        expected = net.predict_raw(X, n_threads=1)
+        pid = os.fork()
+        if pid == 0:
+            ok = cprop.get_num_threads() == 1 and np.allclose(net.predict_raw(X, n_threads=2), expected)
+            cprop.Trainer(net, batch_size=512, n_threads=2).fit(X, y)
+            os._exit(0 if ok else 3)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            raise SystemExit("the forked child hung")
+        assert os.waitstatus_to_exitcode(status) == 0, status
+        assert not cprop._threads._forked          # the parent keeps its threads
+        print("ok")
+    """, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr + result.stdout
