@@ -392,7 +392,8 @@ class LBFGS(Optimizer):
             result = minimize(objective, x0, jac=True, method="L-BFGS-B", callback=iteration_done,
                               options={"maxiter": cfg["max_iter"], "maxfun": cfg["max_fun"],
                                        "gtol": cfg["tol"], "maxcor": cfg["history"]})
-        except KeyboardInterrupt:
+        except BaseException:
+            # Ctrl-C, or any exception (a signal handler's) raised at a trial point
             params[...] = last["x"]
             net._has_grads = False
             raise

@@ -379,8 +379,9 @@ class Trainer:
                     table, hyper, row_width, n_bstats, settings, cfg, X, T, labels, order,
                     net._params, net._grads, state_a, state_b, net._buffers, buffers["work"],
                     buffers["label_buf"], buffers["weights"], buffers["weight_buf"])
-        except KeyboardInterrupt:
-            # the interrupted epoch's completed steps are kept; Adam's count with them
+        except BaseException:
+            # Ctrl-C, or any exception a signal handler raised mid-epoch: the interrupted
+            # epoch's completed steps are kept; Adam's count with them
             self.optimizer.step_count = cfg["step"]
             net._has_grads = False
             raise

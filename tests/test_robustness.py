@@ -406,3 +406,72 @@ def test_tracemalloc_would_see_a_copy_of_x():
     finally:
         tracemalloc.stop()
     assert peak >= X.nbytes
+
+
+# -- any exception a signal handler raises mid-epoch ---------------------------------------
+
+class HandlerError(Exception):
+    pass
+
+
+@pytest.mark.parametrize("raised", [HandlerError, SystemExit])
+def test_an_exception_from_a_signal_handler_mid_epoch_leaves_adams_count_with_its_steps(raised):
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(20000, 32)), rng.normal(size=(20000, 2))
+    net = cprop.Sequential([cprop.Dense(32, 64, "relu"), cprop.Dense(64, 2)], dtype="float64", seed=0)
+    opt = cprop.Adam(lr=1e-4)
+    trainer = cprop.Trainer(net, optimizer=opt, batch_size=1, seed=0, n_threads=1)
+    epoch_steps = X.shape[0]
+
+    def handler(signum, frame):
+        if cprop._threads.epoch_network() is net:    # inside the compiled epoch
+            signal.setitimer(signal.ITIMER_REAL, 0, 0)
+            raise raised("from a handler")
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, 0.02, 0.02)
+    try:
+        with pytest.raises(raised):
+            trainer.fit(X, y, epochs=1000)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, previous)
+    # the interrupted epoch took steps (the handler runs after one): Adam counts them
+    assert opt.step_count > trainer.epochs_done * epoch_steps
+    assert not net._has_grads
+    assert_all_finite(trainer)
+    trainer.fit(X[:100], y[:100])        # and training goes on from there
+
+
+def test_an_exception_from_a_signal_handler_mid_lbfgs_leaves_the_last_iterate(monkeypatch):
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(2000, 16)), rng.normal(size=(2000, 2))
+    net = cprop.Sequential([cprop.Dense(16, 32, "tanh"), cprop.Dense(32, 2)], dtype="float64", seed=0)
+    opt = cprop.LBFGS(max_iter=10**6)
+    trainer = cprop.Trainer(net, optimizer=opt, seed=0)
+    iterates = [net.params.copy()]
+    evaluations = {"n": 0}
+    original = net._batch_gradient
+
+    def counting(*args, **kw):
+        evaluations["n"] += 1
+        if evaluations["n"] == 25:
+            raise HandlerError("raised at a trial point")     # as a signal handler may
+        return original(*args, **kw)
+
+    monkeypatch.setattr(net, "_batch_gradient", counting)
+    import scipy.optimize
+    real_minimize = scipy.optimize.minimize
+
+    def recording_minimize(*args, callback=None, **kw):
+        def record(intermediate_result):
+            iterates.append(intermediate_result.x.copy())
+            return callback(intermediate_result)
+        return real_minimize(*args, callback=record, **kw)
+
+    monkeypatch.setattr(scipy.optimize, "minimize", recording_minimize)
+    with pytest.raises(HandlerError):
+        trainer.fit(X, y)
+    assert len(iterates) > 1
+    assert_array_equal(net.params, iterates[-1].astype(net.dtype))
+    assert not net._has_grads
