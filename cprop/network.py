@@ -142,6 +142,18 @@ def plan_widths(net):
     return int(table[0, codes["n_in"]]), int(table[-1, codes["n_out"]])
 
 
+def check_running_statistics(table, buffers, name="buffers"):
+    """ValueError unless every BatchNorm running variance in `buffers` (laid out as the plan
+    `table` says) is >= 0: one check for what is loaded, converted, assigned and saved."""
+    c = _core.PLAN_INT
+    for row in table[table[:, c["kind"]] == _core.LAYER_KINDS["batchnorm"]]:
+        start, n = int(row[c["buffer"]]) + int(row[c["n_out"]]), int(row[c["n_out"]])
+        var = np.asarray(buffers[start:start + n])
+        if (var < 0).any():
+            raise ValueError(f"{name}: a BatchNorm running variance is negative ({var.min():.3g}); "
+                             "variances are >= 0")
+
+
 def _frozen(array):
     """`array`, made read-only for good: views of it cannot be made writeable again."""
     array.flags.writeable = False
@@ -349,8 +361,15 @@ class Sequential:
         if params is not None:
             net.set_params(params)
         if buffers is not None:
-            net._buffers[...] = check_parameter_values(buffers, net._buffers.shape, "buffers")
+            net._set_buffers(buffers)
         return net
+
+    def _set_buffers(self, values, name="buffers"):
+        """Copy in running statistics: finite values of the buffers' shape, every BatchNorm
+        running variance >= 0 (evaluation divides by its square root)."""
+        values = check_parameter_values(values, self._buffers.shape, name)
+        check_running_statistics(self._plan[0], values, name)
+        self._buffers[...] = values
 
     def set_params(self, params: ArrayLike) -> None:
         """Copy a flat parameter array (layout W0 b0 W1 b1 …) into the network."""
@@ -612,6 +631,7 @@ class Sequential:
         def numpy(t):
             return t.detach().cpu().numpy()
 
+        buffers = net._buffers.copy()
         with torch.no_grad():
             for layer, (kind, m, _, _) in zip(net.layers, specs):
                 if kind == "dense":
@@ -621,8 +641,13 @@ class Sequential:
                     layer.gamma = numpy(m.weight)
                     layer.beta = numpy(m.bias)
                 if kind == "batchnorm":
-                    layer.running_mean[...] = numpy(m.running_mean)
-                    layer.running_var[...] = numpy(m.running_var)
+                    n, start = layer.n_out, layer._buffer_offset
+                    for j, stat in enumerate((m.running_mean, m.running_var)):
+                        values = numpy(stat)
+                        if values.shape != (n,):
+                            raise ValueError(f"BatchNorm1d({n}) has running statistics of shape {values.shape}")
+                        buffers[start + j * n:start + (j + 1) * n] = values
+        net._set_buffers(buffers, "the BatchNorm1d modules' running statistics")
         return net
 
     def to_torch(self):
@@ -659,7 +684,12 @@ class Sequential:
                          self._arrays())
 
     def _arrays(self):
-        """The arrays a file holds: params, and buffers when there are running statistics."""
+        """The arrays a file holds: params, and buffers when there are running statistics,
+        checked as loading checks them (a user may have written any value into them)."""
+        if not (np.isfinite(self._params).all() and np.isfinite(self._buffers).all()):
+            raise ValueError("cannot save a network whose parameters or running statistics are "
+                             "not finite: cprop would refuse to load the file")
+        check_running_statistics(self._plan[0], self._buffers, "cannot save: buffers")
         arrays = {"params": self._params}
         if self._buffers.size:
             arrays["buffers"] = self._buffers
@@ -732,7 +762,10 @@ def network_from_archive(archive):
         buffers = archive.read("buffers", arch["dtype"], (n_buffers,))
         if not np.isfinite(buffers).all():
             raise archive.error("buffers contains non-finite values")
-    return Sequential.from_architecture(arch, params, buffers)
+    try:
+        return Sequential.from_architecture(arch, params, buffers)
+    except ValueError as exc:
+        raise archive.error(f"invalid network in file ({exc})") from None
 
 
 def network_from_meta(meta, arrays, path):

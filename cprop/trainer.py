@@ -563,7 +563,7 @@ class Trainer:
         arrays = self.net._arrays()
         if opt.state is not None:
             arrays.update({f"state_{i}": s for i, s in enumerate(opt.state)})
-        _io.save_archive(path, meta, arrays)
+        _io.save_archive(path, meta, arrays, check_meta=_checked_trainer_meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, comm=None) -> Trainer:
@@ -591,24 +591,40 @@ class Trainer:
             net = network_from_archive(archive)
             meta = archive.meta
             try:
-                opt = _optimizer_from_meta(meta.get("optimizer"))
+                fields = _checked_trainer_meta(meta)
+                opt = fields["optimizer"]
                 trainer = cls(net, loss=meta["loss"], optimizer=opt, batch_size=meta["batch_size"],
-                              shuffle=_flag(meta, "shuffle"), loss_scale=meta.get("loss_scale", 1.0))
-                trainer.epochs_done = check_positive_int(meta["epochs_done"], "epochs_done", minimum=0)
+                              shuffle=fields["shuffle"], loss_scale=meta.get("loss_scale", 1.0))
+                trainer.epochs_done = fields["epochs_done"]
                 opt.state = _optimizer_state(archive, opt, net, trainer.epochs_done)
-                trainer.rng.bit_generator.state = _rng_state(meta["rng_state"])
-                trainer.dropout_seed = check_positive_int(meta.get("dropout_seed", 0), "dropout_seed",
-                                                          minimum=0, maximum=2**63)
-                trainer.history = _history_from_meta(meta["history"])
-                trainer.extra = meta.get("extra", {})
+                trainer.rng.bit_generator.state = fields["rng_state"]
+                trainer.dropout_seed = fields["dropout_seed"]
+                trainer.history = fields["history"]
+                trainer.extra = fields["extra"]
                 trainer.comm = comm
-                if not isinstance(trainer.extra, dict):
-                    raise TypeError(f"extra must be a mapping, got {type(trainer.extra).__name__}")
             except _io.CpropFileError:
                 raise
             except (KeyError, TypeError, ValueError, OverflowError) as exc:
                 raise archive.error(f"invalid trainer in file ({type(exc).__name__}: {exc})") from None
         return trainer
+
+
+def _checked_trainer_meta(meta):
+    """The fields of a trainer file's metadata that its constructor does not check, checked:
+    by load as it reads a file, and by save on what it is about to write (so a trainer
+    whose epochs_done, dropout_seed or extra a user set out of range is not written to a
+    file load would refuse). TypeError / ValueError / KeyError otherwise."""
+    extra = meta.get("extra", {})
+    if not isinstance(extra, dict):
+        raise TypeError(f"extra must be a mapping, got {type(extra).__name__}")
+    return {"optimizer": _optimizer_from_meta(meta.get("optimizer")),
+            "shuffle": _flag(meta, "shuffle"),
+            "epochs_done": check_positive_int(meta["epochs_done"], "epochs_done", minimum=0),
+            "rng_state": _rng_state(meta["rng_state"]),
+            "dropout_seed": check_positive_int(meta.get("dropout_seed", 0), "dropout_seed", minimum=0,
+                                               maximum=2**63),
+            "history": _history_from_meta(meta["history"]),
+            "extra": extra}
 
 
 def _flag(mapping, key, default=None):

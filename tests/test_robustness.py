@@ -475,3 +475,74 @@ def test_an_exception_from_a_signal_handler_mid_lbfgs_leaves_the_last_iterate(mo
     assert len(iterates) > 1
     assert_array_equal(net.params, iterates[-1].astype(net.dtype))
     assert not net._has_grads
+
+
+# -- save writes nothing load refuses -------------------------------------------------------
+
+def bn_trainer():
+    net = cprop.Sequential([cprop.Dense(4, 8, "relu"), cprop.BatchNorm(8), cprop.Dense(8, 2)],
+                           dtype="float64", seed=0)
+    return cprop.Trainer(net, seed=0)
+
+
+def nested(levels):
+    value = 1
+    for _ in range(levels):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize("attack, message", [
+    (lambda t: setattr(t, "dropout_seed", 2**63 + 5), "dropout_seed"),
+    (lambda t: setattr(t, "epochs_done", -1), "epochs_done"),
+    (lambda t: t.extra.update(notes=nested(40)), "nested deeper"),
+    (lambda t: t.extra.update(notes=10**50), "digits"),
+    (lambda t: t.extra.update(notes=np.int64(3)), "JSON serializable"),
+    (lambda t: t.history.loss.append("1.5"), "history"),
+    (lambda t: t.net.layers[1].running_var.__setitem__(0, -1.0), "variance is negative"),
+    (lambda t: t.net.buffers.__setitem__(0, np.inf), "not finite"),
+])
+def test_save_refuses_what_load_would_refuse(tmp_path, attack, message):
+    trainer = bn_trainer()
+    attack(trainer)
+    path = tmp_path / "t.npz"
+    with pytest.raises(ValueError, match=message):
+        trainer.save(path)
+    assert list(tmp_path.iterdir()) == []      # nothing written, no temporary left
+    if "variance" in message or "finite" in message:
+        with pytest.raises(ValueError, match=message):
+            trainer.net.save(path)
+
+
+def test_a_trainer_at_the_limits_saves_and_loads(tmp_path):
+    trainer = bn_trainer()
+    trainer.dropout_seed, trainer.extra["notes"] = 2**63, nested(30)   # 32 levels with the file's own
+    trainer.save(tmp_path / "t.npz")
+    loaded = cprop.Trainer.load(tmp_path / "t.npz")
+    assert loaded.dropout_seed == 2**63 and loaded.extra == trainer.extra
+
+
+@pytest.mark.parametrize("kind", ["network", "trainer"])
+def test_a_file_with_a_negative_running_variance_is_refused(tmp_path, kind):
+    trainer = bn_trainer()
+    path = tmp_path / "bad.npz"
+    (trainer if kind == "trainer" else trainer.net).save(path)
+    meta, arrays = cprop.io.load_archive(path)
+    arrays["buffers"][8] = -0.5                  # running_var[0] of the BatchNorm
+    cprop.io.save_archive(path, {k: v for k, v in meta.items() if k != "members"}, arrays)
+    with pytest.raises(cprop.CpropFileError, match="variance is negative"):
+        cprop.load(path)
+    if kind == "trainer":
+        with pytest.raises(cprop.CpropFileError, match="variance is negative"):
+            cprop.Trainer.load(path)
+
+
+@pytest.mark.parametrize("stat, value, message", [("running_mean", np.inf, "infinite"),
+                                                  ("running_var", -1.0, "variance is negative"),
+                                                  ("running_var", np.nan, "NaN")])
+def test_from_torch_refuses_running_statistics_cprop_would_not_load(stat, value, message):
+    torch = pytest.importorskip("torch")
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    getattr(module[1], stat)[0] = value
+    with pytest.raises(ValueError, match=message):
+        cprop.Sequential.from_torch(module)
