@@ -189,10 +189,11 @@ def check_real(value, name, low=None, high=None, low_open=False, high_open=False
     return value
 
 
-def check_parameter_values(values, shape, name):
-    """Finite real numbers of exactly `shape`, for copying into live parameters."""
+def check_parameter_values(values, shape, name, dtype):
+    """Finite real numbers of exactly `shape`, for copying into live parameters of `dtype`:
+    checked after the conversion, so 1e300 for a float32 network (inf once cast) is refused."""
     arr = _as_numeric_array(values, name)
     if arr.shape != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {arr.shape}")
     check_finite(arr, name)
-    return arr
+    return _converted(arr, dtype, name)

@@ -367,13 +367,13 @@ class Sequential:
     def _set_buffers(self, values, name="buffers"):
         """Copy in running statistics: finite values of the buffers' shape, every BatchNorm
         running variance >= 0 (evaluation divides by its square root)."""
-        values = check_parameter_values(values, self._buffers.shape, name)
+        values = check_parameter_values(values, self._buffers.shape, name, self._dtype)
         check_running_statistics(self._plan[0], values, name)
         self._buffers[...] = values
 
     def set_params(self, params: ArrayLike) -> None:
         """Copy a flat parameter array (layout W0 b0 W1 b1 …) into the network."""
-        self._params[...] = check_parameter_values(params, self._params.shape, "params")
+        self._params[...] = check_parameter_values(params, self._params.shape, "params", self._dtype)
 
     def copy(self) -> Sequential:
         """An independent network with the same architecture, parameters and running statistics."""

@@ -546,3 +546,22 @@ def test_from_torch_refuses_running_statistics_cprop_would_not_load(stat, value,
     getattr(module[1], stat)[0] = value
     with pytest.raises(ValueError, match=message):
         cprop.Sequential.from_torch(module)
+
+
+# -- parameter values checked in the network's dtype ----------------------------------------
+
+@pytest.mark.parametrize("assign", [
+    lambda net, v: net.set_params(np.full(net.n_params, v)),
+    lambda net, v: setattr(net.layers[0], "W", np.full((2, 3), v)),
+    lambda net, v: setattr(net.layers[0], "b", np.full(3, v)),
+    lambda net, v: setattr(net.layers[1], "gamma", np.full(3, v)),
+    lambda net, v: cprop.Sequential.from_architecture(net.architecture(), buffers=np.full(6, v)),
+])
+def test_float32_parameters_that_overflow_on_the_cast_are_refused(assign):
+    net = cprop.Sequential([cprop.Dense(2, 3), cprop.BatchNorm(3), cprop.Dense(3, 1)], seed=0)
+    before = net.params.copy()
+    with pytest.raises(ValueError, match="beyond the range of float32"):
+        assign(net, 1e300)
+    assert_array_equal(net.params, before)
+    assign(net, 1e30)                   # large but representable: accepted
+    assign(net.astype("float64"), 1e300)
