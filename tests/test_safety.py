@@ -608,3 +608,42 @@ def test_a_forked_child_runs_cprop_on_one_thread_instead_of_hanging():
         print("ok")
     """, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr + result.stdout
+
+
+# -- optimizer state arrays cannot alias each other or the parameters ----------------------
+
+def test_aliased_optimizer_state_is_copied_in_and_steps_as_separate_state(rng):
+    X, y = rng.normal(size=(64, 16)), rng.normal(size=(64, 2))
+    reference_net, net = small_net(), small_net()
+    reference = cprop.Trainer(reference_net, optimizer=cprop.Adam(lr=1e-2), batch_size=16, seed=0)
+    reference.fit(X, y)
+    opt = cprop.Adam(lr=1e-2)
+    trainer = cprop.Trainer(net, optimizer=opt, batch_size=16, seed=0)
+    trainer.fit(X[:16], y[:16], epochs=0)
+    shared = np.zeros(net.n_params)
+    opt.state = [shared, shared]                 # one array for both moments
+    trainer.fit(X, y)
+    assert_allclose(net.params, reference_net.params, rtol=1e-12, atol=1e-12)
+    assert not np.shares_memory(opt.state[0], opt.state[1])
+    assert not shared.any()                      # the caller's array is not the state
+
+    momentum_net = small_net()
+    sgd = cprop.SGD(lr=1e-2, momentum=0.9)
+    sgd.state = [momentum_net.params]            # a view of the parameters themselves
+    before = momentum_net.params.copy()
+    cprop.Trainer(momentum_net, optimizer=sgd, batch_size=16, seed=0).fit(X, y)
+    assert not np.shares_memory(sgd.state[0], momentum_net.params)
+    assert np.isfinite(momentum_net.params).all() and not np.array_equal(momentum_net.params, before)
+
+
+def test_optimizer_state_reads_are_views_that_cannot_be_resized():
+    net = small_net()
+    opt = cprop.SGD(lr=0.1, momentum=0.9)
+    net.forward(np.ones((4, 16)))
+    net.backward(np.ones((4, 2)))
+    opt.step(net)
+    view = opt.state[0]
+    view[...] = 1.0                              # in-place writes reach the state
+    assert (opt.state[0] == 1).all()
+    with pytest.raises(ValueError):
+        view.resize((1,), refcheck=False)        # a view does not own its memory
