@@ -565,3 +565,48 @@ def test_float32_parameters_that_overflow_on_the_cast_are_refused(assign):
     assert_array_equal(net.params, before)
     assign(net, 1e30)                   # large but representable: accepted
     assign(net.astype("float64"), 1e300)
+
+
+# -- scikit-learn estimators adopting user-set coefs_ / intercepts_ -------------------------
+
+def fitted_classifier():
+    pytest.importorskip("sklearn")
+    import warnings
+    from cprop.sklearn import MLPClassifier
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(60, 4)), rng.integers(0, 3, 60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # not converged in 5 iterations
+        return MLPClassifier(hidden_layer_sizes=(8,), max_iter=5, random_state=0).fit(X, y), X, y
+
+
+@pytest.mark.parametrize("use", ["predict", "warm_start", "partial_fit"])
+@pytest.mark.parametrize("attack, message", [
+    (lambda m: m.coefs_.__setitem__(0, np.where(np.eye(4, 8) > 0, np.nan, m.coefs_[0])), "NaN"),
+    (lambda m: m.intercepts_.__setitem__(1, np.full(3, np.inf)), "infinite"),
+    (lambda m: (m.coefs_.__setitem__(1, np.ones((8, 5))), m.intercepts_.__setitem__(1, np.zeros(5))),
+     "5 outputs.*n_outputs_=3"),
+    (lambda m: (m.coefs_.__setitem__(0, np.ones((6, 8)))), "6 inputs.*n_features_in_=4"),
+])
+def test_sklearn_refuses_to_adopt_coefs_that_do_not_fit(use, attack, message):
+    model, X, y = fitted_classifier()
+    before = model._net.params.copy()
+    model.coefs_, model.intercepts_ = list(model.coefs_), list(model.intercepts_)
+    attack(model)
+    with pytest.raises(ValueError, match=message):
+        if use == "predict":
+            model.predict(X)
+        elif use == "warm_start":
+            model.set_params(warm_start=True).fit(X, y)
+        else:
+            model.partial_fit(X, y)
+    assert_array_equal(model._net.params, before)      # the fitted network is kept
+
+
+def test_sklearn_still_adopts_valid_coefs():
+    model, X, y = fitted_classifier()
+    coefs = [c * 2 for c in model.coefs_]
+    intercepts = [b + 1 for b in model.intercepts_]
+    model.coefs_, model.intercepts_ = coefs, intercepts
+    hidden = np.maximum(X @ coefs[0] + intercepts[0], 0)
+    assert_array_equal(model.predict(X), model.classes_[np.argmax(hidden @ coefs[1] + intercepts[1], axis=1)])
