@@ -308,8 +308,13 @@ def _predict(args):
         pred = pred[:, 0] if pred.shape[1] == 1 else pred
     lines = [" ".join(str(v) for v in np.atleast_1d(row)) for row in pred]
     if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+        from .io import write_atomically
+        text = ("\n".join(lines) + "\n").encode("utf-8")
+        try:     # atomically: a failed write leaves any previous file as it was
+            write_atomically(args.out, lambda f: f.write(text))
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise Failure(f"cannot write --out {args.out!r}: {reason}") from None
         _say(args, f"wrote {len(lines)} predictions to {args.out}")
     else:
         print("\n".join(lines))

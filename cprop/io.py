@@ -78,11 +78,35 @@ class CpropFileError(ValueError):
 # -- writing ------------------------------------------------------------------------------
 
 def save_archive(path, meta, arrays, check_meta=None):
-    """Write meta and arrays to `path` atomically.
+    """Write meta and arrays to `path` atomically (see :func:`write_atomically`).
 
     The metadata is checked as :func:`open_archive` will read it (JSON nesting, integer
     sizes, total size), and by `check_meta` (the reader's own check of its fields, on
     the metadata as read back), so that nothing is written that cprop would refuse to load.
+
+    Raises
+    ------
+    ValueError — `path` is empty, or the metadata is not what a reader would accept.
+    IsADirectoryError — `path` names a directory.
+    FileNotFoundError — the directory does not exist.
+    """
+    members = {name: np.ascontiguousarray(arr) for name, arr in arrays.items()}
+    meta = dict(meta, format=FORMAT, version=VERSION,
+                members={k: {"dtype": a.dtype.name, "shape": list(a.shape)} for k, a in members.items()})
+    try:
+        raw = json.dumps(meta).encode("utf-8")
+        parsed = _parse_meta(raw)
+        if check_meta is not None:
+            check_meta(parsed)
+    except (RecursionError, TypeError, ValueError, KeyError, OverflowError) as exc:
+        raise ValueError(f"cannot save to {os.fspath(path)!r}: cprop could not load what it would write "
+                         f"({type(exc).__name__}: {str(exc)[:200]})") from None
+    payload = {META_KEY: np.frombuffer(raw, dtype=np.uint8), **members}
+    write_atomically(path, lambda f: np.savez(f, **payload))
+
+
+def write_atomically(path, write):
+    """Call ``write(f)`` on a binary file that becomes `path` only once complete.
 
     The data go to a temporary file in the target's directory, are flushed to
     disk, and the file is renamed over the target, so a crash or a full disk
@@ -93,7 +117,7 @@ def save_archive(path, meta, arrays, check_meta=None):
 
     Raises
     ------
-    ValueError — `path` is empty, or the metadata is not what a reader would accept.
+    ValueError — `path` is empty.
     IsADirectoryError — `path` names a directory.
     FileNotFoundError — the directory does not exist.
     """
@@ -117,26 +141,13 @@ def save_archive(path, meta, arrays, check_meta=None):
             raise CpropFileError(f"cannot save to {path!r}: {target!r} exists and is not a regular file")
         mode = stat.S_IMODE(existing.st_mode)
 
-    members = {name: np.ascontiguousarray(arr) for name, arr in arrays.items()}
-    meta = dict(meta, format=FORMAT, version=VERSION,
-                members={k: {"dtype": a.dtype.name, "shape": list(a.shape)} for k, a in members.items()})
-    try:
-        raw = json.dumps(meta).encode("utf-8")
-        parsed = _parse_meta(raw)
-        if check_meta is not None:
-            check_meta(parsed)
-    except (RecursionError, TypeError, ValueError, KeyError, OverflowError) as exc:
-        raise ValueError(f"cannot save to {path!r}: cprop could not load what it would write "
-                         f"({type(exc).__name__}: {str(exc)[:200]})") from None
-    payload = {META_KEY: np.frombuffer(raw, dtype=np.uint8), **members}
-
     fd, tmp = _create_temporary(directory)
     try:
         with os.fdopen(fd, "wb") as f:
             fd = None                        # the file object owns it now
             if mode is not None:             # an existing file keeps its mode
                 _set_mode(f.fileno(), tmp, mode)
-            np.savez(f, **payload)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)

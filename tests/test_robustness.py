@@ -8,6 +8,7 @@ import concurrent.futures
 import importlib
 import json
 import math
+import os
 import select
 import signal
 import subprocess
@@ -610,3 +611,61 @@ def test_sklearn_still_adopts_valid_coefs():
     model.coefs_, model.intercepts_ = coefs, intercepts
     hidden = np.maximum(X @ coefs[0] + intercepts[0], 0)
     assert_array_equal(model.predict(X), model.classes_[np.argmax(hidden @ coefs[1] + intercepts[1], axis=1)])
+
+
+# -- files written atomically, with the umask's permissions ---------------------------------
+
+@pytest.fixture
+def model_and_data(tmp_path):
+    rng = np.random.default_rng(0)
+    net = cprop.Sequential([cprop.Dense(3, 4, "relu"), cprop.Dense(4, 2)], dtype="float64", seed=0)
+    cprop.Trainer(net, loss="cross_entropy").save(tmp_path / "model.npz")
+    data = tmp_path / "data.csv"
+    np.savetxt(data, rng.normal(size=(5, 3)), delimiter=",", header="a,b,c", comments="")
+    return str(tmp_path / "model.npz"), str(data)
+
+
+def test_cli_predict_out_is_atomic_and_names_the_file(tmp_path, model_and_data, monkeypatch, capsys):
+    from cprop.__main__ import main
+    out = tmp_path / "predictions.txt"
+    out.write_text("previous predictions\n")
+    real_replace = os.replace
+
+    def fail(src, dst):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "replace", fail)
+    assert main(["predict", *model_and_data, "--out", str(out)]) == 1
+    assert f"--out {str(out)!r}" in capsys.readouterr().err
+    assert out.read_text() == "previous predictions\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.csv", "model.npz", "predictions.txt"]
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert main(["predict", *model_and_data, "--out", str(out), "--quiet"]) == 0
+    assert len(out.read_text().split()) == 5
+
+
+@pytest.mark.parametrize("writer", ["onnx", "predict"])
+def test_exports_get_the_umask_mode_and_write_through_a_symlink(tmp_path, model_and_data, writer, capsys):
+    if writer == "onnx":
+        pytest.importorskip("onnx")
+    from cprop.__main__ import main
+
+    def write(path):
+        if writer == "onnx":
+            cprop.Trainer.load(model_and_data[0]).net.to_onnx(path)
+        else:
+            assert main(["predict", *model_and_data, "--out", str(path), "--quiet"]) == 0
+
+    previous = os.umask(0o022)
+    try:
+        new = tmp_path / "new.out"
+        write(new)
+        assert (os.stat(new).st_mode & 0o777) == 0o644
+        target, link = tmp_path / "target.out", tmp_path / "link.out"
+        target.write_text("old")
+        os.chmod(target, 0o640)
+        link.symlink_to(target)
+        write(link)
+        assert link.is_symlink() and target.read_bytes() != b"old"
+        assert (os.stat(target).st_mode & 0o777) == 0o640       # an existing file keeps its mode
+    finally:
+        os.umask(previous)
