@@ -669,3 +669,36 @@ def test_exports_get_the_umask_mode_and_write_through_a_symlink(tmp_path, model_
         assert (os.stat(target).st_mode & 0o777) == 0o640       # an existing file keeps its mode
     finally:
         os.umask(previous)
+
+
+# -- the command line's integers ------------------------------------------------------------
+
+@pytest.mark.parametrize("hidden", ["", ",,", "64,", ",64", "٣", "1_0", "+8", "8,x", " "])
+def test_cli_refuses_hidden_widths_that_are_not_ascii_integers(model_and_data, hidden, tmp_path, capsys):
+    from cprop.__main__ import main
+    data = tmp_path / "train.csv"
+    rng = np.random.default_rng(0)
+    np.savetxt(data, np.column_stack([rng.normal(size=(20, 3)), rng.integers(0, 2, 20)]), delimiter=",",
+               header="a,b,c,t", comments="")
+    out = tmp_path / "m.npz"
+    assert main(["train", str(data), "--target", "t", "--hidden", hidden, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--hidden" in err and repr(hidden) in err and not out.exists()
+    with pytest.raises(SystemExit, match="2"):       # argparse's own refusal
+        main(["train", str(data), "--target", "t", "--epochs", "٣", "--out", str(out)])
+    assert "--epochs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("batch_size", ["3000000000", "300000000"])
+def test_cli_blames_an_oversized_batch_size_not_the_hidden_widths(tmp_path, batch_size, capsys, monkeypatch):
+    from cprop import _cli_data
+    from cprop.__main__ import main
+    monkeypatch.setattr(_cli_data, "available_memory", lambda: 16 * 2**30)
+    data = tmp_path / "train.csv"
+    rng = np.random.default_rng(0)
+    np.savetxt(data, np.column_stack([rng.normal(size=(20, 3)), rng.integers(0, 2, 20)]), delimiter=",",
+               header="a,b,c,t", comments="")
+    assert main(["train", str(data), "--target", "t", "--batch-size", batch_size,
+                 "--out", str(tmp_path / "m.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size" in err and f"{int(batch_size):,}" in err and "--hidden" not in err
