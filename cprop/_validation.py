@@ -138,20 +138,27 @@ def check_targets(y, n_samples, n_outputs, dtype, name="y", binary=False):
 
 
 def check_sample_weight(w, n_samples, dtype, name="sample_weight"):
-    """One finite weight >= 0 per sample, not all 0, as a C-contiguous 1-D `dtype` array."""
+    """One finite weight >= 0 per sample, not all 0: (the weights divided by their mean, as
+    a C-contiguous 1-D `dtype` array; that mean, a float).
+
+    A weighted mean depends only on the weights' ratios; dividing by their mean (as
+    scikit-learn's estimators normalise sample weights) in float64, before the cast, keeps
+    weights of any scale (all 1e-30, or 1e300) from underflowing or overflowing the
+    network's dtype. Callers that need the original scale (a decay divided by the summed
+    weights) multiply by the mean."""
     arr = _as_numeric_array(w, name)
     if arr.shape != (n_samples,):
         raise ValueError(f"{name} must have shape ({n_samples},), one weight per sample, got {arr.shape}")
     check_finite(arr, name)
-    arr = _converted(arr, dtype, name)
+    arr = np.asarray(arr, dtype=np.float64)
     if (arr < 0).any():
         raise ValueError(f"{name} must be >= 0, got a smallest weight of {arr.min()}")
-    if not arr.any():
+    peak = arr.max()
+    if peak == 0:
         raise ValueError(f"{name} must contain at least one non-zero weight, got all zeros")
-    with np.errstate(over="ignore"):
-        if not np.isfinite(np.sum(arr, dtype=np.float64)):
-            raise ValueError(f"{name} sums beyond the range of float64")
-    return arr
+    scaled = arr / peak                  # in [0, 1]: its mean cannot overflow
+    mean_scaled = scaled.mean()
+    return np.ascontiguousarray(scaled / mean_scaled, dtype=dtype), float(peak * mean_scaled)
 
 
 # the kernels index with C ints in BLAS calls: sizes beyond this are refused up front

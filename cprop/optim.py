@@ -372,7 +372,9 @@ class LBFGS(Optimizer):
         cfg = self.config()
         params, grads = net._params, net._grads
         n = X.shape[0]
-        total_weight = n if weights is None else float(np.sum(weights, dtype=np.float64))
+        # Trainer hands over weights divided by their mean, and that mean as weight_scale
+        total_weight = n if weights is None else float(np.sum(weights, dtype=np.float64)) * settings.get(
+            "weight_scale", 1.0)
         decay = cfg["weight_decay"] / total_weight if cfg["decay_per_sample"] else cfg["weight_decay"]
         ranges = self._decayed_ranges(net) if decay > 0 else []
         work = net._gradient_workspace(n)    # one workspace for every evaluation of the run

@@ -241,7 +241,9 @@ class Trainer:
         sample_weight : array-like (n_samples,), optional — one weight >= 0 per
             sample, not all 0: each batch's loss is the weighted mean Σ w·l / Σ w
             (``decay_per_sample`` divides by Σ w), so weight 0 drops a sample and
-            weight k counts it k times; a batch of weight 0 is skipped. The logged
+            weight k counts it k times; a batch of weight 0 is skipped. Only their ratios
+            matter (they are divided by their mean first, so all 1e-30 trains as all 1),
+            but for ``decay_per_sample``'s Σ w, the weights' as given. The logged
             loss averages the batches' losses by their sizes; validation is unweighted.
             (under comm, rank 0 writes it)
         sharded : bool, default False — under comm, each rank passes only its own
@@ -290,7 +292,7 @@ class Trainer:
         """fit's body, run with the settings fixed and the network held."""
         epochs = check_positive_int(epochs, "epochs", minimum=0, maximum=None)
         X, T, labels = self._prepare(X, y)
-        weights = None if sample_weight is None else check_sample_weight(
+        weights, weight_scale = (None, 1.0) if sample_weight is None else check_sample_weight(
             sample_weight, X.shape[0], self.net._dtype)
         if validation_split is not None:
             if validation_data is not None:
@@ -314,6 +316,8 @@ class Trainer:
 
         buffers = self._buffers(X.shape[0])
         buffers["weights"] = weights
+        # the weights arrive divided by their mean; a decay per sample still divides by their sum
+        buffers["settings"]["weight_scale"] = weight_scale
         progress = _Progress(epochs, verbose)
         # the caller's arrays stay where they are until fit returns (X.resize from a callback
         # would free what the epochs read)
@@ -369,6 +373,8 @@ class Trainer:
         if self.optimizer.full_batch:
             return self._full_batch_epoch(X, T, labels, buffers)
         cfg = self.optimizer.config()     # a callback may have changed its hyper-parameters
+        if buffers["weights"] is not None and cfg["decay_per_sample"]:
+            cfg["weight_decay"] /= settings["weight_scale"]     # ÷ Σ w of the weights as given
         state_a, state_b = self.optimizer._kernel_state(net, cfg)
         table, hyper, row_width, n_bstats = net._plan
         settings["n_threads"] = buffers["threads"].n_threads   # one, once the threads stalled

@@ -702,3 +702,38 @@ def test_cli_blames_an_oversized_batch_size_not_the_hidden_widths(tmp_path, batc
                  "--out", str(tmp_path / "m.npz")]) == 2
     err = capsys.readouterr().err
     assert "--batch-size" in err and f"{int(batch_size):,}" in err and "--hidden" not in err
+
+
+# -- sample weights of any scale ------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("scale", [1e-30, 1e-40, 1e-50, 1e-300, 1e30, 1e300])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "lbfgs"])
+def test_uniform_sample_weights_of_any_scale_train_as_unit_weights(dtype, scale, optimizer):
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(100, 4)), rng.normal(size=(100, 2))
+    relative = rng.uniform(0.5, 2.0, 100)
+    fits = []
+    for weights in (relative, relative * scale):
+        net = cprop.Sequential([cprop.Dense(4, 8, "tanh"), cprop.Dense(8, 2)], dtype=dtype, seed=0)
+        opt = {"sgd": lambda: cprop.SGD(lr=0.05, momentum=0.9, weight_decay=1e-3),
+               "adam": lambda: cprop.Adam(lr=0.01), "lbfgs": lambda: cprop.LBFGS(max_iter=20)}[optimizer]()
+        cprop.Trainer(net, optimizer=opt, batch_size=10, seed=0).fit(X, y, epochs=2, sample_weight=weights)
+        fits.append(net.params)
+    tolerance = 1e-4 if dtype == "float32" else 1e-9
+    assert_allclose(fits[1], fits[0], rtol=tolerance, atol=tolerance)
+
+
+def test_a_decay_per_sample_still_divides_by_the_weights_as_given():
+    # decay_per_sample's Σ w is that of the weights passed (as scikit-learn's L2 term):
+    # doubling every weight halves the decay, exactly as before normalisation
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(40, 3)), rng.normal(size=(40, 1))
+    results = []
+    for weights, decay in ((np.full(40, 2.0), 1e-2), (np.ones(40), 5e-3)):
+        net = cprop.Sequential([cprop.Dense(3, 1)], dtype="float64", seed=0)
+        opt = cprop.SGD(lr=0.1, weight_decay=decay)
+        opt.decay_per_sample = True
+        cprop.Trainer(net, optimizer=opt, batch_size=40, shuffle=False).fit(X, y, epochs=3, sample_weight=weights)
+        results.append(net.params)
+    assert_allclose(results[0], results[1], rtol=1e-12)
