@@ -473,6 +473,7 @@ class Sequential:
         rows = X.shape[0]
         if not isinstance(grad_out, np.ndarray) or grad_out.dtype.kind not in "biuf":
             raise TypeError(f"grad_out must be a numeric array, got {type(grad_out).__name__}")
+        held = hold_memory(grad_out)   # not resized by another thread while we read it
         G = grad_out.view()   # ours: another thread may reshape the caller's object
         n_outputs = plan_widths(self)[1]
         if G.shape != (rows, n_outputs):
@@ -488,6 +489,7 @@ class Sequential:
                            training, seed, n_threads)
             self._has_grads = True
             self._grad_rows = rows
+        del held
         return self
 
     def _batch_gradient(self, X, T, labels, loss_code, loss_scale=1.0, seed=0, n_threads=1, row_base=0,
@@ -530,6 +532,7 @@ class Sequential:
         of 1024-2048 rows ran 784-128-10 and 784-256-256-256-10 networks 3-4%
         faster than chunks of 256 rows sized for L2.
         """
+        held = hold_memory(X)   # another thread cannot resize the caller's X while we read it
         n_inputs, n_outputs = plan_widths(self)
         X = check_X(X, self._dtype, n_inputs)
         n_threads = resolve_threads(n_threads)
@@ -539,7 +542,6 @@ class Sequential:
             chunk_size = min(4096, max(512, (1 << 20) // (widest * np.dtype(self._dtype).itemsize)))
         chunk_size = min(check_positive_int(chunk_size, "chunk_size"), X.shape[0])
         work = self._inference_workspace(n_threads * (chunk_size * row_width + n_bstats))
-        held = hold_memory(X)   # another thread cannot resize the caller's X while the kernel reads it
         out = np.empty((X.shape[0], n_outputs), dtype=self._dtype)
         with single_threaded_blas():
             _core.forward(table, hyper, row_width, n_bstats, X, self._params, self._buffers, work, out,

@@ -483,7 +483,9 @@ class Trainer:
         out = self._raw_output(X)
         grad = np.empty_like(out)
         loss = losses.get(self.loss)
+        held = hold_memory(T, labels)     # the kernel reads them without the GIL
         result = {prefix + "loss": _core.loss(loss.code, out, T, labels, grad, self.loss_scale)}
+        del held
         if loss.accuracy is not None:
             result[prefix + "accuracy"] = loss.accuracy(out, T, labels)
         return result
@@ -567,8 +569,20 @@ class Trainer:
             "extra": self.extra,
         }
         arrays = self.net._arrays()
-        if opt.state is not None:
-            arrays.update({f"state_{i}": s for i, s in enumerate(opt.state)})
+        states = opt.state
+        if states is not None and not opt.n_state:
+            # plain SGD's placeholder carries nothing: written as it always was, when it is one
+            if len(states) == 1 and isinstance(states[0], np.ndarray) and states[0].dtype == self.net._dtype:
+                arrays["state_0"] = states[0]
+        elif states is not None:
+            # what load reads back: n_state finite arrays shaped like the parameters
+            if len(states) != opt.n_state or not all(
+                    isinstance(a, np.ndarray) and a.shape == self.net._params.shape
+                    and a.dtype == self.net._dtype and np.isfinite(a).all() for a in states):
+                raise ValueError(f"cannot save to {os.fspath(path)!r}: the optimizer's state is not "
+                                 f"{opt.n_state} finite array(s) shaped like the network's parameters "
+                                 "(set by hand?); optimizer.reset() forgets it")
+            arrays.update({f"state_{i}": a for i, a in enumerate(states)})
         _io.save_archive(path, meta, arrays, check_meta=_checked_trainer_meta)
 
     @classmethod

@@ -737,3 +737,21 @@ def test_a_decay_per_sample_still_divides_by_the_weights_as_given():
         cprop.Trainer(net, optimizer=opt, batch_size=40, shuffle=False).fit(X, y, epochs=3, sample_weight=weights)
         results.append(net.params)
     assert_allclose(results[0], results[1], rtol=1e-12)
+
+
+@pytest.mark.parametrize("state", [
+    lambda n: [np.zeros(n), np.zeros(n), np.zeros(n)],       # three arrays for Adam's two
+    lambda n: [np.zeros(n + 1), np.zeros(n + 1)],
+    lambda n: [np.zeros(n), np.full(n, np.nan)],
+    lambda n: [np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.float32)],
+])
+def test_save_refuses_optimizer_state_load_would_refuse(tmp_path, state):
+    trainer = bn_trainer()
+    trainer.optimizer = cprop.Adam()
+    trainer.fit(np.ones((8, 4)), np.ones((8, 2)))
+    trainer.optimizer.state = state(trainer.net.n_params)
+    with pytest.raises(ValueError, match="optimizer's state"):
+        trainer.save(tmp_path / "t.npz")
+    trainer.optimizer.reset()
+    trainer.save(tmp_path / "t.npz")
+    cprop.Trainer.load(tmp_path / "t.npz")
