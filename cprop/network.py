@@ -112,6 +112,7 @@ def _check_plan(layers, table, hyper, row_width, n_bstats, n_params, n_buffers):
         needs_z = row[c["act"]] in {_core.ACTIVATIONS[name] for name in _core.NEEDS_Z}
         need((row[c["z"]] >= 0) == needs_z, "a pre-activation column "
              f"{'missing' if needs_z else 'for an activation without one'}")
+        need(row[c["y"]] >= 0 and row[c["g"]] >= 0, "output and gradient columns are required")
         norm = kind in (kinds["batchnorm"], kinds["layernorm"])
         need((row[c["xhat"]] >= 0) == norm, "an x̂ column exactly for the normalization kinds")
         need((row[c["stat"]] >= 0) == (kind == kinds["layernorm"]), "a statistics column exactly for LayerNorm")

@@ -454,13 +454,18 @@ def test_layer_subclasses_with_inconsistent_declarations_are_refused_when_the_pl
             def plan(self, row, hyper, columns, bstats, codes):
                 super().plan(row, hyper, columns, bstats, codes)
                 row[codes["buffer"]] = 10**6
+        class NoOutputColumn(Dense):
+            def plan(self, row, hyper, columns, bstats, codes):
+                super().plan(row, hyper, columns, bstats, codes)
+                row[codes["y"]] = -1
         class Convolution(Dense):
             kind = "conv"
         cases = [[Dense(4, 8), NoBuffers(8), Dense(8, 2)], [DenseCallingItselfBatchNorm(4, 8), Dense(8, 2)],
                  [FewerParams(4, 8), Dense(8, 2)], [Dense(4, 8), LayerNormCallingItselfDense(8), Dense(8, 2)],
                  [Dense(4, 8), DropoutWithParams(0.5), Dense(8, 2)], [NoPreActivation(4, 8, "gelu"), Dense(8, 2)],
                  [ColumnOutside(4, 8), Dense(8, 2)], [Dense(4, 8), ColumnShared(8), Dense(8, 2)],
-                 [Dense(4, 8), BufferFarAway(8), Dense(8, 2)], [Convolution(4, 8), Dense(8, 2)]]
+                 [Dense(4, 8), BufferFarAway(8), Dense(8, 2)], [NoOutputColumn(4, 8), Dense(8, 2)],
+                 [Convolution(4, 8), Dense(8, 2)]]
         X, y = np.random.rand(16, 4), np.random.rand(16, 2)
         for layers in cases:
             name = type(next(l for l in layers if type(l).__module__ == "__main__")).__name__
