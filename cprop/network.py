@@ -416,9 +416,11 @@ class Sequential:
         self._local.tape = None     # a forward that fails halfway leaves nothing for backward
         n_inputs, n_outputs = plan_widths(self)
         X = check_X(X, self._dtype, n_inputs)
-        if not X.flags.owndata:
-            # the tape's X must be ours: the caller may resize or free theirs before backward
-            X = X.copy()
+        # the tape's X must be ours: the caller may resize or free theirs before backward. A
+        # view is copied; an array of its own (a conversion, or what an object's __array__
+        # handed over) is pinned for as long as the tape keeps it
+        X = X if X.flags.owndata else X.copy()
+        held = hold_memory(X)
         training = check_bool(training, "training")
         n_threads = resolve_threads(n_threads)
         if seed is None:
@@ -440,7 +442,7 @@ class Sequential:
                 _core.forward_train(table, hyper, row_width, n_bstats, X, self._params,
                                     self._buffers, work, training, seed, n_threads)
         y = _core.PLAN_INT["y"]
-        self._local.tape = (X, work, training, seed)
+        self._local.tape = (X, work, training, seed, held)
         return work[n * last[y]:n * (last[y] + n_outputs)].reshape(n, n_outputs).copy()
 
     def backward(self, grad_out: np.ndarray, n_threads: int | None = None) -> Sequential:
@@ -470,7 +472,7 @@ class Sequential:
         if tape is None:
             raise RuntimeError("backward() needs the activations of a completed forward() call in "
                                "this thread: call net.forward(X) first")
-        X, work, training, seed = tape
+        X, work, training, seed, _ = tape
         rows = X.shape[0]
         if not isinstance(grad_out, np.ndarray) or grad_out.dtype.kind not in "biuf":
             raise TypeError(f"grad_out must be a numeric array, got {type(grad_out).__name__}")

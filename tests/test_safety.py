@@ -652,3 +652,28 @@ def test_optimizer_state_reads_are_views_that_cannot_be_resized():
     assert (opt.state[0] == 1).all()
     with pytest.raises(ValueError):
         view.resize((1,), refcheck=False)        # a view does not own its memory
+
+
+def test_an_array_handed_over_by_array_protocol_is_pinned_while_the_tape_keeps_it():
+    result = run_python("""
+        import numpy as np, cprop
+        class Holder:                   # np.asarray(holder) is holder.data itself, no view
+            def __init__(self):
+                self.data = np.random.default_rng(0).random((2000, 64))
+            def __array__(self, dtype=None, copy=None):
+                return self.data
+        net = cprop.Sequential([cprop.Dense(64, 8), cprop.Dense(8, 2)], dtype="float64", seed=0)
+        holder = Holder()
+        out = net.forward(holder, training=True)
+        try:
+            holder.data.resize((1,), refcheck=False)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError("the tape's X was resized")
+        net.backward(np.ones_like(out))
+        net.forward(np.ones((3, 64)))              # a new tape lets it go
+        holder.data.resize((1,), refcheck=False)
+        print("ok")
+    """)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
