@@ -49,8 +49,9 @@ class Optimizer:
         Reading gives views of the optimizer's own arrays (modify them in place);
         assigning copies the arrays in, so that two slots, or a slot and the network's
         parameters, never share memory the compiled step writes."""
-        return None if self._state is None else [s.view() if isinstance(s, np.ndarray) else s
-                                                 for s in self._state]
+        if not isinstance(self._state, list):
+            return self._state           # None, or whatever was assigned (replaced at the next step)
+        return [s.view() if isinstance(s, np.ndarray) else s for s in self._state]
 
     @state.setter
     def state(self, value):

@@ -572,11 +572,12 @@ class Trainer:
         states = opt.state
         if states is not None and not opt.n_state:
             # plain SGD's placeholder carries nothing: written as it always was, when it is one
-            if len(states) == 1 and isinstance(states[0], np.ndarray) and states[0].dtype == self.net._dtype:
+            if (isinstance(states, list) and len(states) == 1 and isinstance(states[0], np.ndarray)
+                    and states[0].dtype == self.net._dtype):
                 arrays["state_0"] = states[0]
         elif states is not None:
             # what load reads back: n_state finite arrays shaped like the parameters
-            if len(states) != opt.n_state or not all(
+            if not isinstance(states, list) or len(states) != opt.n_state or not all(
                     isinstance(a, np.ndarray) and a.shape == self.net._params.shape
                     and a.dtype == self.net._dtype and np.isfinite(a).all() for a in states):
                 raise ValueError(f"cannot save to {os.fspath(path)!r}: the optimizer's state is not "

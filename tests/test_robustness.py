@@ -744,6 +744,7 @@ def test_a_decay_per_sample_still_divides_by_the_weights_as_given():
     lambda n: [np.zeros(n + 1), np.zeros(n + 1)],
     lambda n: [np.zeros(n), np.full(n, np.nan)],
     lambda n: [np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.float32)],
+    lambda n: 7,
 ])
 def test_save_refuses_optimizer_state_load_would_refuse(tmp_path, state):
     trainer = bn_trainer()
