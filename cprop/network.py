@@ -83,7 +83,7 @@ def _check_plan(layers, table, hyper, row_width, n_bstats, n_params, n_buffers):
     for i, (layer, row, h) in enumerate(zip(layers, table, hyper)):
         where = f"layers[{i}] ({type(layer).__name__})"
 
-        def need(ok, what):
+        def need(ok, what, where=where, row=row):
             if not ok:
                 raise ValueError(f"{where} made an inconsistent plan row: {what} "
                                  f"(row {dict(zip(c, (int(row[v]) for v in c.values())))})")

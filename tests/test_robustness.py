@@ -573,6 +573,7 @@ def test_float32_parameters_that_overflow_on_the_cast_are_refused(assign):
 def fitted_classifier():
     pytest.importorskip("sklearn")
     import warnings
+
     from cprop.sklearn import MLPClassifier
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(60, 4)), rng.integers(0, 3, 60)
@@ -605,7 +606,7 @@ def test_sklearn_refuses_to_adopt_coefs_that_do_not_fit(use, attack, message):
 
 
 def test_sklearn_still_adopts_valid_coefs():
-    model, X, y = fitted_classifier()
+    model, X, _ = fitted_classifier()
     coefs = [c * 2 for c in model.coefs_]
     intercepts = [b + 1 for b in model.intercepts_]
     model.coefs_, model.intercepts_ = coefs, intercepts
