@@ -415,11 +415,11 @@ class Sequential:
         """
         self._local.tape = None     # a forward that fails halfway leaves nothing for backward
         n_inputs, n_outputs = plan_widths(self)
-        X = check_X(X, self._dtype, n_inputs)
+        checked = check_X(X, self._dtype, n_inputs)
         # the tape's X must be ours: the caller may resize or free theirs before backward. A
         # view is copied; an array of its own (a conversion, or what an object's __array__
         # handed over) is pinned for as long as the tape keeps it
-        X = X if X.flags.owndata else X.copy()
+        X = checked if checked.flags.owndata else checked.copy()
         held = hold_memory(X)
         training = check_bool(training, "training")
         n_threads = resolve_threads(n_threads)
