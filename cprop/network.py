@@ -691,6 +691,10 @@ class Sequential:
     def _arrays(self):
         """The arrays a file holds: params, and buffers when there are running statistics,
         checked as loading checks them (a user may have written any value into them)."""
+        if epoch_network() is self:
+            # a signal handler mid-epoch: the parameters are half-way through a step
+            raise RuntimeError("cannot save a network from a signal handler while this thread runs a "
+                               "training epoch of it; save it from a callback or after fit() returns")
         if not (np.isfinite(self._params).all() and np.isfinite(self._buffers).all()):
             raise ValueError("cannot save a network whose parameters or running statistics are "
                              "not finite: cprop would refuse to load the file")

@@ -539,12 +539,13 @@ def test_resizing_the_callers_arrays_mid_fit_is_refused():
 
 # -- cprop called from a signal handler inside a running epoch ------------------------------
 
-@pytest.mark.parametrize("call", ["predict_raw", "forward", "fit_other", "backward_same", "step_same"])
+@pytest.mark.parametrize("call", ["predict_raw", "forward", "fit_other", "backward_same", "step_same",
+                                  "save_same"])
 def test_cprop_from_a_signal_handler_inside_a_multithreaded_epoch_does_not_hang(call):
     # the epoch takes the GIL every 50 ms to run signal handlers, inside its parallel
     # region: a nested parallel region there once reset the thread's team barrier (hang)
     result = run_python(f"""
-        import signal, numpy as np, cprop
+        import os, signal, tempfile, numpy as np, cprop
         from cprop._threads import epoch_network
         rng = np.random.default_rng(0)
         net = cprop.Sequential([cprop.Dense(64, 256, "relu"), cprop.Dense(256, 2)], dtype="float64", seed=0)
@@ -567,6 +568,8 @@ def test_cprop_from_a_signal_handler_inside_a_multithreaded_epoch_does_not_hang(
                     cprop.Trainer(other, batch_size=256, n_threads=2).fit(X[:2000], y[:2000])
                 elif "{call}" == "backward_same":
                     net.backward(np.ones((64, 2)), n_threads=2)
+                elif "{call}" == "save_same":
+                    net.save(os.path.join(tempfile.mkdtemp(), "mid_epoch.npz"))
                 else:
                     net._has_grads = True
                     cprop.SGD(lr=0.1).step(net, n_threads=2)
