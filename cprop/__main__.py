@@ -9,6 +9,7 @@ little memory). A traceback means a bug in cprop.
 import argparse
 import math
 import os
+import re
 import sys
 import time
 
@@ -26,6 +27,13 @@ class _Parser(argparse.ArgumentParser):
 
 # -- option types: argparse turns their ArgumentTypeError into "argument --x: must be ..." --------
 
+def _ascii_int(text):
+    """int(text) for ASCII digits only: int() also takes '٣', '1_000' and '+5'."""
+    if not isinstance(text, str) or not re.fullmatch(r"\s*-?[0-9]+\s*", text, re.ASCII):
+        raise ValueError(f"not an integer: {text!r}")
+    return int(text)
+
+
 def _option(text, kind, fits, expected):
     try:
         value = kind(text)
@@ -37,11 +45,11 @@ def _option(text, kind, fits, expected):
 
 
 def _count(text):
-    return _option(text, int, lambda v: v >= 1, "an integer >= 1")
+    return _option(text, _ascii_int, lambda v: v >= 1, "an integer >= 1")
 
 
 def _seed(text):
-    return _option(text, int, lambda v: v >= 0, "an integer >= 0")
+    return _option(text, _ascii_int, lambda v: v >= 0, "an integer >= 0")
 
 
 def _learning_rate(text):
@@ -54,9 +62,10 @@ def _fraction(text):
 
 def _hidden_sizes(text):
     try:
-        sizes = [int(h) for h in text.split(",") if h.strip()] if text.strip() else []
+        sizes = [_ascii_int(h) for h in text.split(",")]
     except ValueError:
-        raise UsageError(f"--hidden must be comma-separated integers like 128,64, got {text!r}") from None
+        raise UsageError(f"--hidden must be comma-separated integers like 128,64 (at least one, "
+                         f"none empty), got {text!r}") from None
     if any(h <= 0 for h in sizes):
         raise UsageError(f"--hidden sizes must be positive, got {text!r}")
     return sizes
@@ -68,23 +77,33 @@ def _check_threads(n_threads):
         raise UsageError(f"--threads must be <= {MAX_THREADS}, got {n_threads}")
 
 
-def _check_network_size(sizes, dtype, n_state, batch_size, option):
+def _check_network_size(sizes, dtype, n_state, batch_size, option, batch_option="--batch-size"):
     """UsageError, before anything is allocated, for a network too large for this machine's
-    memory: its parameters, gradients and `n_state` optimizer arrays, and the activations."""
+    memory: its parameters, gradients and `n_state` optimizer arrays, and the activations.
+    It blames `option` (the widths) unless the network fits with the default batch size,
+    and then `batch_option`."""
     import numpy as np
 
     from ._cli_data import available_memory
     from ._validation import MAX_SIZE
     if max(sizes) > MAX_SIZE:
         raise UsageError(f"{option}: layer widths must be <= {MAX_SIZE:,}, got {max(sizes):,}")
+    if batch_size > MAX_SIZE:
+        raise UsageError(f"{batch_option} must be <= {MAX_SIZE:,}, got {batch_size:,}")
     n_params = sum((n_in + 1) * n_out for n_in, n_out in zip(sizes[:-1], sizes[1:]))
+    itemsize = np.dtype(dtype).itemsize
     # activations: a training batch plus the inference chunks of predict/evaluate (both threads' worth)
-    n_values = n_params * (2 + n_state) + 4 * max(batch_size, 4096) * sum(sizes)
-    needed = n_values * np.dtype(dtype).itemsize
+    network = (n_params * (2 + n_state) + 4 * 4096 * sum(sizes)) * itemsize
+    needed = (n_params * (2 + n_state) + 4 * max(batch_size, 4096) * sum(sizes)) * itemsize
     available = available_memory()
-    if available is not None and needed > available:
+    if available is None or needed <= available:
+        return
+    if network > available:
         raise UsageError(f"{option} makes a {'-'.join(map(str, sizes))} network of {n_params:,} parameters, "
-                         f"which needs about {_gib(needed)} of memory; {_gib(available)} is available")
+                         f"which needs about {_gib(network)} of memory; {_gib(available)} is available")
+    raise UsageError(f"{batch_option} {batch_size:,}: batches that large through a "
+                     f"{'-'.join(map(str, sizes))} network need about {_gib(needed)} of memory; "
+                     f"{_gib(available)} is available")
 
 
 def _gib(n_bytes):
@@ -450,8 +469,13 @@ def _predict(args):
         pred = pred[:, 0] if pred.shape[1] == 1 else pred
     lines = [" ".join(str(v) for v in np.atleast_1d(row)) for row in pred]
     if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+        from .io import write_atomically
+        text = ("\n".join(lines) + "\n").encode("utf-8")
+        try:     # atomically: a failed write leaves any previous file as it was
+            write_atomically(args.out, lambda f: f.write(text))
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise Failure(f"cannot write --out {args.out!r}: {reason}") from None
         _say(args, f"wrote {len(lines)} predictions to {args.out}")
     else:
         print("\n".join(lines))

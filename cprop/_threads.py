@@ -151,8 +151,11 @@ def get_num_threads() -> int:
     :func:`set_num_threads`'s value, else OpenMP's default (``OMP_NUM_THREADS``,
     or the usable cores); a lower OpenMP limit set at run time, such as
     threadpoolctl's ``threadpool_limits(1)``, caps either. At most
-    :func:`thread_cap`; a larger ``OMP_NUM_THREADS`` is capped with a warning.
+    :func:`thread_cap`; a larger ``OMP_NUM_THREADS`` is capped with a warning. 1 in a
+    process made by fork(), where libgomp's thread pool is gone.
     """
+    if _forked:
+        return 1
     openmp, lowered = _openmp_threads()
     if _num_threads is None:
         return _capped(openmp, "OMP_NUM_THREADS")
@@ -191,13 +194,56 @@ def num_threads(n):
 
 def resolve_threads(n_threads):
     """An explicit n_threads (capped at thread_cap()), or the global setting; 1 in a build
-    without OpenMP."""
-    if not _core.OPENMP:
+    without OpenMP, in a process made by fork(), and inside a compiled epoch (see
+    :func:`compiled_epoch`)."""
+    if n_threads is not None:
+        n_threads = check_positive_int(n_threads, "n_threads", maximum=MAX_THREADS)
+    if not _core.OPENMP or epoch_network() is not None or _forked:
         return 1
     if n_threads is None:
         return get_num_threads()
-    n_threads = check_positive_int(n_threads, "n_threads", maximum=MAX_THREADS)
     return _capped(n_threads, f"n_threads={n_threads}")
+
+
+# libgomp's thread pool does not survive fork(): a forked child (multiprocessing's
+# default start method on Linux) that opens a parallel region after the parent had one
+# waits for pool threads that do not exist. A forked child runs cprop on one thread.
+_forked = False
+
+
+def _after_fork_in_child():
+    global _forked
+    _forked = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# the network whose compiled epoch this thread is running, if any
+_epoch = threading.local()
+
+
+@contextlib.contextmanager
+def compiled_epoch(net):
+    """Mark this thread as running `net`'s compiled training epoch.
+
+    The epoch takes the GIL every SIGNAL_CHECK_SECONDS to run Python's signal handlers,
+    from inside its parallel region. cprop called from such a handler runs on one
+    thread (:func:`resolve_threads`): a parallel region nested in the epoch's would
+    reset this thread's team barrier and leave the epoch's threads waiting for good.
+    And `net` itself refuses to be trained meanwhile (Sequential._training)."""
+    previous = getattr(_epoch, "net", None)
+    _epoch.net = net
+    try:
+        yield
+    finally:
+        _epoch.net = previous
+
+
+def epoch_network():
+    """The network whose compiled epoch this thread is inside (from a signal handler), or None."""
+    return getattr(_epoch, "net", None)
 
 
 # -- busy machines -----------------------------------------------------------------

@@ -7,6 +7,7 @@ expected and what was given.
 import math
 import numbers
 import sys
+import weakref
 
 import numpy as np
 
@@ -36,6 +37,21 @@ def _as_numeric_array(a, name):
     if arr.dtype.kind not in "biuf":
         raise TypeError(f"{name} must hold real numbers (bool, int or float), got dtype {arr.dtype}")
     return arr
+
+
+def hold_memory(*arrays):
+    """Keep the memory of `arrays` (views of callers' arrays, or None) where it is while the
+    result lives: a weak reference to each array that owns it. numpy refuses to resize an
+    array that has weak references, even with ``refcheck=False``, so a callback or another
+    thread cannot reallocate what a kernel is reading."""
+    held = []
+    for arr in arrays:
+        owner = arr
+        while isinstance(owner, np.ndarray) and not owner.flags.owndata and isinstance(owner.base, np.ndarray):
+            owner = owner.base
+        if isinstance(owner, np.ndarray) and owner.flags.owndata:
+            held.append(weakref.ref(owner))
+    return tuple(held)
 
 
 def check_finite(arr, name):
@@ -247,20 +263,27 @@ def check_targets(y, n_samples, n_outputs, dtype, name="y", binary=False):
 
 
 def check_sample_weight(w, n_samples, dtype, name="sample_weight"):
-    """One finite weight >= 0 per sample, not all 0, as a C-contiguous 1-D `dtype` array."""
+    """One finite weight >= 0 per sample, not all 0: (the weights divided by their mean, as
+    a C-contiguous 1-D `dtype` array; that mean, a float).
+
+    A weighted mean depends only on the weights' ratios; dividing by their mean (as
+    scikit-learn's estimators normalise sample weights) in float64, before the cast, keeps
+    weights of any scale (all 1e-30, or 1e300) from underflowing or overflowing the
+    network's dtype. Callers that need the original scale (a decay divided by the summed
+    weights) multiply by the mean."""
     arr = _as_numeric_array(w, name)
     if arr.shape != (n_samples,):
         raise ValueError(f"{name} must have shape ({n_samples},), one weight per sample, got {arr.shape}")
     check_finite(arr, name)
-    arr = _converted(arr, dtype, name)
+    arr = np.asarray(arr, dtype=np.float64)
     if (arr < 0).any():
         raise ValueError(f"{name} must be >= 0, got a smallest weight of {arr.min()}")
-    if not arr.any():
+    peak = arr.max()
+    if peak == 0:
         raise ValueError(f"{name} must contain at least one non-zero weight, got all zeros")
-    with np.errstate(over="ignore"):
-        if not np.isfinite(np.sum(arr, dtype=np.float64)):
-            raise ValueError(f"{name} sums beyond the range of float64")
-    return arr
+    scaled = arr / peak                  # in [0, 1]: its mean cannot overflow
+    mean_scaled = scaled.mean()
+    return np.ascontiguousarray(scaled / mean_scaled, dtype=dtype), float(peak * mean_scaled)
 
 
 # the kernels index with C ints in BLAS calls: sizes beyond this are refused up front
@@ -298,10 +321,11 @@ def check_real(value, name, low=None, high=None, low_open=False, high_open=False
     return value
 
 
-def check_parameter_values(values, shape, name):
-    """Finite real numbers of exactly `shape`, for copying into live parameters."""
+def check_parameter_values(values, shape, name, dtype):
+    """Finite real numbers of exactly `shape`, for copying into live parameters of `dtype`:
+    checked after the conversion, so 1e300 for a float32 network (inf once cast) is refused."""
     arr = _as_numeric_array(values, name)
     if arr.shape != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {arr.shape}")
     check_finite(arr, name)
-    return arr
+    return _converted(arr, dtype, name)

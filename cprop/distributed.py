@@ -38,8 +38,9 @@ import numpy as np
 from . import losses
 from ._lazy import core as _core
 from ._threads import resolve_threads, single_threaded_blas
-from ._validation import check_bool, check_positive_int
+from ._validation import check_bool, check_positive_int, hold_memory
 from .callbacks import Checkpoint, as_callbacks
+from .network import plan_widths
 
 __all__ = ["DistributedError", "check_comm"]
 
@@ -299,6 +300,8 @@ class _Fit:
                     raise ValueError("validation_data must be a pair (X_val, y_val)")
                 val = trainer._prepare(*validation_data, name="validation X", accept_sparse=_NO_SPARSE)
             self.data, self.val = data, val
+            # the caller's arrays stay where they are for the fit (X.resize from a callback)
+            self.held = hold_memory(*data, *(val or ()))
             self.callbacks = as_callbacks(callbacks)
             if checkpoint is not None:
                 checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
@@ -362,7 +365,7 @@ class _Fit:
                                   root=0)
         if rank:
             opt.step_count = step
-            opt.state = [np.empty(shape, dtype=net.dtype) for shape in shapes]
+            opt.state = [np.empty(shape, dtype=net._dtype) for shape in shapes]
         for s in opt.state:
             comm.Bcast(s, root=0)
 
@@ -376,15 +379,15 @@ class _Fit:
         self.steps = list(self._steps(self.ranks.rank))     # the same in every epoch of the fit
         most = max((b - a for _, _, a, b in self.steps), default=0)
         n_params, n_buf = net._params.size, net._buffers.size
-        self.pack = np.zeros(n_params + n_buf + _N_SLOTS, dtype=net.dtype)
+        self.pack = np.zeros(n_params + n_buf + _N_SLOTS, dtype=net._dtype)
         self.grads = self.pack[:n_params]
         self.running = self.pack[n_params:n_params + n_buf] if n_buf else net._buffers
         self.slots = self.pack[n_params + n_buf:]
         _, _, row_width, n_bstats = net._plan
-        self.work = np.empty(max(most, 1) * row_width + n_bstats, dtype=net.dtype)
+        self.work = np.empty(max(most, 1) * row_width + n_bstats, dtype=net._dtype)
         X, T, labels = self.data
-        self.Xb = np.empty((most, X.shape[1]), dtype=net.dtype)
-        self.Tb = np.empty((most, T.shape[1]), dtype=net.dtype) if T.shape[0] else T
+        self.Xb = np.empty((most, X.shape[1]), dtype=net._dtype)
+        self.Tb = np.empty((most, T.shape[1]), dtype=net._dtype) if T.shape[0] else T
         self.Lb = np.empty(most, dtype=np.intp) if labels.shape[0] else labels
         self.n_threads = resolve_threads(trainer.n_threads)
         self.settings = {"loss": losses.get(trainer.loss).code, "loss_scale": trainer.loss_scale,
@@ -495,11 +498,11 @@ class _Fit:
         X, T, labels = self.data
         n_local = X.shape[0]
         if self.sharded:
-            order = (np.random.default_rng([int(trainer.rng.integers(2**63)), ranks.rank])
-                     .permutation(n_local).astype(np.intp, copy=False) if trainer.shuffle else None)
+            order = (trainer._shuffled_order(n_local, np.random.default_rng(
+                [int(trainer.rng.integers(2**63)), ranks.rank])) if trainer.shuffle else None)
         else:
             # the one-process epoch's order, the same on every rank
-            order = trainer.rng.permutation(n_local).astype(np.intp, copy=False) if trainer.shuffle else None
+            order = trainer._shuffled_order(n_local) if trainer.shuffle else None
         settings = self.settings
         settings["seed"] = trainer._epoch_seed()
         cfg = trainer.optimizer.config()     # a callback may have changed its hyper-parameters
@@ -705,17 +708,18 @@ def raw_output(trainer, X):
     ranks = Ranks(trainer.comm)
     net = trainer.net
     with abort_on_error(ranks, "Trainer.predict"):
-        (X,) = _prepared(trainer, ranks, lambda: (check_X(X, net.dtype, net.n_inputs, accept_sparse=_NO_SPARSE),))
-        n, m = X.shape[0], net.n_outputs
+        n_inputs, m = plan_widths(net)
+        (X,) = _prepared(trainer, ranks, lambda: (check_X(X, net._dtype, n_inputs, accept_sparse=_NO_SPARSE),))
+        n = X.shape[0]
         r0, r1 = ranks.share(n)
-        error, mine = None, np.zeros((r1 - r0, m), dtype=net.dtype)
+        error, mine = None, np.zeros((r1 - r0, m), dtype=net._dtype)
         try:
             if r1 > r0:
                 mine = net.predict_raw(X[r0:r1], n_threads=trainer.n_threads)
         except Exception as exc:
             error = exc
         ranks.sum([], error)
-        out = np.empty((n, m), dtype=net.dtype)
+        out = np.empty((n, m), dtype=net._dtype)
         counts = [(n * (r + 1) // ranks.size - n * r // ranks.size) * m for r in range(ranks.size)]
         ranks.comm.Allgatherv(mine, [out, counts])
         finite = np.isfinite(out).all(axis=1)

@@ -78,8 +78,36 @@ class CpropFileError(ValueError):
 
 # -- writing ------------------------------------------------------------------------------
 
-def save_archive(path, meta, arrays):
-    """Write meta and arrays to `path` atomically.
+def save_archive(path, meta, arrays, check_meta=None):
+    """Write meta and arrays to `path` atomically (see :func:`write_atomically`).
+
+    The metadata is checked as :func:`open_archive` will read it (JSON nesting, integer
+    sizes, total size), and by `check_meta` (the reader's own check of its fields, on
+    the metadata as read back), so that nothing is written that cprop would refuse to load.
+
+    Raises
+    ------
+    ValueError — `path` is empty, or the metadata is not what a reader would accept.
+    IsADirectoryError — `path` names a directory.
+    FileNotFoundError — the directory does not exist.
+    """
+    members = {name: np.ascontiguousarray(arr) for name, arr in arrays.items()}
+    meta = dict(meta, format=FORMAT, version=VERSION,
+                members={k: {"dtype": a.dtype.name, "shape": list(a.shape)} for k, a in members.items()})
+    try:
+        raw = json.dumps(meta).encode("utf-8")
+        parsed = _parse_meta(raw)
+        if check_meta is not None:
+            check_meta(parsed)
+    except (RecursionError, TypeError, ValueError, KeyError, OverflowError) as exc:
+        raise ValueError(f"cannot save to {os.fspath(path)!r}: cprop could not load what it would write "
+                         f"({type(exc).__name__}: {str(exc)[:200]})") from None
+    payload = {META_KEY: np.frombuffer(raw, dtype=np.uint8), **members}
+    write_atomically(path, lambda f: np.savez(f, **payload))
+
+
+def write_atomically(path, write):
+    """Call ``write(f)`` on a binary file that becomes `path` only once complete.
 
     The data go to a temporary file in the target's directory, are flushed to
     disk, and the file is renamed over the target, so a crash or a full disk
@@ -114,18 +142,13 @@ def save_archive(path, meta, arrays):
             raise CpropFileError(f"cannot save to {path!r}: {target!r} exists and is not a regular file")
         mode = stat.S_IMODE(existing.st_mode)
 
-    members = {name: np.ascontiguousarray(arr) for name, arr in arrays.items()}
-    meta = dict(meta, format=FORMAT, version=VERSION,
-                members={k: {"dtype": a.dtype.name, "shape": list(a.shape)} for k, a in members.items()})
-    payload = {META_KEY: np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8), **members}
-
     fd, tmp = _create_temporary(directory)
     try:
         with os.fdopen(fd, "wb") as f:
             fd = None                        # the file object owns it now
             if mode is not None:             # an existing file keeps its mode
                 _set_mode(f.fileno(), tmp, mode)
-            np.savez(f, **payload)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -280,9 +303,7 @@ class Archive:
     def _read_meta(self, kinds):
         raw = self.read(META_KEY, np.uint8, max_bytes=MAX_META_BYTES)
         try:
-            meta = json.loads(raw.tobytes().decode("utf-8"), parse_int=_bounded_int,
-                              object_pairs_hook=_unique_keys)
-            _check_depth(meta)
+            meta = _parse_meta(raw.tobytes())
         except RecursionError:
             raise self.error(f"its {META_KEY!r} entry is nested too deeply to be cprop's metadata") from None
         except ValueError as exc:     # UnicodeDecodeError and JSONDecodeError are ValueErrors
@@ -440,6 +461,15 @@ def _unique_keys(pairs):
     if len(set(keys)) != len(keys):
         raise ValueError(f"a key appears twice in {keys[:20]}")
     return dict(pairs)
+
+
+def _parse_meta(raw):
+    """The metadata from its JSON bytes, bounded as files are read (size, integers, nesting)."""
+    if len(raw) > MAX_META_BYTES:
+        raise ValueError(f"{len(raw)} bytes of metadata, more than {MAX_META_BYTES}")
+    meta = json.loads(raw.decode("utf-8"), parse_int=_bounded_int, object_pairs_hook=_unique_keys)
+    _check_depth(meta)
+    return meta
 
 
 def _check_depth(obj):

@@ -121,7 +121,7 @@ class Layer:
                                "cprop.Sequential first")
         name = self._param_shapes()[index][0]
         target = self._views(self._params)[index]
-        target[...] = check_parameter_values(value, target.shape, f"{name} of {self!r}")
+        target[...] = check_parameter_values(value, target.shape, f"{name} of {self!r}", target.dtype)
 
     def plan(self, row, hyper, columns, bstats, codes):
         """Fill this layer's row of the compiled plan (see src/_plan.pxd): `columns(width)`

@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from ._lazy import core as _core
-from ._validation import check_labels, check_targets
+from ._validation import check_labels, check_targets, hold_memory
 
 
 class Loss:
@@ -123,10 +123,12 @@ def prepare_targets(name, y, n_samples, n_outputs, dtype):
 def compute(name: str, out: np.ndarray, y: ArrayLike) -> tuple[float, np.ndarray]:
     """Mean loss `name` of `out` against `y`, and its gradient with respect to `out`."""
     code = loss_code(name)
+    held = hold_memory(out, y)    # not resized by another thread while we read them
     out = _check_output(out)
     T, labels = prepare_targets(name, y, out.shape[0], out.shape[1], out.dtype)
     grad = np.empty_like(out)
     value = _core.loss(code, out, T, labels, grad)
+    del held
     return value, grad
 
 

@@ -8,6 +8,7 @@ that one array plus its architecture.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import threading
@@ -18,8 +19,16 @@ from numpy.typing import ArrayLike, DTypeLike
 
 from . import io as _io
 from ._lazy import core as _core
-from ._threads import resolve_threads, single_threaded_blas
-from ._validation import CSRInput, as_dtype, check_bool, check_parameter_values, check_positive_int, check_X
+from ._threads import epoch_network, resolve_threads, single_threaded_blas
+from ._validation import (
+    CSRInput,
+    as_dtype,
+    check_bool,
+    check_parameter_values,
+    check_positive_int,
+    check_X,
+    hold_memory,
+)
 from .activations import from_torch_module
 from .layers import BatchNorm, Dense, Dropout, Layer, LayerNorm, layer_from_config, refuse_change
 
@@ -48,15 +57,108 @@ class _Columns:
         return start
 
 
-def _build_plan(layers):
+def _build_plan(layers, n_params, n_buffers):
     """The compiled description of the network (src/_plan.pxd): an integer and a float table,
-    one row per layer, the per-row workspace width and the batch-statistics size; frozen."""
+    one row per layer, the per-row workspace width and the batch-statistics size; frozen.
+
+    Each layer fills its own row, so the table is checked against the arrays it indexes
+    (`n_params` parameters, `n_buffers` running statistics) before any kernel sees it: a
+    subclass whose declarations disagree with each other gets a ValueError."""
     table = np.full((len(layers), _core.N_PLAN_INT), -1, dtype=np.int64)
     hyper = np.zeros((len(layers), _core.N_PLAN_FLOAT), dtype=np.float64)
     columns, bstats = _Columns(), _Columns()
-    for layer, row, h in zip(layers, table, hyper):
+    for i, (layer, row, h) in enumerate(zip(layers, table, hyper)):
+        if layer.kind not in _core.LAYER_KINDS:
+            raise ValueError(f"layers[{i}] ({type(layer).__name__}) has kind {layer.kind!r}; expected "
+                             f"one of {sorted(_core.LAYER_KINDS)}")
         layer.plan(row, h, columns, bstats, _core.PLAN_INT)
-    return _frozen(table), _frozen(hyper), columns.total, bstats.total
+    plan = _frozen(table), _frozen(hyper), columns.total, bstats.total
+    _check_plan(layers, *plan, n_params, n_buffers)
+    return plan
+
+
+def _check_plan(layers, table, hyper, row_width, n_bstats, n_params, n_buffers):
+    """ValueError unless the plan describes `layers` as the kernels read them: known kinds and
+    activations, widths that chain, parameters and running statistics laid out one after the
+    other filling exactly the network's arrays, and workspace columns and batch statistics
+    each in range and none overlapping another."""
+    c, f, kinds = _core.PLAN_INT, _core.PLAN_FLOAT, _core.LAYER_KINDS
+    codes = set(_core.ACTIVATIONS.values())
+    param_end = buffer_end = 0
+    spans, bstat_spans = [], []
+    for i, (layer, row, h) in enumerate(zip(layers, table, hyper)):
+        where = f"layers[{i}] ({type(layer).__name__})"
+
+        def need(ok, what, where=where, row=row):
+            if not ok:
+                raise ValueError(f"{where} made an inconsistent plan row: {what} "
+                                 f"(row {dict(zip(c, (int(row[v]) for v in c.values())))})")
+
+        kind, n_in, n_out, n_param = (int(row[c[k]]) for k in ("kind", "n_in", "n_out", "n_param"))
+        need(kind in kinds.values(), f"kind code {kind} is not one of {sorted(kinds.values())}")
+        need(row[c["act"]] in codes, f"activation code {row[c['act']]} is unknown")
+        need(n_in >= 1 and n_out >= 1, "widths must be >= 1")
+        need(i == 0 or n_in == table[i - 1, c["n_out"]], f"n_in {n_in} is not the previous layer's "
+             f"n_out {table[i - 1, c['n_out']] if i else None}")
+        need(kind == kinds["dense"] or n_in == n_out, "n_in and n_out differ in a kind that keeps the width")
+        expected_params = {kinds["dense"]: (n_in * n_out + n_out,), kinds["dropout"]: (0,)}.get(
+            kind, (0, 2 * n_out))
+        need(n_param in expected_params, f"{n_param} parameters, expected one of {expected_params}")
+        need(row[c["param"]] == param_end, f"parameters at {row[c['param']]}, expected {param_end}")
+        param_end += n_param
+        if kind == kinds["batchnorm"]:
+            need(row[c["buffer"]] == buffer_end, f"running statistics at {row[c['buffer']]}, "
+                 f"expected {buffer_end}")
+            buffer_end += 2 * n_out
+            bstat_spans.append((row[c["bstat"]], 4 * n_out))
+        else:
+            need(row[c["buffer"]] == -1 and row[c["bstat"]] == -1, "running statistics in a kind without them")
+        need(kind != kinds["dropout"] or row[c["act"]] == _core.ACTIVATIONS["identity"],
+             "a Dropout row with an activation")
+        needs_z = row[c["act"]] in {_core.ACTIVATIONS[name] for name in _core.NEEDS_Z}
+        need((row[c["z"]] >= 0) == needs_z, "a pre-activation column "
+             f"{'missing' if needs_z else 'for an activation without one'}")
+        need(row[c["y"]] >= 0 and row[c["g"]] >= 0, "output and gradient columns are required")
+        norm = kind in (kinds["batchnorm"], kinds["layernorm"])
+        need((row[c["xhat"]] >= 0) == norm, "an x̂ column exactly for the normalization kinds")
+        need((row[c["stat"]] >= 0) == (kind == kinds["layernorm"]), "a statistics column exactly for LayerNorm")
+        spans += [(row[c[name]], n_out) for name in ("y", "g", "z", "xhat") if row[c[name]] >= 0]
+        spans += [(row[c["stat"]], 1)] if row[c["stat"]] >= 0 else []
+        need(math.isfinite(h[f["alpha"]]) and h[f["alpha"]] >= 0, "alpha must be finite and >= 0")
+        need(kind != kinds["dropout"] or 0 <= h[f["p"]] < 1, "Dropout's p must be in [0, 1)")
+        need(not norm or (math.isfinite(h[f["eps"]]) and h[f["eps"]] > 0), "eps must be finite and > 0")
+        need(kind != kinds["batchnorm"] or 0 < h[f["momentum"]] <= 1, "momentum must be in (0, 1]")
+    if param_end != n_params or buffer_end != n_buffers:
+        raise ValueError(f"the layers' plan rows hold {param_end} parameters and {buffer_end} running "
+                         f"statistics, the network's arrays {n_params} and {n_buffers}: a layer's "
+                         "n_params / n_buffers disagree with its plan")
+    for what, found, total in (("workspace column", spans, row_width), ("batch statistic", bstat_spans, n_bstats)):
+        end = 0
+        for start, width in sorted(found):
+            if start < end or start + width > total:
+                raise ValueError(f"the layers' plan rows give overlapping or out-of-range {what}s "
+                                 f"({start}..{start + width} of {total})")
+            end = start + width
+
+
+def plan_widths(net):
+    """(n_inputs, n_outputs) of `net` as its frozen plan states them: what the kernels
+    read, so what every check at the boundary uses (a subclass's n_inputs / n_outputs
+    properties may say otherwise)."""
+    table, codes = net._plan[0], _core.PLAN_INT
+    return int(table[0, codes["n_in"]]), int(table[-1, codes["n_out"]])
+
+
+def check_running_statistics(table, buffers, name="buffers"):
+    """ValueError unless every BatchNorm running variance in `buffers` (laid out as the plan
+    `table` says) is >= 0: one check for what is loaded, converted, assigned and saved."""
+    c = _core.PLAN_INT
+    for row in table[table[:, c["kind"]] == _core.LAYER_KINDS["batchnorm"]]:
+        start, n = int(row[c["buffer"]]) + int(row[c["n_out"]]), int(row[c["n_out"]])
+        var = np.asarray(buffers[start:start + n])
+        if (var < 0).any():
+            raise ValueError(f"{name}: a BatchNorm running variance is negative ({var.min():.3g}); "
+                             "variances are >= 0")
 
 
 def _frozen(array):
@@ -120,7 +222,17 @@ class Sequential:
             layer._bind(self._params, self._grads, self._buffers, offset, buffer_offset)
             offset += layer.n_params
             buffer_offset += layer.n_buffers
-        self._plan = _build_plan(layers)
+        try:
+            self._plan = _build_plan(layers, self._params.size, self._buffers.size)
+        except ValueError:
+            for layer in layers:      # free to join a network again
+                layer._params = layer._grads = layer._buffers = None
+            raise
+        # what users read of the structure comes from the checked plan, not the layers' claims
+        table = self._plan[0]
+        self._sizes = _frozen(np.concatenate([table[:1, _core.PLAN_INT["n_in"]],
+                                              table[:, _core.PLAN_INT["n_out"]]]).astype(np.intp))
+        self._activations = _frozen(table[:, _core.PLAN_INT["act"]].astype(np.intc))
         self._has_grads = False     # grads hold a backward pass's result
         self._grad_rows = 0         # ... computed over this many samples
         self._local = threading.local()     # per thread: forward's tape, inference workspace
@@ -194,12 +306,12 @@ class Sequential:
     @property
     def n_inputs(self) -> int:
         """Features per input sample (the first layer's n_in)."""
-        return int(self._sizes[0])
+        return plan_widths(self)[0]
 
     @property
     def n_outputs(self) -> int:
         """Width of the raw output (the last layer's n_out)."""
-        return int(self._sizes[-1])
+        return plan_widths(self)[1]
 
     @property
     def n_params(self) -> int:
@@ -224,6 +336,11 @@ class Sequential:
     def _training(self, what):
         """Hold the network for a call that writes its gradients or parameters; another
         thread doing the same meanwhile gets a RuntimeError instead of corrupting them."""
+        if epoch_network() is self:
+            # a signal handler run by this network's compiled epoch, mid-step: the lock is
+            # re-entrant, so this thread would otherwise get in
+            raise RuntimeError(f"{what}: called from a signal handler while this thread runs a "
+                               "training epoch of this network; train it after fit() returns")
         if not self._training_lock.acquire(blocking=False):
             raise RuntimeError(f"{what}: another thread is training this network (backward, an "
                                "optimizer step or Trainer.fit); train one network from one thread "
@@ -267,12 +384,19 @@ class Sequential:
         if params is not None:
             net.set_params(params)
         if buffers is not None:
-            net._buffers[...] = check_parameter_values(buffers, net._buffers.shape, "buffers")
+            net._set_buffers(buffers)
         return net
+
+    def _set_buffers(self, values, name="buffers"):
+        """Copy in running statistics: finite values of the buffers' shape, every BatchNorm
+        running variance >= 0 (evaluation divides by its square root)."""
+        values = check_parameter_values(values, self._buffers.shape, name, self._dtype)
+        check_running_statistics(self._plan[0], values, name)
+        self._buffers[...] = values
 
     def set_params(self, params: ArrayLike) -> None:
         """Copy a flat parameter array (layout W0 b0 W1 b1 …) into the network."""
-        self._params[...] = check_parameter_values(params, self._params.shape, "params")
+        self._params[...] = check_parameter_values(params, self._params.shape, "params", self._dtype)
 
     def copy(self) -> Sequential:
         """An independent network with the same architecture, parameters and running statistics."""
@@ -314,8 +438,14 @@ class Sequential:
         ndarray of shape (n_samples, n_outputs), the network's dtype
         """
         self._local.tape = None     # a forward that fails halfway leaves nothing for backward
-        X = check_X(X, self._dtype, self.n_inputs,
-                    accept_sparse="Sequential.forward (predict_raw and Trainer take it)")
+        n_inputs, n_outputs = plan_widths(self)
+        checked = check_X(X, self._dtype, n_inputs,
+                          accept_sparse="Sequential.forward (predict_raw and Trainer take it)")
+        # the tape's X must be ours: the caller may resize or free theirs before backward. A
+        # view is copied; an array of its own (a conversion, or what an object's __array__
+        # handed over) is pinned for as long as the tape keeps it
+        X = checked if checked.flags.owndata else checked.copy()
+        held = hold_memory(X)
         training = check_bool(training, "training")
         n_threads = resolve_threads(n_threads)
         if seed is None:
@@ -337,8 +467,8 @@ class Sequential:
                 _core.forward_train(table, hyper, row_width, n_bstats, X, self._params,
                                     self._buffers, work, training, seed, n_threads)
         y = _core.PLAN_INT["y"]
-        self._local.tape = (X, work, training, seed)
-        return work[n * last[y]:n * (last[y] + self.n_outputs)].reshape(n, self.n_outputs).copy()
+        self._local.tape = (X, work, training, seed, held)
+        return work[n * last[y]:n * (last[y] + n_outputs)].reshape(n, n_outputs).copy()
 
     def backward(self, grad_out: np.ndarray, n_threads: int | None = None) -> Sequential:
         """Backpropagate ∂L/∂output through every layer, last layer first.
@@ -367,14 +497,16 @@ class Sequential:
         if tape is None:
             raise RuntimeError("backward() needs the activations of a completed forward() call in "
                                "this thread: call net.forward(X) first")
-        X, work, training, seed = tape
+        X, work, training, seed, _ = tape
         rows = X.shape[0]
         if not isinstance(grad_out, np.ndarray) or grad_out.dtype.kind not in "biuf":
             raise TypeError(f"grad_out must be a numeric array, got {type(grad_out).__name__}")
+        held = hold_memory(grad_out)   # not resized by another thread while we read it
         G = grad_out.view()   # ours: another thread may reshape the caller's object
-        if G.shape != (rows, self.n_outputs):
+        n_outputs = plan_widths(self)[1]
+        if G.shape != (rows, n_outputs):
             raise ValueError(f"grad_out must have the shape of the last forward output, "
-                             f"({rows}, {self.n_outputs}), got {G.shape}")
+                             f"({rows}, {n_outputs}), got {G.shape}")
         G = np.ascontiguousarray(G, dtype=self._dtype)
         if not np.isfinite(G).all():
             raise ValueError("grad_out contains NaN or infinite values")
@@ -385,6 +517,7 @@ class Sequential:
                            training, seed, n_threads)
             self._has_grads = True
             self._grad_rows = rows
+        del held
         return self
 
     def _batch_gradient(self, X, T, labels, loss_code, loss_scale=1.0, seed=0, n_threads=1, row_base=0,
@@ -449,7 +582,9 @@ class Sequential:
         CSR): a Dense first layer multiplies its rows in place (sparse × dense), any
         other first layer gets them densified a block of rows at a time.
         """
-        X = check_X(X, self._dtype, self.n_inputs, accept_sparse=True)
+        held = hold_memory(X)   # another thread cannot resize the caller's X while we read it
+        n_inputs, n_outputs = plan_widths(self)
+        X = check_X(X, self._dtype, n_inputs, accept_sparse=True)   # a sparse X: copied, validated
         n_threads = resolve_threads(n_threads)
         table, hyper, row_width, n_bstats = self._plan
         widest = int(self._sizes[1:].max())
@@ -457,7 +592,7 @@ class Sequential:
             chunk_size = min(4096, max(512, (1 << 20) // (widest * np.dtype(self._dtype).itemsize)))
         chunk_size = min(check_positive_int(chunk_size, "chunk_size"), X.shape[0])
         work = self._inference_workspace(n_threads * (chunk_size * row_width + n_bstats))
-        out = np.empty((X.shape[0], self.n_outputs), dtype=self._dtype)
+        out = np.empty((X.shape[0], n_outputs), dtype=self._dtype)
         with single_threaded_blas():
             if isinstance(X, CSRInput) and not self._reads_sparse:
                 # a first layer that is not Dense takes dense rows: one block of them at a time
@@ -471,6 +606,7 @@ class Sequential:
                 X_core, csr = self._core_input(X)
                 _core.forward(table, hyper, row_width, n_bstats, X_core, self._params, self._buffers,
                               work, out, chunk_size, n_threads, **csr)
+        del held
         return out
 
     def _inference_workspace(self, size):
@@ -558,6 +694,7 @@ class Sequential:
         def numpy(t):
             return t.detach().cpu().numpy()
 
+        buffers = net._buffers.copy()
         with torch.no_grad():
             for layer, (kind, m, _, _) in zip(net.layers, specs):
                 if kind == "dense":
@@ -567,8 +704,13 @@ class Sequential:
                     layer.gamma = numpy(m.weight)
                     layer.beta = numpy(m.bias)
                 if kind == "batchnorm":
-                    layer.running_mean[...] = numpy(m.running_mean)
-                    layer.running_var[...] = numpy(m.running_var)
+                    n, start = layer.n_out, layer._buffer_offset
+                    for j, stat in enumerate((m.running_mean, m.running_var)):
+                        values = numpy(stat)
+                        if values.shape != (n,):
+                            raise ValueError(f"BatchNorm1d({n}) has running statistics of shape {values.shape}")
+                        buffers[start + j * n:start + (j + 1) * n] = values
+        net._set_buffers(buffers, "the BatchNorm1d modules' running statistics")
         return net
 
     def to_torch(self):
@@ -605,7 +747,16 @@ class Sequential:
                          self._arrays())
 
     def _arrays(self):
-        """The arrays a file holds: params, and buffers when there are running statistics."""
+        """The arrays a file holds: params, and buffers when there are running statistics,
+        checked as loading checks them (a user may have written any value into them)."""
+        if epoch_network() is self:
+            # a signal handler mid-epoch: the parameters are half-way through a step
+            raise RuntimeError("cannot save a network from a signal handler while this thread runs a "
+                               "training epoch of it; save it from a callback or after fit() returns")
+        if not (np.isfinite(self._params).all() and np.isfinite(self._buffers).all()):
+            raise ValueError("cannot save a network whose parameters or running statistics are "
+                             "not finite: cprop would refuse to load the file")
+        check_running_statistics(self._plan[0], self._buffers, "cannot save: buffers")
         arrays = {"params": self._params}
         if self._buffers.size:
             arrays["buffers"] = self._buffers
@@ -678,7 +829,10 @@ def network_from_archive(archive):
         buffers = archive.read("buffers", arch["dtype"], (n_buffers,))
         if not np.isfinite(buffers).all():
             raise archive.error("buffers contains non-finite values")
-    return Sequential.from_architecture(arch, params, buffers)
+    try:
+        return Sequential.from_architecture(arch, params, buffers)
+    except ValueError as exc:
+        raise archive.error(f"invalid network in file ({exc})") from None
 
 
 def network_from_meta(meta, arrays, path):

@@ -55,10 +55,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 
 import numpy as np
 
+from .io import write_atomically
 from .layers import BatchNorm, Dense, Dropout, LayerNorm
 from .network import Sequential
 
@@ -469,30 +469,9 @@ def export(net: Sequential, path: str | os.PathLike, *, head: str | None = None,
     model = convert(net, head=head, opset=opset, standardize=standardize)
     if model.ByteSize() >= 2 ** 31:
         raise ValueError("the network is too large for a single ONNX file (protobuf's 2 GB limit)")
-    _write_atomically(path, model.SerializeToString())
+    data = model.SerializeToString()
+    write_atomically(path, lambda f: f.write(data))
     return model
-
-
-def _write_atomically(path, data):
-    """`data` to `path` through a temporary file in the same directory, flushed, then renamed
-    over `path` (as cprop.io saves): an interrupted write leaves any previous file intact."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"cannot save to {path!r}: directory {directory!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".cprop-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 # -- skl2onnx converters for the scikit-learn drop-ins -------------------------------------------

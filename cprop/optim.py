@@ -44,6 +44,24 @@ class Optimizer:
         """How many parameter-sized state arrays the update keeps (momentum: 1; Adam: 2)."""
         raise NotImplementedError
 
+    @property
+    def state(self):
+        """The state arrays (momentum; Adam's moments), flat like the parameters, or None.
+
+        Reading gives views of the optimizer's own arrays (modify them in place);
+        assigning copies the arrays in, so that two slots, or a slot and the network's
+        parameters, never share memory the compiled step writes."""
+        if not isinstance(self._state, list):
+            return self._state           # None, or whatever was assigned (replaced at the next step)
+        return [s.view() if isinstance(s, np.ndarray) else s for s in self._state]
+
+    @state.setter
+    def state(self, value):
+        if value is None or not isinstance(value, (list, tuple)):
+            self._state = value          # anything else is replaced by zeros at the next step
+        else:
+            self._state = [np.array(s) if isinstance(s, np.ndarray) else s for s in value]
+
     def config(self) -> dict:
         """The hyper-parameters as the compiled step reads them, checked again here: they
         are plain attributes that may have been changed since construction."""
@@ -78,14 +96,14 @@ class Optimizer:
         params = net._params
         n = 2 if cfg["kind"] == _core.OPTIMIZERS["adam"] else (1 if cfg.get("momentum") else 0)
         shape = params.shape if n else (1,)
-        state = self.state
-        state = [s.view() for s in state] if isinstance(state, (list, tuple)) and all(
-            isinstance(s, np.ndarray) for s in state) else None   # views: ours to check
+        state = self._state      # our own arrays (the setter copies): views of them to check
+        state = [s.view() for s in state] if isinstance(state, list) and all(
+            isinstance(s, np.ndarray) for s in state) else None
         if state is None or len(state) != max(n, 1) or any(
                 s.shape != shape or s.dtype != params.dtype or not s.flags.c_contiguous
                 or not s.flags.writeable for s in state):
-            state = [np.zeros(shape, dtype=params.dtype) for _ in range(max(n, 1))]
-            self.state = list(state)
+            self._state = [np.zeros(shape, dtype=params.dtype) for _ in range(max(n, 1))]
+            state = [s.view() for s in self._state]
             self.step_count = 0
             cfg["step"] = 0
         return state[0], state[-1]
@@ -357,7 +375,9 @@ class LBFGS(Optimizer):
         cfg = self.config()
         params, grads = net._params, net._grads
         n = X.shape[0]
-        total_weight = n if weights is None else float(np.sum(weights, dtype=np.float64))
+        # Trainer hands over weights divided by their mean, and that mean as weight_scale
+        total_weight = n if weights is None else float(np.sum(weights, dtype=np.float64)) * settings.get(
+            "weight_scale", 1.0)
         decay = cfg["weight_decay"] / total_weight if cfg["decay_per_sample"] else cfg["weight_decay"]
         ranges = self._decayed_ranges(net) if decay > 0 else []
         work = net._gradient_workspace(n)    # one workspace for every evaluation of the run
@@ -394,7 +414,8 @@ class LBFGS(Optimizer):
             result = minimize(objective, x0, jac=True, method="L-BFGS-B", callback=iteration_done,
                               options={"maxiter": cfg["max_iter"], "maxfun": cfg["max_fun"],
                                        "gtol": cfg["tol"], "maxcor": cfg["history"]})
-        except KeyboardInterrupt:
+        except BaseException:
+            # Ctrl-C, or any exception (a signal handler's) raised at a trial point
             params[...] = last["x"]
             net._has_grads = False
             raise

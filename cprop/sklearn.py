@@ -258,15 +258,26 @@ class _BaseMLP(BaseEstimator):
                 or any(b.shape[0] != c.shape[1] for c, b in zip(coefs, intercepts))):
             raise ValueError("coefs_ and intercepts_ must be lists of chaining (n_in, n_out) "
                              "weight matrices and (n_out,) bias vectors")
+        # the widths the fitted estimator's data had: a network of other widths would take
+        # other inputs, or give outputs that are not its classes
+        for what, attribute, given in (("inputs", "n_features_in_", coefs[0].shape[0]),
+                                       ("outputs", "n_outputs_", coefs[-1].shape[1])):
+            expected = getattr(self, attribute, None)
+            if expected is not None and given != expected:
+                raise ValueError(f"coefs_ describe a network of {given} {what}, the estimator was "
+                                 f"fitted with {attribute}={expected}")
         dtype = net.dtype if net is not None else (
             np.float32 if coefs[0].dtype == np.float32 else np.float64)
         hidden = _ACTIVATIONS[self.activation]
         layers = [Dense(c.shape[0], c.shape[1], hidden) for c in coefs[:-1]]
         layers.append(Dense(coefs[-1].shape[0], coefs[-1].shape[1], "identity"))
-        self._net = Sequential(layers, dtype=dtype, seed=0)
-        for layer, W, b in zip(self._net.layers, coefs, intercepts):
-            layer.W[...] = W
-            layer.b[...] = b
+        adopted = Sequential(layers, dtype=dtype, seed=0)
+        for i, (layer, W, b) in enumerate(zip(adopted.layers, coefs, intercepts)):
+            try:     # the layers' own checks: finite values, in the network's dtype
+                layer.W, layer.b = W, b
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"coefs_[{i}] / intercepts_[{i}]: {exc}") from None
+        self._net = adopted
         self._bind_params()
         self._best_params = self._net.params.copy()
         return self._net

@@ -14,11 +14,19 @@ from . import distributed as _distributed
 from . import io as _io
 from . import losses
 from ._lazy import core as _core
-from ._threads import MAX_THREADS, ThreadFallback, resolve_threads, single_threaded_blas
-from ._validation import CSRInput, check_bool, check_positive_int, check_real, check_sample_weight, check_X
+from ._threads import MAX_THREADS, ThreadFallback, compiled_epoch, resolve_threads, single_threaded_blas
+from ._validation import (
+    CSRInput,
+    check_bool,
+    check_positive_int,
+    check_real,
+    check_sample_weight,
+    check_X,
+    hold_memory,
+)
 from .callbacks import Checkpoint, as_callbacks
 from .losses import loss_code, prepare_targets
-from .network import Sequential, network_from_archive
+from .network import Sequential, network_from_archive, plan_widths
 from .optim import OPTIMIZERS, SGD, Optimizer
 
 
@@ -187,8 +195,9 @@ class Trainer:
             raise TypeError(f"optimizer must be a cprop optimizer such as cprop.SGD(...), got {self.optimizer!r}")
         if self.on_divergence not in ("raise", "warn"):
             raise ValueError(f"on_divergence must be 'raise' or 'warn', got {self.on_divergence!r}")
-        if losses.get(self.loss).targets == "labels" and self.net.n_outputs < 2:
-            raise ValueError(f"cross_entropy needs a network with >= 2 outputs, this one has {self.net.n_outputs}")
+        n_outputs = plan_widths(self.net)[1]
+        if losses.get(self.loss).targets == "labels" and n_outputs < 2:
+            raise ValueError(f"cross_entropy needs a network with >= 2 outputs, this one has {n_outputs}")
         self.batch_size = check_positive_int(self.batch_size, "batch_size")
         self.shuffle = check_bool(self.shuffle, "shuffle")
         if self.n_threads is not None:
@@ -198,6 +207,9 @@ class Trainer:
         self.comm = _distributed.check_comm(self.comm)
         if self.average_every is not None:
             self.average_every = check_positive_int(self.average_every, "average_every")
+        if not isinstance(self.rng, np.random.Generator):
+            raise TypeError(f"trainer.rng must be a numpy Generator (np.random.default_rng(seed)), "
+                            f"got {type(self.rng).__name__}")
 
     @property
     def rank(self) -> int:
@@ -216,8 +228,9 @@ class Trainer:
 
     # -- training ----------------------------------------------------------
     def _prepare(self, X, y, name="X", accept_sparse=True):
-        X = check_X(X, self.net.dtype, self.net.n_inputs, name=name, accept_sparse=accept_sparse)
-        T, labels = prepare_targets(self.loss, y, X.shape[0], self.net.n_outputs, self.net.dtype)
+        n_inputs, n_outputs = plan_widths(self.net)
+        X = check_X(X, self.net._dtype, n_inputs, name=name, accept_sparse=accept_sparse)
+        T, labels = prepare_targets(self.loss, y, X.shape[0], n_outputs, self.net._dtype)
         return X, T, labels
 
     def fit(self, X: ArrayLike, y: ArrayLike, epochs: int = 1,
@@ -257,7 +270,9 @@ class Trainer:
         sample_weight : array-like (n_samples,), optional — one weight >= 0 per
             sample, not all 0: each batch's loss is the weighted mean Σ w·l / Σ w
             (``decay_per_sample`` divides by Σ w), so weight 0 drops a sample and
-            weight k counts it k times; a batch of weight 0 is skipped. The logged
+            weight k counts it k times; a batch of weight 0 is skipped. Only their ratios
+            matter (they are divided by their mean first, so all 1e-30 trains as all 1),
+            but for ``decay_per_sample``'s Σ w, the weights' as given. The logged
             loss averages the batches' losses by their sizes; validation is unweighted.
             (under comm, rank 0 writes it)
         sharded : bool, default False — under comm, each rank passes only its own
@@ -303,8 +318,8 @@ class Trainer:
         """fit's body, run with the settings fixed and the network held."""
         epochs = check_positive_int(epochs, "epochs", minimum=0, maximum=None)
         X, T, labels = self._prepare(X, y)
-        weights = None if sample_weight is None else check_sample_weight(
-            sample_weight, X.shape[0], self.net.dtype)
+        weights, weight_scale = (None, 1.0) if sample_weight is None else check_sample_weight(
+            sample_weight, X.shape[0], self.net._dtype)
         if validation_split is not None:
             if validation_data is not None:
                 raise ValueError("pass validation_data or validation_split, not both")
@@ -327,13 +342,18 @@ class Trainer:
 
         buffers = self._buffers(X.shape[0], sparse=isinstance(X, CSRInput))
         buffers["weights"] = weights
+        # the weights arrive divided by their mean; a decay per sample still divides by their sum
+        buffers["settings"]["weight_scale"] = weight_scale
         progress = _Progress(epochs, verbose)
-        for cb in callbacks:
-            cb.on_train_begin(self)
+        # the caller's arrays stay where they are until fit returns (X.resize from a callback
+        # would free what the epochs read)
+        held = hold_memory(X, T, labels, weights, *((Xv, Tv, labels_v) if has_validation else ()))
         # BLAS is held at one thread for the whole fit, not set and restored
         # around every epoch: an epoch that starts right after a restore finds
         # OpenBLAS's pool awake on the cores it needs (benchmarks/README.md)
         try:
+            for cb in callbacks:
+                cb.on_train_begin(self)
             with single_threaded_blas():
                 for _ in range(epochs):
                     logs = self._epoch(X, T, labels, buffers)
@@ -349,6 +369,7 @@ class Trainer:
                         break
         finally:
             progress.close()
+            del held          # not kept by a traceback: the caller may resize X afterwards
         for cb in callbacks:
             cb.on_train_end(self)
         return self.history
@@ -362,11 +383,11 @@ class Trainer:
         _, _, row_width, n_bstats = net._plan
         settings = {"loss": losses.get(self.loss).code, "loss_scale": self.loss_scale, "batch_size": batch_size,
                     "gather": self.shuffle, "n_threads": resolve_threads(self.n_threads), "seed": 0}
-        size = _core.workspace_size(row_width, n_bstats, net.n_inputs, net.n_outputs, batch_size,
+        size = _core.workspace_size(row_width, n_bstats, *plan_widths(net), batch_size,
                                     sparse, int(net._plan[0][0, _core.PLAN_INT["kind"]]))
-        return {"settings": settings, "work": np.empty(size, dtype=net.dtype),
+        return {"settings": settings, "work": np.empty(size, dtype=net._dtype),
                 "label_buf": np.empty(batch_size, dtype=np.intp), "order": np.arange(n, dtype=np.intp),
-                "weights": None, "weight_buf": np.empty(batch_size, dtype=net.dtype),
+                "weights": None, "weight_buf": np.empty(batch_size, dtype=net._dtype),
                 "threads": ThreadFallback(self.n_threads)}
 
     def _epoch(self, X, T, labels, buffers):
@@ -374,11 +395,13 @@ class Trainer:
         on_divergence is "warn" (with "raise", DivergenceError)."""
         net, n, settings = self.net, X.shape[0], buffers["settings"]
         batch_size = settings["batch_size"]
-        order = self.rng.permutation(n).astype(np.intp, copy=False) if self.shuffle else buffers["order"]
+        order = self._shuffled_order(n) if self.shuffle else buffers["order"]
         settings["seed"] = self._epoch_seed()
         if self.optimizer.full_batch:
             return self._full_batch_epoch(X, T, labels, buffers)
         cfg = self.optimizer.config()     # a callback may have changed its hyper-parameters
+        if buffers["weights"] is not None and cfg["decay_per_sample"]:
+            cfg["weight_decay"] /= settings["weight_scale"]     # ÷ Σ w of the weights as given
         state_a, state_b = self.optimizer._kernel_state(net, cfg)
         table, hyper, row_width, n_bstats = net._plan
         settings["n_threads"] = buffers["threads"].n_threads   # one, once the threads stalled
@@ -386,12 +409,14 @@ class Trainer:
         X_core, csr = X.core_args() if isinstance(X, CSRInput) else (X, {})
         start = time.perf_counter()
         try:
-            status, loss_sum, n_seen, step = _core.train_epoch(
-                table, hyper, row_width, n_bstats, settings, cfg, X_core, T, labels, order,
-                net._params, net._grads, state_a, state_b, net._buffers, buffers["work"],
-                buffers["label_buf"], buffers["weights"], buffers["weight_buf"], **csr)
-        except KeyboardInterrupt:
-            # the interrupted epoch's completed steps are kept; Adam's count with them
+            with compiled_epoch(net):
+                status, loss_sum, n_seen, step = _core.train_epoch(
+                    table, hyper, row_width, n_bstats, settings, cfg, X_core, T, labels, order,
+                    net._params, net._grads, state_a, state_b, net._buffers, buffers["work"],
+                    buffers["label_buf"], buffers["weights"], buffers["weight_buf"], **csr)
+        except BaseException:
+            # Ctrl-C, or any exception a signal handler raised mid-epoch: the interrupted
+            # epoch's completed steps are kept; Adam's count with them
             self.optimizer.step_count = cfg["step"]
             net._has_grads = False
             raise
@@ -417,6 +442,28 @@ class Trainer:
         self.epochs_done += 1
         return {"loss": result.data_loss, "time": elapsed,
                 "samples_per_second": X.shape[0] * result.nfev / elapsed if elapsed > 0 else math.inf}
+
+    def _shuffled_order(self, n, rng=None):
+        """A random permutation of range(n) (intp) drawn from `rng` (default: the trainer's
+        generator), checked: the compiled epoch indexes X with it unchecked.
+
+        It is drawn by numpy's own Generator.permutation, not the generator's attribute, so a
+        subclass or a patched method cannot hand the kernel indices outside X."""
+        rng = self.rng if rng is None else rng
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError(f"trainer.rng must be a numpy Generator (np.random.default_rng(seed)), "
+                            f"got {type(rng).__name__}")
+        order = np.asarray(np.random.Generator.permutation(rng, n))
+        if order.dtype.kind not in "iu" or order.shape != (n,) or (n and not (
+                0 <= order.min() and order.max() < n)):
+            raise RuntimeError(f"the sample order drawn from trainer.rng is not a permutation of "
+                               f"range({n}): dtype {order.dtype}, shape {order.shape}")
+        seen = np.zeros(n, dtype=bool)
+        seen[order] = True
+        if not seen.all():
+            raise RuntimeError(f"the sample order drawn from trainer.rng repeats samples: "
+                               f"{n - np.count_nonzero(seen)} of {n} are missing")
+        return np.ascontiguousarray(order, dtype=np.intp)
 
     def _epoch_seed(self):
         """The next epoch's dropout seed: keyed by the trainer's seed and the epoch, so a
@@ -465,7 +512,9 @@ class Trainer:
         out = self._raw_output(X)
         grad = np.empty_like(out)
         loss = losses.get(self.loss)
+        held = hold_memory(T, labels)     # the kernel reads them without the GIL
         result = {prefix + "loss": _core.loss(loss.code, out, T, labels, grad, self.loss_scale)}
+        del held
         if loss.accuracy is not None:
             result[prefix + "accuracy"] = loss.accuracy(out, T, labels)
         return result
@@ -549,9 +598,22 @@ class Trainer:
             "extra": self.extra,
         }
         arrays = self.net._arrays()
-        if opt.state is not None:
-            arrays.update({f"state_{i}": s for i, s in enumerate(opt.state)})
-        _io.save_archive(path, meta, arrays)
+        states = opt.state
+        if states is not None and not opt.n_state:
+            # plain SGD's placeholder carries nothing: written as it always was, when it is one
+            if (isinstance(states, list) and len(states) == 1 and isinstance(states[0], np.ndarray)
+                    and states[0].dtype == self.net._dtype):
+                arrays["state_0"] = states[0]
+        elif states is not None:
+            # what load reads back: n_state finite arrays shaped like the parameters
+            if not isinstance(states, list) or len(states) != opt.n_state or not all(
+                    isinstance(a, np.ndarray) and a.shape == self.net._params.shape
+                    and a.dtype == self.net._dtype and np.isfinite(a).all() for a in states):
+                raise ValueError(f"cannot save to {os.fspath(path)!r}: the optimizer's state is not "
+                                 f"{opt.n_state} finite array(s) shaped like the network's parameters "
+                                 "(set by hand?); optimizer.reset() forgets it")
+            arrays.update({f"state_{i}": a for i, a in enumerate(states)})
+        _io.save_archive(path, meta, arrays, check_meta=_checked_trainer_meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, comm=None) -> Trainer:
@@ -579,24 +641,40 @@ class Trainer:
             net = network_from_archive(archive)
             meta = archive.meta
             try:
-                opt = _optimizer_from_meta(meta.get("optimizer"))
+                fields = _checked_trainer_meta(meta)
+                opt = fields["optimizer"]
                 trainer = cls(net, loss=meta["loss"], optimizer=opt, batch_size=meta["batch_size"],
-                              shuffle=_flag(meta, "shuffle"), loss_scale=meta.get("loss_scale", 1.0))
-                trainer.epochs_done = check_positive_int(meta["epochs_done"], "epochs_done", minimum=0)
+                              shuffle=fields["shuffle"], loss_scale=meta.get("loss_scale", 1.0))
+                trainer.epochs_done = fields["epochs_done"]
                 opt.state = _optimizer_state(archive, opt, net, trainer.epochs_done)
-                trainer.rng.bit_generator.state = _rng_state(meta["rng_state"])
-                trainer.dropout_seed = check_positive_int(meta.get("dropout_seed", 0), "dropout_seed",
-                                                          minimum=0, maximum=2**63)
-                trainer.history = _history_from_meta(meta["history"])
-                trainer.extra = meta.get("extra", {})
+                trainer.rng.bit_generator.state = fields["rng_state"]
+                trainer.dropout_seed = fields["dropout_seed"]
+                trainer.history = fields["history"]
+                trainer.extra = fields["extra"]
                 trainer.comm = comm
-                if not isinstance(trainer.extra, dict):
-                    raise TypeError(f"extra must be a mapping, got {type(trainer.extra).__name__}")
             except _io.CpropFileError:
                 raise
             except (KeyError, TypeError, ValueError, OverflowError) as exc:
                 raise archive.error(f"invalid trainer in file ({type(exc).__name__}: {exc})") from None
         return trainer
+
+
+def _checked_trainer_meta(meta):
+    """The fields of a trainer file's metadata that its constructor does not check, checked:
+    by load as it reads a file, and by save on what it is about to write (so a trainer
+    whose epochs_done, dropout_seed or extra a user set out of range is not written to a
+    file load would refuse). TypeError / ValueError / KeyError otherwise."""
+    extra = meta.get("extra", {})
+    if not isinstance(extra, dict):
+        raise TypeError(f"extra must be a mapping, got {type(extra).__name__}")
+    return {"optimizer": _optimizer_from_meta(meta.get("optimizer")),
+            "shuffle": _flag(meta, "shuffle"),
+            "epochs_done": check_positive_int(meta["epochs_done"], "epochs_done", minimum=0),
+            "rng_state": _rng_state(meta["rng_state"]),
+            "dropout_seed": check_positive_int(meta.get("dropout_seed", 0), "dropout_seed", minimum=0,
+                                               maximum=2**63),
+            "history": _history_from_meta(meta["history"]),
+            "extra": extra}
 
 
 def _flag(mapping, key, default=None):

@@ -8,6 +8,7 @@ import concurrent.futures
 import importlib
 import json
 import math
+import os
 import select
 import signal
 import subprocess
@@ -406,3 +407,353 @@ def test_tracemalloc_would_see_a_copy_of_x():
     finally:
         tracemalloc.stop()
     assert peak >= X.nbytes
+
+
+# -- any exception a signal handler raises mid-epoch ---------------------------------------
+
+class HandlerError(Exception):
+    pass
+
+
+@pytest.mark.parametrize("raised", [HandlerError, SystemExit])
+def test_an_exception_from_a_signal_handler_mid_epoch_leaves_adams_count_with_its_steps(raised):
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(20000, 32)), rng.normal(size=(20000, 2))
+    net = cprop.Sequential([cprop.Dense(32, 64, "relu"), cprop.Dense(64, 2)], dtype="float64", seed=0)
+    opt = cprop.Adam(lr=1e-4)
+    trainer = cprop.Trainer(net, optimizer=opt, batch_size=1, seed=0, n_threads=1)
+    epoch_steps = X.shape[0]
+
+    def handler(signum, frame):
+        if cprop._threads.epoch_network() is net:    # inside the compiled epoch
+            signal.setitimer(signal.ITIMER_REAL, 0, 0)
+            raise raised("from a handler")
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, 0.02, 0.02)
+    try:
+        with pytest.raises(raised):
+            trainer.fit(X, y, epochs=1000)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, previous)
+    # the interrupted epoch took steps (the handler runs after one): Adam counts them
+    assert opt.step_count > trainer.epochs_done * epoch_steps
+    assert not net._has_grads
+    assert_all_finite(trainer)
+    trainer.fit(X[:100], y[:100])        # and training goes on from there
+
+
+def test_an_exception_from_a_signal_handler_mid_lbfgs_leaves_the_last_iterate(monkeypatch):
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(2000, 16)), rng.normal(size=(2000, 2))
+    net = cprop.Sequential([cprop.Dense(16, 32, "tanh"), cprop.Dense(32, 2)], dtype="float64", seed=0)
+    opt = cprop.LBFGS(max_iter=10**6)
+    trainer = cprop.Trainer(net, optimizer=opt, seed=0)
+    iterates = [net.params.copy()]
+    evaluations = {"n": 0}
+    original = net._batch_gradient
+
+    def counting(*args, **kw):
+        evaluations["n"] += 1
+        if evaluations["n"] == 25:
+            raise HandlerError("raised at a trial point")     # as a signal handler may
+        return original(*args, **kw)
+
+    monkeypatch.setattr(net, "_batch_gradient", counting)
+    import scipy.optimize
+    real_minimize = scipy.optimize.minimize
+
+    def recording_minimize(*args, callback=None, **kw):
+        def record(intermediate_result):
+            iterates.append(intermediate_result.x.copy())
+            return callback(intermediate_result)
+        return real_minimize(*args, callback=record, **kw)
+
+    monkeypatch.setattr(scipy.optimize, "minimize", recording_minimize)
+    with pytest.raises(HandlerError):
+        trainer.fit(X, y)
+    assert len(iterates) > 1
+    assert_array_equal(net.params, iterates[-1].astype(net.dtype))
+    assert not net._has_grads
+
+
+# -- save writes nothing load refuses -------------------------------------------------------
+
+def bn_trainer():
+    net = cprop.Sequential([cprop.Dense(4, 8, "relu"), cprop.BatchNorm(8), cprop.Dense(8, 2)],
+                           dtype="float64", seed=0)
+    return cprop.Trainer(net, seed=0)
+
+
+def nested(levels):
+    value = 1
+    for _ in range(levels):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize("attack, message", [
+    (lambda t: setattr(t, "dropout_seed", 2**63 + 5), "dropout_seed"),
+    (lambda t: setattr(t, "epochs_done", -1), "epochs_done"),
+    (lambda t: t.extra.update(notes=nested(40)), "nested deeper"),
+    (lambda t: t.extra.update(notes=10**50), "digits"),
+    (lambda t: t.extra.update(notes=np.int64(3)), "JSON serializable"),
+    (lambda t: t.history.loss.append("1.5"), "history"),
+    (lambda t: t.net.layers[1].running_var.__setitem__(0, -1.0), "variance is negative"),
+    (lambda t: t.net.buffers.__setitem__(0, np.inf), "not finite"),
+])
+def test_save_refuses_what_load_would_refuse(tmp_path, attack, message):
+    trainer = bn_trainer()
+    attack(trainer)
+    path = tmp_path / "t.npz"
+    with pytest.raises(ValueError, match=message):
+        trainer.save(path)
+    assert list(tmp_path.iterdir()) == []      # nothing written, no temporary left
+    if "variance" in message or "finite" in message:
+        with pytest.raises(ValueError, match=message):
+            trainer.net.save(path)
+
+
+def test_a_trainer_at_the_limits_saves_and_loads(tmp_path):
+    trainer = bn_trainer()
+    trainer.dropout_seed, trainer.extra["notes"] = 2**63, nested(30)   # 32 levels with the file's own
+    trainer.save(tmp_path / "t.npz")
+    loaded = cprop.Trainer.load(tmp_path / "t.npz")
+    assert loaded.dropout_seed == 2**63 and loaded.extra == trainer.extra
+
+
+@pytest.mark.parametrize("kind", ["network", "trainer"])
+def test_a_file_with_a_negative_running_variance_is_refused(tmp_path, kind):
+    trainer = bn_trainer()
+    path = tmp_path / "bad.npz"
+    (trainer if kind == "trainer" else trainer.net).save(path)
+    meta, arrays = cprop.io.load_archive(path)
+    arrays["buffers"][8] = -0.5                  # running_var[0] of the BatchNorm
+    cprop.io.save_archive(path, {k: v for k, v in meta.items() if k != "members"}, arrays)
+    with pytest.raises(cprop.CpropFileError, match="variance is negative"):
+        cprop.load(path)
+    if kind == "trainer":
+        with pytest.raises(cprop.CpropFileError, match="variance is negative"):
+            cprop.Trainer.load(path)
+
+
+@pytest.mark.parametrize("stat, value, message", [("running_mean", np.inf, "infinite"),
+                                                  ("running_var", -1.0, "variance is negative"),
+                                                  ("running_var", np.nan, "NaN")])
+def test_from_torch_refuses_running_statistics_cprop_would_not_load(stat, value, message):
+    torch = pytest.importorskip("torch")
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    getattr(module[1], stat)[0] = value
+    with pytest.raises(ValueError, match=message):
+        cprop.Sequential.from_torch(module)
+
+
+# -- parameter values checked in the network's dtype ----------------------------------------
+
+@pytest.mark.parametrize("assign", [
+    lambda net, v: net.set_params(np.full(net.n_params, v)),
+    lambda net, v: setattr(net.layers[0], "W", np.full((2, 3), v)),
+    lambda net, v: setattr(net.layers[0], "b", np.full(3, v)),
+    lambda net, v: setattr(net.layers[1], "gamma", np.full(3, v)),
+    lambda net, v: cprop.Sequential.from_architecture(net.architecture(), buffers=np.full(6, v)),
+])
+def test_float32_parameters_that_overflow_on_the_cast_are_refused(assign):
+    net = cprop.Sequential([cprop.Dense(2, 3), cprop.BatchNorm(3), cprop.Dense(3, 1)], seed=0)
+    before = net.params.copy()
+    with pytest.raises(ValueError, match="beyond the range of float32"):
+        assign(net, 1e300)
+    assert_array_equal(net.params, before)
+    assign(net, 1e30)                   # large but representable: accepted
+    assign(net.astype("float64"), 1e300)
+
+
+# -- scikit-learn estimators adopting user-set coefs_ / intercepts_ -------------------------
+
+def fitted_classifier():
+    pytest.importorskip("sklearn")
+    import warnings
+
+    from cprop.sklearn import MLPClassifier
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(60, 4)), rng.integers(0, 3, 60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # not converged in 5 iterations
+        return MLPClassifier(hidden_layer_sizes=(8,), max_iter=5, random_state=0).fit(X, y), X, y
+
+
+@pytest.mark.parametrize("use", ["predict", "warm_start", "partial_fit"])
+@pytest.mark.parametrize("attack, message", [
+    (lambda m: m.coefs_.__setitem__(0, np.where(np.eye(4, 8) > 0, np.nan, m.coefs_[0])), "NaN"),
+    (lambda m: m.intercepts_.__setitem__(1, np.full(3, np.inf)), "infinite"),
+    (lambda m: (m.coefs_.__setitem__(1, np.ones((8, 5))), m.intercepts_.__setitem__(1, np.zeros(5))),
+     "5 outputs.*n_outputs_=3"),
+    (lambda m: (m.coefs_.__setitem__(0, np.ones((6, 8)))), "6 inputs.*n_features_in_=4"),
+])
+def test_sklearn_refuses_to_adopt_coefs_that_do_not_fit(use, attack, message):
+    model, X, y = fitted_classifier()
+    before = model._net.params.copy()
+    model.coefs_, model.intercepts_ = list(model.coefs_), list(model.intercepts_)
+    attack(model)
+    with pytest.raises(ValueError, match=message):
+        if use == "predict":
+            model.predict(X)
+        elif use == "warm_start":
+            model.set_params(warm_start=True).fit(X, y)
+        else:
+            model.partial_fit(X, y)
+    assert_array_equal(model._net.params, before)      # the fitted network is kept
+
+
+def test_sklearn_still_adopts_valid_coefs():
+    model, X, _ = fitted_classifier()
+    coefs = [c * 2 for c in model.coefs_]
+    intercepts = [b + 1 for b in model.intercepts_]
+    model.coefs_, model.intercepts_ = coefs, intercepts
+    hidden = np.maximum(X @ coefs[0] + intercepts[0], 0)
+    assert_array_equal(model.predict(X), model.classes_[np.argmax(hidden @ coefs[1] + intercepts[1], axis=1)])
+
+
+# -- files written atomically, with the umask's permissions ---------------------------------
+
+@pytest.fixture
+def model_and_data(tmp_path):
+    rng = np.random.default_rng(0)
+    net = cprop.Sequential([cprop.Dense(3, 4, "relu"), cprop.Dense(4, 2)], dtype="float64", seed=0)
+    cprop.Trainer(net, loss="cross_entropy").save(tmp_path / "model.npz")
+    data = tmp_path / "data.csv"
+    np.savetxt(data, rng.normal(size=(5, 3)), delimiter=",", header="a,b,c", comments="")
+    return str(tmp_path / "model.npz"), str(data)
+
+
+def test_cli_predict_out_is_atomic_and_names_the_file(tmp_path, model_and_data, monkeypatch, capsys):
+    from cprop.__main__ import main
+    out = tmp_path / "predictions.txt"
+    out.write_text("previous predictions\n")
+    real_replace = os.replace
+
+    def fail(src, dst):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "replace", fail)
+    assert main(["predict", *model_and_data, "--out", str(out)]) == 1
+    assert f"--out {str(out)!r}" in capsys.readouterr().err
+    assert out.read_text() == "previous predictions\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.csv", "model.npz", "predictions.txt"]
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert main(["predict", *model_and_data, "--out", str(out), "--quiet"]) == 0
+    assert len(out.read_text().split()) == 5
+
+
+@pytest.mark.parametrize("writer", ["onnx", "predict"])
+def test_exports_get_the_umask_mode_and_write_through_a_symlink(tmp_path, model_and_data, writer, capsys):
+    if writer == "onnx":
+        pytest.importorskip("onnx")
+    from cprop.__main__ import main
+
+    def write(path):
+        if writer == "onnx":
+            cprop.Trainer.load(model_and_data[0]).net.to_onnx(path)
+        else:
+            assert main(["predict", *model_and_data, "--out", str(path), "--quiet"]) == 0
+
+    previous = os.umask(0o022)
+    try:
+        new = tmp_path / "new.out"
+        write(new)
+        assert (os.stat(new).st_mode & 0o777) == 0o644
+        target, link = tmp_path / "target.out", tmp_path / "link.out"
+        target.write_text("old")
+        os.chmod(target, 0o640)
+        link.symlink_to(target)
+        write(link)
+        assert link.is_symlink() and target.read_bytes() != b"old"
+        assert (os.stat(target).st_mode & 0o777) == 0o640       # an existing file keeps its mode
+    finally:
+        os.umask(previous)
+
+
+# -- the command line's integers ------------------------------------------------------------
+
+@pytest.mark.parametrize("hidden", ["", ",,", "64,", ",64", "٣", "1_0", "+8", "8,x", " "])
+def test_cli_refuses_hidden_widths_that_are_not_ascii_integers(model_and_data, hidden, tmp_path, capsys):
+    from cprop.__main__ import main
+    data = tmp_path / "train.csv"
+    rng = np.random.default_rng(0)
+    np.savetxt(data, np.column_stack([rng.normal(size=(20, 3)), rng.integers(0, 2, 20)]), delimiter=",",
+               header="a,b,c,t", comments="")
+    out = tmp_path / "m.npz"
+    assert main(["train", str(data), "--target", "t", "--hidden", hidden, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--hidden" in err and repr(hidden) in err and not out.exists()
+    with pytest.raises(SystemExit, match="2"):       # argparse's own refusal
+        main(["train", str(data), "--target", "t", "--epochs", "٣", "--out", str(out)])
+    assert "--epochs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("batch_size", ["3000000000", "300000000"])
+def test_cli_blames_an_oversized_batch_size_not_the_hidden_widths(tmp_path, batch_size, capsys, monkeypatch):
+    from cprop import _cli_data
+    from cprop.__main__ import main
+    monkeypatch.setattr(_cli_data, "available_memory", lambda: 16 * 2**30)
+    data = tmp_path / "train.csv"
+    rng = np.random.default_rng(0)
+    np.savetxt(data, np.column_stack([rng.normal(size=(20, 3)), rng.integers(0, 2, 20)]), delimiter=",",
+               header="a,b,c,t", comments="")
+    assert main(["train", str(data), "--target", "t", "--batch-size", batch_size,
+                 "--out", str(tmp_path / "m.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size" in err and f"{int(batch_size):,}" in err and "--hidden" not in err
+
+
+# -- sample weights of any scale ------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("scale", [1e-30, 1e-40, 1e-50, 1e-300, 1e30, 1e300])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "lbfgs"])
+def test_uniform_sample_weights_of_any_scale_train_as_unit_weights(dtype, scale, optimizer):
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(100, 4)), rng.normal(size=(100, 2))
+    relative = rng.uniform(0.5, 2.0, 100)
+    fits = []
+    for weights in (relative, relative * scale):
+        net = cprop.Sequential([cprop.Dense(4, 8, "tanh"), cprop.Dense(8, 2)], dtype=dtype, seed=0)
+        opt = {"sgd": lambda: cprop.SGD(lr=0.05, momentum=0.9, weight_decay=1e-3),
+               "adam": lambda: cprop.Adam(lr=0.01), "lbfgs": lambda: cprop.LBFGS(max_iter=20)}[optimizer]()
+        cprop.Trainer(net, optimizer=opt, batch_size=10, seed=0).fit(X, y, epochs=2, sample_weight=weights)
+        fits.append(net.params)
+    tolerance = 1e-4 if dtype == "float32" else 1e-9
+    assert_allclose(fits[1], fits[0], rtol=tolerance, atol=tolerance)
+
+
+def test_a_decay_per_sample_still_divides_by_the_weights_as_given():
+    # decay_per_sample's Σ w is that of the weights passed (as scikit-learn's L2 term):
+    # doubling every weight halves the decay, exactly as before normalisation
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(40, 3)), rng.normal(size=(40, 1))
+    results = []
+    for weights, decay in ((np.full(40, 2.0), 1e-2), (np.ones(40), 5e-3)):
+        net = cprop.Sequential([cprop.Dense(3, 1)], dtype="float64", seed=0)
+        opt = cprop.SGD(lr=0.1, weight_decay=decay)
+        opt.decay_per_sample = True
+        cprop.Trainer(net, optimizer=opt, batch_size=40, shuffle=False).fit(X, y, epochs=3, sample_weight=weights)
+        results.append(net.params)
+    assert_allclose(results[0], results[1], rtol=1e-12)
+
+
+@pytest.mark.parametrize("state", [
+    lambda n: [np.zeros(n), np.zeros(n), np.zeros(n)],       # three arrays for Adam's two
+    lambda n: [np.zeros(n + 1), np.zeros(n + 1)],
+    lambda n: [np.zeros(n), np.full(n, np.nan)],
+    lambda n: [np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.float32)],
+    lambda n: 7,
+])
+def test_save_refuses_optimizer_state_load_would_refuse(tmp_path, state):
+    trainer = bn_trainer()
+    trainer.optimizer = cprop.Adam()
+    trainer.fit(np.ones((8, 4)), np.ones((8, 2)))
+    trainer.optimizer.state = state(trainer.net.n_params)
+    with pytest.raises(ValueError, match="optimizer's state"):
+        trainer.save(tmp_path / "t.npz")
+    trainer.optimizer.reset()
+    trainer.save(tmp_path / "t.npz")
+    cprop.Trainer.load(tmp_path / "t.npz")

@@ -342,3 +342,346 @@ def test_gradients_still_match_the_reference_through_views(rng):
     outputs = ref.forward(layers, acts, X)
     assert_allclose(out, outputs[-1], rtol=1e-12)
     assert_allclose(net.grads, flat(ref.backward(layers, acts, X, outputs, np.ones_like(out))), rtol=1e-10)
+
+
+# -- the epoch's sample order -------------------------------------------------------------
+
+def test_a_replaced_or_patched_generator_cannot_hand_the_epoch_bad_indices():
+    # the compiled epoch indexes X with the order unchecked: a generator that returns
+    # indices out of range, too few of them or floats once read outside X
+    result = run_python("""
+        import numpy as np, cprop
+        X, y = np.random.rand(20, 4), np.random.rand(20, 2)
+        bad = {"out of range": lambda n: np.arange(n) + 10**6, "short": lambda n: np.arange(n // 2),
+               "long": lambda n: np.arange(10 * n), "floats": lambda n: np.arange(n) * 1.5,
+               "negative": lambda n: -np.arange(1, n + 1)}
+        for name, permutation in bad.items():
+            class Patched(np.random.Generator):
+                pass
+            Patched.permutation = staticmethod(permutation)
+            net = cprop.Sequential([cprop.Dense(4, 8, "relu"), cprop.Dense(8, 2)], dtype="float64", seed=0)
+            tr = cprop.Trainer(net, batch_size=4, seed=0)
+            tr.rng = Patched(np.random.PCG64(0))
+            tr.fit(X, y, epochs=2)      # the order comes from numpy's own permutation
+            assert tr.epochs_done == 2, name
+        class NotAGenerator:
+            def permutation(self, n):
+                return np.arange(n) + 10**6
+        tr.rng = NotAGenerator()
+        try:
+            tr.fit(X, y)
+        except TypeError as exc:
+            assert "numpy Generator" in str(exc), exc
+        else:
+            raise AssertionError("a non-Generator rng was accepted")
+        print("ok")
+    """)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_the_epoch_order_is_the_generators_permutation(rng):
+    # drawing through numpy's own method changes nothing for an ordinary generator
+    net = small_net()
+    trainer = cprop.Trainer(net, seed=3)
+    expected = np.random.default_rng(3).permutation(50)
+    order = trainer._shuffled_order(50)
+    assert order.dtype == np.intp and order.flags.c_contiguous
+    assert_array_equal(order, expected)
+
+
+# -- a subclass's structural attributes cannot misstate the plan ---------------------------
+
+def test_a_sequential_subclass_lying_about_its_widths_gets_checked_against_the_plan():
+    result = run_python("""
+        import numpy as np, cprop
+        for n_in, n_out in ((1, 1), (100, 50)):
+            class Liar(cprop.Sequential):
+                n_inputs = property(lambda self: n_in)
+                n_outputs = property(lambda self: n_out)
+                dtype = property(lambda self: np.float32)
+            net = Liar([cprop.Dense(4, 8, "relu"), cprop.Dense(8, 2)], dtype="float64", seed=0)
+            X_lie, y_lie = np.random.rand(20, n_in), np.random.rand(20, n_out)
+            calls = {"fit": lambda: cprop.Trainer(net, batch_size=4).fit(X_lie, y_lie),
+                     "evaluate": lambda: cprop.Trainer(net).evaluate(X_lie, y_lie),
+                     "forward": lambda: net.forward(X_lie), "predict_raw": lambda: net.predict_raw(X_lie),
+                     "backward": lambda: (net.forward(np.ones((20, 4))), net.backward(np.ones((20, n_out))))}
+            for name, call in calls.items():
+                try:
+                    call()
+                except ValueError as exc:
+                    assert "expects 4" in str(exc) or "(20, 2)" in str(exc), (name, exc)
+                else:
+                    raise AssertionError(f"{name} accepted widths {n_in}, {n_out}")
+            # the true widths work, in the true dtype
+            X, y = np.random.rand(20, 4), np.random.rand(20, 2)
+            tr = cprop.Trainer(net, batch_size=4)
+            tr.fit(X, y)
+            assert net.predict_raw(X).shape == (20, 2) and net.predict_raw(X).dtype == np.float64
+        print("ok")
+    """)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+# -- layer subclasses whose declarations disagree ------------------------------------------
+
+def test_layer_subclasses_with_inconsistent_declarations_are_refused_when_the_plan_is_built():
+    result = run_python("""
+        import numpy as np, cprop
+        from cprop.layers import Dense, BatchNorm, LayerNorm, Dropout
+        class NoBuffers(BatchNorm):
+            n_buffers = property(lambda self: 0)
+        class DenseCallingItselfBatchNorm(Dense):
+            kind = "batchnorm"
+        class FewerParams(Dense):
+            n_params = property(lambda self: 3)
+        class LayerNormCallingItselfDense(LayerNorm):
+            kind = "dense"
+        class DropoutWithParams(Dropout):
+            n_params = property(lambda self: 5)
+        class NoPreActivation(Dense):
+            def plan(self, row, hyper, columns, bstats, codes):
+                super().plan(row, hyper, columns, bstats, codes)
+                row[codes["z"]] = -1
+        class ColumnOutside(Dense):
+            def plan(self, row, hyper, columns, bstats, codes):
+                super().plan(row, hyper, columns, bstats, codes)
+                row[codes["g"]] = 10**6
+        class ColumnShared(LayerNorm):
+            def plan(self, row, hyper, columns, bstats, codes):
+                super().plan(row, hyper, columns, bstats, codes)
+                row[codes["xhat"]] = row[codes["y"]] + 1
+        class BufferFarAway(BatchNorm):
+            def plan(self, row, hyper, columns, bstats, codes):
+                super().plan(row, hyper, columns, bstats, codes)
+                row[codes["buffer"]] = 10**6
+        class NoOutputColumn(Dense):
+            def plan(self, row, hyper, columns, bstats, codes):
+                super().plan(row, hyper, columns, bstats, codes)
+                row[codes["y"]] = -1
+        class Convolution(Dense):
+            kind = "conv"
+        cases = [[Dense(4, 8), NoBuffers(8), Dense(8, 2)], [DenseCallingItselfBatchNorm(4, 8), Dense(8, 2)],
+                 [FewerParams(4, 8), Dense(8, 2)], [Dense(4, 8), LayerNormCallingItselfDense(8), Dense(8, 2)],
+                 [Dense(4, 8), DropoutWithParams(0.5), Dense(8, 2)], [NoPreActivation(4, 8, "gelu"), Dense(8, 2)],
+                 [ColumnOutside(4, 8), Dense(8, 2)], [Dense(4, 8), ColumnShared(8), Dense(8, 2)],
+                 [Dense(4, 8), BufferFarAway(8), Dense(8, 2)], [NoOutputColumn(4, 8), Dense(8, 2)],
+                 [Convolution(4, 8), Dense(8, 2)]]
+        X, y = np.random.rand(16, 4), np.random.rand(16, 2)
+        for layers in cases:
+            name = type(next(l for l in layers if type(l).__module__ == "__main__")).__name__
+            try:
+                net = cprop.Sequential(layers, dtype="float64", seed=0)
+                cprop.Trainer(net, batch_size=4).fit(X, y)
+            except ValueError as exc:
+                assert "plan" in str(exc) or "kind" in str(exc), (name, exc)
+            else:
+                raise AssertionError(f"{name} was accepted")
+            # the refused layers are free to join another network
+            assert all(layer._params is None for layer in layers), name
+        print("ok")
+    """)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_the_structure_users_read_comes_from_the_checked_plan():
+    net = cprop.Sequential([cprop.Dense(4, 8, "gelu"), cprop.LayerNorm(8), cprop.Dense(8, 3)], seed=0)
+    assert_array_equal(net.sizes, [4, 8, 8, 3])
+    assert_array_equal(net.activations, [cprop.activations.activation_code(a)
+                                         for a in ("gelu", "identity", "identity")])
+
+
+# -- the caller's arrays cannot be reallocated under a kernel -------------------------------
+
+def test_resizing_the_callers_X_between_forward_and_backward_does_not_reach_the_tape():
+    result = run_python("""
+        import numpy as np, cprop
+        net = cprop.Sequential([cprop.Dense(64, 64, "relu"), cprop.Dense(64, 2)], dtype="float64", seed=0)
+        X = np.random.default_rng(0).random((2000, 64))
+        reference = net.copy()
+        reference.forward(X.copy(), training=True)
+        reference.backward(np.ones((2000, 2)))
+        out = net.forward(X, training=True)
+        X.resize((1, 64), refcheck=False)          # frees the memory X's views pointed at
+        junk = [np.full((2000, 64), np.nan) for _ in range(20)]
+        net.backward(np.ones_like(out))
+        assert np.array_equal(net.grads, reference.grads)
+        print("ok")
+    """)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_resizing_the_callers_arrays_mid_fit_is_refused():
+    result = run_python("""
+        import numpy as np, cprop
+        rng = np.random.default_rng(0)
+        X, y, w = rng.random((2000, 64)), rng.random((2000, 2)), rng.random(2000) + 0.5
+        for name, arr, shape in (("X", X, (1, 64)), ("y", y, (1, 2))):
+            net = cprop.Sequential([cprop.Dense(64, 8, "relu"), cprop.Dense(8, 2)], dtype="float64", seed=0)
+            def resize(trainer, epoch, logs):
+                arr.resize(shape, refcheck=False)
+            try:
+                cprop.Trainer(net, batch_size=16).fit(X[:, :], y, epochs=3, callbacks=[resize],
+                                                      sample_weight=w, validation_data=(X, y))
+            except ValueError as exc:
+                assert "cannot resize" in str(exc), exc
+            else:
+                raise AssertionError(f"{name} was resized mid-fit")
+        # the weights are normalised into an array of fit's own: the caller's may change
+        net = cprop.Sequential([cprop.Dense(64, 8, "relu"), cprop.Dense(8, 2)], dtype="float64", seed=0)
+        cprop.Trainer(net, batch_size=16).fit(X, y, epochs=2, sample_weight=w, callbacks=[
+            lambda trainer, epoch, logs: w.resize((1,), refcheck=False)])
+        assert np.isfinite(net.params).all()
+        X.resize((10, 64), refcheck=False)     # after fit, the caller's arrays are theirs again
+        print("ok")
+    """)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+# -- cprop called from a signal handler inside a running epoch ------------------------------
+
+@pytest.mark.parametrize("call", ["predict_raw", "forward", "fit_other", "backward_same", "step_same",
+                                  "save_same"])
+def test_cprop_from_a_signal_handler_inside_a_multithreaded_epoch_does_not_hang(call):
+    # the epoch takes the GIL every 50 ms to run signal handlers, inside its parallel
+    # region: a nested parallel region there once reset the thread's team barrier (hang)
+    result = run_python(f"""
+        import os, signal, tempfile, numpy as np, cprop
+        from cprop._threads import epoch_network
+        rng = np.random.default_rng(0)
+        net = cprop.Sequential([cprop.Dense(64, 256, "relu"), cprop.Dense(256, 2)], dtype="float64", seed=0)
+        other = cprop.Sequential([cprop.Dense(64, 128, "relu"), cprop.Dense(128, 2)], dtype="float64", seed=1)
+        X, y = rng.random((20000, 64)), rng.random((20000, 2))
+        expected = other.predict_raw(X[:3000], n_threads=1)
+        seen = {{"in_epoch": 0, "refused": 0}}
+
+        def handler(signum, frame):
+            if epoch_network() is None or seen.get("busy"):   # not nested in itself
+                return
+            seen["in_epoch"] += 1
+            seen["busy"] = True
+            try:
+                if "{call}" == "predict_raw":
+                    assert np.allclose(other.predict_raw(X[:3000], n_threads=2), expected)
+                elif "{call}" == "forward":
+                    assert np.allclose(other.forward(X[:3000], n_threads=2), expected)
+                elif "{call}" == "fit_other":
+                    cprop.Trainer(other, batch_size=256, n_threads=2).fit(X[:2000], y[:2000])
+                elif "{call}" == "backward_same":
+                    net.backward(np.ones((64, 2)), n_threads=2)
+                elif "{call}" == "save_same":
+                    net.save(os.path.join(tempfile.mkdtemp(), "mid_epoch.npz"))
+                else:
+                    net._has_grads = True
+                    cprop.SGD(lr=0.1).step(net, n_threads=2)
+            except RuntimeError as exc:
+                assert "signal handler" in str(exc), exc
+                seen["refused"] += 1
+            finally:
+                seen["busy"] = False
+
+        signal.signal(signal.SIGALRM, handler)
+        signal.setitimer(signal.ITIMER_REAL, 0.01, 0.01)
+        net.forward(X[:64])
+        try:
+            cprop.Trainer(net, batch_size=512, n_threads=2).fit(
+                X, y, epochs=500, callbacks=[lambda tr, epoch, logs: seen["in_epoch"] >= 3])
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        assert seen["in_epoch"] >= 3 and np.isfinite(net.params).all(), seen
+        assert (seen["refused"] == seen["in_epoch"]) == ("{call}".endswith("same")), seen
+        print("ok")
+    """, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_a_forked_child_runs_cprop_on_one_thread_instead_of_hanging():
+    # libgomp's pool does not survive fork(): a parallel region in the child waited for good
+    result = run_python("""
+        import os, time, signal, numpy as np, cprop
+        net = cprop.Sequential([cprop.Dense(64, 256, "relu"), cprop.Dense(256, 2)], dtype="float64", seed=0)
+        X, y = np.random.default_rng(0).random((20000, 64)), np.random.default_rng(1).random((20000, 2))
+        cprop.Trainer(net, batch_size=512, n_threads=2).fit(X, y)      # the parent's pool is up
+        expected = net.predict_raw(X, n_threads=1)
+        pid = os.fork()
+        if pid == 0:
+            ok = cprop.get_num_threads() == 1 and np.allclose(net.predict_raw(X, n_threads=2), expected)
+            cprop.Trainer(net, batch_size=512, n_threads=2).fit(X, y)
+            os._exit(0 if ok else 3)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            raise SystemExit("the forked child hung")
+        assert os.waitstatus_to_exitcode(status) == 0, status
+        assert not cprop._threads._forked          # the parent keeps its threads
+        print("ok")
+    """, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr + result.stdout
+
+
+# -- optimizer state arrays cannot alias each other or the parameters ----------------------
+
+def test_aliased_optimizer_state_is_copied_in_and_steps_as_separate_state(rng):
+    X, y = rng.normal(size=(64, 16)), rng.normal(size=(64, 2))
+    reference_net, net = small_net(), small_net()
+    reference = cprop.Trainer(reference_net, optimizer=cprop.Adam(lr=1e-2), batch_size=16, seed=0)
+    reference.fit(X, y)
+    opt = cprop.Adam(lr=1e-2)
+    trainer = cprop.Trainer(net, optimizer=opt, batch_size=16, seed=0)
+    trainer.fit(X[:16], y[:16], epochs=0)
+    shared = np.zeros(net.n_params)
+    opt.state = [shared, shared]                 # one array for both moments
+    trainer.fit(X, y)
+    assert_allclose(net.params, reference_net.params, rtol=1e-12, atol=1e-12)
+    assert not np.shares_memory(opt.state[0], opt.state[1])
+    assert not shared.any()                      # the caller's array is not the state
+
+    momentum_net = small_net()
+    sgd = cprop.SGD(lr=1e-2, momentum=0.9)
+    sgd.state = [momentum_net.params]            # a view of the parameters themselves
+    before = momentum_net.params.copy()
+    cprop.Trainer(momentum_net, optimizer=sgd, batch_size=16, seed=0).fit(X, y)
+    assert not np.shares_memory(sgd.state[0], momentum_net.params)
+    assert np.isfinite(momentum_net.params).all() and not np.array_equal(momentum_net.params, before)
+
+
+def test_optimizer_state_reads_are_views_that_cannot_be_resized():
+    net = small_net()
+    opt = cprop.SGD(lr=0.1, momentum=0.9)
+    net.forward(np.ones((4, 16)))
+    net.backward(np.ones((4, 2)))
+    opt.step(net)
+    view = opt.state[0]
+    view[...] = 1.0                              # in-place writes reach the state
+    assert (opt.state[0] == 1).all()
+    with pytest.raises(ValueError):
+        view.resize((1,), refcheck=False)        # a view does not own its memory
+
+
+def test_an_array_handed_over_by_array_protocol_is_pinned_while_the_tape_keeps_it():
+    result = run_python("""
+        import numpy as np, cprop
+        class Holder:                   # np.asarray(holder) is holder.data itself, no view
+            def __init__(self):
+                self.data = np.random.default_rng(0).random((2000, 64))
+            def __array__(self, dtype=None, copy=None):
+                return self.data
+        net = cprop.Sequential([cprop.Dense(64, 8), cprop.Dense(8, 2)], dtype="float64", seed=0)
+        holder = Holder()
+        out = net.forward(holder, training=True)
+        try:
+            holder.data.resize((1,), refcheck=False)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError("the tape's X was resized")
+        net.backward(np.ones_like(out))
+        net.forward(np.ones((3, 64)))              # a new tape lets it go
+        holder.data.resize((1,), refcheck=False)
+        print("ok")
+    """)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

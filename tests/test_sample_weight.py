@@ -182,9 +182,8 @@ def test_float32_networks_take_weights_in_their_dtype():
     (np.r_[np.ones(9), np.nan], ValueError, "NaN"),
     (np.r_[np.ones(9), np.inf], ValueError, "NaN or infinite"),
     (np.zeros(10), ValueError, "non-zero"),
-    (np.full(10, 1e308), ValueError, "range of float64"),
     (["a"] * 10, TypeError, "real numbers"),
-], ids=["short", "2-D", "negative", "nan", "inf", "all-zero", "overflowing", "strings"])
+], ids=["short", "2-D", "negative", "nan", "inf", "all-zero", "strings"])
 def test_bad_weights_are_refused_before_training(weights, error, words):
     net = make_net([3, 2])
     before = net.params.copy()
