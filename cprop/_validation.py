@@ -161,7 +161,12 @@ def check_sparse_X(X, dtype, n_features=None, name="X"):
         raise ValueError(f"{name} has {shape[1]} features per sample, the network expects {n_features}")
     csr = X if X.format == "csr" else X.tocsr()
     # our own copies first, then every check on them: what the kernels read is what was checked
-    indptr = np.array(csr.indptr, dtype=np.intp)
+    indptr = np.array(csr.indptr, copy=True)
+    if indptr.dtype.kind not in "iu":     # a float indptr cast to integers would re-cut the rows
+        raise TypeError(f"{name}'s indptr must be integers, got dtype {indptr.dtype}")
+    if indptr.size and indptr.dtype.kind == "u" and indptr.max() > np.iinfo(np.intp).max:
+        raise ValueError(f"{name}'s indptr holds values beyond {np.iinfo(np.intp).max}")
+    indptr = indptr.astype(np.intp, copy=False)
     indices = np.array(csr.indices, copy=True)
     values = np.array(csr.data, copy=True)
     n_samples, n_cols = shape

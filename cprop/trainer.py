@@ -387,6 +387,7 @@ class Trainer:
                                     sparse, int(net._plan[0][0, _core.PLAN_INT["kind"]]))
         return {"settings": settings, "work": np.empty(size, dtype=net._dtype),
                 "label_buf": np.empty(batch_size, dtype=np.intp), "order": np.arange(n, dtype=np.intp),
+                "shuffled": np.empty(n, dtype=np.intp),
                 "weights": None, "weight_buf": np.empty(batch_size, dtype=net._dtype),
                 "threads": ThreadFallback(self.n_threads)}
 
@@ -395,7 +396,8 @@ class Trainer:
         on_divergence is "warn" (with "raise", DivergenceError)."""
         net, n, settings = self.net, X.shape[0], buffers["settings"]
         batch_size = settings["batch_size"]
-        order = self._shuffled_order(n) if self.shuffle else buffers["order"]
+        order = (self._shuffled_order(n, out=buffers["shuffled"], identity=buffers["order"]) if self.shuffle
+                 else buffers["order"])
         settings["seed"] = self._epoch_seed()
         if self.optimizer.full_batch:
             return self._full_batch_epoch(X, T, labels, buffers)
@@ -434,6 +436,10 @@ class Trainer:
     def _full_batch_epoch(self, X, T, labels, buffers):
         """An epoch of a full-batch optimizer (L-BFGS): one run of it over all of (X, T, labels)."""
         start = time.perf_counter()
+        if isinstance(X, CSRInput) and not self.net._reads_sparse:
+            # a first layer other than Dense takes dense rows: densified once for the whole run,
+            # not at each of its evaluations
+            X = buffers.setdefault("dense_X", X.toarray())
         result = self.optimizer.minimize(self.net, X, T, labels, buffers["settings"], buffers["weights"])
         elapsed = time.perf_counter() - start
         if result.overflowed:
@@ -443,13 +449,26 @@ class Trainer:
         return {"loss": result.data_loss, "time": elapsed,
                 "samples_per_second": X.shape[0] * result.nfev / elapsed if elapsed > 0 else math.inf}
 
-    def _shuffled_order(self, n, rng=None):
+    def _shuffled_order(self, n, rng=None, out=None, identity=None):
         """A random permutation of range(n) (intp) drawn from `rng` (default: the trainer's
-        generator), checked: the compiled epoch indexes X with it unchecked.
+        generator): numpy's ``Generator.permutation(n)``, bit for bit. The compiled epoch
+        indexes X with it unchecked.
 
-        It is drawn by numpy's own Generator.permutation, not the generator's attribute, so a
-        subclass or a patched method cannot hand the kernel indices outside X."""
+        From a numpy Generator itself it is drawn in place, into `out` (intp, n) when given:
+        ``Generator.permutation`` is ``shuffle(arange(n))``, and the shuffle only swaps, so
+        the result is a permutation whatever bits come out, and a buffer reused every epoch
+        spares an allocation of n indices (page faults were a twentieth of the epoch of a
+        tiny network on many rows). A subclass's could be overridden, so its order comes from numpy's own
+        ``Generator.permutation`` and is checked to be a permutation of range(n)."""
         rng = self.rng if rng is None else rng
+        if type(rng) is np.random.Generator:
+            if out is None:
+                order = np.arange(n, dtype=np.intp)
+            else:        # `identity`: range(n) kept by the caller, copied rather than made anew
+                order = out
+                order[...] = np.arange(n, dtype=np.intp) if identity is None else identity
+            np.random.Generator.shuffle(rng, order)
+            return order
         if not isinstance(rng, np.random.Generator):
             raise TypeError(f"trainer.rng must be a numpy Generator (np.random.default_rng(seed)), "
                             f"got {type(rng).__name__}")

@@ -75,7 +75,10 @@ def _bind_blas():
     import importlib.util
     cdef void* s
     cdef void* d
-    if os.environ.get("CPROP_BLAS", "").strip().lower() != "cython_blas":
+    requested = os.environ.get("CPROP_BLAS", "").strip().lower()
+    if requested not in ("", "cython_blas"):
+        raise ImportError(f"CPROP_BLAS must be 'cython_blas' or unset, got {requested!r}")
+    if requested != "cython_blas":
         spec = importlib.util.find_spec("scipy")
         for folder in (spec.submodule_search_locations or []) if spec else []:
             for suffix in importlib.machinery.EXTENSION_SUFFIXES:

@@ -206,3 +206,9 @@ def test_core_binds_scipys_gemm_without_importing_scipy_linalg_and_trains_the_sa
         assert not bound["scipy.linalg"], "a fit through the core API imported scipy.linalg"
     # the same library's sgemm/dgemm either way: the same products, bit for bit
     assert bound["digests"] == imported["digests"]
+
+
+def test_an_unknown_cprop_blas_value_is_refused_when_the_core_loads():
+    proc = subprocess.run([sys.executable, "-c", "import cprop; cprop.show_config()"], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "CPROP_BLAS": "mkl"})
+    assert proc.returncode != 0 and "CPROP_BLAS must be 'cython_blas' or unset, got 'mkl'" in proc.stderr

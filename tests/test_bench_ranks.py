@@ -42,8 +42,9 @@ def test_bench_ranks_outside_mpiexec_says_how_to_launch(capsys):
 
 @pytest.mark.parametrize("args, words", [(["--average-every", "4"], ["--average-every", "--ranks"]),
                                          (["--ranks", "1", "--peers", "torch"], ["--ranks", "--peers"]),
-                                         (["--ranks", "1", "--average-every", "0"], ["--average-every", ">= 1"])],
-                         ids=["average_without_ranks", "peers", "average_zero"])
+                                         (["--ranks", "1", "--average-every", "0"], ["--average-every", ">= 1"]),
+                                         (["--ranks", "1", "--json", "/no/such/dir/r.json"], ["--json", "directory"])],
+                         ids=["average_without_ranks", "peers", "average_zero", "json_directory"])
 def test_bench_ranks_refuses_options_that_do_not_apply(args, words, capsys):
     code = main(["bench", "--quick", "--workload", "tiny", *args])
     assert_clean_error(code, capsys.readouterr().err, "bench", *words)

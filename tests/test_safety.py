@@ -387,6 +387,13 @@ def test_the_epoch_order_is_the_generators_permutation(rng):
     order = trainer._shuffled_order(50)
     assert order.dtype == np.intp and order.flags.c_contiguous
     assert_array_equal(order, expected)
+    # drawn in place into the fit's reused buffer (as every epoch does): the same orders
+    buffer, identity = np.full(50, -1, dtype=np.intp), np.arange(50, dtype=np.intp)
+    ours, numpys = np.random.default_rng(4), np.random.default_rng(4)
+    for _ in range(3):      # epoch after epoch, the sequence of orders permutation gives
+        assert trainer._shuffled_order(50, rng=ours, out=buffer, identity=identity) is buffer
+        assert_array_equal(buffer, numpys.permutation(50))
+    assert_array_equal(identity, np.arange(50))
 
 
 # -- a subclass's structural attributes cannot misstate the plan ---------------------------

@@ -296,6 +296,27 @@ def test_malformed_csr_is_refused_with_a_clear_error(rng, what, message):
         cprop.Trainer(net).fit(X, np.zeros((6, 2)))
 
 
+def test_a_float_indptr_is_refused_not_truncated(rng):
+    X = random_csr(6, 5, 0.5, rng)
+    X.indptr = X.indptr.astype(np.float64) + 0.5     # cast to integers, it would re-cut the rows
+    with pytest.raises(TypeError, match="indptr must be integers"):
+        make_net([5, 3, 2]).predict_raw(X)
+
+
+def test_lbfgs_densifies_a_sparse_x_once_for_a_first_layer_that_is_not_dense(rng, monkeypatch):
+    from cprop._validation import CSRInput
+    X = random_csr(40, 6, 0.4, rng)
+    y = rng.integers(0, 2, 40)
+    calls = []
+    toarray = CSRInput.toarray
+    monkeypatch.setattr(CSRInput, "toarray", lambda self: calls.append(1) or toarray(self))
+    net = cprop.Sequential([cprop.Dropout(0.0), cprop.Dense(6, 4, "tanh"), cprop.Dense(4, 2)], seed=0,
+                           dtype=np.float64)
+    trainer = cprop.Trainer(net, loss="cross_entropy", optimizer=cprop.LBFGS(max_iter=20), seed=0)
+    trainer.fit(X, y, epochs=1)
+    assert len(calls) == 1 and trainer.optimizer.result.nfev > 2
+
+
 def test_wrong_shape_and_non_finite_values_are_refused(rng):
     net = make_net([5, 3, 2])
     with pytest.raises(ValueError, match="has 6 features per sample, the network expects 5"):

@@ -152,6 +152,9 @@ def _run_ranks(args, n_ranks, average_every, n_threads, rounds, scale):
         raise ValueError(f"--average-every must be >= 1, got {average_every}")
     from .ranks import run_ranks
     workloads = [WORKLOADS[n] for n in _parse_workloads(args.workload)]
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        # said now, not after minutes of measurement
+        raise ValueError(f"--json {args.json}: its directory does not exist")
     report = run_ranks(workloads, n_ranks, n_threads, rounds, args.dtype, scale, average_every)
     if report is not None:      # MPI rank 0
         report["machine"] = machine_info()

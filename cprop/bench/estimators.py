@@ -46,6 +46,8 @@ ESTIMATOR_CASES = {c.name: c for c in [
                                             ("max_iter", 100))),
     EstimatorCase("synthetic-adam", "synthetic", (("hidden_layer_sizes", (128,)), ("solver", "adam"),
                                                    ("max_iter", 10))),
+    EstimatorCase("digits-lbfgs", "digits", (("hidden_layer_sizes", (100,)), ("solver", "lbfgs"),
+                                              ("max_iter", 100))),
     EstimatorCase("sparse-adam", "sparse", (("hidden_layer_sizes", (100,)), ("solver", "adam"),
                                             ("max_iter", 3))),
 ]}
