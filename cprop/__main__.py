@@ -221,13 +221,16 @@ def _import_mpi():
     interrupt inside it would leave MPI started and no module to abort the job with."""
     import signal
     held = []
-    previous = None
-    if _in_main_thread():
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    # held only over Python's own handlers (an ignored SIGINT stays ignored; a handler
+    # installed outside Python, which signal.getsignal reports as None, stays as it is)
+    previous = signal.getsignal(signal.SIGINT) if _in_main_thread() else None
+    hold = previous is not None and previous is not signal.SIG_IGN
+    if hold:
+        signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
     try:
         from mpi4py import MPI
     finally:
-        if previous is not None:
+        if hold:
             signal.signal(signal.SIGINT, previous)
     if held:
         _abort_mpi_job(130)

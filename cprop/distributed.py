@@ -562,6 +562,8 @@ class _Fit:
                 else:
                     ranks.comm.Allreduce(MPI.IN_PLACE, pack, op=MPI.SUM)
                 if slots[_FAILED]:
+                    if local:
+                        averaging.restore()   # the other ranks have stepped: all back to the average
                     ranks.agree(failed)
                 batch_loss = float(slots[_LOSS])
                 last_bs = bs

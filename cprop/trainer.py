@@ -145,8 +145,10 @@ class Trainer:
         and optimizer state every `average_every` steps and at the end of every epoch.
         Cheaper communication for slow networks; with SGD (momentum, Nesterov, weight
         decay: all linear in the gradient) ``average_every=1`` is synchronous training,
-        up to rounding; larger values, and Adam, train differently. None: synchronous
-        (the gradient allreduced every step). Ignored without comm (one process).
+        up to rounding (BatchNorm's running statistics aside: every rank's count alike in
+        the average, where synchronous training weighs them by their rows); larger values,
+        and Adam, train differently. None: synchronous (the gradient allreduced every
+        step). Ignored without comm (one process).
     """
 
     # what a running fit was started with: changing them from a callback (or another
@@ -439,7 +441,9 @@ class Trainer:
         if isinstance(X, CSRInput) and not self.net._reads_sparse:
             # a first layer other than Dense takes dense rows: densified once for the whole run,
             # not at each of its evaluations
-            X = buffers.setdefault("dense_X", X.toarray())
+            if "dense_X" not in buffers:
+                buffers["dense_X"] = X.toarray()
+            X = buffers["dense_X"]
         result = self.optimizer.minimize(self.net, X, T, labels, buffers["settings"], buffers["weights"])
         elapsed = time.perf_counter() - start
         if result.overflowed:

@@ -28,10 +28,20 @@ def test_ring_allreduce_and_efficiency_formulas():
     assert math.isclose(ranks.ring_allreduce_seconds(2, 1000, 1e-6, 1e-9), 2e-6 + 1e-6)
     assert math.isclose(ranks.ring_allreduce_seconds(1000, 1e6, 0.0, 1e-9), 2 * 999 / 1000 * 1e-3)
     assert ranks.ring_allreduce_seconds(1, 1e6, 1e-6, 1e-9) == 0       # one rank sends nothing
-    # compute of 1 ms against 1 ms of allreduce: 50%, and 8 steps between averages: 8/9
-    t_ar = ranks.ring_allreduce_seconds(8, 1e6, 1e-6, 1e-9)
+    # synchronous: compute as long as the gradient's allreduce gives 50%
+    t_ar = ranks.allreduce_seconds(8, 1e6, 1e-6, 1e-9)
+    assert t_ar == ranks.ring_allreduce_seconds(8, 1e6, 1e-6, 1e-9)           # large: the ring
     assert math.isclose(ranks.model_efficiency(t_ar, 1e6, 8, 1e-6, 1e-9), 0.5)
-    assert math.isclose(ranks.model_efficiency(t_ar, 1e6, 8, 1e-6, 1e-9, average_every=8), 8 / 9)
+    # local SGD every 8 steps: the flags' allreduce every step, parameters and momentum every 8
+    flags = ranks.allreduce_seconds(8, ranks.FLAG_BYTES, 1e-6, 1e-9)
+    assert math.isclose(flags, 3 * (1e-6 + ranks.FLAG_BYTES * 1e-9))           # small: 3 doublings
+    expected = t_ar / (t_ar + flags + 2 * t_ar / 8)
+    assert math.isclose(ranks.model_efficiency(t_ar, 1e6, 8, 1e-6, 1e-9, average_every=8), expected)
+    # without latency: 1 s of compute, 1 s per (ring) allreduce of the parameters (β = 1 / 1.75e6
+    # at p = 8), the 16 bytes of flags 1.75·16·β: two arrays every 8 steps cost 0.25 s a step
+    beta = 1 / (2 * 7 / 8 * 1e6)
+    assert math.isclose(ranks.model_efficiency(1.0, 1e6, 8, 0.0, beta, average_every=8),
+                        1 / (1 + 16e-6 + 0.25))
 
 
 def test_bench_ranks_outside_mpiexec_says_how_to_launch(capsys):

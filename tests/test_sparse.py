@@ -313,7 +313,7 @@ def test_lbfgs_densifies_a_sparse_x_once_for_a_first_layer_that_is_not_dense(rng
     net = cprop.Sequential([cprop.Dropout(0.0), cprop.Dense(6, 4, "tanh"), cprop.Dense(4, 2)], seed=0,
                            dtype=np.float64)
     trainer = cprop.Trainer(net, loss="cross_entropy", optimizer=cprop.LBFGS(max_iter=20), seed=0)
-    trainer.fit(X, y, epochs=1)
+    trainer.fit(X, y, epochs=3)
     assert len(calls) == 1 and trainer.optimizer.result.nfev > 2
 
 

@@ -8,14 +8,19 @@ rounds of one epoch's samples/s (the slowest rank's time). The efficiency of k r
 samples/s over k times one rank's: weak scaling per rank would be different, this is the same
 global batch split k ways (what `batch_size` means under comm).
 
-The model: ring allreduce of n bytes over p ranks takes ``2(p-1)·α + 2(p-1)/p·n·β`` (latency α
-per message, β seconds per byte). α and β are fitted to allreduces timed between the first
-two ranks; the table then predicts, for p ranks that each compute the workload's batch
-(the global batch growing with p, as clusters are used), the efficiency
-``t / (t + T_allreduce(p)/H)``, t being one rank's time per batch measured here (gradient and
-step) and H the steps between averages (1: synchronous; ``Trainer(average_every=H)``), for
-the α and β measured here and for typical 10 GbE and 100 Gb/s InfiniBand links.
+The model: allreduce of n bytes over p ranks takes the faster of ring allreduce,
+``2(p-1)·α + 2(p-1)/p·n·β``, and recursive doubling, ``⌈log2 p⌉·(α + n·β)`` (latency α per
+message, β seconds per byte), as MPI libraries choose by message size. α and β are fitted
+to allreduces timed between the first two ranks; the table then predicts, for p ranks that
+each compute the workload's batch (the global batch growing with p, as clusters are used),
+t being one rank's time per batch
+measured here (gradient and step), the efficiency of synchronous training
+``t / (t + T(p, gradient))`` and of local SGD averaging every H steps
+(``Trainer(average_every=H)``), which still allreduces the loss and flags every step and
+averages parameters and momentum every H: ``t / (t + T(p, 16 B) + 2·T(p, parameters)/H)``;
+for the α and β measured here and for typical 10 GbE and 100 Gb/s InfiniBand links.
 """
+import math
 import statistics
 import sys
 import time
@@ -28,7 +33,12 @@ from .workloads import LEARNING_RATE, MOMENTUM, SEED
 # typical links, for the model: (name, α seconds, β seconds per byte)
 LINKS = [("10 GbE (TCP)", 30e-6, 8 / 10e9), ("100 Gb/s InfiniBand", 2e-6, 8 / 100e9)]
 MODEL_RANKS = (8, 64, 512)
-MODEL_AVERAGE_EVERY = (1, 8)
+# None: synchronous (the gradient allreduced every step); H: local SGD averaging every H steps
+MODEL_AVERAGE_EVERY = (None, 8)
+# what local SGD averages in the bench's recipe (SGD with momentum): parameters and momentum
+AVERAGED_ARRAYS = 2
+# what it still allreduces every step: the loss and the status flags
+FLAG_BYTES = 16
 ALLREDUCE_BYTES = [2 ** k for k in range(3, 24, 2)]      # 8 B .. 8 MB
 
 
@@ -118,9 +128,29 @@ def ring_allreduce_seconds(p, n_bytes, alpha, beta):
     return 2 * (p - 1) * alpha + 2 * (p - 1) / p * n_bytes * beta
 
 
-def model_efficiency(batch_seconds, n_bytes, p, alpha, beta, average_every=1):
-    """t / (t + T_allreduce(p)/H): p ranks each computing one batch of the workload per step."""
-    return batch_seconds / (batch_seconds + ring_allreduce_seconds(p, n_bytes, alpha, beta) / average_every)
+def allreduce_seconds(p, n_bytes, alpha, beta):
+    """The faster of ring allreduce and recursive doubling (⌈log2 p⌉·(α + n·β)), as MPI
+    libraries pick by message size: latency-bound small messages take the second."""
+    if p <= 1:
+        return 0.0
+    doubling = math.ceil(math.log2(p)) * (alpha + n_bytes * beta)
+    return min(ring_allreduce_seconds(p, n_bytes, alpha, beta), doubling)
+
+
+def model_efficiency(batch_seconds, n_bytes, p, alpha, beta, average_every=None, averaged_arrays=AVERAGED_ARRAYS):
+    """Efficiency of p ranks each computing one batch per step (t = batch_seconds).
+
+    Synchronous: t / (t + T(p, n)), the gradient (n bytes) allreduced every step, T the faster
+    of ring and recursive doubling (:func:`allreduce_seconds`). Local SGD every H steps: the
+    loss and flags are still allreduced every step, and every H steps
+    `averaged_arrays` arrays of n bytes (parameters and optimizer state, one allreduce each):
+    t / (t + T(p, FLAG_BYTES) + k·T(p, n)/H).
+    """
+    if average_every is None:
+        return batch_seconds / (batch_seconds + allreduce_seconds(p, n_bytes, alpha, beta))
+    per_step = (allreduce_seconds(p, FLAG_BYTES, alpha, beta)
+                + averaged_arrays * allreduce_seconds(p, n_bytes, alpha, beta) / average_every)
+    return batch_seconds / (batch_seconds + per_step)
 
 
 def run_ranks(workloads, n_ranks, n_threads, rounds, dtype, scale, average_every=None):
@@ -171,10 +201,12 @@ def format_ranks(report):
                       f"({1 / beta / 1e9 if beta else float('inf'):.1f} GB/s) fitted to "
                       + ", ".join(f"{b:,} B {s * 1e6:.0f} µs" for b, s in sorted(ar["seconds_by_bytes"].items())
                                   if b in (8, 2048, 131072, 8388608)),
-                  "model: p ranks each computing one batch per step, ring allreduce of the gradient",
-                  "(efficiency t / (t + T_allreduce(p) / H), t = one rank's batch time measured above)"]
+                  "model: p ranks each computing one batch per step, t = one rank's batch time above;",
+                  "T = ring allreduce or recursive doubling, whichever is faster; sync: t / (t + T(p, gradient));",
+                  f"local SGD every H steps: t / (t + T(p, flags) + {AVERAGED_ARRAYS}·T(p, parameters) / H),",
+                  "parameters and momentum averaged"]
         links = [("here", alpha, beta)] + LINKS
-        head = f"{'workload':<8} {'link':<20} {'H':>3} " + " ".join(f"{f'p={p}':>7}" for p in MODEL_RANKS)
+        head = f"{'workload':<8} {'link':<20} {'H':>4} " + " ".join(f"{f'p={p}':>7}" for p in MODEL_RANKS)
         lines += [head, "-" * len(head)]
         for w in report["workloads"]:
             t = w["batch_size"] / w["samples_per_second"][1]
@@ -182,5 +214,5 @@ def format_ranks(report):
                 for h in MODEL_AVERAGE_EVERY:
                     cells = " ".join(f"{model_efficiency(t, w['gradient_bytes'], p, a, b, h):>7.0%}"
                                      for p in MODEL_RANKS)
-                    lines.append(f"{w['name']:<8} {name:<20} {h:>3} {cells}")
+                    lines.append(f"{w['name']:<8} {name:<20} {'sync' if h is None else h:>4} {cells}")
     return "\n".join(lines)

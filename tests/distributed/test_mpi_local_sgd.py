@@ -98,3 +98,30 @@ def test_averaging_parameters_near_the_largest_float_keeps_them_finite(comm):
     trainer.fit(X, y, epochs=2)
     assert np.isfinite(trainer.net.params).all() and trainer.net.layers[0].W[0, 0] > 1e38
     assert_same_on_every_rank(comm, trainer)
+
+
+def test_an_error_computing_one_share_sends_every_rank_back_to_the_last_average(comm, monkeypatch):
+    # the other ranks have taken their own step of that batch when the failure is learnt
+    from cprop import distributed
+
+    class Failing:
+        calls = 0
+
+        def __getattr__(self, name):
+            return getattr(cprop._lazy.core, name)
+
+        def batch_gradient(self, *args):
+            Failing.calls += 1
+            if Failing.calls == 7:
+                raise MemoryError("no memory for this share")
+            return cprop._lazy.core.batch_gradient(*args)
+    if comm.rank == comm.Get_size() - 1:
+        monkeypatch.setattr(distributed, "_core", Failing())
+    X, y = data(200)
+    trainer = make(comm, optimizer="nesterov_wd", average_every=4, shuffle=False)
+    got = outcome(comm, lambda: trainer.fit(X, y, epochs=1))
+    assert got[-1][0] == "MemoryError" and all(kind == "DistributedError" for kind, _ in got[:-1])
+    assert_same_on_every_rank(comm, trainer)
+    reference = make(comm, optimizer="nesterov_wd", average_every=4, shuffle=False)
+    reference.fit(X[:128], y[:128], epochs=1)       # the 4 steps up to the last average
+    assert_close(trainer.net.params, reference.net.params, np.float64)
