@@ -254,7 +254,8 @@ def _abort_mpi_job(status):
 
 
 def _as_cli_error(exc):
-    """An anticipated exception as the UsageError or Failure main() prints; None for a bug."""
+    """An anticipated exception as the UsageError (exit status 2) or Failure (1) whose message
+    main() prints; None for a bug."""
     from .io import CpropFileError
     from .trainer import DivergenceError
     if isinstance(exc, (UsageError, Failure)):
@@ -652,8 +653,6 @@ def _describe_os_error(exc):
 
 def main(argv=None):
     """Run the command line on `argv` (default sys.argv[1:]); the exit status."""
-    from .io import CpropFileError
-    from .trainer import DivergenceError
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -666,17 +665,14 @@ def main(argv=None):
         # stdout goes to devnull so that the interpreter's final flush does not complain either
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except UsageError as exc:
-        message, status = str(exc), 2
-    except (Failure, CpropFileError, DivergenceError) as exc:
-        message, status = str(exc), 1
-    except OSError as exc:
-        message, status = _describe_os_error(exc), 1
-    except MemoryError as exc:
-        message, status = f"out of memory ({exc})" if str(exc) else "out of memory", 1
     except KeyboardInterrupt:
         print(f"cprop {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        error = _as_cli_error(exc)
+        if error is None:          # not anticipated: a bug, with its traceback
+            raise
+        message, status = str(error), 2 if isinstance(error, UsageError) else 1
     if getattr(args, "mpi_rank", 0) == 0:       # under MPI every rank fails alike; rank 0 says why
         print(f"cprop {args.command}: error: {message}", file=sys.stderr)
     return status

@@ -458,17 +458,17 @@ class Trainer:
         generator): numpy's ``Generator.permutation(n)``, bit for bit. The compiled epoch
         indexes X with it unchecked.
 
-        From a numpy Generator itself it is drawn in place, into `out` (intp, n) when given:
-        ``Generator.permutation`` is ``shuffle(arange(n))``, and the shuffle only swaps, so
-        the result is a permutation whatever bits come out, and a buffer reused every epoch
-        spares an allocation of n indices (page faults were a twentieth of the epoch of a
-        tiny network on many rows). A subclass's could be overridden, so its order comes from numpy's own
+        From a numpy Generator itself it is drawn in place, into `out` (intp, n) when given,
+        starting from `identity` (range(n), kept by the caller): ``Generator.permutation`` is
+        ``shuffle(arange(n))``, and the shuffle only swaps, so the result is a permutation
+        whatever bits come out; a buffer reused every epoch spares an allocation of n indices.
+        A subclass's methods could be overridden, so its order comes from numpy's own
         ``Generator.permutation`` and is checked to be a permutation of range(n)."""
         rng = self.rng if rng is None else rng
         if type(rng) is np.random.Generator:
             if out is None:
                 order = np.arange(n, dtype=np.intp)
-            else:        # `identity`: range(n) kept by the caller, copied rather than made anew
+            else:
                 order = out
                 order[...] = np.arange(n, dtype=np.intp) if identity is None else identity
             np.random.Generator.shuffle(rng, order)

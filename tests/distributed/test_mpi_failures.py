@@ -226,9 +226,8 @@ def test_sparse_input_under_comm_is_refused_on_every_rank(comm, everywhere):
                                            [kind == "DistributedError" for kind, _ in got[:-1]]), got
 
 
-def test_error_computing_one_share_raises_on_every_rank(comm, monkeypatch):
-    # a failure inside a batch (here a MemoryError on the last rank's third share) travels
-    # with that batch's allreduce: every rank raises before the step
+def fail_share(monkeypatch, comm, call):
+    """On the last rank, its `call`-th share's gradient raises MemoryError("no memory for this share")."""
     class Failing:
         calls = 0
 
@@ -237,11 +236,17 @@ def test_error_computing_one_share_raises_on_every_rank(comm, monkeypatch):
 
         def batch_gradient(self, *args):
             Failing.calls += 1
-            if Failing.calls == 3:
+            if Failing.calls == call:
                 raise MemoryError("no memory for this share")
             return cprop._lazy.core.batch_gradient(*args)
     if comm.rank == last(comm):
         monkeypatch.setattr(distributed, "_core", Failing())
+
+
+def test_error_computing_one_share_raises_on_every_rank(comm, monkeypatch):
+    # a failure inside a batch (here a MemoryError on the last rank's third share) travels
+    # with that batch's allreduce: every rank raises before the step
+    fail_share(monkeypatch, comm, 3)
     X, y = data(200)
     trainer = make(comm, optimizer="adam")       # Adam counts its steps
     got = outcome(comm, lambda: trainer.fit(X, y, epochs=1))

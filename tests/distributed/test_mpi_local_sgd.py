@@ -13,7 +13,7 @@ from mpi_helpers import (
     assert_same_on_every_rank,
     comm,  # noqa: F401 (fixture)
 )
-from test_mpi_failures import outcome, overflowing
+from test_mpi_failures import fail_share, outcome, overflowing
 from test_mpi_training import assert_close, data, make
 
 pytestmark = OVERSUBSCRIBED
@@ -102,21 +102,7 @@ def test_averaging_parameters_near_the_largest_float_keeps_them_finite(comm):
 
 def test_an_error_computing_one_share_sends_every_rank_back_to_the_last_average(comm, monkeypatch):
     # the other ranks have taken their own step of that batch when the failure is learnt
-    from cprop import distributed
-
-    class Failing:
-        calls = 0
-
-        def __getattr__(self, name):
-            return getattr(cprop._lazy.core, name)
-
-        def batch_gradient(self, *args):
-            Failing.calls += 1
-            if Failing.calls == 7:
-                raise MemoryError("no memory for this share")
-            return cprop._lazy.core.batch_gradient(*args)
-    if comm.rank == comm.Get_size() - 1:
-        monkeypatch.setattr(distributed, "_core", Failing())
+    fail_share(monkeypatch, comm, 7)
     X, y = data(200)
     trainer = make(comm, optimizer="nesterov_wd", average_every=4, shuffle=False)
     got = outcome(comm, lambda: trainer.fit(X, y, epochs=1))
