@@ -193,11 +193,13 @@ def check_sparse_X(X, dtype, n_features=None, name="X"):
     return CSRInput(data, np.ascontiguousarray(indices, dtype=np.intp), indptr, (n_samples, n_cols))
 
 
-def check_X(X, dtype, n_features=None, name="X", accept_sparse=False) -> np.ndarray:
+def check_X(X, dtype, n_features=None, name="X", accept_sparse=False, finite=True) -> np.ndarray:
     """X as a C-contiguous 2-D array of `dtype`; no copy when it already is one.
 
     A scipy.sparse X: a validated :class:`CSRInput` when `accept_sparse`, else a
     TypeError naming `accept_sparse` (a string: what to use instead).
+    finite=False leaves the check for NaN/inf to the caller (the compiled forward, which
+    reads X anyway) where X is already what the core takes; a conversion still checks.
     """
     if is_sparse(X) or isinstance(X, CSRInput):
         if accept_sparse is True:
@@ -211,7 +213,8 @@ def check_X(X, dtype, n_features=None, name="X", accept_sparse=False) -> np.ndar
         raise ValueError(f"{name} is empty: got shape {arr.shape}, need at least one sample")
     if n_features is not None and arr.shape[1] != n_features:
         raise ValueError(f"{name} has {arr.shape[1]} features per sample, the network expects {n_features}")
-    check_finite(arr, name)
+    if finite or arr.dtype != dtype or not arr.flags.c_contiguous:
+        check_finite(arr, name)
     return _converted(arr, dtype, name)
 
 

@@ -24,6 +24,7 @@ from ._validation import (
     CSRInput,
     as_dtype,
     check_bool,
+    check_finite,
     check_parameter_values,
     check_positive_int,
     check_X,
@@ -584,7 +585,8 @@ class Sequential:
         """
         held = hold_memory(X)   # another thread cannot resize the caller's X while we read it
         n_inputs, n_outputs = plan_widths(self)
-        X = check_X(X, self._dtype, n_inputs, accept_sparse=True)   # a sparse X: copied, validated
+        # a sparse X: copied, validated; a dense one is checked for NaN/inf by the compiled forward
+        X = check_X(X, self._dtype, n_inputs, accept_sparse=True, finite=False)
         n_threads = resolve_threads(n_threads)
         table, hyper, row_width, n_bstats = self._plan
         widest = int(self._sizes[1:].max())
@@ -604,8 +606,10 @@ class Sequential:
                                   min(chunk_size, stop - start), n_threads)
             else:
                 X_core, csr = self._core_input(X)
-                _core.forward(table, hyper, row_width, n_bstats, X_core, self._params, self._buffers,
-                              work, out, chunk_size, n_threads, **csr)
+                if not _core.forward(table, hyper, row_width, n_bstats, X_core, self._params, self._buffers,
+                                     work, out, chunk_size, n_threads, **csr):
+                    check_finite(X_core, "X")   # raises, counting the bad values
+                    raise ValueError("X held NaN or infinite values while cprop read it (changed meanwhile)")
         del held
         return out
 

@@ -631,6 +631,8 @@ def forward(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ssize_
             Py_ssize_t chunk_rows, int n_threads, const floating[::1] csr_data=None,
             const Py_ssize_t[::1] csr_indices=None, const Py_ssize_t[::1] csr_indptr=None):
     """out = the network's raw output for X in evaluation mode: one call, no GIL, nothing kept.
+    Returns whether every value of a dense X was finite (each thread checks its chunks as it
+    reads them, sparing the caller a single-threaded pass over X; out is garbage when not).
 
     Each thread takes a contiguous share of the rows and carries it through every layer,
     chunk_rows rows at a time, in its own slice of `work` (n_threads slices, each laid out
@@ -647,21 +649,47 @@ def forward(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ssize_
     cdef Py_ssize_t n = X.shape[0], per_thread = chunk_rows * row_width + n_bstats
     cdef int t, nt = threads_for(_pass_flops(&P, n), n, n_threads)
     cdef floating* buf = <floating*> &buffers[0] if buffers.shape[0] else NULL
+    cdef bint* finite = <bint*> calloc(nt, sizeof(bint))    # one flag per thread, no shared writes
+    cdef bint all_ok = True
+    if finite == NULL:
+        raise MemoryError("cprop could not allocate the per-thread flags")
     with nogil:
         if nt == 1:
-            _infer_rows(&P, <floating*> &params[0], buf, &work[0], chunk_rows, X_ptr, X_csr, &out[0, 0],
-                        0, n)
+            finite[0] = _infer_rows(&P, <floating*> &params[0], buf, &work[0], chunk_rows, X_ptr, X_csr,
+                                    &out[0, 0], 0, n)
         else:
             for t in prange(nt, num_threads=nt, schedule='static'):
-                _infer_rows(&P, <floating*> &params[0], buf, &work[0] + t * per_thread, chunk_rows,
-                            X_ptr, X_csr, &out[0, 0], n * t // nt, n * (t + 1) // nt)
+                finite[t] = _infer_rows(&P, <floating*> &params[0], buf, &work[0] + t * per_thread,
+                                        chunk_rows, X_ptr, X_csr, &out[0, 0], n * t // nt, n * (t + 1) // nt)
+        for t in range(nt):
+            all_ok = all_ok and finite[t]
+    free(finite)
+    return all_ok
 
 
-cdef void _infer_rows(const Plan* P, floating* params, floating* buffers, floating* work,
+cdef inline bint all_finite(const floating* x, Py_ssize_t n) noexcept nogil:
+    """Whether x[0:n] holds no NaN or ±inf: Σ x·0 is exactly 0 then and NaN otherwise (no
+    overflow, unlike Σ x). Sixteen partial sums, so the loop vectorizes in program order."""
+    cdef floating acc[16]
+    cdef Py_ssize_t i, j, body = n - n % 16
+    for j in range(16):
+        acc[j] = 0
+    for i in range(0, body, 16):
+        for j in range(16):
+            acc[j] += x[i + j] * 0
+    for i in range(body, n):
+        acc[0] += x[i] * 0
+    for j in range(1, 16):
+        acc[0] += acc[j]
+    return acc[0] == 0
+
+
+cdef bint _infer_rows(const Plan* P, floating* params, floating* buffers, floating* work,
                       Py_ssize_t chunk_rows, const floating* X, const CSRBatch* X_csr, floating* out,
                       Py_ssize_t r0, Py_ssize_t r1) noexcept nogil:
     """out[r0:r1] for X[r0:r1] (or X_csr's rows r0:r1), chunk_rows rows at a time, on this
-    thread alone."""
+    thread alone. Returns whether the dense rows were all finite (a CSR X is validated)."""
+    cdef bint finite = True
     cdef CSRBatch chunk
     cdef Py_ssize_t start = r0, rows, d = _row(P, 0)[_plan.N_IN]
     cdef const long long* last = _row(P, P.n_layers - 1)
@@ -675,10 +703,13 @@ cdef void _infer_rows(const Plan* P, floating* params, floating* buffers, floati
             chunk.first = start
             forward_pass(P, params, buffers, work, chunk_rows, NULL, &chunk, rows, 0, 1, False, 0, 0)
         else:
+            # checked just before the product reads it: the chunk comes from memory once
+            finite = all_finite(X + start * d, rows * d) and finite
             forward_pass(P, params, buffers, work, chunk_rows, X + start * d, NULL, rows, 0, 1, False,
                          0, 0)
         memcpy(out + start * m, work + chunk_rows * last[_plan.Y_COL], rows * m * sizeof(floating))
         start += rows
+    return finite
 
 
 # -- the optimizer, from Python ------------------------------------------------------------

@@ -351,6 +351,25 @@ def test_finite_x_that_overflows_the_networks_dtype_is_a_value_error(trainer):
 
 
 @pytest.mark.parametrize("value", NON_FINITE, ids=str)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_predict_raw_finds_every_non_finite_entry_in_its_compiled_check(dtype, value):
+    # predict_raw leaves the NaN/inf check of a ready X to the compiled forward's threads:
+    # anywhere in any thread's share or chunk, and in the tail beyond the 16-wide sums
+    net = cprop.Sequential([cprop.Dense(37, 6, "relu"), cprop.Dense(6, 2)], dtype=dtype, seed=0)
+    X = np.random.default_rng(0).standard_normal((301, 37)).astype(dtype)
+    for row, col in [(0, 0), (300, 36), (150, 17), (151, 0), (299, 35), (7, 36)]:
+        bad = X.copy()
+        bad[row, col] = value
+        for n_threads, chunk_size in [(1, None), (2, None), (2, 7), (3, 1)]:
+            with pytest.raises(ValueError, match=r"(?i)\bX\b.*(nan|inf)"):
+                net.predict_raw(bad, n_threads=n_threads, chunk_size=chunk_size)
+    # the largest finite values pass: the check multiplies by 0 instead of summing
+    huge = X.copy()
+    huge[::2] = np.finfo(dtype).max
+    assert net.predict_raw(huge, n_threads=2, chunk_size=7).shape == (301, 2)   # no ValueError
+
+
+@pytest.mark.parametrize("value", NON_FINITE, ids=str)
 @pytest.mark.parametrize("entry", Y_ENTRIES)
 def test_non_finite_labels_are_a_value_error_naming_them(entry, value, trainer):
     y = Y_GOOD.astype(np.float64)
