@@ -199,6 +199,11 @@ def _launched_ranks():
         value = os.environ.get(name, "")
         if value.isdigit():
             return int(value)
+    # Slurm's `srun --mpi=pmix` wires PMIx (PMIX_RANK) but sets no size of PMIx's own: take the
+    # step's task count then, and only then (a shell inside an allocation has it as well)
+    value = os.environ.get("SLURM_STEP_NUM_TASKS", "")
+    if "PMIX_RANK" in os.environ and value.isdigit():
+        return int(value)
     return 1
 
 

@@ -807,6 +807,23 @@ def test_train_launched_as_several_mpi_processes_without_mpi4py_says_what_to_ins
     assert not (tmp_path / "m.npz").exists()
 
 
+@pytest.mark.parametrize("env, ranks", [
+    ({}, 1),
+    ({"OMPI_COMM_WORLD_SIZE": "4"}, 4),                                  # Open MPI's mpiexec
+    ({"PMI_SIZE": "3"}, 3),                                              # MPICH's Hydra, srun --mpi=pmi2
+    ({"PMIX_RANK": "0", "SLURM_STEP_NUM_TASKS": "8"}, 8),                # srun --mpi=pmix
+    ({"SLURM_STEP_NUM_TASKS": "8"}, 1),                                  # a step without PMI: not MPI
+    ({"PMIX_RANK": "0", "SLURM_STEP_NUM_TASKS": "x"}, 1),
+], ids=str)
+def test_launched_ranks_reads_what_each_launcher_sets(env, ranks, monkeypatch):
+    from cprop.__main__ import _LAUNCHER_SIZE, _launched_ranks
+    for name in (*_LAUNCHER_SIZE, "PMIX_RANK", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert _launched_ranks() == ranks
+
+
 def test_train_with_mpi_asked_for_but_one_process_trains_alone(files, tmp_path, capsys):
     pytest.importorskip("mpi4py")
     out = tmp_path / "m.npz"
