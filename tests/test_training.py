@@ -191,6 +191,30 @@ def test_threaded_epoch_equals_reference_epoch(sizes, batch_size, n, loss):
     assert results[1][1] == pytest.approx(results[0][1], rel=1e-12)
 
 
+@pytest.mark.parametrize("optimizer", [
+    lambda: cprop.SGD(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
+    lambda: cprop.Adam(lr=0.01, weight_decay=0.01),
+    lambda: cprop.AdamW(lr=0.01),
+    lambda: cprop.Adam(lr=0.01, sklearn_style=True),
+], ids=["sgd-nesterov", "adam", "adamw", "adam-sklearn"])
+def test_first_layer_wider_than_the_batch_steps_the_same_on_any_thread_count(optimizer):
+    # 200 -> 288 over batches of 32: with 2 or 3 threads each steps the columns of W it multiplied
+    # in the forward pass (column ownership); 1 thread steps all of W row by row
+    rng = np.random.default_rng(1)
+    X, y = rng.normal(size=(133, 200)), rng.integers(0, 5, 133)     # a ragged last batch of 5
+    results = []
+    for n_threads in (1, 2, 3):
+        net = make_net([200, 288, 5], hidden="relu")
+        trainer = cprop.Trainer(net, loss="cross_entropy", optimizer=optimizer(), batch_size=32, seed=0,
+                                n_threads=n_threads)
+        trainer.fit(X, y, epochs=3)
+        results.append((net.params, trainer.optimizer.state))
+    for params, state in results[1:]:
+        assert_allclose(params, results[0][0], **TOLERANCES[np.float64])
+        for got, want in zip(state, results[0][1]):
+            assert_allclose(got, want, **TOLERANCES[np.float64])
+
+
 def test_batch_larger_than_data_is_one_full_batch():
     X, y = epoch_data("mse", n=10)
     net = make_net([6, 5, 3])
