@@ -109,24 +109,30 @@ cdef inline void dense_forward(const floating* X, const floating* W, const float
                                 n_in, n_out, activation, alpha)
 
 
-cdef inline void dense_param_grads_part(const floating* X, const floating* delta,
-                                        floating* dW, floating* db,
-                                        Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out,
-                                        Py_ssize_t r0, Py_ssize_t r1,
-                                        Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
-    """dW[r0:r1] = X[:, r0:r1]ᵀ·δ  and  db[c0:c1] = Σ_i δ[i, c0:c1]."""
+cdef inline void bias_grad_cols(const floating* delta, floating* db, Py_ssize_t n, Py_ssize_t n_out,
+                                Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """db[c0:c1] = Σ_i δ[i, c0:c1]."""
     cdef Py_ssize_t i, j
     cdef const floating* row
-    if r1 > r0:
-        gemm(True, False, <int> (r1 - r0), <int> n_out, <int> n,
-             <floating> 1, X + r0, <int> n_in, delta, <int> n_out,
-             <floating> 0, dW + r0 * n_out, <int> n_out)
     for j in range(c0, c1):
         db[j] = 0
     for i in range(n):
         row = delta + i * n_out
         for j in range(c0, c1):
             db[j] += row[j]
+
+
+cdef inline void dense_param_grads_part(const floating* X, const floating* delta,
+                                        floating* dW, floating* db,
+                                        Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out,
+                                        Py_ssize_t r0, Py_ssize_t r1,
+                                        Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """dW[r0:r1] = X[:, r0:r1]ᵀ·δ  and  db[c0:c1] = Σ_i δ[i, c0:c1]."""
+    if r1 > r0:
+        gemm(True, False, <int> (r1 - r0), <int> n_out, <int> n,
+             <floating> 1, X + r0, <int> n_in, delta, <int> n_out,
+             <floating> 0, dW + r0 * n_out, <int> n_out)
+    bias_grad_cols(delta, db, n, n_out, c0, c1)
 
 
 cdef inline void dense_param_grads_cols(const floating* X, const floating* delta,
@@ -135,18 +141,11 @@ cdef inline void dense_param_grads_cols(const floating* X, const floating* delta
                                         Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
     """dW[:, c0:c1] = Xᵀ·δ[:, c0:c1]  and  db[c0:c1] = Σ_i δ[i, c0:c1]: the columns of W a
     thread computed in the forward pass, so that it also steps them."""
-    cdef Py_ssize_t i, j
-    cdef const floating* row
     if c1 > c0:
         gemm(True, False, <int> n_in, <int> (c1 - c0), <int> n,
              <floating> 1, X, <int> n_in, delta + c0, <int> n_out,
              <floating> 0, dW + c0, <int> n_out)
-    for j in range(c0, c1):
-        db[j] = 0
-    for i in range(n):
-        row = delta + i * n_out
-        for j in range(c0, c1):
-            db[j] += row[j]
+    bias_grad_cols(delta, db, n, n_out, c0, c1)
 
 
 cdef inline void dense_param_grads(const floating* X, const floating* delta,
