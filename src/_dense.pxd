@@ -80,7 +80,7 @@ cdef inline void gather_rows(const floating* source, const Py_ssize_t* rows, flo
 
 
 cdef inline void prefetch_rows(const floating* source, const Py_ssize_t* rows, Py_ssize_t r0,
-                                Py_ssize_t r1, Py_ssize_t n_in) noexcept nogil:
+                               Py_ssize_t r1, Py_ssize_t n_in) noexcept nogil:
     """Ask the cache for source[rows[r]], r in [r0, r1), a line (64 bytes) at a time: the
     next minibatch's rows arrive while this one computes, and its gather_rows hits cache."""
     cdef Py_ssize_t r, j
