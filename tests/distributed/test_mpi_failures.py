@@ -100,7 +100,9 @@ def test_ctrl_c_on_one_rank_between_epochs_interrupts_every_rank(comm):
 
 
 def test_ctrl_c_on_one_rank_mid_epoch_interrupts_every_rank_at_the_same_step(comm):
-    X, y = data(2000)
+    # epochs of 12,500 steps: longer than the compiled epoch's 0.05 s between looks at the
+    # signal flag, so the signal lands mid-epoch in both phases (the Python loop's too)
+    X, y = data(100_000)
     trainer = make(comm, batch_size=8, optimizer="adam")
     timer = None
     if comm.rank == last(comm):
@@ -227,7 +229,9 @@ def test_sparse_input_under_comm_is_refused_on_every_rank(comm, everywhere):
 
 
 def fail_share(monkeypatch, comm, call):
-    """On the last rank, its `call`-th share's gradient raises MemoryError("no memory for this share")."""
+    """On the last rank, its `call`-th share's gradient raises MemoryError("no memory for this share").
+    The epoch runs in Python (phase 1) on every rank: nothing inside the compiled one raises."""
+    monkeypatch.setenv("CPROP_MPI_EPOCH", "python")
     class Failing:
         calls = 0
 
