@@ -1053,15 +1053,16 @@ def train_epoch(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ss
         if _share(&sh, nt):
             if nt == 1:
                 sh.statuses[0] = _epoch_worker(&P, &fit, X, X_csr, T, labels, order, &params[0], &grads[0],
-                                            &state_a[0], &state_b[0], buf, &work[0], &label_buf[0],
-                                            w, w_buf, &opt, &sh, 0, 1)
+                                               &state_a[0], &state_b[0], buf, &work[0], &label_buf[0],
+                                               w, w_buf, &opt, &sh, 0, 1)
             else:
                 cprop_barrier_init(&barrier)
                 with parallel(num_threads=nt):
                     t = cprop_barrier_join(&barrier)    # nt may be more than OpenMP gave
-                    sh.statuses[t] = _epoch_worker(&P, &fit, X, X_csr, T, labels, order, &params[0], &grads[0],
-                                                &state_a[0], &state_b[0], buf, &work[0], &label_buf[0],
-                                                w, w_buf, &opt, &sh, t, omp_get_num_threads())
+                    sh.statuses[t] = _epoch_worker(&P, &fit, X, X_csr, T, labels, order, &params[0],
+                                                   &grads[0], &state_a[0], &state_b[0], buf, &work[0],
+                                                   &label_buf[0], w, w_buf, &opt, &sh, t,
+                                                   omp_get_num_threads())
                     cprop_barrier_leave()
             status = sh.statuses[0]
         else:
@@ -1203,10 +1204,10 @@ cdef struct Ranked:
     Py_ssize_t last_bs
 
 
-cdef inline bint _poll_interrupt(timespec* last, Ranked* r) noexcept nogil:
-    """Like _interrupted, every SIGNAL_CHECK_SECONDS: run Python's signal handlers (the fit's
-    own SIGINT handler sets its flag rather than raising) and read the flag."""
-    if not _signal_check_due(last):
+cdef inline bint _poll_interrupt(timespec* last, Ranked* r, bint now) noexcept nogil:
+    """Like _interrupted, every SIGNAL_CHECK_SECONDS or `now`: run Python's signal handlers
+    (the fit's own SIGINT handler sets its flag rather than raising) and read the flag."""
+    if not _signal_check_due(last) and not now:
         return False
     with gil:
         if PyErr_CheckSignals() != 0:
@@ -1289,7 +1290,8 @@ cdef int _ranked_worker(const Plan* P, const Fit* fit, const MpiSum* mpi, Ranked
             for k in range(r.n_running):
                 running[k] = running[k] * rows / bs if rows else 0
             slots[SLOT_LOSS] = batch_loss
-            slots[SLOT_INTERRUPT] = _poll_interrupt(&last_check, r)
+            # and at the last step: a signal since the last look stops this epoch, not the next
+            slots[SLOT_INTERRUPT] = _poll_interrupt(&last_check, r, s == r.n_steps - 1)
             slots[SLOT_FAILED] = 0
             slots[SLOT_REJECTED] = 0
             r.mpi_error = allreduce_sum(mpi, pack, <int> (r.n_params + r.n_running + N_SLOTS))
@@ -1384,7 +1386,8 @@ def train_epoch_mpi(const long long[:, ::1] table, const double[:, ::1] hyper, P
             raise ValueError(f"train_epoch_mpi: step {s} {tuple(steps[s])} is outside X's {n} rows")
         most = max(most, steps[s, 3] - steps[s, 2])
     if work.shape[0] < max(most, 1) * row_width + n_bstats or (order is not None and (
-            Xb.shape[0] < most or Xb.shape[1] != d or (T_ptr != NULL and (Tb.shape[0] < most or Tb.shape[1] != m))
+            Xb.shape[0] < most or Xb.shape[1] != d
+            or (T_ptr != NULL and (Tb.shape[0] < most or Tb.shape[1] != m))
             or (labels_ptr != NULL and label_buf.shape[0] < most))):
         raise ValueError("train_epoch_mpi: the workspace or gather buffers are too small for the shares")
     if order is not None:
@@ -1408,16 +1411,16 @@ def train_epoch_mpi(const long long[:, ::1] table, const double[:, ::1] hyper, P
         if _share(&sh, nt):
             if nt == 1:
                 sh.statuses[0] = _ranked_worker(&P, &fit, &mpi, &r, X_ptr, T_ptr, labels_ptr, order_ptr,
-                                             d, m, &params[0], &pack[0], &state_a[0], &state_b[0],
-                                             &work[0], Xb_ptr, Tb_ptr, label_buf_ptr, &opt, &sh, 0, 1)
+                                                d, m, &params[0], &pack[0], &state_a[0], &state_b[0],
+                                                &work[0], Xb_ptr, Tb_ptr, label_buf_ptr, &opt, &sh, 0, 1)
             else:
                 cprop_barrier_init(&barrier)
                 with parallel(num_threads=nt):
                     t = cprop_barrier_join(&barrier)    # nt may be more than OpenMP gave
                     sh.statuses[t] = _ranked_worker(&P, &fit, &mpi, &r, X_ptr, T_ptr, labels_ptr,
-                                                 order_ptr, d, m, &params[0], &pack[0], &state_a[0],
-                                                 &state_b[0], &work[0], Xb_ptr, Tb_ptr, label_buf_ptr,
-                                                 &opt, &sh, t, omp_get_num_threads())
+                                                    order_ptr, d, m, &params[0], &pack[0], &state_a[0],
+                                                    &state_b[0], &work[0], Xb_ptr, Tb_ptr, label_buf_ptr,
+                                                    &opt, &sh, t, omp_get_num_threads())
                     cprop_barrier_leave()
             status = sh.statuses[0]
         else:
