@@ -1,10 +1,14 @@
 """Synchronous data-parallel training over MPI, through mpi4py: ``Trainer(..., comm=MPI.COMM_WORLD)``.
 
 Every rank holds the whole network. ``batch_size`` is the global batch: each
-rank computes the gradient of its share of every global batch in one compiled
-call (:func:`_core.batch_gradient`, with the loss scaled by its share of the
-rows), one allreduce sums the shares together with the loss and the status
-flags, and every rank applies the same optimizer step to the same sum. So the
+rank computes the gradient of its share of every global batch (with the loss
+scaled by its share of the rows), one allreduce sums the shares together with
+the loss and the status flags, and every rank applies the same optimizer step
+to the same sum. The epoch's loop runs in one compiled call, calling
+MPI_Allreduce itself (:func:`_core.train_epoch_mpi`, "phase 2"), or, for local
+SGD or when that function cannot be bound, in Python around
+:func:`_core.batch_gradient` and mpi4py's allreduce ("phase 1"; see
+:func:`_compiled_allreduce`). So the
 parameters stay bitwise identical across ranks, and N ranks train as one
 process with the same seed and batch size does, up to the rounding of sums
 taken in another order.
