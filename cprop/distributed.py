@@ -8,10 +8,9 @@ to the same sum. The epoch's loop runs in one compiled call, calling
 MPI_Allreduce itself (:func:`_core.train_epoch_mpi`, "phase 2"), or, for local
 SGD or when that function cannot be bound, in Python around
 :func:`_core.batch_gradient` and mpi4py's allreduce ("phase 1"; see
-:func:`_compiled_allreduce`). So the
-parameters stay bitwise identical across ranks, and N ranks train as one
-process with the same seed and batch size does, up to the rounding of sums
-taken in another order.
+:func:`_compiled_allreduce`). So the parameters stay bitwise identical across
+ranks, and N ranks train as one process with the same seed and batch size
+does, up to the rounding of sums taken in another order.
 
 No rank decides alone. Whatever ends or changes the loop (a non-finite loss or
 step, Ctrl-C on any rank, a callback's stop, an error anywhere) is taken from
