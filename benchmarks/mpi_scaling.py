@@ -4,7 +4,9 @@
     python benchmarks/mpi_scaling.py --workload wide --rounds 3 --epochs 2
 
 Each round launches, in an order rotated from round to round, one job per
-configuration: ``mpiexec -n 2`` with ``Trainer(comm=MPI.COMM_WORLD, n_threads=1)``;
+configuration: ``mpiexec -n 2`` with ``Trainer(comm=MPI.COMM_WORLD, n_threads=1)``,
+its epoch compiled with the allreduce inside (phase 2) and, as an A/B, the same job with
+``CPROP_MPI_EPOCH=python`` (phase 1: the allreduce from Python between compiled calls);
 one process with ``n_threads=2`` (the fused compiled epoch); one with
 ``n_threads=1``. Every job trains the workload of ``cprop bench`` (random data,
 relu hidden layers, SGD lr 0.01 momentum 0.9, float32) in one fit of 1 + E
@@ -32,7 +34,9 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-CONFIGS = ("2 ranks x 1 thread", "1 process x 2 threads", "1 process x 1 thread")
+CONFIGS = ("2 ranks x 1 thread", "2 ranks x 1 thread, phase 1", "1 process x 2 threads",
+           "1 process x 1 thread")
+MPI_CONFIGS = CONFIGS[:2]
 
 
 def _median_seconds(fn, repeats):
@@ -102,11 +106,13 @@ def launch(config, args, mpiexec):
     script = [sys.executable, os.path.abspath(__file__), "--worker", "--workload", args.workload,
               "--epochs", str(args.epochs), "--scale", str(args.scale)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    if config == CONFIGS[0]:
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-        cmd = [mpiexec, *args.mpiexec_args.split(), "-n", "2", *script, "--mpi", "--threads", "1"]
+    if config in MPI_CONFIGS:
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+                   CPROP_MPI_EPOCH="python" if config == CONFIGS[1] else "compiled")
+        cmd = [mpiexec, *args.mpiexec_args.split(), "-x", "CPROP_MPI_EPOCH", "-n", "2", *script, "--mpi",
+               "--threads", "1"]
     else:
-        cmd = [*script, "--threads", "2" if config == CONFIGS[1] else "1"]
+        cmd = [*script, "--threads", "2" if config == CONFIGS[2] else "1"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -133,28 +139,35 @@ def driver(args):
         results = {c: [] for c in CONFIGS}
         loads = []
         for r in range(args.rounds):
-            order = CONFIGS[r % 3:] + CONFIGS[:r % 3]
+            order = CONFIGS[r % len(CONFIGS):] + CONFIGS[:r % len(CONFIGS)]
             for config in order:
                 time.sleep(0.5)        # let the previous job's threads stop spinning
                 loads.append(os.getloadavg()[0])
                 results[config].append(launch(config, args_w, mpiexec))
         sps = {c: statistics.median(x["samples_per_second"] for x in results[c]) for c in CONFIGS}
-        ratios = [statistics.median(a["samples_per_second"] / b["samples_per_second"]
-                                    for a, b in zip(results[CONFIGS[0]], results[c])) for c in CONFIGS[1:]]
+        # each MPI job against the 1 x 2 and 1 x 1 jobs of its round
+        ratios = [[statistics.median(a["samples_per_second"] / b["samples_per_second"]
+                                     for a, b in zip(results[m], results[c])) for c in CONFIGS[2:]]
+                  for m in MPI_CONFIGS]
         parts = {k: statistics.median(x["batch_ms"][k] for x in results[CONFIGS[0]])
                  for k in ("gradient", "allreduce", "step")}
         w = bench.WORKLOADS[name]
         rows.append((name, w, sps, ratios, parts, results[CONFIGS[0]][0]["gradient_bytes"], loads))
-        print(json.dumps({"workload": name, "samples_per_second": sps, "batch_ms": parts, "load": loads,
+        # a global batch's wall time in each configuration, beside the parts timed alone
+        per_batch = {c: 1e3 * w.batch_size / sps[c] for c in CONFIGS}
+        print(json.dumps({"workload": name, "samples_per_second": sps, "batch_ms": parts,
+                          "global_batch_ms": per_batch, "load": loads,
                           "rounds": {c: [round(x["samples_per_second"]) for x in results[c]] for c in CONFIGS}}),
               flush=True)
     print()
-    print("| workload | layers | batch | 2 ranks × 1 thread / 1 × 2 threads | 2 ranks × 1 thread / 1 × 1 thread "
-          "| samples/s: 2 × 1, 1 × 2, 1 × 1 | per batch and rank, ms: gradient of the share, allreduce "
-          "(MB), step | load average |")
+    print("| workload | layers | batch | 2 ranks × 1 thread / 1 × 2 threads: phase 2, phase 1 "
+          "| 2 ranks × 1 thread / 1 × 1 thread: phase 2, phase 1 "
+          "| samples/s: 2 × 1 (phase 2, phase 1), 1 × 2, 1 × 1 | per batch and rank, phase 1's parts "
+          "alone, ms: gradient of the share, allreduce (MB), step | load average |")
     print("|---|---|---|---|---|---|---|---|")
     for name, w, sps, ratios, parts, nbytes, loads in rows:
-        print(f"| {name} | {w.layers} | {w.batch_size} | {ratios[0]:.0%} | {ratios[1]:.2f}x "
+        print(f"| {name} | {w.layers} | {w.batch_size} | {ratios[0][0]:.0%}, {ratios[1][0]:.0%} "
+              f"| {ratios[0][1]:.2f}x, {ratios[1][1]:.2f}x "
               f"| {', '.join(f'{sps[c]:,.0f}' for c in CONFIGS)} | {parts['gradient']:.2f}, "
               f"{parts['allreduce']:.2f} ({nbytes / 1e6:.2f}), {parts['step']:.2f} "
               f"| {min(loads):.1f}-{max(loads):.1f} |")

@@ -1,13 +1,16 @@
 """Synchronous data-parallel training over MPI, through mpi4py: ``Trainer(..., comm=MPI.COMM_WORLD)``.
 
 Every rank holds the whole network. ``batch_size`` is the global batch: each
-rank computes the gradient of its share of every global batch in one compiled
-call (:func:`_core.batch_gradient`, with the loss scaled by its share of the
-rows), one allreduce sums the shares together with the loss and the status
-flags, and every rank applies the same optimizer step to the same sum. So the
-parameters stay bitwise identical across ranks, and N ranks train as one
-process with the same seed and batch size does, up to the rounding of sums
-taken in another order.
+rank computes the gradient of its share of every global batch (with the loss
+scaled by its share of the rows), one allreduce sums the shares together with
+the loss and the status flags, and every rank applies the same optimizer step
+to the same sum. The epoch's loop runs in one compiled call, calling
+MPI_Allreduce itself (:func:`_core.train_epoch_mpi`, "phase 2"), or, for local
+SGD or when that function cannot be bound, in Python around
+:func:`_core.batch_gradient` and mpi4py's allreduce ("phase 1"; see
+:func:`_compiled_allreduce`). So the parameters stay bitwise identical across
+ranks, and N ranks train as one process with the same seed and batch size
+does, up to the rounding of sums taken in another order.
 
 No rank decides alone. Whatever ends or changes the loop (a non-finite loss or
 step, Ctrl-C on any rank, a callback's stop, an error anywhere) is taken from
@@ -238,6 +241,59 @@ def check_threads(ranks, n_threads):
         RuntimeWarning, stacklevel=6)   # < _buffers < prepare < fit < Trainer.fit < the caller
 
 
+# -- phase 2: the allreduce called from the compiled epoch ------------------------------------
+
+def _compiled_allreduce(ranks, dtype, count, wanted):
+    """mpi4py's handles (communicator, datatype, SUM, IN_PLACE, as integers) for
+    :func:`_core.train_epoch_mpi`, which runs an epoch's global batches in one compiled call
+    without the GIL, or None when the epoch stays in Python (phase 1: one
+    ``comm.Allreduce`` per batch between compiled calls). Agreed on every rank.
+
+    Phase 2 serves every fit under comm except local SGD (``average_every``, which
+    allreduces flags and averages parameters on a schedule of its own). It needs
+    MPI_Allreduce from the library mpi4py loaded (``_core._bind_mpi``, no MPI at build
+    time), checked once per fit on a tiny allreduce against mpi4py's own; when anything
+    fails on any rank, every rank stays on phase 1 and rank 0 warns.
+    ``CPROP_MPI_EPOCH=python`` forces phase 1: a diagnostic, for comparing the two."""
+    MPI, comm = ranks.MPI, ranks.comm
+    forced = os.environ.get("CPROP_MPI_EPOCH", "").strip().lower() == "python"
+    # one rank's setting (the environment differs between ranks) decides for all
+    if not comm.allreduce(wanted and not forced and count < 2**31, op=MPI.LAND):
+        return None
+    handles, reason = None, "on another rank"
+    try:
+        if not _core._bind_mpi(MPI.__file__):
+            raise RuntimeError(f"MPI_Allreduce not found through {MPI.__file__}")
+        in_place = int(MPI.IN_PLACE)        # MPI_IN_PLACE's value: 1 in Open MPI, -1 in MPICH
+        handles = (MPI._handleof(comm), MPI._handleof(MPI.FLOAT if dtype == np.float32 else MPI.DOUBLE),
+                   MPI._handleof(MPI.SUM), in_place - 2**64 if in_place >= 2**63 else in_place)
+    except Exception as exc:
+        handles, reason = None, _describe(exc)
+    bound = comm.allreduce(handles is not None, op=MPI.LAND)
+    if bound:
+        # every rank calls the bound function: a collective, checked against mpi4py's sum
+        probe = np.array([ranks.rank + 1, 0.5 ** (ranks.rank + 1), -3.0, 1e30], dtype=dtype)
+        expected = np.empty_like(probe)
+        comm.Allreduce(probe, expected, op=MPI.SUM)
+        code = _core.mpi_allreduce(handles, probe)
+        ok = code == 0 and np.array_equal(probe, expected)
+        if not ok:
+            reason = f"the bound MPI_Allreduce returned {code} and {probe}, mpi4py's {expected}"
+        bound = comm.allreduce(ok, op=MPI.LAND)
+    if bound:
+        return handles
+    error = None
+    try:     # raised where rank 0's warning filters make it an error
+        if ranks.rank == 0:
+            warnings.warn(f"cprop could not call MPI_Allreduce from its compiled epoch ({reason}); each "
+                          "global batch's allreduce goes through mpi4py instead (same results, slower)",
+                          RuntimeWarning, stacklevel=6)
+    except Exception as exc:
+        error = exc
+    ranks.agree(error)
+    return None
+
+
 # -- the fit ----------------------------------------------------------------------------------
 
 def fit(trainer, X, y, epochs, validation_data, validation_split, callbacks, verbose, checkpoint,
@@ -398,6 +454,9 @@ class _Fit:
         except Exception as exc:
             error = exc
         self.ranks.agree(error)
+        self.step_table = np.array(self.steps, dtype=np.int64).reshape(-1, 4)
+        self.handles = _compiled_allreduce(self.ranks, net._dtype, self.pack.size,
+                                           wanted=trainer.average_every is None)
 
     def _steps(self, rank):
         """(global rows of the step, global row index of this rank's first row, local start,
@@ -520,8 +579,21 @@ class _Fit:
             averaging = _Averaging(ranks, net, running, state_a, state_b, cfg)
         status, loss_sum, n_seen, last_bs = _core.OK, 0.0, 0, 0
         start_time = time.perf_counter()
+        # phase 2 (see _compiled_allreduce): the whole loop below in one compiled call
+        steps = self.steps if self.handles is None else ()
         try:
-            for step, (bs, row_base, a, b) in enumerate(self.steps, start=1):
+            if self.handles is not None:
+                settings["loss_scale"] = loss_scale
+                try:
+                    status, loss_sum, n_seen, last_bs, cfg["step"] = _core.train_epoch_mpi(
+                        table, hyper, row_width, n_bstats, settings, cfg, self.handles, self.step_table,
+                        X, T, labels, order, net._params, pack, running.size if weighted_running else 0,
+                        state_a, state_b, self.work, self.Xb, self.Tb, self.Lb, self.interrupted)
+                except KeyboardInterrupt:     # raised by a handler not the fit's: all ranks stopped
+                    status = _core.INTERRUPTED
+                if status == _core.MPI_ERROR:
+                    raise DistributedError("MPI_Allreduce failed inside the compiled epoch")
+            for step, (bs, row_base, a, b) in enumerate(steps, start=1):
                 rows = b - a
                 failed = None
                 slots[...] = 0

@@ -32,12 +32,14 @@ from _norm cimport (layernorm_forward_rows, layernorm_backward_rows, batchnorm_s
                     batchnorm_forward_rows, batchnorm_eval_stats, batchnorm_grad_sums_cols,
                     batchnorm_backward_rows, affine_param_grads_cols)
 from _losses cimport loss_and_grad, CROSS_ENTROPY, MSE, BINARY_CROSS_ENTROPY, POISSON
-from _optim cimport Optim, optim_block, optim_range, optim_step, ADAM, SGD
+from _optim cimport Optim, optim_block, optim_range, ADAM, SGD, MIN_PARAMS_PER_THREAD
 cimport _plan
 from _plan cimport Plan, DENSE, DROPOUT, BATCHNORM, LAYERNORM
 
 from _blas cimport cprop_bind_gemm, cprop_dlsym
 from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
+from cpython.ref cimport PyObject
+from _mpi cimport MpiSum, allreduce_sum, cprop_bind_mpi, cprop_mpi_allreduce
 
 
 cdef bint _gemm_works() noexcept:
@@ -745,27 +747,49 @@ cdef Optim make_optim(dict config):
     return opt
 
 
+cdef Py_ssize_t _step_slice(const long long* table, Py_ssize_t n_layers, const Optim* opt,
+                            floating* params, const floating* grads, floating* state_a,
+                            floating* state_b, double batch_weight, int t, int nt) noexcept nogil:
+    """Thread t of nt's slice of one optimizer step: the same share of every layer's weights
+    (W, γ: decayed) and of its biases (b, β: decayed when decay_bias). Each value's update
+    reads only its own gradient and state, so any split gives the same bits. Returns the
+    count of updates refused as non-finite."""
+    cdef Py_ssize_t rejected = 0, layer, off, n_w, n_b
+    cdef const long long* T
+    for layer in range(n_layers):
+        T = table + layer * _plan.N_PLAN_INT
+        if T[_plan.N_PARAM] == 0:
+            continue
+        off = T[_plan.PARAM]
+        n_w = T[_plan.N_IN] * T[_plan.N_OUT] if T[_plan.KIND] == DENSE else T[_plan.N_OUT]
+        n_b = T[_plan.N_PARAM] - n_w
+        rejected += optim_range(opt, params, grads, state_a, state_b, off + n_w * t // nt,
+                                off + n_w * (t + 1) // nt, True, batch_weight)
+        rejected += optim_range(opt, params, grads, state_a, state_b, off + n_w + n_b * t // nt,
+                                off + n_w + n_b * (t + 1) // nt, opt.decay_bias, batch_weight)
+    return rejected
+
+
 def optimizer_step(dict config, const long long[:, ::1] table, floating[::1] params,
                    const floating[::1] grads, floating[::1] state_a, floating[::1] state_b,
                    Py_ssize_t batch_rows, int n_threads):
     """One optimizer step over the flat parameters: each layer's weights (W, γ) decayed, its
     biases (b, β) when decay_bias. Returns (rejected values, Adam's new step count)."""
     cdef Optim opt = make_optim(config)
-    cdef Py_ssize_t rejected = 0, layer, off, n_w
-    cdef const long long* T
+    cdef Py_ssize_t rejected = 0
+    cdef int t, nt = n_threads
+    if params.shape[0] // MIN_PARAMS_PER_THREAD < nt:   # small steps are faster on one thread
+        nt = <int> (params.shape[0] // MIN_PARAMS_PER_THREAD)
     if opt.kind == ADAM:
         opt.step += 1
     with nogil:
-        for layer in range(table.shape[0]):
-            T = &table[layer, 0]
-            if T[_plan.N_PARAM] == 0:
-                continue
-            off = T[_plan.PARAM]
-            n_w = T[_plan.N_IN] * T[_plan.N_OUT] if T[_plan.KIND] == DENSE else T[_plan.N_OUT]
-            rejected += optim_step(&opt, &params[0], &grads[0], &state_a[0], &state_b[0], off, off + n_w,
-                                   True, batch_rows, n_threads)
-            rejected += optim_step(&opt, &params[0], &grads[0], &state_a[0], &state_b[0], off + n_w,
-                                   off + T[_plan.N_PARAM], opt.decay_bias, batch_rows, n_threads)
+        if nt <= 1:
+            rejected = _step_slice(&table[0, 0], table.shape[0], &opt, &params[0], &grads[0],
+                                   &state_a[0], &state_b[0], batch_rows, 0, 1)
+        else:
+            for t in prange(nt, num_threads=nt, schedule='static'):
+                rejected += _step_slice(&table[0, 0], table.shape[0], &opt, &params[0], &grads[0],
+                                        &state_a[0], &state_b[0], batch_rows, t, nt)
     return rejected, opt.step
 
 
@@ -787,22 +811,48 @@ cdef inline bint _interrupted(timespec* last) noexcept nogil:
     True means a handler raised (KeyboardInterrupt): the exception stays set
     for the caller to propagate once it holds the GIL again.
     """
+    if not _signal_check_due(last):
+        return False
+    with gil:
+        return PyErr_CheckSignals() != 0
+
+
+cdef inline bint _signal_check_due(timespec* last) noexcept nogil:
+    """Whether SIGNAL_CHECK_SECONDS have passed since `last` (then `last` becomes now)."""
     cdef timespec now
     clock_gettime(CLOCK_MONOTONIC, &now)
     if (now.tv_sec - last.tv_sec) + 1e-9 * (now.tv_nsec - last.tv_nsec) < SIGNAL_CHECK_SECONDS:
         return False
     last[0] = now
-    with gil:
-        return PyErr_CheckSignals() != 0
+    return True
 
 
 cdef struct Shared:
     # what the epoch's threads share (anything assigned inside a parallel block is private)
     double* part_loss
     Py_ssize_t* part_rejected
+    int* statuses
     int interrupted
     double loss_sum
     Py_ssize_t n_seen
+
+
+cdef bint _share(Shared* sh, int nt) noexcept nogil:
+    """Zero totals and per-thread arrays for a team of nt; whether they could be allocated
+    (free them with _unshare either way)."""
+    sh.interrupted = 0
+    sh.loss_sum = 0
+    sh.n_seen = 0
+    sh.statuses = <int*> calloc(nt, sizeof(int))
+    sh.part_loss = <double*> calloc(nt, sizeof(double))
+    sh.part_rejected = <Py_ssize_t*> calloc(nt, sizeof(Py_ssize_t))
+    return sh.statuses != NULL and sh.part_loss != NULL and sh.part_rejected != NULL
+
+
+cdef void _unshare(Shared* sh) noexcept nogil:
+    free(sh.statuses)
+    free(sh.part_loss)
+    free(sh.part_rejected)
 
 
 cdef int _epoch_worker(const Plan* P, const Fit* fit, const floating[:, ::1] X,
@@ -1006,7 +1056,6 @@ def train_epoch(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ss
     cdef Fit fit
     cdef Shared sh
     cdef int t, nt, status = STATUS_OK
-    cdef int* statuses
     cdef floating* buf = &buffers[0] if buffers.shape[0] else NULL
     cdef const floating* w = NULL if weights is None else &weights[0]
     cdef floating* w_buf = NULL if weight_buf is None else &weight_buf[0]
@@ -1016,33 +1065,26 @@ def train_epoch(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ss
     fit.gather = settings["gather"]
     fit.seed = settings["seed"]
     fit.n_threads = settings["n_threads"]
-    sh.interrupted = 0
-    sh.loss_sum = 0
-    sh.n_seen = 0
     with nogil:
         nt = threads_for(3 * _pass_flops(&P, fit.batch_size), fit.batch_size, fit.n_threads)
-        statuses = <int*> calloc(nt, sizeof(int))
-        sh.part_loss = <double*> calloc(nt, sizeof(double))
-        sh.part_rejected = <Py_ssize_t*> calloc(nt, sizeof(Py_ssize_t))
-        if statuses != NULL and sh.part_loss != NULL and sh.part_rejected != NULL:
+        if _share(&sh, nt):
             if nt == 1:
-                statuses[0] = _epoch_worker(&P, &fit, X, X_csr, T, labels, order, &params[0], &grads[0],
-                                            &state_a[0], &state_b[0], buf, &work[0], &label_buf[0],
-                                            w, w_buf, &opt, &sh, 0, 1)
+                sh.statuses[0] = _epoch_worker(&P, &fit, X, X_csr, T, labels, order, &params[0], &grads[0],
+                                               &state_a[0], &state_b[0], buf, &work[0], &label_buf[0],
+                                               w, w_buf, &opt, &sh, 0, 1)
             else:
                 cprop_barrier_init(&barrier)
                 with parallel(num_threads=nt):
                     t = cprop_barrier_join(&barrier)    # nt may be more than OpenMP gave
-                    statuses[t] = _epoch_worker(&P, &fit, X, X_csr, T, labels, order, &params[0], &grads[0],
-                                                &state_a[0], &state_b[0], buf, &work[0], &label_buf[0],
-                                                w, w_buf, &opt, &sh, t, omp_get_num_threads())
+                    sh.statuses[t] = _epoch_worker(&P, &fit, X, X_csr, T, labels, order, &params[0],
+                                                   &grads[0], &state_a[0], &state_b[0], buf, &work[0],
+                                                   &label_buf[0], w, w_buf, &opt, &sh, t,
+                                                   omp_get_num_threads())
                     cprop_barrier_leave()
-            status = statuses[0]
+            status = sh.statuses[0]
         else:
             status = STATUS_NO_MEMORY
-        free(statuses)
-        free(sh.part_loss)
-        free(sh.part_rejected)
+        _unshare(&sh)
     if status == STATUS_NO_MEMORY:
         raise MemoryError("cprop could not allocate the training loop's per-thread buffers")
     if status == STATUS_INTERRUPTED:
@@ -1124,3 +1166,288 @@ def batch_gradient(const long long[:, ::1] table, const double[:, ::1] hyper, Py
             total += part_loss[k]
     free(part_loss)
     return total
+
+
+# -- a distributed epoch: every global batch's allreduce inside the compiled loop -------------
+
+def _bind_mpi(str module):
+    """Bind MPI_Allreduce from the MPI library mpi4py loaded (`module`: its MPI extension's
+    file, already loaded; nothing is loaded anew); whether it was found. See _mpi.pxd."""
+    import os
+    return bool(cprop_bind_mpi(os.fsencode(module)))
+
+
+cdef int _mpi_sum(MpiSum* s, tuple handles) except -1:
+    """`s` from (comm, datatype, op, in_place): mpi4py's handles as integers."""
+    if cprop_mpi_allreduce == NULL:
+        raise RuntimeError("MPI_Allreduce is not bound (_bind_mpi)")
+    s.comm, s.datatype, s.op, s.in_place = handles
+    return 0
+
+
+def mpi_allreduce(tuple handles, floating[::1] buf):
+    """buf := its sum over the ranks, in place, through the bound MPI_Allreduce (a
+    collective call: every rank of the communicator makes it). Returns MPI's error code."""
+    cdef MpiSum s
+    cdef int code
+    _mpi_sum(&s, handles)
+    with nogil:
+        code = allreduce_sum(&s, &buf[0], <int> buf.shape[0])
+    return code
+
+
+# the values after the flat gradient (and running statistics) in the allreduced pack;
+# cprop/distributed.py's _LOSS, _INTERRUPT, _FAILED, _REJECTED, _N_SLOTS (a test checks)
+cdef enum:
+    SLOT_LOSS = 0
+    SLOT_INTERRUPT = 1
+    SLOT_FAILED = 2
+    SLOT_REJECTED = 3
+    N_SLOTS = 4
+    STATUS_MPI_ERROR = 5
+
+PACK_SLOTS = (SLOT_LOSS, SLOT_INTERRUPT, SLOT_FAILED, SLOT_REJECTED, N_SLOTS)
+MPI_ERROR = STATUS_MPI_ERROR
+
+
+cdef struct Ranked:
+    # a distributed epoch's steps and what its team shares
+    const long long* steps      # per step: global rows bs, row_base, local rows [a, b)
+    Py_ssize_t n_steps
+    Py_ssize_t n_params, n_running
+    PyObject* flag              # the fit's Ctrl-C flag (a list [bool]), read with the GIL
+    int pending                 # a signal handler raised: its exception is set
+    int mpi_error
+    Py_ssize_t last_bs
+
+
+cdef inline bint _poll_interrupt(timespec* last, Ranked* r, bint now) noexcept nogil:
+    """Like _interrupted, every SIGNAL_CHECK_SECONDS or `now`: run Python's signal handlers
+    (the fit's own SIGINT handler sets its flag rather than raising) and read the flag."""
+    if not _signal_check_due(last) and not now:
+        return False
+    with gil:
+        if PyErr_CheckSignals() != 0:
+            r.pending = 1       # another handler raised: it propagates after the loop
+            return True
+        return bool((<object> r.flag)[0])
+
+
+cdef int _ranked_worker(const Plan* P, const Fit* fit, const MpiSum* mpi, Ranked* r,
+                        const floating* X, const floating* T, const Py_ssize_t* labels,
+                        const Py_ssize_t* order, Py_ssize_t d, Py_ssize_t m, floating* params,
+                        floating* pack, floating* state_a, floating* state_b, floating* work,
+                        floating* Xb, floating* Tb, Py_ssize_t* label_buf, Optim* shared_opt,
+                        Shared* sh, int t, int nt) noexcept nogil:
+    """Thread t of nt's share of a distributed epoch; every thread runs this same loop.
+
+    Per global batch of bs rows: this rank's rows [a, b) of it (gathered through `order`
+    when shuffled) through _gradient_worker, with the loss scaled by (b - a)/bs, into the
+    pack's gradient; thread 0 (OpenMP's master, the thread that called: MPI allows it
+    under MPI_THREAD_FUNNELED) fills the pack's slots and sums the pack over the ranks
+    between two barriers; then every rank, holding the same sum, takes the same step, each
+    thread its slice. Every decision is read from the summed pack, so all threads of all
+    ranks leave the loop at the same step."""
+    cdef Fit share = fit[0]
+    cdef Optim opt = shared_opt[0]   # a private copy: Adam's step count advances in each alike
+    cdef floating* grads = pack
+    cdef floating* running = pack + r.n_params
+    cdef floating* slots = pack + r.n_params + r.n_running
+    cdef Py_ssize_t s, k, bs, a, b, rows, r0, r1, rejected
+    cdef long long row_base
+    cdef const floating* X_in
+    cdef const floating* T_in
+    cdef const Py_ssize_t* labels_in
+    cdef double batch_loss
+    cdef timespec last_check
+    cdef int n_working, status = STATUS_OK
+    clock_gettime(CLOCK_MONOTONIC, &last_check)
+    for s in range(r.n_steps):
+        bs = r.steps[4 * s]
+        row_base = r.steps[4 * s + 1]
+        a = r.steps[4 * s + 2]
+        b = r.steps[4 * s + 3]
+        rows = b - a
+        # the threads batch_gradient would use for these rows (phase 1's, so that both phases
+        # round alike): the whole team or, for a small share, thread 0 alone while the
+        # others wait at the barrier below (a count in between takes the whole team)
+        n_working = threads_for(3 * _pass_flops(P, rows), rows, fit.n_threads)
+        n_working = nt if n_working > 1 else 1
+        r0 = rows * t // n_working
+        r1 = rows * (t + 1) // n_working
+        sh.part_loss[t] = 0
+        if rows and t < n_working:
+            X_in = X + a * d
+            T_in = T + a * m if T != NULL else NULL
+            labels_in = labels + a if labels != NULL else NULL
+            if order != NULL:
+                gather_rows(X, order + a, Xb, r0, r1, d)
+                X_in = Xb
+                if T != NULL:
+                    gather_rows(T, order + a, Tb, r0, r1, m)
+                    T_in = Tb
+                if labels != NULL:
+                    for k in range(r0, r1):
+                        label_buf[k] = labels[order[a + k]]
+                    labels_in = label_buf
+            # this rank's rows count as rows/bs of the global batch's mean loss
+            share.loss_scale = fit.loss_scale * rows / bs
+            _gradient_worker(P, &share, X_in, <CSRBatch*> NULL, T_in, labels_in, <floating*> NULL, rows,
+                             params, grads, running, work, rows, row_base, sh.part_loss, t, n_working)
+        elif not rows:
+            # no rows of this batch here: this rank adds nothing to the sum
+            for k in range(r.n_params * t // nt, r.n_params * (t + 1) // nt):
+                grads[k] = 0
+        _sync(nt)
+        if t == 0:
+            batch_loss = 0
+            for k in range(nt):
+                batch_loss += sh.part_loss[k]
+            # the running statistics' sum over the ranks is their mean weighted by rows
+            for k in range(r.n_running):
+                running[k] = running[k] * rows / bs if rows else 0
+            slots[SLOT_LOSS] = batch_loss
+            # and at the last step: a signal since the last look stops this epoch, not the next
+            slots[SLOT_INTERRUPT] = _poll_interrupt(&last_check, r, s == r.n_steps - 1)
+            slots[SLOT_FAILED] = 0
+            slots[SLOT_REJECTED] = 0
+            r.mpi_error = allreduce_sum(mpi, pack, <int> (r.n_params + r.n_running + N_SLOTS))
+        _sync(nt)
+        if r.mpi_error:
+            status = STATUS_MPI_ERROR
+            break
+        batch_loss = slots[SLOT_LOSS]
+        if not isfinite(batch_loss):
+            status = STATUS_NONFINITE_LOSS   # before this step changed anything
+            break
+        if opt.kind == ADAM:
+            opt.step += 1
+        sh.part_rejected[t] = _step_slice(P.t, P.n_layers, &opt, params, grads, state_a, state_b,
+                                          bs, t, nt)
+        _sync(nt)
+        rejected = 0
+        for k in range(nt):
+            rejected += sh.part_rejected[k]
+        if t == 0:
+            r.last_bs = bs
+        if rejected:
+            status = STATUS_NONFINITE_STEP
+            break
+        if t == 0:
+            sh.loss_sum += batch_loss * bs
+            sh.n_seen += bs
+        if slots[SLOT_INTERRUPT]:
+            status = STATUS_INTERRUPTED
+            break
+    if t == 0:
+        shared_opt.step = opt.step
+    return status
+
+
+def train_epoch_mpi(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ssize_t row_width,
+                    Py_ssize_t n_bstats, dict settings, dict optimizer, tuple handles,
+                    const long long[:, ::1] steps, const floating[:, ::1] X, const floating[:, ::1] T,
+                    const Py_ssize_t[::1] labels, const Py_ssize_t[::1] order, floating[::1] params,
+                    floating[::1] pack, Py_ssize_t n_running, floating[::1] state_a,
+                    floating[::1] state_b, floating[::1] work, floating[:, ::1] Xb,
+                    floating[:, ::1] Tb, Py_ssize_t[::1] label_buf, list interrupted):
+    """One epoch of data-parallel training without the GIL, the allreduce of every global
+    batch called from the compiled loop (through the MPI_Allreduce _bind_mpi bound; handles:
+    mpi4py's (comm, datatype of the dtype, SUM, IN_PLACE) as integers).
+
+    steps: one row (bs, row_base, a, b) per global batch, as _Fit._steps gives them; this
+    rank's rows of it are rows a:b of X (of order[a:b], when order is not None). pack: the
+    flat gradient, then n_running running statistics (this rank's, on entry: the network's),
+    then the slots PACK_SLOTS names; it is summed over the ranks once per step. Xb, Tb,
+    label_buf: gather buffers of the largest share (T, labels: one of them is empty). The
+    semantics are those of the Python loop in _Fit.epoch (phase 1), which this replaces.
+
+    Returns (status, summed loss over completed steps, samples in them, the last step's
+    global rows, Adam's step count). Ctrl-C: the fit's handler sets interrupted[0]; the loop
+    polls it and carries it in the pack, so every rank stops after the same step; when
+    another handler raised instead, its exception propagates after the loop (all ranks
+    stopped), optimizer["step"] updated first.
+    """
+    cdef Plan P = make_plan(table, hyper, row_width, n_bstats)
+    cdef MpiSum mpi
+    cdef Ranked r
+    cdef cprop_team_barrier barrier
+    cdef Optim opt = make_optim(optimizer)
+    cdef Fit fit
+    cdef Shared sh
+    cdef Py_ssize_t s, most = 0, n = X.shape[0], d = X.shape[1], n_params = params.shape[0]
+    cdef Py_ssize_t m = T.shape[1] if T.shape[0] else 0
+    cdef int t, nt, status = STATUS_OK
+    cdef const floating* X_ptr = &X[0, 0] if n and d else NULL
+    cdef const floating* T_ptr = &T[0, 0] if T.shape[0] else NULL
+    cdef const Py_ssize_t* labels_ptr = &labels[0] if labels.shape[0] else NULL
+    cdef const Py_ssize_t* order_ptr = NULL if order is None else &order[0]
+    cdef floating* Xb_ptr = &Xb[0, 0] if Xb.shape[0] else NULL
+    cdef floating* Tb_ptr = &Tb[0, 0] if Tb.shape[0] and T_ptr != NULL else NULL
+    cdef Py_ssize_t* label_buf_ptr = &label_buf[0] if label_buf.shape[0] else NULL
+    _mpi_sum(&mpi, handles)
+    # the steps and buffers come from _Fit; checked once here, since the loop trusts them
+    if steps.shape[1] != 4 or pack.shape[0] != n_params + n_running + N_SLOTS or n_running < 0:
+        raise ValueError("train_epoch_mpi: steps must be (n_steps, 4) and pack hold the gradient, "
+                         "the running statistics and the slots")
+    if pack.shape[0] > 2**31 - 1:
+        raise ValueError("train_epoch_mpi: the pack exceeds MPI's int count")
+    if (T_ptr == NULL) == (labels_ptr == NULL) and n:
+        raise ValueError("train_epoch_mpi: pass targets T or labels, the other empty")
+    if (T_ptr != NULL and T.shape[0] != n) or (labels_ptr != NULL and labels.shape[0] != n) or (
+            order is not None and order.shape[0] != n):
+        raise ValueError("train_epoch_mpi: T, labels and order must have X's rows")
+    for s in range(steps.shape[0]):
+        if not (0 <= steps[s, 2] <= steps[s, 3] <= n and steps[s, 3] - steps[s, 2] <= steps[s, 0]
+                and steps[s, 0] > 0):
+            raise ValueError(f"train_epoch_mpi: step {s} {tuple(steps[s])} is outside X's {n} rows")
+        most = max(most, steps[s, 3] - steps[s, 2])
+    if work.shape[0] < max(most, 1) * row_width + n_bstats or (order is not None and (
+            Xb.shape[0] < most or Xb.shape[1] != d
+            or (T_ptr != NULL and (Tb.shape[0] < most or Tb.shape[1] != m))
+            or (labels_ptr != NULL and label_buf.shape[0] < most))):
+        raise ValueError("train_epoch_mpi: the workspace or gather buffers are too small for the shares")
+    if order is not None:
+        for s in range(n):
+            if not 0 <= order[s] < n:
+                raise ValueError("train_epoch_mpi: order must index X's rows")
+    fit.loss_kind = settings["loss"]
+    fit.loss_scale = settings["loss_scale"]
+    fit.seed = settings["seed"]
+    fit.n_threads = settings["n_threads"]
+    r.steps = &steps[0, 0] if steps.shape[0] else NULL
+    r.n_steps = steps.shape[0]
+    r.n_params = n_params
+    r.n_running = n_running
+    r.flag = <PyObject*> interrupted
+    r.pending = 0
+    r.mpi_error = 0
+    r.last_bs = 0
+    with nogil:
+        nt = threads_for(3 * _pass_flops(&P, most), most, fit.n_threads)
+        if _share(&sh, nt):
+            if nt == 1:
+                sh.statuses[0] = _ranked_worker(&P, &fit, &mpi, &r, X_ptr, T_ptr, labels_ptr, order_ptr,
+                                                d, m, &params[0], &pack[0], &state_a[0], &state_b[0],
+                                                &work[0], Xb_ptr, Tb_ptr, label_buf_ptr, &opt, &sh, 0, 1)
+            else:
+                cprop_barrier_init(&barrier)
+                with parallel(num_threads=nt):
+                    t = cprop_barrier_join(&barrier)    # nt may be more than OpenMP gave
+                    sh.statuses[t] = _ranked_worker(&P, &fit, &mpi, &r, X_ptr, T_ptr, labels_ptr,
+                                                    order_ptr, d, m, &params[0], &pack[0], &state_a[0],
+                                                    &state_b[0], &work[0], Xb_ptr, Tb_ptr, label_buf_ptr,
+                                                    &opt, &sh, t, omp_get_num_threads())
+                    cprop_barrier_leave()
+            status = sh.statuses[0]
+        else:
+            status = STATUS_NO_MEMORY
+        _unshare(&sh)
+    if status == STATUS_NO_MEMORY:
+        # every rank allocates the same few bytes; one failing alone would leave the others
+        # in their first allreduce, so the caller takes the job down (abort_on_error)
+        raise MemoryError("cprop could not allocate the training loop's per-thread buffers")
+    optimizer["step"] = opt.step
+    if r.pending:
+        _raise_pending()
+    return status, sh.loss_sum, sh.n_seen, r.last_bs, opt.step

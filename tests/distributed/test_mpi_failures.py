@@ -100,15 +100,22 @@ def test_ctrl_c_on_one_rank_between_epochs_interrupts_every_rank(comm):
 
 
 def test_ctrl_c_on_one_rank_mid_epoch_interrupts_every_rank_at_the_same_step(comm):
-    X, y = data(2000)
+    # epochs of 50,000 steps, far longer than the compiled epoch's 0.05 s between looks at
+    # the signal flag (it looks at the last step too), so the signal lands mid-epoch in both
+    # phases rather than between epochs
+    X, y = data(400_000)
     trainer = make(comm, batch_size=8, optimizer="adam")
-    timer = None
-    if comm.rank == last(comm):
-        timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
-        timer.start()
+    timers = []
+
+    class Interrupt(cprop.callbacks.Callback):
+        # the timer starts inside fit, where the fit's SIGINT handler is already installed
+        def on_train_begin(self, trainer):
+            if comm.rank == last(comm):
+                timers.append(threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)))
+                timers[0].start()
     comm.Barrier()
-    got = outcome(comm, lambda: trainer.fit(X, y, epochs=100_000))
-    if timer is not None:
+    got = outcome(comm, lambda: trainer.fit(X, y, epochs=100_000, callbacks=[Interrupt()]))
+    for timer in timers:
         timer.join()
     assert [g[0] for g in got] == ["KeyboardInterrupt"] * comm.Get_size()
     assert 0 < trainer.optimizer.step_count
@@ -227,7 +234,9 @@ def test_sparse_input_under_comm_is_refused_on_every_rank(comm, everywhere):
 
 
 def fail_share(monkeypatch, comm, call):
-    """On the last rank, its `call`-th share's gradient raises MemoryError("no memory for this share")."""
+    """On the last rank, its `call`-th share's gradient raises MemoryError("no memory for this share").
+    The epoch runs in Python (phase 1) on every rank: nothing inside the compiled one raises."""
+    monkeypatch.setenv("CPROP_MPI_EPOCH", "python")
     class Failing:
         calls = 0
 
