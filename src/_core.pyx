@@ -24,7 +24,7 @@ from _activations cimport (IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH, ELU, SOFTP
                            GELU_TANH, SILU)
 from _blas cimport gemm
 from _dense cimport (dense_forward as _dense_forward, dense_forward_block, dense_param_grads,
-                     dense_param_grads_cols, dense_param_grads_part, dense_input_grad, dense_input_grad_block,
+                     dense_param_grads_part, dense_input_grad, dense_input_grad_block,
                      gather_rows, prefetch_rows, threads_for, _col_split)
 from _dropout cimport dropout_rows
 from _sparse cimport CSRBatch, csr_forward_rows, csr_weight_grad_features, csr_gather_dense
@@ -32,7 +32,7 @@ from _norm cimport (layernorm_forward_rows, layernorm_backward_rows, batchnorm_s
                     batchnorm_forward_rows, batchnorm_eval_stats, batchnorm_grad_sums_cols,
                     batchnorm_backward_rows, affine_param_grads_cols)
 from _losses cimport loss_and_grad, CROSS_ENTROPY, MSE, BINARY_CROSS_ENTROPY, POISSON
-from _optim cimport Optim, optim_block, optim_range, ADAM, SGD, MIN_PARAMS_PER_THREAD
+from _optim cimport Optim, optim_range, ADAM, SGD, MIN_PARAMS_PER_THREAD
 cimport _plan
 from _plan cimport Plan, DENSE, DROPOUT, BATCHNORM, LAYERNORM
 
@@ -496,19 +496,6 @@ cdef Py_ssize_t param_pass(const Plan* P, const Optim* opt, floating* params, fl
                 # db alone: an empty block of dW's rows
                 dense_param_grads_part(<floating*> NULL, delta, grads + off, grads + off + n_in * n_out,
                                        bs, n_in, n_out, 0, 0, c0, c1)
-            elif layer == 0 and _split_columns(bs, n_out, nt):
-                # the columns of W this thread multiplied in the forward pass: it steps them
-                # too, so W never crosses cores (no input gradient reads this W by rows)
-                c0 = _col_split(n_out, t, nt)
-                c1 = _col_split(n_out, t + 1, nt)
-                dense_param_grads_cols(X_in, delta, grads + off, grads + off + n_in * n_out, bs, n_in,
-                                       n_out, c0, c1)
-                if opt != NULL:
-                    rejected += optim_block(opt, params, grads, state_a, state_b, off + c0, n_in, n_out,
-                                            c1 - c0, True, batch_weight)
-                    rejected += optim_range(opt, params, grads, state_a, state_b, off + n_in * n_out + c0,
-                                            off + n_in * n_out + c1, opt.decay_bias, batch_weight)
-                continue
             else:
                 inp = X_in if layer == 0 else _col(work, rows, _row(P, layer - 1)[_plan.Y_COL])
                 dense_param_grads_part(inp, delta, grads + off, grads + off + n_in * n_out, bs, n_in,

@@ -157,19 +157,6 @@ cdef inline void dense_param_grads_part(const floating* X, const floating* delta
     bias_grad_cols(delta, db, n, n_out, c0, c1)
 
 
-cdef inline void dense_param_grads_cols(const floating* X, const floating* delta,
-                                        floating* dW, floating* db,
-                                        Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out,
-                                        Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
-    """dW[:, c0:c1] = Xᵀ·δ[:, c0:c1]  and  db[c0:c1] = Σ_i δ[i, c0:c1]: the columns of W a
-    thread computed in the forward pass, so that it also steps them."""
-    if c1 > c0:
-        gemm(True, False, <int> n_in, <int> (c1 - c0), <int> n,
-             <floating> 1, X, <int> n_in, delta + c0, <int> n_out,
-             <floating> 0, dW + c0, <int> n_out)
-    bias_grad_cols(delta, db, n, n_out, c0, c1)
-
-
 cdef inline void dense_param_grads(const floating* X, const floating* delta,
                                    floating* dW, floating* db,
                                    Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out,

@@ -198,8 +198,8 @@ def test_threaded_epoch_equals_reference_epoch(sizes, batch_size, n, loss):
     lambda: cprop.Adam(lr=0.01, sklearn_style=True),
 ], ids=["sgd-nesterov", "adam", "adamw", "adam-sklearn"])
 def test_first_layer_wider_than_the_batch_steps_the_same_on_any_thread_count(optimizer):
-    # 200 -> 288 over batches of 32: with 2 or 3 threads each steps the columns of W it multiplied
-    # in the forward pass (column ownership); 1 thread steps all of W row by row
+    # 200 -> 288 over batches of 32: 2 or 3 threads split the first layer's columns in the
+    # forward pass and its rows in the step; 1 thread steps all of W
     rng = np.random.default_rng(1)
     X, y = rng.normal(size=(133, 200)), rng.integers(0, 5, 133)     # a ragged last batch of 5
     results = []
