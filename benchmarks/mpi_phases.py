@@ -29,17 +29,12 @@ def main():
     args = p.parse_args()
     from mpi4py import MPI
 
-    import cprop
     from cprop import bench
     comm = MPI.COMM_WORLD
     w = bench.WORKLOADS[args.workload]
     n = w.epoch_samples(args.scale)
     X, y = w.make_data(n)
-    layers = [cprop.Dense(a, b, "relu" if i < len(w.shapes) - 1 else "identity")
-              for i, (a, b) in enumerate(w.shapes)]
-    trainer = cprop.Trainer(cprop.Sequential(layers, seed=0), loss=w.loss,
-                            optimizer=cprop.SGD(lr=bench.LEARNING_RATE, momentum=bench.MOMENTUM),
-                            batch_size=w.batch_size, seed=0, n_threads=1, comm=comm)
+    trainer = w.trainer(comm, n_threads=1)
     trainer.fit(X, y, epochs=1)          # warm-up: pages, buffers, caches
     seconds = {"compiled": [], "python": []}
     loads = []

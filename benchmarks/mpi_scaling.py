@@ -50,7 +50,6 @@ def _median_seconds(fn, repeats):
 
 def worker(args):
     """One job: train, time, print one JSON line (rank 0)."""
-    import cprop
     from cprop import bench
     comm = None
     if args.mpi:
@@ -59,11 +58,7 @@ def worker(args):
     w = bench.WORKLOADS[args.workload]
     n = w.epoch_samples(args.scale)
     X, y = w.make_data(n)
-    layers = [cprop.Dense(a, b, "relu" if i < len(w.shapes) - 1 else "identity")
-              for i, (a, b) in enumerate(w.shapes)]
-    trainer = cprop.Trainer(cprop.Sequential(layers, seed=0), loss=w.loss,
-                            optimizer=cprop.SGD(lr=bench.LEARNING_RATE, momentum=bench.MOMENTUM),
-                            batch_size=w.batch_size, seed=0, n_threads=args.threads, comm=comm)
+    trainer = w.trainer(comm, n_threads=args.threads)
     ends = []
     # the first epoch warms up pages, pools and caches; it ends the first interval
     trainer.fit(X, y, epochs=1 + args.epochs, callbacks=[lambda t, e, logs: ends.append(time.perf_counter())])

@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from .measure import rotated, settle
-from .workloads import LEARNING_RATE, MOMENTUM, SEED
+from .workloads import SEED
 
 # typical links, for the model: (name, α seconds, β seconds per byte)
 LINKS = [("10 GbE (TCP)", 30e-6, 8 / 10e9), ("100 Gb/s InfiniBand", 2e-6, 8 / 100e9)]
@@ -64,14 +64,6 @@ def _world(n_ranks):
     return MPI, world
 
 
-def _trainer(workload, comm, n_threads, dtype, average_every):
-    from .. import SGD, Trainer
-    return Trainer(workload.network(dtype, SEED), loss=workload.loss,
-                   optimizer=SGD(lr=LEARNING_RATE, momentum=MOMENTUM), batch_size=workload.batch_size,
-                   seed=SEED, n_threads=n_threads, comm=comm,
-                   average_every=average_every if comm is not None else None)
-
-
 def _epoch_rates(MPI, world, workload, counts, n_threads, rounds, dtype, scale, average_every):
     """{k: [samples/s of each round]} (on world rank 0), every count taking its turn each round."""
     n = workload.epoch_samples(scale)
@@ -80,7 +72,7 @@ def _epoch_rates(MPI, world, workload, counts, n_threads, rounds, dtype, scale, 
     for k in counts:   # every rank takes part in every Split, in the same order
         sub = world.Split(0 if world.rank < k else MPI.UNDEFINED, world.rank)
         if sub != MPI.COMM_NULL:
-            trainers[k] = _trainer(workload, sub if k > 1 else None, n_threads, dtype, average_every)
+            trainers[k] = workload.trainer(sub if k > 1 else None, n_threads, dtype, average_every=average_every)
             trainers[k].fit(X, y, epochs=1)          # warm-up: buffers, pools, caches
     rates = {k: [] for k in counts}
     for r in range(rounds):

@@ -56,6 +56,15 @@ class Workload:
         return Sequential([Dense(n_in, n_out, "relu" if i < n_layers - 1 else None)
                            for i, (n_in, n_out) in enumerate(self.shapes)], dtype=dtype, seed=seed)
 
+    def trainer(self, comm=None, n_threads=None, dtype="float32", seed=SEED, average_every=None):
+        """A Trainer of the workload's network with the recipe (SGD lr 0.01 momentum 0.9, its
+        batch size and loss), over `comm` when given (local SGD every `average_every` steps)."""
+        from .. import SGD, Trainer
+        return Trainer(self.network(dtype, seed), loss=self.loss,
+                       optimizer=SGD(lr=LEARNING_RATE, momentum=MOMENTUM), batch_size=self.batch_size,
+                       seed=seed, n_threads=n_threads, comm=comm,
+                       average_every=average_every if comm is not None else None)
+
     def initial_parameters(self, dtype="float32", seed=SEED):
         """[(W, b)] per layer, W of shape (n_in, n_out): cprop's initialisation for `seed`.
 
