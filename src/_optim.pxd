@@ -174,51 +174,33 @@ cdef inline Py_ssize_t adam_sklearn_range(floating* p, const floating* g, floati
     return rejected
 
 
-cdef inline Py_ssize_t optim_block(const Optim* opt, floating* p, const floating* g,
-                                   floating* a, floating* b, Py_ssize_t start, Py_ssize_t n_rows,
-                                   Py_ssize_t stride, Py_ssize_t width, bint decay,
-                                   double batch_weight) noexcept nogil:
-    """One optimizer step on n_rows ranges p[start + r·stride : start + r·stride + width] on
-    this thread (a block of columns of a row-major matrix; Adam's t already advanced).
+cdef inline Py_ssize_t optim_range(const Optim* opt, floating* p, const floating* g,
+                                   floating* a, floating* b, Py_ssize_t lo, Py_ssize_t hi,
+                                   bint decay, double batch_weight) noexcept nogil:
+    """One optimizer step on p[lo:hi] on this thread (Adam's t already advanced).
 
     a, b: the state arrays (momentum; Adam's m and v), laid out like p. `decay`:
     whether weight decay applies to this range; `batch_weight`: the batch's size (its
     samples' summed weights when weighted), which decay_per_sample divides by.
     """
     cdef floating wd = 0
-    cdef floating c1 = 0, c2 = 0
-    cdef Py_ssize_t r, lo, rejected = 0
     if decay:
         wd = <floating> (opt.weight_decay / batch_weight if opt.decay_per_sample else opt.weight_decay)
-    # the step's coefficients once per block, not once per row
     if opt.kind == ADAM and opt.sklearn_style:
-        c1 = <floating> (1 - opt.lr * wd) if opt.decoupled else 1
-        # lr_t in double, as scikit-learn's Python floats
-        c2 = <floating> (opt.lr * sqrt(1 - pow(opt.beta2, <double> opt.step)) / (1 - pow(opt.beta1, <double> opt.step)))
-    elif opt.kind == ADAM:
-        c1 = <floating> (opt.lr / (1 - pow(opt.beta1, <double> opt.step)))
-        c2 = <floating> sqrt(1 - pow(opt.beta2, <double> opt.step))
-    for r in range(n_rows):
-        lo = start + r * stride
-        if opt.kind == ADAM and opt.sklearn_style:
-            # (1-β) in double, as scikit-learn's Python floats
-            rejected += adam_sklearn_range(p, g, a, b, lo, lo + width, <floating> opt.beta1, <floating> opt.beta2,
-                                           <floating> (1 - opt.beta1), <floating> (1 - opt.beta2),
-                                           <floating> opt.eps, 0 if opt.decoupled else wd, c1, c2)
-        elif opt.kind == ADAM:
-            rejected += adam_range(p, g, a, b, lo, lo + width, <floating> opt.lr, <floating> opt.beta1,
-                                   <floating> opt.beta2, <floating> opt.eps, wd, opt.decoupled, c1, c2)
-        else:
-            rejected += sgd_range(p, g, a if opt.momentum != 0 else NULL, lo, lo + width, <floating> opt.lr,
-                                  <floating> opt.momentum, wd, opt.nesterov)
-    return rejected
-
-
-cdef inline Py_ssize_t optim_range(const Optim* opt, floating* p, const floating* g,
-                                   floating* a, floating* b, Py_ssize_t lo, Py_ssize_t hi,
-                                   bint decay, double batch_weight) noexcept nogil:
-    """One optimizer step on p[lo:hi] on this thread: optim_block of one row."""
-    return optim_block(opt, p, g, a, b, lo, 1, 0, hi - lo, decay, batch_weight)
+        # (1-β) and lr_t in double, as scikit-learn's Python floats
+        return adam_sklearn_range(p, g, a, b, lo, hi, <floating> opt.beta1, <floating> opt.beta2,
+                                  <floating> (1 - opt.beta1), <floating> (1 - opt.beta2),
+                                  <floating> opt.eps, 0 if opt.decoupled else wd,
+                                  <floating> (1 - opt.lr * wd) if opt.decoupled else 1,
+                                  <floating> (opt.lr * sqrt(1 - pow(opt.beta2, <double> opt.step))
+                                              / (1 - pow(opt.beta1, <double> opt.step))))
+    if opt.kind == ADAM:
+        return adam_range(p, g, a, b, lo, hi, <floating> opt.lr, <floating> opt.beta1,
+                          <floating> opt.beta2, <floating> opt.eps, wd, opt.decoupled,
+                          <floating> (opt.lr / (1 - pow(opt.beta1, <double> opt.step))),
+                          <floating> sqrt(1 - pow(opt.beta2, <double> opt.step)))
+    return sgd_range(p, g, a if opt.momentum != 0 else NULL, lo, hi, <floating> opt.lr,
+                     <floating> opt.momentum, wd, opt.nesterov)
 
 
 cdef inline Py_ssize_t optim_step(const Optim* opt, floating* p, const floating* g,
