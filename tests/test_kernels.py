@@ -183,6 +183,22 @@ def test_threads_match_one_thread(dtype, tol, rng):
     assert_allclose(grads_2, flat(expected), **tol)
 
 
+@pytest.mark.parametrize("sizes, n", [([3, 32, 32, 1], 9), ([64, 1024, 1], 16)], ids=str)
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_single_output_backward(sizes, n, n_threads, dtype, tol, rng):
+    """A single output's δ·Wᵀ (taken as an NN product over W read as Wᵀ) and the activation
+    gradient over whole rows, by rows and (1024 wide, 16 rows, 2 threads) split by columns."""
+    net = make_net(sizes, hidden="tanh", output="identity", dtype=dtype)
+    X = rng.normal(size=(n, sizes[0]))
+    G = rng.normal(size=(n, 1))
+    net.forward(X, n_threads=n_threads, training=True)
+    net.backward(G, n_threads=n_threads)
+    layers, acts = layers_of(net), activations_of(net)
+    X64 = X.astype(dtype).astype(np.float64)
+    expected = ref.backward(layers, acts, X64, ref.forward(layers, acts, X64), G.astype(dtype).astype(np.float64))
+    assert_allclose(net.grads, flat(expected), **tol)
+
+
 @pytest.mark.parametrize("shape", [(512, 300, 200), (515, 301, 203)], ids=str)
 def test_threaded_backward_kernel(shape, dtype, tol, rng):
     n, n_in, n_out = shape
