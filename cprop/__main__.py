@@ -491,30 +491,52 @@ def _predict(args):
     return 0
 
 
+# the head that turns each loss's raw outputs into probabilities; other losses take none
+_EXPORT_HEADS = {"cross_entropy": "softmax", "binary_cross_entropy": "sigmoid"}
+
+
 def _export(args):
-    """The network of a saved model as an ONNX file; a `cprop train` model's feature
-    scaling goes into the graph, so it takes the raw features as `cprop predict` does."""
+    """The network of a saved model as an ONNX file. A `cprop train` model's feature scaling
+    goes into the graph, and so does its target scaling (regression): the graph takes the raw
+    features and answers what `cprop predict` prints (classes aside: their probabilities)."""
+    import cprop
+
     from . import io as _io
     from . import onnx as cprop_onnx
     from .network import network_from_meta
 
     _check_out(args.out, "OUT")
     meta, arrays = _io.load_archive(args.model, kind=("network", "trainer"))
-    net = network_from_meta(meta, arrays, args.model)
-    extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
-    scaling = (extra["mean"], extra["std"]) if "mean" in extra and "std" in extra else None
     head = None if args.head == "none" else args.head
+    scaling = target_scaling = notes = None
+    if meta["kind"] == "trainer":
+        trainer = cprop.Trainer.load(args.model)
+        net, notes = trainer.net, _model_notes(trainer, args.model)
+        if head is not None and _EXPORT_HEADS.get(trainer.loss) != head:
+            fits = _EXPORT_HEADS.get(trainer.loss)
+            raise UsageError(f"--head {head} does not fit a model trained with {trainer.loss}: "
+                             + (f"its probabilities are --head {fits}" if fits else "it has no head"))
+        if notes["mean"] is not None:
+            scaling = (notes["mean"], notes["std"])
+        if notes["target_mean"] is not None:
+            target_scaling = (notes["target_mean"], notes["target_std"])
+    else:
+        net = network_from_meta(meta, arrays, args.model)
     try:
-        cprop_onnx.export(net, args.out, head=head, opset=args.opset, standardize=scaling)
+        cprop_onnx.export(net, args.out, head=head, opset=args.opset, standardize=scaling,
+                          unstandardize=target_scaling)
     except ValueError as exc:      # an opset out of range, a layer kind ONNX has no form for
         raise UsageError(str(exc)) from None
-    output = cprop_onnx.LOGITS if head is None else cprop_onnx.PROBABILITIES
+    output = (cprop_onnx.PROBABILITIES if head is not None
+              else cprop_onnx.PREDICTIONS if target_scaling else cprop_onnx.LOGITS)
     dtype = net.architecture()["dtype"]
-    notes = ["standardises the features as `cprop predict` does"] if scaling else []
-    if "classes" in extra:
-        notes.append(f"columns are the classes {' '.join(map(str, extra['classes']))}")
+    said = ["standardises the features as `cprop predict` does"] if scaling else []
+    if target_scaling:
+        said.append("answers in the target's own units, as `cprop predict` does")
+    if notes is not None and notes["classes"] is not None:
+        said.append(f"columns are the classes {' '.join(map(str, notes['classes']))}")
     print(f"wrote {args.out}: input {cprop_onnx.INPUT} (N, {net.n_inputs}) {dtype} -> "
-          f"{output} (N, {net.n_outputs})" + "".join(f"; {note}" for note in notes))
+          f"{output} (N, {net.n_outputs})" + "".join(f"; {note}" for note in said))
     return 0
 
 

@@ -76,6 +76,7 @@ REDUCE_AXES_AS_INPUT_OPSET = 18   # ReduceMean's axes: an attribute before, an i
 INPUT = "X"
 LOGITS = "logits"
 PROBABILITIES = "probabilities"
+PREDICTIONS = "predictions"
 
 # erf(x) = (2/√π)·x·∫₀¹ exp(-x²u²) du, the integral by Gauss-Legendre on [0, 1]:
 # 24 nodes bring it within 3e-15 of erf for |x| <= 6 (16 nodes: 6e-11)
@@ -381,13 +382,15 @@ def _check_net(net):
 
 
 def convert(net: Sequential, *, head: str | None = None, opset: int | None = None,
-            standardize: tuple | None = None):
+            standardize: tuple | None = None, unstandardize: tuple | None = None):
     """The ONNX model (an ``onnx.ModelProto``) of `net`; see :func:`export`, which writes it."""
     onnx = _require_onnx()
     helper = onnx.helper
     _check_net(net)
     if head is not None and head not in HEADS:
         raise ValueError(f"head must be None or one of {sorted(HEADS)}, got {head!r}")
+    if head is not None and unstandardize is not None:
+        raise ValueError(f"unstandardize scales raw outputs (regression); it cannot follow head={head!r}")
     newest = onnx.defs.onnx_opset_version()
     if opset is None:
         opset = DEFAULT_OPSET
@@ -398,13 +401,17 @@ def convert(net: Sequential, *, head: str | None = None, opset: int | None = Non
     graph = _Graph(onnx, dtype, opset)
     x = INPUT
     if standardize is not None:
-        mean, std = _check_standardize(standardize, net)
+        mean, std = _check_scaling(standardize, net.n_inputs, "standardize")
         x = graph.node("Sub", [x, graph.constant("input.mean", mean.astype(dtype))], hint="input.centred")
         x = graph.node("Div", [x, graph.constant("input.std", std.astype(dtype))], hint="input.standardised")
     logits = _network_nodes(graph, net, x, out=LOGITS)
     output = LOGITS
     if head is not None:
         output = HEADS[head](graph, logits, hint=PROBABILITIES, out=PROBABILITIES)
+    elif unstandardize is not None:
+        mean, std = _check_scaling(unstandardize, net.n_outputs, "unstandardize")
+        y = graph.node("Mul", [logits, graph.constant("output.std", std.astype(dtype))], hint="output.scaled")
+        output = graph.node("Add", [y, graph.constant("output.mean", mean.astype(dtype))], out=PREDICTIONS)
     elem = helper.np_dtype_to_tensor_dtype(dtype)
     onnx_graph = helper.make_graph(
         graph.nodes, "cprop.Sequential",
@@ -423,22 +430,23 @@ def convert(net: Sequential, *, head: str | None = None, opset: int | None = Non
     return model
 
 
-def _check_standardize(standardize, net):
-    """(mean, std) as float64 arrays of the network's input width, std > 0, all finite."""
+def _check_scaling(pair, width, name):
+    """(mean, std) as float64 arrays of `width` values, std > 0, all finite."""
     try:
-        mean, std = (np.asarray(a, dtype=np.float64) for a in standardize)
+        mean, std = (np.asarray(a, dtype=np.float64) for a in pair)
     except (TypeError, ValueError):
-        raise ValueError("standardize must be a (mean, std) pair of arrays") from None
-    for name, arr in (("mean", mean), ("std", std)):
-        if arr.shape != (net.n_inputs,) or not np.isfinite(arr).all():
-            raise ValueError(f"standardize: {name} must hold {net.n_inputs} finite values, got shape {arr.shape}")
+        raise ValueError(f"{name} must be a (mean, std) pair of arrays") from None
+    for part, arr in (("mean", mean), ("std", std)):
+        if arr.shape != (width,) or not np.isfinite(arr).all():
+            raise ValueError(f"{name}: {part} must hold {width} finite values, got shape {arr.shape}")
     if (std <= 0).any():
-        raise ValueError("standardize: every std must be > 0")
+        raise ValueError(f"{name}: every std must be > 0")
     return mean, std
 
 
 def export(net: Sequential, path: str | os.PathLike, *, head: str | None = None,
-           opset: int | None = None, standardize: tuple | None = None):
+           opset: int | None = None, standardize: tuple | None = None,
+           unstandardize: tuple | None = None):
     """Write `net` to `path` as an ONNX model; returns the ``onnx.ModelProto``.
 
     Parameters
@@ -459,6 +467,11 @@ def export(net: Sequential, path: str | os.PathLike, *, head: str | None = None,
     standardize : (mean, std), optional
         Arrays of n_inputs values: the graph then computes ``(X - mean) / std``
         before the first layer (what ``cprop train`` models expect).
+    unstandardize : (mean, std), optional
+        Arrays of n_outputs values, with no head: the graph's output is then
+        ``logits·std + mean``, named ``predictions`` (a regression network
+        trained on standardised targets, as ``cprop train`` trains them,
+        answering in the targets' own units).
 
     The graph's input is ``X``, shape (N, n_inputs) with N dynamic, in the
     network's dtype; it computes what ``net.predict_raw`` does (Dropout is the
@@ -466,7 +479,7 @@ def export(net: Sequential, path: str | os.PathLike, *, head: str | None = None,
     in the module's docstring. A layer or activation without an ONNX form, or
     non-finite parameters or running statistics, raise ValueError.
     """
-    model = convert(net, head=head, opset=opset, standardize=standardize)
+    model = convert(net, head=head, opset=opset, standardize=standardize, unstandardize=unstandardize)
     if model.ByteSize() >= 2 ** 31:
         raise ValueError("the network is too large for a single ONNX file (protobuf's 2 GB limit)")
     data = model.SerializeToString()

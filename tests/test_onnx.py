@@ -187,6 +187,19 @@ def test_standardize_puts_the_input_scaling_in_the_graph(dtype, tmp_path):
     assert_allclose(out, net.forward((X - mean) / std), **ORT_TOLERANCE[dtype])
 
 
+def test_unstandardize_puts_the_target_scaling_in_the_graph(dtype, tmp_path):
+    net = make_net([3, 5, 2], hidden="tanh", dtype=dtype)
+    mean, std = np.array([150.0, -3.0]), np.array([70.0, 0.5])
+    model = cprop_onnx.export(net, tmp_path / "net.onnx", unstandardize=(mean, std))
+    assert [n.op_type for n in model.graph.node][-2:] == ["Mul", "Add"]
+    assert model.graph.output[0].name == cprop_onnx.PREDICTIONS
+    X = np.random.default_rng(0).standard_normal((7, 3)).astype(dtype)
+
+    [out] = run(session(model), X)
+
+    assert_allclose(out, net.forward(X) * std + mean, **ORT_TOLERANCE[dtype])
+
+
 def test_trained_digits_model_predicts_the_same_through_onnx_runtime(dtype, tmp_path):
     X, y = cprop.datasets.load_digits()
     X = X.astype(dtype)
@@ -392,6 +405,8 @@ def test_an_unknown_layer_kind_is_refused_by_name(tmp_path):
     ({"standardize": (np.zeros(3), np.array([1.0, 0.0, 1.0]))}, ["std", "> 0"]),
     ({"standardize": (np.zeros(3), np.array([1.0, np.nan, 1.0]))}, ["std", "finite"]),
     ({"standardize": "mean"}, ["standardize", "(mean, std)"]),
+    ({"unstandardize": (np.zeros(3), np.ones(3))}, ["unstandardize", "mean", "2 finite"]),
+    ({"unstandardize": (np.zeros(2), np.ones(2)), "head": "softmax"}, ["unstandardize", "softmax"]),
 ])
 def test_bad_arguments_are_refused(kwargs, words, tmp_path):
     net = make_net([3, 4, 2])
@@ -626,6 +641,32 @@ def test_cli_export_of_a_trained_model_takes_raw_features(tmp_path, capsys):
                  "--out", str(tmp_path / "pred.txt")]) == 0
     predicted = np.loadtxt(tmp_path / "pred.txt", dtype=np.int64)
     assert_array_equal(np.array(extra["classes"])[proba.argmax(axis=1)], predicted)
+
+
+def test_cli_export_of_a_regression_model_answers_in_the_targets_units(tmp_path, capsys):
+    from sklearn.datasets import load_diabetes
+    X, y = load_diabetes(return_X_y=True)
+    X, y = X[:200], y[:200]
+    header = ",".join([f"x{i}" for i in range(X.shape[1])] + ["y"])
+    np.savetxt(tmp_path / "diab.csv", np.column_stack([X, y]), delimiter=",", header=header, comments="")
+    assert main(["train", str(tmp_path / "diab.csv"), "--target", "y", "--epochs", "3", "--quiet",
+                 "--out", str(tmp_path / "model.npz")]) == 0
+    capsys.readouterr()
+
+    assert main(["export", str(tmp_path / "model.npz"), str(tmp_path / "model.onnx")]) == 0
+
+    out = capsys.readouterr().out
+    assert "predictions (N, 1)" in out and "target's own units" in out
+    [pred] = run(session(tmp_path / "model.onnx"), X.astype(np.float32))
+    assert main(["predict", str(tmp_path / "model.npz"), str(tmp_path / "diab.csv"), "--target", "y",
+                 "--out", str(tmp_path / "pred.txt")]) == 0
+    assert_allclose(pred.ravel(), np.loadtxt(tmp_path / "pred.txt"), rtol=1e-4, atol=1e-3 * y.std())
+    # a head that does not fit the loss is refused, not exported
+    for head in ("softmax", "sigmoid"):
+        assert main(["export", str(tmp_path / "model.npz"), str(tmp_path / "x.onnx"), "--head", head]) == 2
+        err = capsys.readouterr().err
+        assert f"--head {head}" in err and "mse" in err and "no head" in err
+    assert not (tmp_path / "x.onnx").exists()
 
 
 def test_cli_export_of_a_saved_network_and_its_errors(tmp_path, capsys):
