@@ -40,6 +40,23 @@ def test_gradient_check_catches_a_wrong_gradient(rng, monkeypatch):
     assert "FAILED" in repr(result) and result.tol == 1e-6
 
 
+def test_gradient_check_of_a_trained_confident_network():
+    """The README's check: a relu network trained on digits until its predictions are
+    confident, where the cross-entropy's log-sum-exp cancels (per-sample loss ~1e-5 out
+    of logits ~10): the default step keeps the finite differences' rounding below tol."""
+    X, y = cprop.datasets.load_digits()
+    order = np.random.default_rng(0).permutation(len(X))
+    net = cprop.Sequential([cprop.Dense(64, 64, "relu"), cprop.Dense(64, 10)], dtype="float32", seed=0)
+    trainer = cprop.Trainer(net, loss="cross_entropy", optimizer=cprop.SGD(lr=0.05, momentum=0.9),
+                            batch_size=32, seed=0)
+    trainer.fit(X[order[:1440]], y[order[:1440]], epochs=30)
+    assert trainer.evaluate(X[order[1440:]], y[order[1440:]])["accuracy"] > 0.95
+    for s in range(3):
+        batch = order[32 * s:32 * (s + 1)]
+        result = cprop.gradient_check(net, X[batch], y[batch], loss="cross_entropy")
+        assert result.passed, result
+
+
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("activation", ["relu", "sigmoid"])
 def test_finite_differences(activation, loss, rng):
