@@ -355,14 +355,18 @@ def _prepare_training(args, comm):
     sizes_hidden = _hidden_sizes(args.hidden)
     _check_threads(args.threads)
     _check_out(args.out)
+    needs_target = UsageError("train needs a target: --target COLUMN (CSV) or an array 'y' (NPZ)")
+    if (args.target is None and os.path.isfile(args.data) and not data.is_npz(args.data)
+            and not args.data.endswith(".npz")):
+        raise needs_target       # a CSV has no default target column
     table = data.read_table(args.data, args.target)
     if table.y is None:
-        raise UsageError("train needs a target: --target COLUMN (CSV) or an array 'y' (NPZ)")
+        raise needs_target
     X, y = table.X, table.y
     if y.dtype.kind != "U":
         data.check_finite_target(table)
     loss = _choose_loss(args.loss, table)
-    extra = {"features": table.names}
+    extra = {"features": table.names, "target": table.target}
     if loss == "cross_entropy":
         classes, y = np.unique(y, return_inverse=True)
         if len(classes) < 2:
@@ -457,7 +461,8 @@ def _predict(args):
         raise Failure(f"{args.model!r} is a directory, not a model file")
     trainer = cprop.Trainer.load(args.model)
     notes = _model_notes(trainer, args.model)
-    table = data.read_table(args.data, args.target)
+    # the model's own target column, when the data still holds it, is left out without --target
+    table = data.read_table(args.data, args.target, drop=notes["target"])
     X, features = table.X, notes["features"]
     if features is not None and X.shape[1] != len(features):
         if args.target is None and X.shape[1] == len(features) + 1:
@@ -549,6 +554,7 @@ def _model_notes(trainer, path):
     try:
         features = extra.get("features")
         notes["features"] = None if features is None else [str(f) for f in features]
+        notes["target"] = extra.get("target") if isinstance(extra.get("target"), str) else None
         for key, n in [("mean", net.n_inputs), ("std", net.n_inputs),
                        ("target_mean", net.n_outputs), ("target_std", net.n_outputs)]:
             value = extra.get(key)

@@ -38,11 +38,13 @@ class Table:
 
 # -- reading -----------------------------------------------------------------------------------
 
-def read_table(path, target=None):
+def read_table(path, target=None, drop=None):
     """A :class:`Table` from a CSV file with a header row or an NPZ archive.
 
     CSV: `target` names (or indexes) the target column, which may hold numbers or
     text class labels; every other column is a feature and must hold numbers.
+    Without a target, a column named exactly `drop` (a model's target, when the data
+    still holds it) is taken as the target.
     NPZ: arrays ``X`` and ``y`` (or `target` names the y array); without a
     target, y is None.
     """
@@ -50,8 +52,7 @@ def read_table(path, target=None):
         raise Failure(f"{path!r}: no such file")
     if os.path.isdir(path):
         raise Failure(f"{path!r} is a directory, not a data file")
-    with open(path, "rb") as f:
-        start = f.read(8)
+    start = _first_bytes(path)
     if start.startswith(b"PK\x03\x04") or path.endswith(".npz"):
         if not start.startswith(b"PK\x03\x04"):
             raise Failure(f"{path!r} is not an NPZ archive (np.savez writes them); "
@@ -60,7 +61,21 @@ def read_table(path, target=None):
     if start.startswith(b"\x93NUMPY"):
         raise Failure(f"{path!r} is a single .npy array; cprop reads NPZ archives "
                       "(np.savez(path, X=X, y=y)) or CSV text")
-    return _read_csv(path, target)
+    return _read_csv(path, target, drop)
+
+
+def _first_bytes(path):
+    with open(path, "rb") as f:
+        return f.read(8)
+
+
+def is_npz(path):
+    """Whether `path` is an NPZ archive (by its first bytes) rather than CSV text; False
+    when it cannot be read (read_table then says why)."""
+    try:
+        return _first_bytes(path).startswith(b"PK\x03\x04")
+    except OSError:
+        return False
 
 
 def _read_npz(path, target):
@@ -118,7 +133,7 @@ def _check_kind(a, label, text_ok):
         raise Failure(f"{label} must hold {what}, got dtype {a.dtype}")
 
 
-def _read_csv(path, target):
+def _read_csv(path, target, drop=None):
     records = []
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
@@ -142,6 +157,8 @@ def _read_csv(path, target):
         if len(row) != len(names):
             raise Failure(f"{path!r} line {line} has {len(row)} values, the header has {len(names)} columns")
 
+    if target is None and drop is not None and names.count(drop) == 1:
+        target = drop
     col = None if target is None else _column_index(path, names, target)
     lines = np.array([line for line, _ in rows])
     cells = np.array([row for _, row in rows], dtype=str).reshape(len(rows), len(names))

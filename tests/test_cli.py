@@ -278,7 +278,7 @@ def test_non_model_file_is_a_clean_error(files):
 
 
 @pytest.mark.parametrize("case", ["unknown target", "bad hidden", "negative hidden", "missing model",
-                                  "foreign npz", "npz without y", "one class"])
+                                  "foreign npz", "npz without y", "csv without target", "one class"])
 def test_train_and_predict_errors_in_process(case, files, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)                # where train would write its default model.npz
     root = files["root"]
@@ -295,6 +295,8 @@ def test_train_and_predict_errors_in_process(case, files, tmp_path, capsys, monk
         "foreign npz": ("predict", ["predict", tmp_path / "foreign.npz", root / "digits.csv"], 1,
                         ["foreign.npz"]),
         "npz without y": ("train", ["train", tmp_path / "no_y.npz"], 2, ["target"]),
+        # (a CSV has no default target: not the text labels' complaint about a feature column)
+        "csv without target": ("train", ["train", root / "digits.csv"], 2, ["needs a target", "--target"]),
         "one class": ("train", ["train", tmp_path / "one_class.csv", "--target", "b"], 1, ["single class"]),
     }[case]
 
@@ -304,15 +306,24 @@ def test_train_and_predict_errors_in_process(case, files, tmp_path, capsys, monk
     assert not (tmp_path / "model.npz").exists()
 
 
-def test_predict_with_the_wrong_number_of_columns(files, digits_model, capsys):
+def test_predict_with_the_wrong_number_of_columns(files, digits_model, tmp_path, capsys):
     _, model = digits_model
     root = files["root"]
 
     code = main(["predict", str(model), str(root / "digits_narrow.csv")])
     assert_clean_error(code, capsys.readouterr().err, "predict", "64", "10", status=1)
 
-    # the target column left in without --target: one column too many, and the message says so
-    code = main(["predict", str(model), str(root / "digits.csv")])
+    # the model's own target column left in without --target: left out by its name
+    assert main(["predict", str(model), str(root / "digits.csv"), "--target", "digit"]) == 0
+    with_target = capsys.readouterr().out.split()
+    assert main(["predict", str(model), str(root / "digits.csv")]) == 0
+    assert capsys.readouterr().out.split() == with_target
+
+    # a model that does not name its target: one column too many, and the message says so
+    trainer = cprop.Trainer.load(model)
+    del trainer.extra["target"]
+    trainer.save(tmp_path / "unnamed.npz")
+    code = main(["predict", str(tmp_path / "unnamed.npz"), str(root / "digits.csv")])
     assert_clean_error(code, capsys.readouterr().err, "predict", "--target")
 
 
