@@ -86,9 +86,10 @@ def test_all_lists_only_names_that_exist():
 
 def test_version_matches_pyproject():
     tomllib = pytest.importorskip("tomllib")
-    pyproject = os.path.join(os.path.dirname(os.path.dirname(cprop.__file__)), "pyproject.toml")
+    # the tests' own checkout: the package tested may be installed elsewhere
+    pyproject = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")
     if not os.path.exists(pyproject):
-        pytest.skip("not running from a source tree")
+        pytest.skip("the tests are not in a source tree")
     with open(pyproject, "rb") as f:
         version = tomllib.load(f)["project"]["version"]
 
