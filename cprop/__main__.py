@@ -14,6 +14,7 @@ import sys
 import time
 
 from ._cli_data import Failure, UsageError
+from .activations import names as activation_names
 
 DEFAULT_LR = {"sgd": 0.01, "adam": 0.003}
 
@@ -415,8 +416,18 @@ def _prepare_training(args, comm):
 
 
 def _training_score(trainer, X, y, loss):
-    """Accuracy for the classification losses; R² for mse (unchanged by the target's scaling)."""
+    """Accuracy for the classification losses; R² for mse (unchanged by the target's scaling);
+    for poisson the deviance explained, D² = 1 - D(y, μ) / D(y, ȳ), with the Poisson deviance
+    D(y, μ) = 2 Σ (y·log(y/μ) - (y - μ)) (y·log(y/μ) = 0 where y = 0)."""
     import numpy as np
+    if loss == "poisson":
+        def deviance(mu):
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ylog = np.where(y > 0, y * np.log(y / mu), 0.0)
+            return 2 * np.sum(ylog - (y - mu))
+        null = deviance(np.full(y.shape, y.mean()))
+        rate = trainer.predict(X).reshape(y.shape).astype(np.float64)
+        return f"D² {1 - deviance(rate) / null:.4f}" if null > 0 else "D² undefined (constant target)"
     if loss != "mse":
         return f"accuracy {trainer.evaluate(X, y)['accuracy']:.4f}"
     columns = y.reshape(len(y), -1)
@@ -443,6 +454,8 @@ def _choose_loss(loss, table):
         raise UsageError(f"--loss cross_entropy needs one label per row; {name!r} has shape {y.shape}")
     if loss == "binary_cross_entropy" and not np.all((y == 0) | (y == 1)):
         raise UsageError(f"--loss binary_cross_entropy needs 0/1 targets; {name!r} has other values")
+    if loss == "poisson" and not np.all(y >= 0):
+        raise UsageError(f"--loss poisson needs counts (targets >= 0); {name!r} holds {float(y.min())!r}")
     return loss
 
 
@@ -619,8 +632,10 @@ def build_parser():
     p.add_argument("data", help="CSV (header row; numeric features, the target may be text labels) or NPZ")
     p.add_argument("--target", help="target column name or index (CSV), or array name (NPZ, default y)")
     p.add_argument("--hidden", default="64", help="hidden layer widths, comma-separated (default 64)")
-    p.add_argument("--activation", default="relu", choices=["relu", "leaky_relu", "tanh", "sigmoid", "identity"])
-    p.add_argument("--loss", default="auto", choices=["auto", "cross_entropy", "mse", "binary_cross_entropy"],
+    p.add_argument("--activation", default="relu", choices=activation_names(),
+                   help="the hidden layers' activation (default relu)")
+    p.add_argument("--loss", default="auto", choices=["auto", "cross_entropy", "mse", "binary_cross_entropy",
+                                                      "poisson"],
                    help="default: cross_entropy for text labels and for whole numbers with at most 100 "
                         "distinct values, mse otherwise")
     p.add_argument("--epochs", type=_count, default=50, help="training epochs (default 50)")

@@ -842,3 +842,25 @@ def test_train_with_mpi_asked_for_but_one_process_trains_alone(files, tmp_path, 
                  "--mpi", "yes"])
     assert code == 0, capsys.readouterr().err
     assert "MPI" not in capsys.readouterr().out and out.exists()
+
+
+def test_train_poisson_counts_with_any_activation(tmp_path, capsys):
+    """--loss poisson on counts (rates exp(x·w)) with a hidden activation beyond relu: predict
+    prints rates near the true ones; negative targets are refused."""
+    rng = np.random.default_rng(0)
+    X = rng.uniform(-1, 1, size=(600, 2))
+    rate = np.exp(0.8 * X[:, 0] - 0.5 * X[:, 1] + 1.0)
+    counts = rng.poisson(rate)
+    np.savetxt(tmp_path / "counts.csv", np.column_stack([X, counts]), delimiter=",", header="a,b,n", comments="")
+    assert main(["train", str(tmp_path / "counts.csv"), "--target", "n", "--loss", "poisson", "--activation",
+                 "gelu", "--hidden", "16", "--epochs", "30", "--quiet", "--out", str(tmp_path / "m.npz")]) == 0
+    assert main(["predict", str(tmp_path / "m.npz"), str(tmp_path / "counts.csv")]) == 0
+
+    predicted = np.array(capsys.readouterr().out.split(), dtype=float)
+    assert predicted.shape == (600,) and (predicted > 0).all()
+    assert np.median(np.abs(predicted - rate) / rate) < 0.15
+
+    np.savetxt(tmp_path / "neg.csv", np.column_stack([X, counts - 3.0]), delimiter=",", header="a,b,n",
+               comments="")
+    code = main(["train", str(tmp_path / "neg.csv"), "--target", "n", "--loss", "poisson"])
+    assert_clean_error(code, capsys.readouterr().err, "train", "poisson", ">= 0")
