@@ -544,6 +544,25 @@ def test_resizing_the_callers_arrays_mid_fit_is_refused():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
+def test_changing_the_callers_labels_mid_fit_does_not_reach_the_kernels():
+    # the labels index the output's columns: they are validated into an array of fit's own,
+    # so labels the caller sets out of range afterwards (here from a callback) are not read
+    result = run_python("""
+        import numpy as np, cprop
+        rng = np.random.default_rng(0)
+        X, y = rng.random((2000, 8)), rng.integers(0, 3, 2000).astype(np.intp)
+        net = cprop.Sequential([cprop.Dense(8, 16, "relu"), cprop.Dense(16, 3)], dtype="float64", seed=0)
+        reference = net.copy()
+        cprop.Trainer(reference, loss="cross_entropy", batch_size=16, seed=0).fit(X, y.copy(), epochs=3)
+        def corrupt(trainer, epoch, logs):
+            y[:] = 10**12
+        cprop.Trainer(net, loss="cross_entropy", batch_size=16, seed=0).fit(X, y, epochs=3, callbacks=[corrupt])
+        assert np.array_equal(net.params, reference.params)
+        print("ok")
+    """)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", (result.returncode, result.stderr)
+
+
 # -- cprop called from a signal handler inside a running epoch ------------------------------
 
 @pytest.mark.parametrize("call", ["predict_raw", "forward", "fit_other", "backward_same", "step_same",
