@@ -214,6 +214,27 @@ def test_optimizer_structure_attacks_are_refused_or_harmless(rng):
     assert np.isfinite(net.params).all()
 
 
+@pytest.mark.parametrize("count", [2**63 - 1, 2**64])
+def test_a_step_count_the_kernels_cannot_hold_or_advance_is_refused(rng, count, tmp_path):
+    # Adam's step count is a C integer that each step advances: one at its largest would
+    # overflow (every update then non-finite: a false divergence), one beyond it did not
+    # convert (OverflowError, and under comm an MPI_Abort, as the ranks had agreed on it)
+    net = small_net((4, 8, 2))
+    X, y = rng.normal(size=(20, 4)), rng.normal(size=(20, 2))
+    trainer = cprop.Trainer(net, optimizer=cprop.Adam(), batch_size=4)
+    trainer.fit(X, y, epochs=1)
+    params = net.params.copy()
+    trainer.optimizer.step_count = count
+    with pytest.raises(ValueError, match="step_count"):
+        trainer.fit(X, y, epochs=1)
+    assert_array_equal(net.params, params)
+    trainer.optimizer.step_count = 2**40     # a large count the kernels hold: trains on
+    trainer.fit(X, y, epochs=1)
+    assert trainer.optimizer.step_count == 2**40 + 5
+    trainer.save(tmp_path / "t.npz")            # and saved with it, it loads
+    assert cprop.Trainer.load(tmp_path / "t.npz").optimizer.step_count == 2**40 + 5
+
+
 def test_reshaping_the_callers_X_mid_fit_does_not_reach_the_epoch(rng):
     net = small_net((8, 4, 2))
     X, y = rng.normal(size=(40, 8)), rng.normal(size=(40, 2))
