@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import tracemalloc
+import warnings
 
 import numpy as np
 import pytest
@@ -107,6 +108,29 @@ def test_divergence_midway_keeps_the_finite_epochs(tmp_path):
     # what is left is a valid model: it saves, and loads back (loading refuses non-finite values)
     trainer.save(tmp_path / "after-divergence.npz")
     assert_array_equal(cprop.Trainer.load(tmp_path / "after-divergence.npz").net.params, trainer.net.params)
+
+
+@pytest.mark.parametrize("dtype, rows", [("float64", "equal"), ("float64", "alternating"),
+                                         ("float32", "alternating")])
+def test_batch_statistics_that_overflow_leave_finite_running_statistics(dtype, rows, tmp_path):
+    # a batch of finite inputs whose mean (equal rows, float64) or variance overflows: the
+    # running statistics its forward pass moves keep their finite values where the new ones
+    # are not, whether the loss then diverges (equal rows) or stays finite (alternating)
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(64, 4)).astype(dtype), rng.normal(size=(64, 2)).astype(dtype)
+    X[40:48] = np.finfo(dtype).max / 4
+    if rows == "alternating":
+        X[40:48:2] *= -1
+    net = cprop.Sequential([cprop.BatchNorm(4), cprop.Dense(4, 8, "relu"), cprop.Dense(8, 2)],
+                           dtype=dtype, seed=0)
+    trainer = cprop.Trainer(net, batch_size=8, shuffle=False, on_divergence="warn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)      # the divergence, for equal rows
+        trainer.fit(X, y, epochs=1)
+    assert np.isfinite(net.buffers).all(), net.buffers
+    assert np.isfinite(net.predict_raw(X[:40])).all()
+    trainer.save(tmp_path / "trained.npz")      # a model that saves and loads back
+    assert_array_equal(cprop.Trainer.load(tmp_path / "trained.npz").net.buffers, net.buffers)
 
 
 def test_nan_weights_set_by_hand_are_not_trained_on():
