@@ -131,9 +131,24 @@ class Ranks:
         for r, theirs in enumerate(gathered[1:], start=1):
             for key in reference:
                 if theirs.get(key) != reference[key]:
+                    where, mine, ours = _first_difference(key, theirs.get(key), reference[key])
                     raise _every_rank(ValueError(
-                        f"the ranks disagree on {what}: rank {r} has {key}={theirs.get(key)!r:.200}, "
-                        f"rank 0 has {reference[key]!r:.200}{hint}"))
+                        f"the ranks disagree on {what}: rank {r} has {where}={mine!r:.200}, "
+                        f"rank 0 has {ours!r:.200}{hint}"))
+
+
+def _first_difference(where, a, b):
+    """(path, a's part, b's part) of the first place where a and b differ, descending into
+    dicts with the same keys and sequences of the same length: a long value (an
+    architecture) is then shown where it differs, not cut off before."""
+    step = None
+    if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+        step = next((k for k in a if a[k] != b[k]), None)
+    elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        step = next((i for i in range(len(a)) if a[i] != b[i]), None)
+    if step is None:
+        return where, a, b
+    return _first_difference(f"{where}[{step!r}]", a[step], b[step])
 
 
 @contextlib.contextmanager

@@ -209,6 +209,14 @@ def test_differing_settings_or_data_are_refused_on_every_rank(comm):
     got = outcome(comm, lambda: trainer.fit(X, y, epochs=1 + (comm.rank == 0)))
     assert [g[0] for g in got] == ["ValueError"] * comm.Get_size()
     assert "has epochs=1, rank 0 has 2" in got[0][1]
+    # a difference deep in a long value is named where it is, not cut off before it
+    trainer = make(comm, dtype=np.float32 if comm.rank == last(comm) else np.float64)
+    got = outcome(comm, lambda: trainer.fit(X, y, epochs=1))
+    assert [g[0] for g in got] == ["ValueError"] * comm.Get_size()
+    assert "has architecture['dtype']='float32', rank 0 has 'float64'" in got[0][1], got[0][1]
+    trainer = make(comm, layers=[cprop.Dense(8, 16, "tanh" if comm.rank else "relu"), cprop.Dense(16, 3)])
+    got = outcome(comm, lambda: trainer.fit(X, y, epochs=1))
+    assert "architecture['layers'][0]['activation']='tanh', rank 0 has 'relu'" in got[0][1], got[0][1]
 
 
 def test_bad_input_on_one_rank_raises_on_every_rank(comm):
