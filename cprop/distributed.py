@@ -40,7 +40,7 @@ import numpy as np
 
 from . import losses
 from ._lazy import core as _core
-from ._threads import resolve_threads, single_threaded_blas
+from ._threads import compiled_epoch, resolve_threads, single_threaded_blas
 from ._validation import check_bool, check_positive_int, hold_memory
 from .callbacks import Checkpoint, as_callbacks
 from .network import plan_widths
@@ -600,10 +600,12 @@ class _Fit:
             if self.handles is not None:
                 settings["loss_scale"] = loss_scale
                 try:
-                    status, loss_sum, n_seen, last_bs, cfg["step"] = _core.train_epoch_mpi(
-                        table, hyper, row_width, n_bstats, settings, cfg, self.handles, self.step_table,
-                        X, T, labels, order, net._params, pack, running.size if weighted_running else 0,
-                        state_a, state_b, self.work, self.Xb, self.Tb, self.Lb, self.interrupted)
+                    # signal handlers run inside its parallel region: see compiled_epoch
+                    with compiled_epoch(net):
+                        status, loss_sum, n_seen, last_bs, cfg["step"] = _core.train_epoch_mpi(
+                            table, hyper, row_width, n_bstats, settings, cfg, self.handles, self.step_table,
+                            X, T, labels, order, net._params, pack, running.size if weighted_running else 0,
+                            state_a, state_b, self.work, self.Xb, self.Tb, self.Lb, self.interrupted)
                 except KeyboardInterrupt:     # raised by a handler not the fit's: all ranks stopped
                     status = _core.INTERRUPTED
                 if status == _core.MPI_ERROR:

@@ -586,12 +586,11 @@ def test_changing_the_callers_labels_mid_fit_does_not_reach_the_kernels():
 
 # -- cprop called from a signal handler inside a running epoch ------------------------------
 
-@pytest.mark.parametrize("call", ["predict_raw", "forward", "fit_other", "backward_same", "step_same",
-                                  "save_same"])
-def test_cprop_from_a_signal_handler_inside_a_multithreaded_epoch_does_not_hang(call):
-    # the epoch takes the GIL every 50 ms to run signal handlers, inside its parallel
-    # region: a nested parallel region there once reset the thread's team barrier (hang)
-    result = run_python(f"""
+def signal_handler_calling(call):
+    """Source of a script's first lines: networks `net` (the one to train) and `other`, data
+    X, y, and a SIGALRM handler that, when it runs inside net's compiled epoch, makes `call`
+    there, counting in `seen` the calls made and those refused; the timer started."""
+    return textwrap.dedent(f"""
         import os, signal, tempfile, numpy as np, cprop
         from cprop._threads import epoch_network
         rng = np.random.default_rng(0)
@@ -602,7 +601,7 @@ def test_cprop_from_a_signal_handler_inside_a_multithreaded_epoch_does_not_hang(
         seen = {{"in_epoch": 0, "refused": 0}}
 
         def handler(signum, frame):
-            if epoch_network() is None or seen.get("busy"):   # not nested in itself
+            if epoch_network() is not net or seen.get("busy"):   # not nested in itself
                 return
             seen["in_epoch"] += 1
             seen["busy"] = True
@@ -629,6 +628,15 @@ def test_cprop_from_a_signal_handler_inside_a_multithreaded_epoch_does_not_hang(
         signal.signal(signal.SIGALRM, handler)
         signal.setitimer(signal.ITIMER_REAL, 0.01, 0.01)
         net.forward(X[:64])
+    """)
+
+
+@pytest.mark.parametrize("call", ["predict_raw", "forward", "fit_other", "backward_same", "step_same",
+                                  "save_same"])
+def test_cprop_from_a_signal_handler_inside_a_multithreaded_epoch_does_not_hang(call):
+    # the epoch takes the GIL every 50 ms to run signal handlers, inside its parallel
+    # region: a nested parallel region there once reset the thread's team barrier (hang)
+    result = run_python(signal_handler_calling(call) + textwrap.dedent(f"""
         try:
             cprop.Trainer(net, batch_size=512, n_threads=2).fit(
                 X, y, epochs=500, callbacks=[lambda tr, epoch, logs: seen["in_epoch"] >= 3])
@@ -637,7 +645,7 @@ def test_cprop_from_a_signal_handler_inside_a_multithreaded_epoch_does_not_hang(
         assert seen["in_epoch"] >= 3 and np.isfinite(net.params).all(), seen
         assert (seen["refused"] == seen["in_epoch"]) == ("{call}".endswith("same")), seen
         print("ok")
-    """, timeout=120)
+    """), timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
