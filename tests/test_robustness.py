@@ -160,6 +160,23 @@ def test_step_with_an_overflowing_update_keeps_finite_values(name):
         assert all(np.isfinite(state).all() for state in optimizer.state)
 
 
+@pytest.mark.parametrize("sklearn_style", [False, True], ids=["torch", "sklearn"])
+def test_adams_second_moment_that_overflows_is_a_refused_update(sklearn_style):
+    # a gradient of 1e160 (an input row of 1e160, cross-entropy: the loss stays finite):
+    # its square overflows Adam's v while the parameter's new value, p - lr·m/√v, is finite;
+    # written, v = inf froze that parameter for good, silently
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(64, 4)), rng.integers(0, 3, 64)
+    X[10], y[10] = 1e160, 0
+    net = cprop.Sequential([cprop.Dense(4, 3)], dtype="float64", seed=0)
+    trainer = cprop.Trainer(net, loss="cross_entropy", optimizer=cprop.Adam(sklearn_style=sklearn_style),
+                            batch_size=8, shuffle=False)
+    with pytest.raises(cprop.DivergenceError, match="after 8 samples: the update became non-finite"):
+        trainer.fit(X, y, epochs=1)
+    assert_all_finite(trainer)
+    assert trainer.optimizer.step_count == 2      # the refused step counts, as for any refused update
+
+
 def test_an_exception_in_a_callback_leaves_a_consistent_trainer():
     X, y = unscaled_problem("cross_entropy")
     trainer = absurd_trainer("cross_entropy", "float32", cprop.Adam(lr=1e-3))
