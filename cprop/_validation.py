@@ -232,7 +232,8 @@ def _converted(arr, dtype, name):
 
 
 def check_labels(y, n_samples, n_classes, name="y"):
-    """Integer class labels of shape (n_samples,), each in [0, n_classes), as intp."""
+    """Integer class labels of shape (n_samples,), each in [0, n_classes), as intp: always a
+    copy, never a view of the caller's array."""
     arr = _as_numeric_array(y, name)
     if arr.ndim == 2 and arr.shape[1] == 1:
         arr = arr[:, 0]
@@ -240,6 +241,9 @@ def check_labels(y, n_samples, n_classes, name="y"):
         raise ValueError(f"{name} must be integer class labels of shape ({n_samples},), got shape {arr.shape}")
     if arr.shape[0] != n_samples:
         raise ValueError(f"{name} has {arr.shape[0]} labels but X has {n_samples} samples")
+    # checked and returned as a copy of our own: the labels index the output's columns, so
+    # the caller's array changed afterwards (from a callback, another thread) is not read
+    arr = arr.copy()
     if arr.dtype.kind == "f":
         check_finite(arr, name)
         if not np.all(arr == np.round(arr)):

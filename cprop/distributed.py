@@ -40,7 +40,7 @@ import numpy as np
 
 from . import losses
 from ._lazy import core as _core
-from ._threads import resolve_threads, single_threaded_blas
+from ._threads import compiled_epoch, resolve_threads, single_threaded_blas
 from ._validation import check_bool, check_positive_int, hold_memory
 from .callbacks import Checkpoint, as_callbacks
 from .network import plan_widths
@@ -131,9 +131,24 @@ class Ranks:
         for r, theirs in enumerate(gathered[1:], start=1):
             for key in reference:
                 if theirs.get(key) != reference[key]:
+                    where, mine, ours = _first_difference(key, theirs.get(key), reference[key])
                     raise _every_rank(ValueError(
-                        f"the ranks disagree on {what}: rank {r} has {key}={theirs.get(key)!r:.200}, "
-                        f"rank 0 has {reference[key]!r:.200}{hint}"))
+                        f"the ranks disagree on {what}: rank {r} has {where}={mine!r:.200}, "
+                        f"rank 0 has {ours!r:.200}{hint}"))
+
+
+def _first_difference(where, a, b):
+    """(path, a's part, b's part) of the first place where a and b differ, descending into
+    dicts with the same keys and sequences of the same length: a long value (an
+    architecture) is then shown where it differs, not cut off before."""
+    step = None
+    if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+        step = next((k for k in a if a[k] != b[k]), None)
+    elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        step = next((i for i in range(len(a)) if a[i] != b[i]), None)
+    if step is None:
+        return where, a, b
+    return _first_difference(f"{where}[{step!r}]", a[step], b[step])
 
 
 @contextlib.contextmanager
@@ -585,10 +600,12 @@ class _Fit:
             if self.handles is not None:
                 settings["loss_scale"] = loss_scale
                 try:
-                    status, loss_sum, n_seen, last_bs, cfg["step"] = _core.train_epoch_mpi(
-                        table, hyper, row_width, n_bstats, settings, cfg, self.handles, self.step_table,
-                        X, T, labels, order, net._params, pack, running.size if weighted_running else 0,
-                        state_a, state_b, self.work, self.Xb, self.Tb, self.Lb, self.interrupted)
+                    # signal handlers run inside its parallel region: see compiled_epoch
+                    with compiled_epoch(net):
+                        status, loss_sum, n_seen, last_bs, cfg["step"] = _core.train_epoch_mpi(
+                            table, hyper, row_width, n_bstats, settings, cfg, self.handles, self.step_table,
+                            X, T, labels, order, net._params, pack, running.size if weighted_running else 0,
+                            state_a, state_b, self.work, self.Xb, self.Tb, self.Lb, self.interrupted)
                 except KeyboardInterrupt:     # raised by a handler not the fit's: all ranks stopped
                     status = _core.INTERRUPTED
                 if status == _core.MPI_ERROR:

@@ -17,6 +17,10 @@ from ._lazy import core as _core
 from ._threads import resolve_threads, single_threaded_blas
 from ._validation import check_bool, check_positive_int, check_real
 
+# Adam's step count is a C Py_ssize_t the kernels advance by one per step: bounded far
+# enough below 2**63 that no run can overflow it
+MAX_STEP_COUNT = 2**62
+
 
 class Optimizer:
     """Base class: holds hyper-parameters and per-network state (flat arrays like the parameters)."""
@@ -69,7 +73,7 @@ class Optimizer:
         self.weight_decay = check_real(self.weight_decay, "weight_decay", low=0)
         self.decay_bias = check_bool(self.decay_bias, "decay_bias")
         self.decay_per_sample = check_bool(self.decay_per_sample, "decay_per_sample")
-        self.step_count = check_positive_int(self.step_count, "step_count", minimum=0, maximum=None)
+        self.step_count = check_positive_int(self.step_count, "step_count", minimum=0, maximum=MAX_STEP_COUNT)
         return {"kind": self.kind, "lr": self.lr, "weight_decay": self.weight_decay,
                 "decay_bias": self.decay_bias, "decay_per_sample": self.decay_per_sample,
                 "step": self.step_count, **self._hyper()}

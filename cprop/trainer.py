@@ -27,7 +27,7 @@ from ._validation import (
 from .callbacks import Checkpoint, as_callbacks
 from .losses import loss_code, prepare_targets
 from .network import Sequential, network_from_archive, plan_widths
-from .optim import OPTIMIZERS, SGD, Optimizer
+from .optim import MAX_STEP_COUNT, OPTIMIZERS, SGD, Optimizer
 
 
 class DivergenceError(FloatingPointError):
@@ -723,7 +723,7 @@ def _optimizer_from_meta(o):
     opt = OPTIMIZERS[name].from_config(cfg)
     opt.decay_bias = _flag(cfg, "decay_bias", True)
     opt.decay_per_sample = _flag(cfg, "decay_per_sample", False)
-    opt.step_count = check_positive_int(o["step_count"], "step_count", minimum=0)
+    opt.step_count = check_positive_int(o["step_count"], "step_count", minimum=0, maximum=MAX_STEP_COUNT)
     return opt
 
 

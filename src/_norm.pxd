@@ -10,7 +10,7 @@
 #   dγ = Σ_rows δ ⊙ x̂,   dβ = Σ_rows δ
 # γ and β are NULL when the layer has no affine parameters (γ = 1, β = 0).
 from cython cimport floating
-from libc.math cimport sqrt
+from libc.math cimport isfinite, sqrt
 from _activations cimport apply_activation
 
 
@@ -93,9 +93,12 @@ cdef inline void batchnorm_stats_cols(const floating* X, floating* mean, floatin
                                       double eps, double momentum) noexcept nogil:
     """Batch mean and rstd of columns c0:c1 over all bs rows (two passes, in double), and the
     running estimates moved towards them: r = (1 - momentum)·r + momentum·batch value,
-    with the unbiased variance (as torch)."""
+    with the unbiased variance (as torch). An estimate whose new value is not finite (a
+    batch of finite inputs whose mean or variance overflows) keeps its old one, as the
+    optimizer's updates do: the model stays usable for evaluation, and saveable."""
     cdef Py_ssize_t i, j
     cdef double m, v, d
+    cdef floating r_mean, r_var
     for j in range(c0, c1):
         m = 0
         for i in range(bs):
@@ -107,9 +110,12 @@ cdef inline void batchnorm_stats_cols(const floating* X, floating* mean, floatin
             v += d * d
         mean[j] = <floating> m
         rstd[j] = <floating> (1.0 / sqrt(v / bs + eps))
-        running_mean[j] = <floating> ((1 - momentum) * running_mean[j] + momentum * m)
-        running_var[j] = <floating> ((1 - momentum) * running_var[j]
-                                     + momentum * (v / (bs - 1) if bs > 1 else v))
+        r_mean = <floating> ((1 - momentum) * running_mean[j] + momentum * m)
+        r_var = <floating> ((1 - momentum) * running_var[j] + momentum * (v / (bs - 1) if bs > 1 else v))
+        if isfinite(r_mean):
+            running_mean[j] = r_mean
+        if isfinite(r_var):
+            running_var[j] = r_var
 
 
 cdef inline void batchnorm_forward_rows(const floating* X, floating* Y, floating* Xhat, floating* Z,

@@ -1,7 +1,7 @@
 # Optimizer updates in one place: one fused pass per parameter array, with
 # torch.optim's conventions. A new value that is not finite is never written:
-# the parameter keeps its previous value and the step reports it, so training
-# that diverges leaves finite weights behind.
+# the parameter keeps its previous value (and state) and the step reports it, so
+# training that diverges leaves finite weights and optimizer state behind.
 #
 #   SGD:  g' = g + wd·p;  v = μ·v + g';  p -= lr·v   (Nesterov: p -= lr·(g' + μ·v))
 #   Adam: g' = g + wd·p (AdamW instead: p *= 1 - lr·wd);  m += (1-β1)(g' - m);
@@ -53,8 +53,8 @@ cdef inline floating _sqrt(floating x) noexcept nogil:
 cdef inline int _commit(floating* p, floating* a, floating* b,
                         const floating* new_p, const floating* new_a, const floating* new_b,
                         Py_ssize_t n, int n_bad) noexcept nogil:
-    """Write a block's new values (a, b: state, either may be NULL); when some new p is
-    not finite, that element keeps all its old values. Returns n_bad."""
+    """Write a block's new values (a, b: state, either may be NULL); when some new value
+    (p or its state) is not finite, that element keeps all its old values. Returns n_bad."""
     cdef Py_ssize_t k
     if n_bad == 0:
         memcpy(p, new_p, n * sizeof(floating))
@@ -64,7 +64,8 @@ cdef inline int _commit(floating* p, floating* a, floating* b,
             memcpy(b, new_b, n * sizeof(floating))
         return 0
     for k in range(n):
-        if not _nonfinite(new_p[k]):
+        if not (_nonfinite(new_p[k]) or (a != NULL and _nonfinite(new_a[k]))
+                or (b != NULL and _nonfinite(new_b[k]))):
             p[k] = new_p[k]
             if a != NULL:
                 a[k] = new_a[k]
@@ -138,7 +139,8 @@ cdef inline Py_ssize_t adam_range(floating* p, const floating* g, floating* m, f
             new_m[k] = mi
             new_v[k] = vi
             new_p[k] = p[i + k] * shrink - step_size * mi / (_sqrt(vi) / sqrt_bc2 + eps)
-            bad += _nonfinite(new_p[k])
+            # v = inf (g² overflowed) leaves p finite but would freeze it for good: refused too
+            bad += _nonfinite(new_p[k]) | _nonfinite(vi)
         rejected += _commit(p + i, m + i, v + i, new_p, new_m, new_v, n, bad)
         i += n
     return rejected
@@ -168,7 +170,7 @@ cdef inline Py_ssize_t adam_sklearn_range(floating* p, const floating* g, floati
             new_m[k] = mi
             new_v[k] = vi
             new_p[k] = p[i + k] * shrink - lr_t * mi / (_sqrt(vi) + eps)
-            bad += _nonfinite(new_p[k])
+            bad += _nonfinite(new_p[k]) | _nonfinite(vi)
         rejected += _commit(p + i, m + i, v + i, new_p, new_m, new_v, n, bad)
         i += n
     return rejected

@@ -14,6 +14,8 @@ import pytest
 
 import cprop
 
+from test_safety import signal_handler_calling
+
 HAS_MPI4PY = importlib.util.find_spec("mpi4py") is not None
 
 
@@ -153,6 +155,33 @@ def test_cli_interrupted_on_one_rank_outside_the_fit_aborts_the_job(tmp_path):
     assert result.returncode != 0
     assert "rank 1 of 2 raised KeyboardInterrupt" in result.stderr and "MPI_Abort" in result.stderr
     assert not (tmp_path / "m.npz").exists()
+
+
+@pytest.mark.skipif(_open_mpi_launcher() is None, reason="needs mpi4py and Open MPI's mpiexec")
+@pytest.mark.parametrize("call", ["predict_raw", "fit_other", "backward_same", "step_same"])
+def test_cprop_from_a_signal_handler_inside_a_compiled_distributed_epoch(tmp_path, call):
+    # as test_safety's test for one process: the distributed epoch (a team of 2 threads on
+    # each rank) runs signal handlers from inside its parallel region; cprop called there
+    # runs on one thread (a nested team once left the epoch's threads waiting: the job hung)
+    # and the network being trained refuses to be trained from there
+    script = tmp_path / "job.py"
+    script.write_text(signal_handler_calling(call) + textwrap.dedent(f"""
+        import warnings
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+        warnings.filterwarnings("ignore", ".*Oversubscribed threads", RuntimeWarning)
+        trainer = cprop.Trainer(net, batch_size=512, n_threads=2, comm=comm)
+        try:
+            trainer.fit(X[:6000], y[:6000], epochs=100, callbacks=[
+                lambda tr, epoch, logs: comm.allreduce(seen["in_epoch"], op=MPI.MIN) >= 3])
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        assert seen["in_epoch"] >= 3 and np.isfinite(net.params).all(), seen
+        assert (seen["refused"] == seen["in_epoch"]) == ("{call}".endswith("same")), seen
+        print("ok", flush=True)
+    """))
+    result = _run_two_ranks(script, tmp_path)
+    assert result.returncode == 0 and result.stdout.split() == ["ok", "ok"], result.stderr[-3000:]
 
 
 def test_cli_ctrl_c_while_mpi_starts_is_held_until_mpi_can_abort_the_job(tmp_path):

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import tracemalloc
+import warnings
 
 import numpy as np
 import pytest
@@ -109,6 +110,29 @@ def test_divergence_midway_keeps_the_finite_epochs(tmp_path):
     assert_array_equal(cprop.Trainer.load(tmp_path / "after-divergence.npz").net.params, trainer.net.params)
 
 
+@pytest.mark.parametrize("dtype, rows", [("float64", "equal"), ("float64", "alternating"),
+                                         ("float32", "alternating")])
+def test_batch_statistics_that_overflow_leave_finite_running_statistics(dtype, rows, tmp_path):
+    # a batch of finite inputs whose mean (equal rows, float64) or variance overflows: the
+    # running statistics its forward pass moves keep their finite values where the new ones
+    # are not, whether the loss then diverges (equal rows) or stays finite (alternating)
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(64, 4)).astype(dtype), rng.normal(size=(64, 2)).astype(dtype)
+    X[40:48] = np.finfo(dtype).max / 4
+    if rows == "alternating":
+        X[40:48:2] *= -1
+    net = cprop.Sequential([cprop.BatchNorm(4), cprop.Dense(4, 8, "relu"), cprop.Dense(8, 2)],
+                           dtype=dtype, seed=0)
+    trainer = cprop.Trainer(net, batch_size=8, shuffle=False, on_divergence="warn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)      # the divergence, for equal rows
+        trainer.fit(X, y, epochs=1)
+    assert np.isfinite(net.buffers).all(), net.buffers
+    assert np.isfinite(net.predict_raw(X[:40])).all()
+    trainer.save(tmp_path / "trained.npz")      # a model that saves and loads back
+    assert_array_equal(cprop.Trainer.load(tmp_path / "trained.npz").net.buffers, net.buffers)
+
+
 def test_nan_weights_set_by_hand_are_not_trained_on():
     # a network whose weights the user broke: training stops, nothing non-finite spreads
     X, y = unscaled_problem("cross_entropy")
@@ -134,6 +158,23 @@ def test_step_with_an_overflowing_update_keeps_finite_values(name):
             optimizer.step(net)
         assert np.isfinite(net.params).all()
         assert all(np.isfinite(state).all() for state in optimizer.state)
+
+
+@pytest.mark.parametrize("sklearn_style", [False, True], ids=["torch", "sklearn"])
+def test_adams_second_moment_that_overflows_is_a_refused_update(sklearn_style):
+    # a gradient of 1e160 (an input row of 1e160, cross-entropy: the loss stays finite):
+    # its square overflows Adam's v while the parameter's new value, p - lr·m/√v, is finite;
+    # written, v = inf froze that parameter for good, silently
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(64, 4)), rng.integers(0, 3, 64)
+    X[10], y[10] = 1e160, 0
+    net = cprop.Sequential([cprop.Dense(4, 3)], dtype="float64", seed=0)
+    trainer = cprop.Trainer(net, loss="cross_entropy", optimizer=cprop.Adam(sklearn_style=sklearn_style),
+                            batch_size=8, shuffle=False)
+    with pytest.raises(cprop.DivergenceError, match="after 8 samples: the update became non-finite"):
+        trainer.fit(X, y, epochs=1)
+    assert_all_finite(trainer)
+    assert trainer.optimizer.step_count == 2      # the refused step counts, as for any refused update
 
 
 def test_an_exception_in_a_callback_leaves_a_consistent_trainer():

@@ -214,6 +214,27 @@ def test_optimizer_structure_attacks_are_refused_or_harmless(rng):
     assert np.isfinite(net.params).all()
 
 
+@pytest.mark.parametrize("count", [2**63 - 1, 2**64])
+def test_a_step_count_the_kernels_cannot_hold_or_advance_is_refused(rng, count, tmp_path):
+    # Adam's step count is a C integer that each step advances: one at its largest would
+    # overflow (every update then non-finite: a false divergence), one beyond it did not
+    # convert (OverflowError, and under comm an MPI_Abort, as the ranks had agreed on it)
+    net = small_net((4, 8, 2))
+    X, y = rng.normal(size=(20, 4)), rng.normal(size=(20, 2))
+    trainer = cprop.Trainer(net, optimizer=cprop.Adam(), batch_size=4)
+    trainer.fit(X, y, epochs=1)
+    params = net.params.copy()
+    trainer.optimizer.step_count = count
+    with pytest.raises(ValueError, match="step_count"):
+        trainer.fit(X, y, epochs=1)
+    assert_array_equal(net.params, params)
+    trainer.optimizer.step_count = 2**40     # a large count the kernels hold: trains on
+    trainer.fit(X, y, epochs=1)
+    assert trainer.optimizer.step_count == 2**40 + 5
+    trainer.save(tmp_path / "t.npz")            # and saved with it, it loads
+    assert cprop.Trainer.load(tmp_path / "t.npz").optimizer.step_count == 2**40 + 5
+
+
 def test_reshaping_the_callers_X_mid_fit_does_not_reach_the_epoch(rng):
     net = small_net((8, 4, 2))
     X, y = rng.normal(size=(40, 8)), rng.normal(size=(40, 2))
@@ -544,14 +565,32 @@ def test_resizing_the_callers_arrays_mid_fit_is_refused():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
+def test_changing_the_callers_labels_mid_fit_does_not_reach_the_kernels():
+    # the labels index the output's columns: they are validated into an array of fit's own,
+    # so labels the caller sets out of range afterwards (here from a callback) are not read
+    result = run_python("""
+        import numpy as np, cprop
+        rng = np.random.default_rng(0)
+        X, y = rng.random((2000, 8)), rng.integers(0, 3, 2000).astype(np.intp)
+        net = cprop.Sequential([cprop.Dense(8, 16, "relu"), cprop.Dense(16, 3)], dtype="float64", seed=0)
+        reference = net.copy()
+        cprop.Trainer(reference, loss="cross_entropy", batch_size=16, seed=0).fit(X, y.copy(), epochs=3)
+        def corrupt(trainer, epoch, logs):
+            y[:] = 10**12
+        cprop.Trainer(net, loss="cross_entropy", batch_size=16, seed=0).fit(X, y, epochs=3, callbacks=[corrupt])
+        assert np.array_equal(net.params, reference.params)
+        print("ok")
+    """)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", (result.returncode, result.stderr)
+
+
 # -- cprop called from a signal handler inside a running epoch ------------------------------
 
-@pytest.mark.parametrize("call", ["predict_raw", "forward", "fit_other", "backward_same", "step_same",
-                                  "save_same"])
-def test_cprop_from_a_signal_handler_inside_a_multithreaded_epoch_does_not_hang(call):
-    # the epoch takes the GIL every 50 ms to run signal handlers, inside its parallel
-    # region: a nested parallel region there once reset the thread's team barrier (hang)
-    result = run_python(f"""
+def signal_handler_calling(call):
+    """Source of a script's first lines: networks `net` (the one to train) and `other`, data
+    X, y, and a SIGALRM handler that, when it runs inside net's compiled epoch, makes `call`
+    there, counting in `seen` the calls made and those refused; the timer started."""
+    return textwrap.dedent(f"""
         import os, signal, tempfile, numpy as np, cprop
         from cprop._threads import epoch_network
         rng = np.random.default_rng(0)
@@ -562,7 +601,7 @@ def test_cprop_from_a_signal_handler_inside_a_multithreaded_epoch_does_not_hang(
         seen = {{"in_epoch": 0, "refused": 0}}
 
         def handler(signum, frame):
-            if epoch_network() is None or seen.get("busy"):   # not nested in itself
+            if epoch_network() is not net or seen.get("busy"):   # not nested in itself
                 return
             seen["in_epoch"] += 1
             seen["busy"] = True
@@ -589,6 +628,15 @@ def test_cprop_from_a_signal_handler_inside_a_multithreaded_epoch_does_not_hang(
         signal.signal(signal.SIGALRM, handler)
         signal.setitimer(signal.ITIMER_REAL, 0.01, 0.01)
         net.forward(X[:64])
+    """)
+
+
+@pytest.mark.parametrize("call", ["predict_raw", "forward", "fit_other", "backward_same", "step_same",
+                                  "save_same"])
+def test_cprop_from_a_signal_handler_inside_a_multithreaded_epoch_does_not_hang(call):
+    # the epoch takes the GIL every 50 ms to run signal handlers, inside its parallel
+    # region: a nested parallel region there once reset the thread's team barrier (hang)
+    result = run_python(signal_handler_calling(call) + textwrap.dedent(f"""
         try:
             cprop.Trainer(net, batch_size=512, n_threads=2).fit(
                 X, y, epochs=500, callbacks=[lambda tr, epoch, logs: seen["in_epoch"] >= 3])
@@ -597,7 +645,7 @@ def test_cprop_from_a_signal_handler_inside_a_multithreaded_epoch_does_not_hang(
         assert seen["in_epoch"] >= 3 and np.isfinite(net.params).all(), seen
         assert (seen["refused"] == seen["in_epoch"]) == ("{call}".endswith("same")), seen
         print("ok")
-    """, timeout=120)
+    """), timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 

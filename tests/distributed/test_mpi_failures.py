@@ -85,6 +85,25 @@ def test_nonfinite_loss_in_one_shard_stops_every_rank(comm):
     assert_same_on_every_rank(comm, trainer)
 
 
+@pytest.mark.parametrize("phase", ["compiled", "python"])
+def test_batch_statistics_overflowing_in_one_shard_leave_finite_running_statistics(comm, monkeypatch, phase):
+    # the last shard's second batch: equal rows whose mean overflows BatchNorm's statistics
+    # (the loss then diverges); every rank keeps the same finite running statistics
+    monkeypatch.setenv("CPROP_MPI_EPOCH", phase)
+    X, y = data(64, seed=comm.rank)
+    if comm.rank == last(comm):
+        X[8:16] = np.finfo(np.float64).max / 4
+    trainer = make(comm, shuffle=False, batch_size=8 * comm.Get_size(), on_divergence="warn",
+                   optimizer="adam",
+                   layers=lambda: [cprop.BatchNorm(8), cprop.Dense(8, 16, "tanh"), cprop.Dense(16, 3)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        trainer.fit(X, y, epochs=1, sharded=True)
+    assert trainer.epochs_done == 0 and trainer.optimizer.step_count == 1
+    assert np.isfinite(trainer.net.buffers).all(), trainer.net.buffers
+    assert_same_on_every_rank(comm, trainer)
+
+
 def test_ctrl_c_on_one_rank_between_epochs_interrupts_every_rank(comm):
     X, y = data(100)
     trainer = make(comm)
@@ -190,6 +209,14 @@ def test_differing_settings_or_data_are_refused_on_every_rank(comm):
     got = outcome(comm, lambda: trainer.fit(X, y, epochs=1 + (comm.rank == 0)))
     assert [g[0] for g in got] == ["ValueError"] * comm.Get_size()
     assert "has epochs=1, rank 0 has 2" in got[0][1]
+    # a difference deep in a long value is named where it is, not cut off before it
+    trainer = make(comm, dtype=np.float32 if comm.rank == last(comm) else np.float64)
+    got = outcome(comm, lambda: trainer.fit(X, y, epochs=1))
+    assert [g[0] for g in got] == ["ValueError"] * comm.Get_size()
+    assert "has architecture['dtype']='float32', rank 0 has 'float64'" in got[0][1], got[0][1]
+    trainer = make(comm, layers=[cprop.Dense(8, 16, "tanh" if comm.rank else "relu"), cprop.Dense(16, 3)])
+    got = outcome(comm, lambda: trainer.fit(X, y, epochs=1))
+    assert "architecture['layers'][0]['activation']='tanh', rank 0 has 'relu'" in got[0][1], got[0][1]
 
 
 def test_bad_input_on_one_rank_raises_on_every_rank(comm):
