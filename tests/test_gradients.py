@@ -43,7 +43,8 @@ def test_gradient_check_catches_a_wrong_gradient(rng, monkeypatch):
 def test_gradient_check_of_a_trained_confident_network():
     """The README's check: a relu network trained on digits until its predictions are
     confident, where the cross-entropy's log-sum-exp cancels (per-sample loss ~1e-5 out
-    of logits ~10): the default step keeps the finite differences' rounding below tol."""
+    of logits ~10): the default step and floor keep the finite differences' rounding below
+    tol, whichever core trained it."""
     X, y = cprop.datasets.load_digits()
     order = np.random.default_rng(0).permutation(len(X))
     net = cprop.Sequential([cprop.Dense(64, 64, "relu"), cprop.Dense(64, 10)], dtype="float32", seed=0)
@@ -51,7 +52,7 @@ def test_gradient_check_of_a_trained_confident_network():
                             batch_size=32, seed=0)
     trainer.fit(X[order[:1440]], y[order[:1440]], epochs=30)
     assert trainer.evaluate(X[order[1440:]], y[order[1440:]])["accuracy"] > 0.95
-    for s in range(3):
+    for s in range(6):
         batch = order[32 * s:32 * (s + 1)]
         result = cprop.gradient_check(net, X[batch], y[batch], loss="cross_entropy")
         assert result.passed, result
