@@ -25,7 +25,7 @@ from _activations cimport (IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH, ELU, SOFTP
 from _blas cimport gemm
 from _dense cimport (dense_forward as _dense_forward, dense_forward_block, dense_param_grads,
                      dense_param_grads_part, dense_input_grad, dense_input_grad_block,
-                     gather_rows, prefetch_rows, threads_for, _col_split)
+                     gather_rows, threads_for, _col_split)
 from _dropout cimport dropout_rows
 from _sparse cimport CSRBatch, csr_forward_rows, csr_weight_grad_features, csr_gather_dense
 from _norm cimport (layernorm_forward_rows, layernorm_backward_rows, batchnorm_stats_cols,
@@ -918,10 +918,6 @@ cdef int _epoch_worker(const Plan* P, const Fit* fit, const floating[:, ::1] X,
         elif fit.gather:
             gather_rows(&X[0, 0], &order[start], Xb, r0, r1, d)
             X_in = Xb
-            if start + bs < n:
-                # this thread's rows of the next batch (the same share of at most bsz rows)
-                prefetch_rows(&X[0, 0], &order[start + bs], (min(bsz, n - start - bs) * t) // nt,
-                              (min(bsz, n - start - bs) * (t + 1)) // nt, d)
         else:
             X_in = &X[start, 0]
         if fit.loss_kind == CROSS_ENTROPY:  # integer labels

@@ -18,16 +18,6 @@ from libc.string cimport memcpy
 from _blas cimport gemm
 from _activations cimport bias_activation, activation_grad
 
-cdef extern from *:
-    """
-    #if defined(__GNUC__) || defined(__clang__)
-    #define CPROP_PREFETCH(p) __builtin_prefetch((p), 0, 3)
-    #else
-    #define CPROP_PREFETCH(p) ((void) (p))
-    #endif
-    """
-    void CPROP_PREFETCH(const void* p) noexcept nogil
-
 # Starting an OpenMP region costs a few microseconds; a product smaller than
 # this many floating-point operations per thread is faster on one thread.
 cdef enum:
@@ -77,18 +67,6 @@ cdef inline void gather_rows(const floating* source, const Py_ssize_t* rows, flo
         row = source + rows[r] * n_in
         for j in range(n_in):
             X[r * n_in + j] = row[j]
-
-
-cdef inline void prefetch_rows(const floating* source, const Py_ssize_t* rows, Py_ssize_t r0,
-                               Py_ssize_t r1, Py_ssize_t n_in) noexcept nogil:
-    """Ask the cache for source[rows[r]], r in [r0, r1), a line (64 bytes) at a time: the
-    next minibatch's rows arrive while this one computes, and its gather_rows hits cache."""
-    cdef Py_ssize_t r, j
-    cdef const char* row
-    for r in range(r0, r1):
-        row = <const char*> (source + rows[r] * n_in)
-        for j in range(0, n_in * <Py_ssize_t> sizeof(floating), 64):
-            CPROP_PREFETCH(row + j)
 
 
 cdef inline Py_ssize_t _col_split(Py_ssize_t n_cols, int t, int nt) noexcept nogil:
