@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
 import sys
 import warnings
@@ -187,12 +188,19 @@ class TorchCompileRunner(TorchRunner):
         if self.compiled:
             with config.patch(error_on_recompile=True):
                 return super().epoch()
+        # Dynamo's notes on what it traces (torch.optim's profiler hooks, "will be ignored")
+        # are not the benchmark's output: its errors still show
+        dynamo_log = logging.getLogger("torch._dynamo")
+        level = dynamo_log.level
+        dynamo_log.setLevel(logging.ERROR)
         try:
             with config.patch(fail_on_recompile_limit_hit=True):
                 super().epoch()
         except Exception as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PeerUnavailable(f"torch.compile failed here ({type(exc).__name__}: {reason[:200]})") from exc
+        finally:
+            dynamo_log.setLevel(level)
         self.compiled = True
 
     def inference(self, X):
