@@ -574,10 +574,10 @@ class Sequential:
 
         One compiled call: each thread takes a share of the rows and runs it
         through every layer in chunks of `chunk_size` rows; the intermediate
-        buffers are kept per thread and reused by the next call. The default
-        makes a layer's output about 1 MB (512 to 4096 rows): every chunk
-        re-packs each W for BLAS, so chunks of that size ran faster than
-        smaller ones sized for L2 (benchmarks/README.md).
+        buffers are kept per thread and reused by the next call. The default is
+        1024 rows (fewer when a thread's buffers would pass 32 MB, a very wide
+        network): against chunks sized to a 1 MB layer output (512 to 4096 rows)
+        it ran the benchmark networks 1.0-1.3× as fast (benchmarks/README.md).
 
         X may be a scipy.sparse matrix or array of any format (validated and taken as
         CSR): a Dense first layer multiplies its rows in place (sparse × dense), any
@@ -589,9 +589,8 @@ class Sequential:
         X = check_X(X, self._dtype, n_inputs, accept_sparse=True, finite=False)
         n_threads = resolve_threads(n_threads)
         table, hyper, row_width, n_bstats = self._plan
-        widest = int(self._sizes[1:].max())
         if chunk_size is None:
-            chunk_size = min(4096, max(512, (1 << 20) // (widest * np.dtype(self._dtype).itemsize)))
+            chunk_size = max(64, min(1024, (32 << 20) // (row_width * np.dtype(self._dtype).itemsize)))
         chunk_size = min(check_positive_int(chunk_size, "chunk_size"), X.shape[0])
         work = self._inference_workspace(n_threads * (chunk_size * row_width + n_bstats))
         out = np.empty((X.shape[0], n_outputs), dtype=self._dtype)

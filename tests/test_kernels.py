@@ -439,7 +439,7 @@ def test_predict_raw_equals_forward_across_chunks(dtype, tol, rng):
 
 
 def test_predict_raw_default_chunks_equal_forward_on_many_rows(dtype, tol, rng):
-    # 9,000 rows: two threads (9 MFLOP), each with more than one default chunk (4,096 rows here);
+    # 9,000 rows: two threads (9 MFLOP), each with more than one default chunk (1,024 rows);
     # chunked products round like one big product only within tolerance (shape-dependent kernels)
     net = make_net([5, 64, 3], dtype=dtype)
     X = rng.normal(size=(9000, 5))
