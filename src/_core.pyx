@@ -25,7 +25,7 @@ from _activations cimport (IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH, ELU, SOFTP
 from _blas cimport gemm
 from _dense cimport (dense_forward as _dense_forward, dense_forward_block, dense_param_grads,
                      dense_param_grads_part, dense_input_grad, dense_input_grad_block,
-                     gather_rows, threads_for, _col_split)
+                     gather_rows, threads_for, _col_split, all_finite)
 from _dropout cimport dropout_rows
 from _sparse cimport CSRBatch, csr_forward_rows, csr_weight_grad_features, csr_gather_dense
 from _norm cimport (layernorm_forward_rows, layernorm_backward_rows, batchnorm_stats_cols,
@@ -311,11 +311,13 @@ cdef inline void _sync(int nt) noexcept nogil:
 cdef void forward_pass(const Plan* P, floating* params, floating* buffers, floating* work,
                        Py_ssize_t rows, const floating* X_in, const CSRBatch* X_sparse, Py_ssize_t bs,
                        int t, int nt, bint training, unsigned long long seed,
-                       long long row_base) noexcept nogil:
+                       long long row_base, int* product_finite=NULL) noexcept nogil:
     """Every layer's output for this thread's rows: Y_l = layer_l(Y_{l-1}), Y_{-1} = X_in,
     or, when X_sparse is not NULL, the CSR rows it names (the first layer is then Dense).
     `rows`: the row count the workspace was laid out for (>= bs). In evaluation BatchNorm
-    reads its mean and rstd from the batch-statistics area, filled by the caller."""
+    reads its mean and rstd from the batch-statistics area, filled by the caller. With
+    product_finite, a dense first Dense layer sets it to whether X_in·W was finite
+    (see dense_forward_block)."""
     cdef Py_ssize_t layer, n_in, n_out, c0, c1
     cdef Py_ssize_t r0 = bs * t // nt, r1 = bs * (t + 1) // nt
     cdef const long long* T
@@ -353,7 +355,8 @@ cdef void forward_pass(const Plan* P, floating* params, floating* buffers, float
                 shared = True
             else:
                 dense_forward_block(inp, W, W + n_in * n_out, Y, r0, r1, 0, n_out, n_in, n_out,
-                                    <int> T[_plan.ACT], alpha, _col(work, rows, T[_plan.Z_COL]))
+                                    <int> T[_plan.ACT], alpha, _col(work, rows, T[_plan.Z_COL]),
+                                    product_finite if layer == 0 else NULL)
                 shared = False
         elif T[_plan.KIND] == DROPOUT:
             # Y = X ⊙ M / (1 - p) in training, X in evaluation
@@ -669,33 +672,18 @@ def forward(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ssize_
     return all_ok
 
 
-cdef inline bint all_finite(const floating* x, Py_ssize_t n) noexcept nogil:
-    """Whether x[0:n] holds no NaN or ±inf: Σ x·0 is exactly 0 then and NaN otherwise (no
-    overflow, unlike Σ x). Sixteen partial sums, so the loop vectorizes in program order."""
-    cdef floating acc[16]
-    cdef Py_ssize_t i, j, body = n - n % 16
-    for j in range(16):
-        acc[j] = 0
-    for i in range(0, body, 16):
-        for j in range(16):
-            acc[j] += x[i + j] * 0
-    for i in range(body, n):
-        acc[0] += x[i] * 0
-    for j in range(1, 16):
-        acc[0] += acc[j]
-    return acc[0] == 0
-
-
 cdef bint _infer_rows(const Plan* P, floating* params, floating* buffers, floating* work,
                       Py_ssize_t chunk_rows, const floating* X, const CSRBatch* X_csr, floating* out,
                       Py_ssize_t r0, Py_ssize_t r1) noexcept nogil:
     """out[r0:r1] for X[r0:r1] (or X_csr's rows r0:r1), chunk_rows rows at a time, on this
     thread alone. Returns whether the dense rows were all finite (a CSR X is validated)."""
     cdef bint finite = True
+    cdef int product_finite
     cdef CSRBatch chunk
     cdef Py_ssize_t start = r0, rows, d = _row(P, 0)[_plan.N_IN]
     cdef const long long* last = _row(P, P.n_layers - 1)
     cdef Py_ssize_t m = last[_plan.N_OUT]
+    cdef bint narrow = _row(P, 0)[_plan.N_OUT] < d
     eval_stats(P, buffers, work, chunk_rows)
     while start < r1:
         rows = chunk_rows if start + chunk_rows <= r1 else r1 - start
@@ -705,10 +693,16 @@ cdef bint _infer_rows(const Plan* P, floating* params, floating* buffers, floati
             chunk.first = start
             forward_pass(P, params, buffers, work, chunk_rows, NULL, &chunk, rows, 0, 1, False, 0, 0)
         else:
-            # checked just before the product reads it: the chunk comes from memory once
-            finite = all_finite(X + start * d, rows * d) and finite
+            # NaN/inf in X: found in the first layer's product X·W when that is the smaller
+            # (see dense_forward_block), else in X just before the product reads it
+            product_finite = -1     # stays -1 when the first layer is not Dense
+            if not narrow:
+                finite = all_finite(X + start * d, rows * d) and finite
             forward_pass(P, params, buffers, work, chunk_rows, X + start * d, NULL, rows, 0, 1, False,
-                         0, 0)
+                         0, 0, &product_finite if narrow else NULL)
+            if narrow and product_finite != 1:
+                # NaN or ±inf in X, or finite values whose product overflowed: X tells
+                finite = all_finite(X + start * d, rows * d) and finite
         memcpy(out + start * m, work + chunk_rows * last[_plan.Y_COL], rows * m * sizeof(floating))
         start += rows
     return finite

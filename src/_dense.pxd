@@ -35,19 +35,52 @@ cdef inline int threads_for(double flops, Py_ssize_t n_chunks, int n_threads) no
     return nt if nt > 1 else 1
 
 
+cdef inline bint all_finite(const floating* x, Py_ssize_t n) noexcept nogil:
+    """Whether x[0:n] holds no NaN or ±inf: Σ x·0 is exactly 0 then and NaN otherwise (no
+    overflow, unlike Σ x). Sixteen partial sums, so the loop vectorizes in program order."""
+    cdef floating acc[16]
+    cdef Py_ssize_t i, j, body = n - n % 16
+    for j in range(16):
+        acc[j] = 0
+    for i in range(0, body, 16):
+        for j in range(16):
+            acc[j] += x[i + j] * 0
+    for i in range(body, n):
+        acc[0] += x[i] * 0
+    for j in range(1, 16):
+        acc[0] += acc[j]
+    return acc[0] == 0
+
+
 cdef inline void dense_forward_block(const floating* X, const floating* W, const floating* b,
                                      floating* Y, Py_ssize_t r0, Py_ssize_t r1,
                                      Py_ssize_t c0, Py_ssize_t c1,
                                      Py_ssize_t n_in, Py_ssize_t n_out, int activation,
-                                     floating alpha, floating* Z=NULL) noexcept nogil:
+                                     floating alpha, floating* Z=NULL, int* product_finite=NULL) noexcept nogil:
     """Y[r0:r1, c0:c1] = f(X[r0:r1]·W[:, c0:c1] + b[c0:c1]); with Z, the pre-activation
-    z = X·W + b is kept there (same layout) for a derivative that needs it."""
+    z = X·W + b is kept there (same layout) for a derivative that needs it.
+
+    With product_finite: whether X·W (the block, before bias and activation) was finite.
+    A NaN or ±inf in a row of X makes every value of that row of X·W NaN or ±inf (NaN·w
+    and ±inf·0 are NaN: OpenBLAS's kernels multiply every term, zeros too), so a finite
+    product clears X without reading it again, from the output still in cache; a
+    non-finite one may also be finite values that overflowed, which only X tells apart."""
+    cdef Py_ssize_t i
     if r1 <= r0 or c1 <= c0:
         return
     cdef floating* out = Y if Z == NULL else Z
     gemm(False, False, <int> (r1 - r0), <int> (c1 - c0), <int> n_in,
          <floating> 1, X + r0 * n_in, <int> n_in, W + c0, <int> n_out,
          <floating> 0, out + r0 * n_out + c0, <int> n_out)
+    if product_finite != NULL:
+        product_finite[0] = 1
+        if c0 == 0 and c1 == n_out:
+            product_finite[0] = all_finite(out + r0 * n_out, (r1 - r0) * n_out)
+        else:
+            for i in range(r0, r1):
+                if not all_finite(out + i * n_out + c0, c1 - c0):
+                    product_finite[0] = 0
+                    break
     bias_activation(out + r0 * n_out + c0, b + c0, r1 - r0, c1 - c0, n_out, activation, alpha,
                     NULL if Z == NULL else Y + r0 * n_out + c0)
 

@@ -363,10 +363,31 @@ def test_predict_raw_finds_every_non_finite_entry_in_its_compiled_check(dtype, v
         for n_threads, chunk_size in [(1, None), (2, None), (2, 7), (3, 1)]:
             with pytest.raises(ValueError, match=r"(?i)\bX\b.*(nan|inf)"):
                 net.predict_raw(bad, n_threads=n_threads, chunk_size=chunk_size)
-    # the largest finite values pass: the check multiplies by 0 instead of summing
+    # the largest finite values pass: the check multiplies by 0 instead of summing, and X·W
+    # overflowing (non-finite products of finite X) is told apart by reading X
     huge = X.copy()
     huge[::2] = np.finfo(dtype).max
     assert net.predict_raw(huge, n_threads=2, chunk_size=7).shape == (301, 2)   # no ValueError
+
+
+@pytest.mark.parametrize("value", NON_FINITE, ids=str)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_predict_raw_finds_non_finite_x_through_zero_weights_and_other_first_layers(dtype, value):
+    # a finite X·W clears X: so X·W must be non-finite wherever X is, even where the feature's
+    # weights are all 0 (±inf·0 is NaN) and whatever the first layer's activation does to it
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((64, 5)).astype(dtype)
+    bad = X.copy()
+    bad[40, 3] = value
+    dead = cprop.Sequential([cprop.Dense(5, 8, "relu"), cprop.Dense(8, 1)], dtype=dtype, seed=0)
+    dead.layers[0].W[3, :] = 0                           # feature 3 feeds nothing
+    assert not dead.layers[0].W[3].any()
+    assert np.isfinite(dead.predict_raw(X)).all()
+    for first in (dead, cprop.Sequential([cprop.LayerNorm(5), cprop.Dense(5, 1)], dtype=dtype, seed=0),
+                  cprop.Sequential([cprop.Dropout(0.5), cprop.Dense(5, 1)], dtype=dtype, seed=0)):
+        for n_threads, chunk_size in [(1, None), (2, 16), (1, 1)]:
+            with pytest.raises(ValueError, match=r"(?i)\bX\b.*(nan|inf)"):
+                first.predict_raw(bad, n_threads=n_threads, chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("value", NON_FINITE, ids=str)
