@@ -357,8 +357,7 @@ def _prepare_training(args, comm):
     _check_threads(args.threads)
     _check_out(args.out)
     needs_target = UsageError("train needs a target: --target COLUMN (CSV) or an array 'y' (NPZ)")
-    if (args.target is None and os.path.isfile(args.data) and not data.is_npz(args.data)
-            and not args.data.endswith(".npz")):
+    if args.target is None and os.path.isfile(args.data) and data.is_csv(args.data):
         raise needs_target       # a CSV has no default target column
     table = data.read_table(args.data, args.target)
     if table.y is None:
@@ -521,13 +520,13 @@ def _export(args):
 
     from . import io as _io
     from . import onnx as cprop_onnx
-    from .network import network_from_meta
 
     _check_out(args.out, "OUT")
-    meta, arrays = _io.load_archive(args.model, kind=("network", "trainer"))
+    with _io.Archive(args.model, ("network", "trainer")) as archive:     # the metadata only
+        kind = archive.meta["kind"]
     head = None if args.head == "none" else args.head
     scaling = target_scaling = notes = None
-    if meta["kind"] == "trainer":
+    if kind == "trainer":
         trainer = cprop.Trainer.load(args.model)
         net, notes = trainer.net, _model_notes(trainer, args.model)
         if head is not None and _EXPORT_HEADS.get(trainer.loss) != head:
@@ -539,7 +538,7 @@ def _export(args):
         if notes["target_mean"] is not None:
             target_scaling = (notes["target_mean"], notes["target_std"])
     else:
-        net = network_from_meta(meta, arrays, args.model)
+        net = cprop.load(args.model)
     try:
         cprop_onnx.export(net, args.out, head=head, opset=args.opset, standardize=scaling,
                           unstandardize=target_scaling)

@@ -53,12 +53,13 @@ def read_table(path, target=None, drop=None):
     if os.path.isdir(path):
         raise Failure(f"{path!r} is a directory, not a data file")
     start = _first_bytes(path)
-    if start.startswith(b"PK\x03\x04") or path.endswith(".npz"):
+    kind = _format(path, start)
+    if kind == "npz":
         if not start.startswith(b"PK\x03\x04"):
             raise Failure(f"{path!r} is not an NPZ archive (np.savez writes them); "
                           "cprop reads NPZ archives or CSV text")
         return _read_npz(path, target)
-    if start.startswith(b"\x93NUMPY"):
+    if kind == "npy":
         raise Failure(f"{path!r} is a single .npy array; cprop reads NPZ archives "
                       "(np.savez(path, X=X, y=y)) or CSV text")
     return _read_csv(path, target, drop)
@@ -69,11 +70,18 @@ def _first_bytes(path):
         return f.read(8)
 
 
-def is_npz(path):
-    """Whether `path` is an NPZ archive (by its first bytes) rather than CSV text; False
-    when it cannot be read (read_table then says why)."""
+def _format(path, start):
+    """How read_table takes a file of these first bytes: "npz" (by content or name), "npy", "csv"."""
+    if start.startswith(b"PK\x03\x04") or path.endswith(".npz"):
+        return "npz"
+    return "npy" if start.startswith(b"\x93NUMPY") else "csv"
+
+
+def is_csv(path):
+    """Whether read_table reads `path` as CSV text; False when it cannot be read (read_table
+    then says why)."""
     try:
-        return _first_bytes(path).startswith(b"PK\x03\x04")
+        return _format(path, _first_bytes(path)) == "csv"
     except OSError:
         return False
 
