@@ -13,6 +13,7 @@ _check_built()   # an uncompiled source checkout says so here, not at the first 
 del _check_built
 
 from . import callbacks, datasets, losses, schedules
+from ._fpenv import get_flush_denormals, set_flush_denormals
 from ._threads import get_num_threads, set_num_threads
 from .callbacks import Callback, Checkpoint, EarlyStopping
 from .gradcheck import gradient_check
@@ -43,6 +44,7 @@ def show_config(file=None):
         "blas": _threads.blas_info(),
         "gemm": _core.BLAS,
         "omp_wait": _threads.openmp_wait_info(),
+        "denormals": "flushed to zero in compiled passes" if get_flush_denormals() else "IEEE",
     }
     for key, value in info.items():
         if key == "openmp" and not value:
@@ -55,7 +57,8 @@ __all__ = [
     "Dense", "Dropout", "BatchNorm", "LayerNorm", "Sequential", "Trainer", "History",
     "SGD", "Adam", "AdamW", "LBFGS", "losses", "datasets", "callbacks", "schedules",
     "Callback", "Checkpoint", "EarlyStopping", "gradient_check", "load",
-    "set_num_threads", "get_num_threads", "show_config",
+    "set_num_threads", "get_num_threads", "set_flush_denormals", "get_flush_denormals",
+    "show_config",
     "DivergenceError", "CpropFileError", "__version__",
 ]
 

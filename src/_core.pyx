@@ -40,6 +40,8 @@ from _blas cimport cprop_bind_gemm, cprop_dlsym
 from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
 from cpython.ref cimport PyObject
 from _mpi cimport MpiSum, allreduce_sum, cprop_bind_mpi, cprop_mpi_allreduce
+from _fpenv cimport CPROP_FLUSH_SUPPORTED, cprop_set_flush_denormals, cprop_get_flush_denormals
+from _fpenv cimport cprop_fp_enter, cprop_fp_leave
 
 
 cdef bint _gemm_works() noexcept:
@@ -148,6 +150,19 @@ cdef double SIGNAL_CHECK_SECONDS = 0.05
 def max_threads():
     """Threads OpenMP would use by default (OMP_NUM_THREADS honoured); 1 without OpenMP."""
     return omp_get_max_threads()
+
+
+def set_flush_denormals(bint flush):
+    """Whether the passes that follow flush subnormal numbers to zero (see src/_fpenv.pxd)."""
+    cprop_set_flush_denormals(flush)
+
+
+def flush_denormals():
+    """Whether passes flush subnormal numbers to zero; FLUSH_SUPPORTED: whether this CPU can."""
+    return bool(cprop_get_flush_denormals())
+
+
+FLUSH_SUPPORTED = bool(CPROP_FLUSH_SUPPORTED)
 
 
 def take_team_stats():
@@ -586,18 +601,23 @@ def forward_train(const long long[:, ::1] table, const double[:, ::1] hyper, Py_
     cdef Py_ssize_t n = X.shape[0]
     cdef int t, nt = threads_for(_pass_flops(&P, n), n, n_threads)
     cdef floating* buf = &buffers[0] if buffers.shape[0] else NULL
+    cdef unsigned long long fp
     with nogil:
         if not training:
             eval_stats(&P, buf, &work[0], n)
         if nt == 1:
+            fp = cprop_fp_enter()
             forward_pass(&P, &params[0], buf, &work[0], n, &X[0, 0], NULL, n, 0, 1, training, seed, 0)
+            cprop_fp_leave(fp)
         else:
             cprop_barrier_init(&barrier)
             with parallel(num_threads=nt):
+                fp = cprop_fp_enter()
                 t = cprop_barrier_join(&barrier)    # nt may be more than OpenMP gave
                 forward_pass(&P, &params[0], buf, &work[0], n, &X[0, 0], NULL, n, t, omp_get_num_threads(),
                              training, seed, 0)
                 cprop_barrier_leave()
+                cprop_fp_leave(fp)
 
 
 def backward(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ssize_t row_width,
@@ -611,8 +631,10 @@ def backward(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ssize
     cdef Py_ssize_t n = X.shape[0], m = grad_out.shape[1]
     cdef floating* G_last = &work[0] + n * _row(&P, P.n_layers - 1)[_plan.G_COL]
     cdef int t, nt = threads_for(2 * _pass_flops(&P, n), n, n_threads)
+    cdef unsigned long long fp, fp_caller
     with nogil:
         memcpy(G_last, &grad_out[0, 0], n * m * sizeof(floating))
+        fp_caller = cprop_fp_enter()
         _output_delta(&P, &work[0], n, 0, n)
         if nt == 1:
             backward_pass(&P, &params[0], &work[0], n, n, 0, 1, training, seed, 0)
@@ -621,11 +643,14 @@ def backward(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ssize
         else:
             cprop_barrier_init(&barrier)
             with parallel(num_threads=nt):
+                fp = cprop_fp_enter()
                 t = cprop_barrier_join(&barrier)    # nt may be more than OpenMP gave
                 backward_pass(&P, &params[0], &work[0], n, n, t, omp_get_num_threads(), training, seed, 0)
                 param_pass(&P, <Optim*> NULL, &params[0], &grads[0], <floating*> NULL, <floating*> NULL,
                            &work[0], n, &X[0, 0], NULL, n, n, t, omp_get_num_threads())
                 cprop_barrier_leave()
+                cprop_fp_leave(fp)
+        cprop_fp_leave(fp_caller)
 
 
 # -- inference ---------------------------------------------------------------------------
@@ -684,6 +709,7 @@ cdef bint _infer_rows(const Plan* P, floating* params, floating* buffers, floati
     cdef const long long* last = _row(P, P.n_layers - 1)
     cdef Py_ssize_t m = last[_plan.N_OUT]
     cdef bint narrow = _row(P, 0)[_plan.N_OUT] < d
+    cdef unsigned long long fp = cprop_fp_enter()
     eval_stats(P, buffers, work, chunk_rows)
     while start < r1:
         rows = chunk_rows if start + chunk_rows <= r1 else r1 - start
@@ -705,6 +731,7 @@ cdef bint _infer_rows(const Plan* P, floating* params, floating* buffers, floati
                 finite = all_finite(X + start * d, rows * d) and finite
         memcpy(out + start * m, work + chunk_rows * last[_plan.Y_COL], rows * m * sizeof(floating))
         start += rows
+    cprop_fp_leave(fp)
     return finite
 
 
@@ -759,18 +786,23 @@ def optimizer_step(dict config, const long long[:, ::1] table, floating[::1] par
     cdef Optim opt = make_optim(config)
     cdef Py_ssize_t rejected = 0
     cdef int t, nt = n_threads
+    cdef unsigned long long fp
     if params.shape[0] // MIN_PARAMS_PER_THREAD < nt:   # small steps are faster on one thread
         nt = <int> (params.shape[0] // MIN_PARAMS_PER_THREAD)
     if opt.kind == ADAM:
         opt.step += 1
     with nogil:
         if nt <= 1:
+            fp = cprop_fp_enter()
             rejected = _step_slice(&table[0, 0], table.shape[0], &opt, &params[0], &grads[0],
                                    &state_a[0], &state_b[0], batch_rows, 0, 1)
+            cprop_fp_leave(fp)
         else:
             for t in prange(nt, num_threads=nt, schedule='static'):
+                fp = cprop_fp_enter()
                 rejected += _step_slice(&table[0, 0], table.shape[0], &opt, &params[0], &grads[0],
                                         &state_a[0], &state_b[0], batch_rows, t, nt)
+                cprop_fp_leave(fp)
     return rejected, opt.step
 
 
@@ -875,6 +907,7 @@ cdef int _epoch_worker(const Plan* P, const Fit* fit, const floating[:, ::1] X,
     cdef double batch_loss, batch_weight
     cdef timespec last_check
     cdef int status = STATUS_OK
+    cdef unsigned long long fp = cprop_fp_enter()
 
     clock_gettime(CLOCK_MONOTONIC, &last_check)
     start = 0
@@ -965,6 +998,7 @@ cdef int _epoch_worker(const Plan* P, const Fit* fit, const floating[:, ::1] X,
         start += bs
     if t == 0:
         shared_opt.step = opt.step
+    cprop_fp_leave(fp)
     return status
 
 
@@ -1079,12 +1113,14 @@ cdef void _gradient_worker(const Plan* P, const Fit* fit, const floating* X_in, 
                            Py_ssize_t bs, long long row_base, double* part_loss, int t, int nt) noexcept nogil:
     """Thread t's share of one batch's training pass: forward, loss, backward, gradients.
     w_in: the rows' weights, summing to batch_weight (NULL: none, batch_weight = bs)."""
+    cdef unsigned long long fp = cprop_fp_enter()
     forward_pass(P, params, buffers, work, bs, X_in, X_csr, bs, t, nt, True, fit.seed, row_base)
     part_loss[t] = _loss_and_delta(P, fit, work, bs, T_in, labels_in, w_in, batch_weight,
                                    bs * t // nt, bs * (t + 1) // nt)
     backward_pass(P, params, work, bs, bs, t, nt, True, fit.seed, row_base)
     param_pass(P, <Optim*> NULL, params, grads, <floating*> NULL, <floating*> NULL, work, bs, X_in, X_csr,
                bs, bs, t, nt)
+    cprop_fp_leave(fp)
 
 
 def batch_gradient(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ssize_t row_width,
@@ -1238,6 +1274,7 @@ cdef int _ranked_worker(const Plan* P, const Fit* fit, const MpiSum* mpi, Ranked
     cdef double batch_loss
     cdef timespec last_check
     cdef int n_working, status = STATUS_OK
+    cdef unsigned long long fp = cprop_fp_enter()
     clock_gettime(CLOCK_MONOTONIC, &last_check)
     for s in range(r.n_steps):
         bs = r.steps[4 * s]
@@ -1318,6 +1355,7 @@ cdef int _ranked_worker(const Plan* P, const Fit* fit, const MpiSum* mpi, Ranked
             break
     if t == 0:
         shared_opt.step = opt.step
+    cprop_fp_leave(fp)
     return status
 
 

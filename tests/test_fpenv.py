@@ -1,0 +1,112 @@
+"""Subnormal numbers: flushed to zero inside cprop's compiled passes by default, IEEE
+gradual underflow when asked (set_flush_denormals(False)), and never outside them."""
+import numpy as np
+import pytest
+
+import cprop
+from cprop.bench.workloads import WORKLOADS
+
+pytestmark = pytest.mark.skipif(not cprop._fpenv._core.FLUSH_SUPPORTED,
+                                reason="this CPU architecture has no flush-to-zero mode")
+
+# a normal number whose square is subnormal, per dtype
+SMALL = {np.float32: 1e-20, np.float64: 1e-160}
+
+
+@pytest.fixture(params=[True, False], ids=["flush", "ieee"])
+def flush(request):
+    saved = cprop.get_flush_denormals()
+    cprop.set_flush_denormals(request.param)
+    yield request.param
+    cprop.set_flush_denormals(saved)
+
+
+def identity_net(dtype, n_in=64, n_out=64):
+    """One Dense identity layer whose every output for an all-SMALL input is subnormal:
+    W = SMALL, b = 0, so (X·W)[i, j] = n_in × SMALL²."""
+    net = cprop.Sequential([cprop.Dense(n_in, n_out)], dtype=dtype, seed=0)
+    net.layers[0].W[...] = SMALL[dtype]
+    net.layers[0].b[...] = 0
+    return net
+
+
+def subnormal_count(a):
+    a = np.abs(np.asarray(a))
+    return int(np.count_nonzero((a > 0) & (a < np.finfo(a.dtype).tiny)))
+
+
+def assert_numpy_still_ieee(dtype):
+    """The calling thread's mode came back: NumPy's own arithmetic still underflows gradually."""
+    half_tiny = np.finfo(dtype).tiny * dtype(0.5)
+    assert half_tiny > 0 and subnormal_count([half_tiny]) == 1
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_inference_flushes_subnormal_outputs_and_only_when_asked(flush, dtype, n_threads):
+    net = identity_net(dtype)
+    X = np.full((4000, 64), SMALL[dtype], dtype=dtype)
+    expected = X @ np.asarray(net.layers[0].W)
+    assert subnormal_count(expected) == expected.size    # NumPy: IEEE, every value subnormal
+    for out in (net.predict_raw(X, n_threads=n_threads), net.forward(X, n_threads=n_threads)):
+        if flush:
+            assert np.count_nonzero(out) == 0
+        else:
+            np.testing.assert_allclose(out, expected, rtol=1e-5 if dtype == np.float32 else 1e-12,
+                                       atol=0)
+    assert_numpy_still_ieee(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_backward_and_step_flush_subnormal_gradients(flush, dtype):
+    # dW = Xᵀ·G with X and G both SMALL: subnormal; SGD without momentum, lr 1: W -= dW
+    net = identity_net(dtype, n_in=8, n_out=4)
+    X = np.full((16, 8), SMALL[dtype], dtype=dtype)
+    net.forward(X, training=True)
+    net.backward(np.full((16, 4), SMALL[dtype], dtype=dtype))
+    dW = np.asarray(net.layers[0].dW)
+    assert (np.count_nonzero(dW) == 0) if flush else (subnormal_count(dW) == dW.size)
+    assert_numpy_still_ieee(dtype)
+
+
+def test_training_keeps_no_subnormal_momentum_when_flushing(flush):
+    # The tiny benchmark network: units that die leave momentum decaying as v ← 0.9·v into the
+    # subnormal range, where it sticks (0.9 × the smallest subnormal rounds back to it).
+    workload = WORKLOADS["tiny"]
+    X, y = workload.make_data(100_000)
+    trainer = workload.trainer(n_threads=1)
+    trainer.fit(X, y, epochs=1)
+    velocity = np.concatenate([np.ravel(v) for v in trainer.optimizer._state])
+    assert np.all(np.isfinite(velocity))
+    if flush:
+        assert subnormal_count(velocity) == 0
+    else:
+        assert subnormal_count(velocity) > 0, "the workload no longer makes subnormal momentum"
+    assert_numpy_still_ieee(np.float32)
+
+
+def test_flushing_changes_training_only_below_the_normal_range():
+    workload = WORKLOADS["tiny"]
+    X, y = workload.make_data(20_000)
+    saved = cprop.get_flush_denormals()
+    results = {}
+    try:
+        for flush in (True, False):
+            cprop.set_flush_denormals(flush)
+            trainer = workload.trainer(n_threads=1)
+            results[flush] = trainer.fit(X, y, epochs=2).loss, trainer.net._params.copy()
+    finally:
+        cprop.set_flush_denormals(saved)
+    (loss_flush, params_flush), (loss_ieee, params_ieee) = results[True], results[False]
+    np.testing.assert_allclose(loss_flush, loss_ieee, rtol=1e-6)
+    np.testing.assert_allclose(params_flush, params_ieee, rtol=0, atol=1e-30)
+
+
+def test_flush_is_the_default_and_set_validates():
+    assert cprop.get_flush_denormals() is True
+    with pytest.raises(TypeError, match="True or False, got 1"):
+        cprop.set_flush_denormals(1)
+    with pytest.raises(TypeError, match="got 'no'"):
+        cprop.set_flush_denormals("no")
+    assert cprop.get_flush_denormals() is True
+    assert cprop.show_config(file=open("/dev/null", "w"))["denormals"].startswith("flushed")
