@@ -24,6 +24,13 @@ def set_flush_denormals(flush: bool) -> None:
     setting of the loaded core, like ``torch.set_flush_denormal``. Raises RuntimeError
     for True on a CPU architecture without a flush-to-zero mode (cprop knows x86's
     and aarch64's).
+
+    What flushing changes beyond speed: a hyper-parameter that is itself subnormal in
+    the network's dtype reads as 0 (an Adam ``eps`` below 1.2e-38 in float32 then
+    divides 0 by 0, and the fit stops with DivergenceError), and squared gradients
+    below about 1e-19 (float32) flush, so Adam with an ``eps`` that small steps by
+    m/eps where IEEE arithmetic would step by about lr. Turn flushing off for such
+    settings, or keep eps at or above ~1e-19 in float32 (1e-154 in float64).
     """
     if not isinstance(flush, (bool, np.bool_)):
         raise TypeError(f"set_flush_denormals expects True or False, got {flush!r}")

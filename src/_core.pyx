@@ -640,7 +640,11 @@ def backward(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ssize
             backward_pass(&P, &params[0], &work[0], n, n, 0, 1, training, seed, 0)
             param_pass(&P, <Optim*> NULL, &params[0], &grads[0], <floating*> NULL, <floating*> NULL,
                        &work[0], n, &X[0, 0], NULL, n, n, 0, 1)
+            cprop_fp_leave(fp_caller)
         else:
+            # the caller's own mode before the team starts: threads OpenMP creates for it
+            # inherit the creating thread's mode, and would keep flushing for good
+            cprop_fp_leave(fp_caller)
             cprop_barrier_init(&barrier)
             with parallel(num_threads=nt):
                 fp = cprop_fp_enter()
@@ -650,7 +654,6 @@ def backward(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ssize
                            &work[0], n, &X[0, 0], NULL, n, n, t, omp_get_num_threads())
                 cprop_barrier_leave()
                 cprop_fp_leave(fp)
-        cprop_fp_leave(fp_caller)
 
 
 # -- inference ---------------------------------------------------------------------------
@@ -818,16 +821,20 @@ cdef struct Fit:
     int n_threads
 
 
-cdef inline bint _interrupted(timespec* last) noexcept nogil:
+cdef inline bint _interrupted(timespec* last, unsigned long long fp) noexcept nogil:
     """Every SIGNAL_CHECK_SECONDS take the GIL and run Python's signal handlers.
 
     True means a handler raised (KeyboardInterrupt): the exception stays set
     for the caller to propagate once it holds the GIL again.
     """
+    cdef bint raised
     if not _signal_check_due(last):
         return False
+    cprop_fp_leave(fp)      # Python's handlers (and threads they start) run in the caller's mode
     with gil:
-        return PyErr_CheckSignals() != 0
+        raised = PyErr_CheckSignals() != 0
+    cprop_fp_enter()
+    return raised
 
 
 cdef inline bint _signal_check_due(timespec* last) noexcept nogil:
@@ -980,7 +987,7 @@ cdef int _epoch_worker(const Plan* P, const Fit* fit, const floating[:, ::1] X,
         sh.part_rejected[t] = param_pass(P, &opt, params, grads, state_a, state_b, work, rows,
                                          X_in, X_sparse, bs, batch_weight, t, nt)
         if t == 0:
-            sh.interrupted = _interrupted(&last_check)
+            sh.interrupted = _interrupted(&last_check, fp)
         _sync(nt)
 
         rejected = 0
@@ -1234,16 +1241,21 @@ cdef struct Ranked:
     Py_ssize_t last_bs
 
 
-cdef inline bint _poll_interrupt(timespec* last, Ranked* r, bint now) noexcept nogil:
+cdef inline bint _poll_interrupt(timespec* last, Ranked* r, bint now, unsigned long long fp) noexcept nogil:
     """Like _interrupted, every SIGNAL_CHECK_SECONDS or `now`: run Python's signal handlers
     (the fit's own SIGINT handler sets its flag rather than raising) and read the flag."""
+    cdef bint stop
     if not _signal_check_due(last) and not now:
         return False
+    cprop_fp_leave(fp)      # Python's handlers run in the caller's mode
     with gil:
         if PyErr_CheckSignals() != 0:
             r.pending = 1       # another handler raised: it propagates after the loop
-            return True
-        return bool((<object> r.flag)[0])
+            stop = True
+        else:
+            stop = bool((<object> r.flag)[0])
+    cprop_fp_enter()
+    return stop
 
 
 cdef int _ranked_worker(const Plan* P, const Fit* fit, const MpiSum* mpi, Ranked* r,
@@ -1322,7 +1334,7 @@ cdef int _ranked_worker(const Plan* P, const Fit* fit, const MpiSum* mpi, Ranked
                 running[k] = running[k] * rows / bs if rows else 0
             slots[SLOT_LOSS] = batch_loss
             # and at the last step: a signal since the last look stops this epoch, not the next
-            slots[SLOT_INTERRUPT] = _poll_interrupt(&last_check, r, s == r.n_steps - 1)
+            slots[SLOT_INTERRUPT] = _poll_interrupt(&last_check, r, s == r.n_steps - 1, fp)
             slots[SLOT_FAILED] = 0
             slots[SLOT_REJECTED] = 0
             r.mpi_error = allreduce_sum(mpi, pack, <int> (r.n_params + r.n_running + N_SLOTS))

@@ -1,5 +1,10 @@
 """Subnormal numbers: flushed to zero inside cprop's compiled passes by default, IEEE
 gradual underflow when asked (set_flush_denormals(False)), and never outside them."""
+import signal
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 
@@ -110,3 +115,44 @@ def test_flush_is_the_default_and_set_validates():
         cprop.set_flush_denormals("no")
     assert cprop.get_flush_denormals() is True
     assert cprop.show_config(file=open("/dev/null", "w"))["denormals"].startswith("flushed")
+
+
+def test_openmp_threads_born_in_a_pass_do_not_keep_flushing():
+    # backward as the process's first team: libgomp's workers inherit their creator's mode
+    code = textwrap.dedent("""
+        import numpy as np, cprop
+        net = cprop.Sequential([cprop.Dense(256, 256, activation="relu"), cprop.Dense(256, 256)],
+                               dtype=np.float64, seed=0)
+        X = np.random.default_rng(0).normal(size=(4096, 256))
+        net.forward(X, training=True, n_threads=1)
+        net.backward(np.ones((4096, 256)), n_threads=2)
+        cprop.set_flush_denormals(False)
+        lin = cprop.Sequential([cprop.Dense(64, 64)], dtype=np.float64, seed=0)
+        lin.layers[0].W[...] = 1e-160
+        lin.layers[0].b[...] = 0
+        out = lin.predict_raw(np.full((4000, 64), 1e-160), n_threads=2)
+        print(int(np.count_nonzero(out == 0)))
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "0"
+
+
+def test_signal_handlers_run_mid_epoch_keep_ieee():
+    # the epoch takes the GIL every 0.05 s to run Python's signal handlers: in IEEE mode
+    seen = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: seen.append(subnormal_count(
+        [np.finfo(np.float64).tiny * 0.5]) == 1))
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200_000, 64)).astype(np.float32)
+    y = rng.integers(0, 10, 200_000)
+    net = cprop.Sequential([cprop.Dense(64, 256, activation="relu"), cprop.Dense(256, 10)],
+                           dtype=np.float32, seed=0)
+    trainer = cprop.Trainer(net, loss="cross_entropy", optimizer=cprop.SGD(lr=0.01), n_threads=1)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.01, 0.01)
+        trainer.fit(X, y, epochs=2)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert seen and all(seen)
