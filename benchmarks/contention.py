@@ -82,9 +82,10 @@ def child(case, impl, threads):
             cprop.set_num_threads(threads)
         real_epoch = core.train_epoch
 
-        def train_epoch(*args):   # the thread count of every epoch: did the fit fall back?
-            epoch_threads.append(args[-1])
-            return real_epoch(*args)
+        def train_epoch(*args, **kwargs):   # the thread count of every epoch: did the fit fall back?
+            settings = args[4]                 # train_epoch(table, hyper, row_width, n_bstats, settings, ...)
+            epoch_threads.append(settings["n_threads"])
+            return real_epoch(*args, **kwargs)
 
         core.train_epoch = train_epoch
     with warnings.catch_warnings():
