@@ -61,6 +61,8 @@ def measure(benchmark):
             benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=1)
         else:  # long calls: settle before every round
             benchmark.pedantic(fn, setup=bench.settle, rounds=rounds, warmup_rounds=1)
+        if benchmark.stats is None:   # --benchmark-disable: each fn ran once, as a smoke test
+            return
         median = benchmark.stats.stats.median
         if flops:
             benchmark.extra_info["GFLOP/s"] = round(flops / median / 1e9, 2)

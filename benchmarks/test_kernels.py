@@ -11,9 +11,9 @@ import pytest
 import cprop
 from cprop._lazy import core as _core  # the build this CPU uses
 from cprop._threads import single_threaded_blas
-from cprop.activations import ACTIVATIONS
+from cprop.activations import activation_code
 from cprop.bench import LEARNING_RATE, MOMENTUM, WORKLOADS, blas_limits
-from cprop.losses import LOSSES
+from cprop.losses import loss_code
 
 IMPLS = ("cprop", "numpy")
 
@@ -50,7 +50,7 @@ def test_dense_forward(benchmark, measure, case, impl, n_threads, dtype):
     rng = np.random.default_rng(0)
     X, W = _random(rng, (n, n_in), dtype), _random(rng, (n_in, n_out), dtype, (2 / n_in) ** 0.5)
     b, Y = _random(rng, n_out, dtype), np.empty((n, n_out), dtype)
-    code = ACTIVATIONS[activation]
+    code = activation_code(activation)
     if impl == "cprop":
         def fn():
             _core.dense_forward(X, W, b, Y, code, n_threads)
@@ -101,7 +101,7 @@ def test_loss(benchmark, measure, workload, impl, dtype):
     else:
         labels, T = np.empty(0, np.intp), _random(rng, (n, n_out), dtype)
     rows = np.arange(n)
-    code = LOSSES[workload.loss]
+    code = loss_code(workload.loss)
     if impl == "cprop":
         def fn():
             return _core.loss(code, out, T, labels, G)
