@@ -544,6 +544,8 @@ def _export(args):
                           unstandardize=target_scaling)
     except ValueError as exc:      # an opset out of range, a layer kind ONNX has no form for
         raise UsageError(str(exc)) from None
+    except ImportError as exc:     # onnx not installed: the message says what to install
+        raise Failure(str(exc)) from None
     output = (cprop_onnx.PROBABILITIES if head is not None
               else cprop_onnx.PREDICTIONS if target_scaling else cprop_onnx.LOGITS)
     dtype = net.architecture()["dtype"]

@@ -18,7 +18,7 @@ from ._lazy import core as _core
 
 
 def set_flush_denormals(flush: bool) -> None:
-    """Whether cprop's compiled passes flush subnormal numbers to zero (the default: True).
+    """Set whether cprop's compiled passes flush subnormal numbers to zero (the default: True).
 
     Applies to the passes that start after the call, in every thread; the process-wide
     setting of the loaded core, like ``torch.set_flush_denormal``. Raises RuntimeError

@@ -718,7 +718,9 @@ class Sequential:
 
     def to_torch(self):
         """A ``torch.nn.Sequential`` with exactly these weights and running statistics: per
-        layer its module (Linear, Dropout, BatchNorm1d, LayerNorm), then its activation's."""
+        layer its module (Linear, Dropout, BatchNorm1d, LayerNorm), then its activation's.
+        In training mode, as torch makes every module: call ``.eval()`` before comparing its
+        outputs with :meth:`forward`'s (Dropout and BatchNorm differ between the modes)."""
         import torch
         dtype = torch.float64 if self._dtype == np.float64 else torch.float32
         modules = []

@@ -10,9 +10,9 @@ import warnings
 import numpy as np
 from numpy.typing import ArrayLike
 
+from . import _fpenv, losses
 from . import distributed as _distributed
 from . import io as _io
-from . import losses
 from ._lazy import core as _core
 from ._threads import MAX_THREADS, ThreadFallback, compiled_epoch, resolve_threads, single_threaded_blas
 from ._validation import (
@@ -206,6 +206,7 @@ class Trainer:
             self.n_threads = check_positive_int(self.n_threads, "n_threads", maximum=MAX_THREADS)
         self.loss_scale = check_real(self.loss_scale, "loss_scale", low=0, low_open=True)
         self.optimizer.config()
+        _check_eps_survives_flushing(self.optimizer, self.net._dtype)
         self.comm = _distributed.check_comm(self.comm)
         if self.average_every is not None:
             self.average_every = check_positive_int(self.average_every, "average_every")
@@ -268,15 +269,15 @@ class Trainer:
         verbose : bool — show progress (a tqdm bar when tqdm is installed,
             else one line per epoch)
         checkpoint : path, optional — save the trainer there (atomically) every
-            `checkpoint_every` epochs and at the end; ``Trainer.load`` resumes it
+            `checkpoint_every` epochs and at the end (under comm, rank 0 writes it);
+            ``Trainer.load`` resumes it
         sample_weight : array-like (n_samples,), optional — one weight >= 0 per
             sample, not all 0: each batch's loss is the weighted mean Σ w·l / Σ w
-            (``decay_per_sample`` divides by Σ w), so weight 0 drops a sample and
+            (an optimizer's ``decay_per_sample`` divides its weight decay by Σ w), so weight 0 drops a sample and
             weight k counts it k times; a batch of weight 0 is skipped. Only their ratios
             matter (they are divided by their mean first, so all 1e-30 trains as all 1),
             but for ``decay_per_sample``'s Σ w, the weights' as given. The logged
             loss averages the batches' losses by their sizes; validation is unweighted.
-            (under comm, rank 0 writes it)
         sharded : bool, default False — under comm, each rank passes only its own
             shard of the data (and of validation_data; validation_split holds out part
             of each shard). Every global batch then takes from every shard in
@@ -680,6 +681,17 @@ class Trainer:
             except (KeyError, TypeError, ValueError, OverflowError) as exc:
                 raise archive.error(f"invalid trainer in file ({type(exc).__name__}: {exc})") from None
         return trainer
+
+
+def _check_eps_survives_flushing(optimizer, dtype):
+    """ValueError for an Adam eps that the flushed passes would read as 0 (see
+    cprop.set_flush_denormals): a subnormal number of the network's dtype."""
+    eps = getattr(optimizer, "eps", None)
+    tiny = np.finfo(dtype).tiny
+    if eps is not None and eps < tiny and _fpenv.get_flush_denormals():
+        raise ValueError(f"{type(optimizer).__name__} eps={eps!r} is below the smallest normal "
+                         f"{np.dtype(dtype).name} number ({tiny:.3g}) and reads as 0 while cprop flushes "
+                         "subnormals: use a larger eps, or cprop.set_flush_denormals(False)")
 
 
 def _checked_trainer_meta(meta):

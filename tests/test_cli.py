@@ -864,3 +864,11 @@ def test_train_poisson_counts_with_any_activation(tmp_path, capsys):
                comments="")
     code = main(["train", str(tmp_path / "neg.csv"), "--target", "n", "--loss", "poisson"])
     assert_clean_error(code, capsys.readouterr().err, "train", "poisson", ">= 0")
+
+
+def test_export_without_onnx_installed_says_what_to_install(tmp_path, capsys, monkeypatch):
+    cprop.Sequential([cprop.Dense(3, 2)], seed=0).save(tmp_path / "net.npz")
+    monkeypatch.setitem(sys.modules, "onnx", None)      # `import onnx` raises ImportError
+    code = main(["export", str(tmp_path / "net.npz"), str(tmp_path / "net.onnx")])
+    assert_clean_error(code, capsys.readouterr().err, "export", 'pip install "cprop[onnx]"', status=1)
+    assert not (tmp_path / "net.onnx").exists()

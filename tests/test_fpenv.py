@@ -156,3 +156,16 @@ def test_signal_handlers_run_mid_epoch_keep_ieee():
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert seen and all(seen)
+
+
+def test_trainer_refuses_an_adam_eps_that_flushing_reads_as_zero():
+    net = cprop.Sequential([cprop.Dense(4, 1)], dtype=np.float32, seed=0)
+    with pytest.raises(ValueError, match=r"eps=1e-40 is below the smallest normal float32 number"):
+        cprop.Trainer(net, loss="mse", optimizer=cprop.Adam(eps=1e-40))
+    saved = cprop.get_flush_denormals()
+    cprop.set_flush_denormals(False)
+    try:   # IEEE arithmetic keeps it, and float64 has room for it
+        cprop.Trainer(net, loss="mse", optimizer=cprop.Adam(eps=1e-40))
+    finally:
+        cprop.set_flush_denormals(saved)
+    cprop.Trainer(net.astype("float64"), loss="mse", optimizer=cprop.Adam(eps=1e-40))
