@@ -471,6 +471,12 @@ def _predict(args):
         raise Failure(f"{args.model!r}: no such file")
     if os.path.isdir(args.model):
         raise Failure(f"{args.model!r} is a directory, not a model file")
+    from . import io as _io
+    with _io.Archive(args.model, ("network", "trainer")) as archive:     # the metadata only
+        if archive.meta["kind"] == "network":
+            raise Failure(f"{args.model!r} holds a network saved by Sequential.save, without the "
+                          "loss and scalings `cprop predict` needs: predict with a model `cprop train` "
+                          "wrote, or load this one in Python (cprop.load) and call predict_raw")
     trainer = cprop.Trainer.load(args.model)
     notes = _model_notes(trainer, args.model)
     # the model's own target column, when the data still holds it, is left out without --target
@@ -646,9 +652,11 @@ def build_parser():
     p.add_argument("--lr", type=_learning_rate, default=None, help="learning rate (default per optimizer)")
     p.add_argument("--validation-split", type=_fraction, default=0.0,
                    help="fraction held out to report val_loss (default 0: none)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--threads", type=_count, default=None)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                   help="floating-point type of the network and data (default float32)")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="seed of the initial weights, shuffling and split (default 0)")
+    p.add_argument("--threads", type=_count, default=None, help="kernel threads (default: all cores)")
     p.add_argument("--out", default="model.npz", help="where to save the trained model (default model.npz)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("--mpi", default="auto", choices=["auto", "yes", "no"],
@@ -675,7 +683,8 @@ def build_parser():
     p.add_argument("out", help="the ONNX file to write")
     p.add_argument("--head", default="none", choices=["none", "softmax", "sigmoid"],
                    help="append softmax or sigmoid: output probabilities instead of logits (default none)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset version (default: cprop.onnx.DEFAULT_OPSET)")
+    p.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset version, 13 and up (default 17, cprop.onnx.DEFAULT_OPSET)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("info", help="version, OpenMP, SIMD build, threads and BLAS in use",

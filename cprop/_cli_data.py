@@ -159,6 +159,10 @@ def _read_csv(path, target, drop=None):
     (_, names), rows = records[0], records[1:]
     if len(names) == 1 and any(sep in names[0] for sep in ";\t|"):
         raise Failure(f"{path!r}: the header is one column, {names[0]!r}; cprop reads comma-separated values")
+    if _header_is_data(names):
+        raise Failure(f"{path!r}: its first line ({_names(names, most=5)}) is all numbers, so it looks "
+                      "like a row of data, not a header; cprop reads CSV files whose first line names "
+                      "the columns: add such a line")
     if not rows:
         raise Failure(f"{path!r} has a header but no rows of data")
     for line, row in rows:
@@ -196,6 +200,16 @@ def _read_csv(path, target, drop=None):
     table = Table(path, X, y, [names[i] for i in keep], None if col is None else names[col], lines)
     _check_finite_features(table, cells=cells, columns=keep)
     return table
+
+
+def _header_is_data(names):
+    """Whether a CSV's first line is numbers rather than column names: all of its non-empty
+    fields numbers, but not the column numbers 0, 1, 2, ... that pandas writes for unnamed
+    columns (after an empty field for the index)."""
+    named = [n for n in names if n != ""]
+    if not named or _numbers(np.array(named)) is None:
+        return False
+    return named != [str(i) for i in range(len(named))]
 
 
 def _numbers(cells):

@@ -872,3 +872,24 @@ def test_export_without_onnx_installed_says_what_to_install(tmp_path, capsys, mo
     code = main(["export", str(tmp_path / "net.npz"), str(tmp_path / "net.onnx")])
     assert_clean_error(code, capsys.readouterr().err, "export", 'pip install "cprop[onnx]"', status=1)
     assert not (tmp_path / "net.onnx").exists()
+
+
+def test_a_csv_without_a_header_is_refused_but_pandas_column_numbers_are_a_header(tmp_path, capsys):
+    (tmp_path / "no_header.csv").write_text("5.1,3.5,0\n4.9,3.0,1\n6.2,2.9,1\n5.0,3.4,0\n")
+    code = main(["train", str(tmp_path / "no_header.csv"), "--target", "2", "--quiet"])
+    assert_clean_error(code, capsys.readouterr().err, "train", "'5.1'", "looks like a row of data", status=1)
+
+    # pandas' to_csv of unnamed columns: an empty index field, then 0, 1, 2
+    rows = "".join(f"{i},{a},{b},{i % 2}\n" for i, (a, b) in enumerate(np.random.default_rng(0).normal(size=(40, 2))))
+    (tmp_path / "pandas.csv").write_text(",0,1,2\n" + rows)
+    out = tmp_path / "model.npz"
+    assert main(["train", str(tmp_path / "pandas.csv"), "--target", "2", "--epochs", "2", "--quiet",
+                 "--out", str(out)]) == 0
+    assert out.exists()
+
+
+def test_predict_with_a_saved_network_says_what_it_needs(files, tmp_path, capsys):
+    root = files["root"]
+    cprop.Sequential([cprop.Dense(64, 10)], seed=0).save(tmp_path / "net.npz")
+    code = main(["predict", str(tmp_path / "net.npz"), str(root / "digits.csv")])
+    assert_clean_error(code, capsys.readouterr().err, "predict", "Sequential.save", "cprop train", status=1)

@@ -690,3 +690,9 @@ def test_cli_export_of_a_saved_network_and_its_errors(tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("cprop export: error: ")
         assert all(word in err[0] for word in words), err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_cli_export_help_names_the_default_opset(capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    assert f"(default {cprop_onnx.DEFAULT_OPSET}," in " ".join(capsys.readouterr().out.split())
