@@ -204,12 +204,12 @@ def _read_csv(path, target, drop=None):
 
 def _header_is_data(names):
     """Whether a CSV's first line is numbers rather than column names: all of its non-empty
-    fields numbers, but not the column numbers 0, 1, 2, ... that pandas writes for unnamed
-    columns (after an empty field for the index)."""
+    fields numbers, and some of them not integers or some repeated. Distinct integers can
+    be names (pandas writes 0, 1, 2, ... for unnamed columns; years name columns too)."""
     named = [n for n in names if n != ""]
     if not named or _numbers(np.array(named)) is None:
         return False
-    return named != [str(i) for i in range(len(named))]
+    return len(set(named)) < len(named) or not all(n.lstrip("+-").isdigit() for n in named)
 
 
 def _numbers(cells):

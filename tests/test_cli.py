@@ -878,6 +878,9 @@ def test_a_csv_without_a_header_is_refused_but_pandas_column_numbers_are_a_heade
     (tmp_path / "no_header.csv").write_text("5.1,3.5,0\n4.9,3.0,1\n6.2,2.9,1\n5.0,3.4,0\n")
     code = main(["train", str(tmp_path / "no_header.csv"), "--target", "2", "--quiet"])
     assert_clean_error(code, capsys.readouterr().err, "train", "'5.1'", "looks like a row of data", status=1)
+    (tmp_path / "counts.csv").write_text("0,0,3,1\n1,0,2,0\n0,2,2,1\n")     # integers, repeated
+    code = main(["train", str(tmp_path / "counts.csv"), "--target", "3", "--quiet"])
+    assert_clean_error(code, capsys.readouterr().err, "train", "looks like a row of data", status=1)
 
     # pandas' to_csv of unnamed columns: an empty index field, then 0, 1, 2
     rows = "".join(f"{i},{a},{b},{i % 2}\n" for i, (a, b) in enumerate(np.random.default_rng(0).normal(size=(40, 2))))
