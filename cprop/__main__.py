@@ -527,7 +527,7 @@ def _export(args):
     from . import io as _io
     from . import onnx as cprop_onnx
 
-    _check_out(args.out, "OUT")
+    _check_out(args.out, "the ONNX file")
     with _io.Archive(args.model, ("network", "trainer")) as archive:     # the metadata only
         kind = archive.meta["kind"]
     head = None if args.head == "none" else args.head

@@ -250,8 +250,9 @@ def check_threads(ranks, n_threads):
         f"{len(gathered)} rank(s) on this node run {total} cprop threads in all on {len(union)} core(s) "
         f"they may use (os.sched_getaffinity){': ' + detail if detail else ''}. Oversubscribed threads "
         "make training several times slower. Give each rank its own cores and as many threads: "
-        "n_threads=k (or OMP_NUM_THREADS=k) with Open MPI's `mpiexec --map-by slot:PE=k` (k cores "
-        "per rank) or `--map-by ppr:1:node:PE=k` (one rank per node), or `--bind-to none` with "
+        "n_threads=k (`cprop train --threads k`, or OMP_NUM_THREADS=k) with Open MPI's "
+        "`mpiexec --map-by slot:PE=k` (k cores per rank) or `--map-by ppr:1:node:PE=k` (one rank "
+        "per node), or `--bind-to none` with "
         "k = cores / ranks per node; under Slurm, `srun --cpus-per-task=k`.",
         RuntimeWarning, stacklevel=6)   # < _buffers < prepare < fit < Trainer.fit < the caller
 

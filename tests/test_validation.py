@@ -1210,3 +1210,10 @@ def test_load_mnist_refuses_a_truncated_file(tmp_path):
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(ValueError, match="train-images-idx3-ubyte"):
         cprop.datasets.load_mnist(tmp_path)
+
+
+def test_loaders_name_a_missing_directory_and_check_their_flags(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no directory .*nowhere"):
+        cprop.datasets.load_mnist(tmp_path / "nowhere")
+    with pytest.raises(TypeError, match="scale"):
+        cprop.datasets.load_digits(scale="x")

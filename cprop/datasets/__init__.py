@@ -9,7 +9,7 @@ import zlib
 
 import numpy as np
 
-from .._validation import check_positive_int
+from .._validation import check_bool, check_positive_int
 from ..io import CpropFileError, open_regular_file
 
 _DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -23,6 +23,7 @@ def load_digits(scale: bool = True) -> tuple[np.ndarray, np.ndarray]:
     X : float32 array (1797, 64) — pixel counts 0..16, divided by 16 when `scale`
     y : int64 array (1797,) — the digit
     """
+    scale = check_bool(scale, "scale")
     with gzip.open(os.path.join(_DATA, "digits.csv.gz"), "rt") as f:
         data = np.loadtxt(f, delimiter=",", dtype=np.float32)
     X, y = data[:, :-1], data[:, -1].astype(np.int64)
@@ -126,6 +127,9 @@ def load_mnist(path: str | os.PathLike, kind: str = "train",
     prefix = {"train": "train", "test": "t10k", "t10k": "t10k"}.get(kind)
     if prefix is None:
         raise ValueError(f"kind must be 'train' or 'test', got {kind!r}")
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no directory {path!r}: load_mnist reads the four IDX files in a directory")
 
     def find(stem):
         for name in (stem, stem + ".gz"):
