@@ -126,6 +126,10 @@ class Campaign(RuleBasedStateMachine):
     def set_threads(self, n):
         attempt(cprop.set_num_threads, n)
 
+    @rule(flush=st.sampled_from([True, False, np.True_, 1, None, "no"]))
+    def set_flush(self, flush):
+        attempt(cprop.set_flush_denormals, flush)
+
     @rule()
     def copy(self):
         net = attempt(self.net.copy)
@@ -182,6 +186,11 @@ class Campaign(RuleBasedStateMachine):
             warnings.simplefilter("ignore")
             attempt(self.trainer.fit, self.X, self.y, epochs=1)
         worker.join()
+
+    @invariant()
+    def numpy_keeps_gradual_underflow(self):
+        # cprop's passes flush subnormals in their own threads only (src/_fpenv.pxd)
+        assert np.finfo(np.float64).tiny * 0.5 > 0 and np.float32(1e-39) * np.float32(0.5) > 0
 
     @invariant()
     def structure_is_intact(self):
