@@ -272,12 +272,13 @@ class Trainer:
             `checkpoint_every` epochs and at the end (under comm, rank 0 writes it);
             ``Trainer.load`` resumes it
         sample_weight : array-like (n_samples,), optional — one weight >= 0 per
-            sample, not all 0: each batch's loss is the weighted mean Σ w·l / Σ w
-            (an optimizer's ``decay_per_sample`` divides its weight decay by Σ w), so weight 0 drops a sample and
-            weight k counts it k times; a batch of weight 0 is skipped. Only their ratios
-            matter (they are divided by their mean first, so all 1e-30 trains as all 1),
-            but for ``decay_per_sample``'s Σ w, the weights' as given. The logged
-            loss averages the batches' losses by their sizes; validation is unweighted.
+            sample, not all 0: each batch's loss is the weighted mean Σ w·l / Σ w, so
+            weight 0 drops a sample and weight k counts it k times; a batch of weight 0
+            is skipped. Only the weights' ratios matter (they are divided by their mean
+            first, so all 1e-30 trains as all 1), except for an optimizer's
+            ``decay_per_sample``, which divides its weight decay by the batch's Σ w of
+            the weights as given. The logged loss averages the batches' losses by their
+            sizes; validation is unweighted.
         sharded : bool, default False — under comm, each rank passes only its own
             shard of the data (and of validation_data; validation_split holds out part
             of each shard). Every global batch then takes from every shard in
