@@ -471,12 +471,10 @@ def _predict(args):
         raise Failure(f"{args.model!r}: no such file")
     if os.path.isdir(args.model):
         raise Failure(f"{args.model!r} is a directory, not a model file")
-    from . import io as _io
-    with _io.Archive(args.model, ("network", "trainer")) as archive:     # the metadata only
-        if archive.meta["kind"] == "network":
-            raise Failure(f"{args.model!r} holds a network saved by Sequential.save, without the "
-                          "loss and scalings `cprop predict` needs: predict with a model `cprop train` "
-                          "wrote, or load this one in Python (cprop.load) and call predict_raw")
+    if _saved_kind(args.model) == "network":
+        raise Failure(f"{args.model!r} holds a network saved by Sequential.save, without the "
+                      "loss and scalings `cprop predict` needs: predict with a model `cprop train` "
+                      "wrote, or load this one in Python (cprop.load) and call predict_raw")
     trainer = cprop.Trainer.load(args.model)
     notes = _model_notes(trainer, args.model)
     # the model's own target column, when the data still holds it, is left out without --target
@@ -518,18 +516,24 @@ def _predict(args):
 _EXPORT_HEADS = {"cross_entropy": "softmax", "binary_cross_entropy": "sigmoid"}
 
 
+def _saved_kind(path):
+    """'network' (Sequential.save) or 'trainer' (Trainer.save, `cprop train`), from the file's
+    metadata alone (no array is read); CpropFileError for anything else."""
+    from . import io as _io
+    with _io.Archive(path, ("network", "trainer")) as archive:
+        return archive.meta["kind"]
+
+
 def _export(args):
     """The network of a saved model as an ONNX file. A `cprop train` model's feature scaling
     goes into the graph, and so does its target scaling (regression): the graph takes the raw
     features and answers what `cprop predict` prints (classes aside: their probabilities)."""
     import cprop
 
-    from . import io as _io
     from . import onnx as cprop_onnx
 
     _check_out(args.out, "the ONNX file")
-    with _io.Archive(args.model, ("network", "trainer")) as archive:     # the metadata only
-        kind = archive.meta["kind"]
+    kind = _saved_kind(args.model)
     head = None if args.head == "none" else args.head
     scaling = target_scaling = notes = None
     if kind == "trainer":
