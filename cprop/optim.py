@@ -22,6 +22,16 @@ from ._validation import check_bool, check_positive_int, check_real
 MAX_STEP_COUNT = 2**62
 
 
+def _check_clip(value):
+    """clip_norm: None (no clipping) or a real number > 0."""
+    return None if value is None else check_real(value, "clip_norm", low=0, low_open=True)
+
+
+def _clip_from_config(cfg):
+    """clip_norm from a saved config: 0 (and files from before it: absent) is None."""
+    return cfg.get("clip_norm") or None
+
+
 class Optimizer:
     """Base class: holds hyper-parameters and per-network state (flat arrays like the parameters)."""
 
@@ -29,6 +39,10 @@ class Optimizer:
     weight_decay: float
     _CORE: str | None = None     # the compiled update this class runs (a key of _core.OPTIMIZERS)
     full_batch = False   # True: Trainer hands it the whole data set each epoch (L-BFGS)
+    # Gradient clipping by global norm before every step, as torch.nn.utils.clip_grad_norm_
+    # (Keras: global_clipnorm): ‖g‖ = √Σg² over every parameter's gradient, then
+    # g *= clip_norm / (‖g‖ + 1e-6) when that is below 1. None: no clipping.
+    clip_norm: float | None = None
 
     @property
     def kind(self) -> int:
@@ -69,6 +83,7 @@ class Optimizer:
     def config(self) -> dict:
         """The hyper-parameters as the compiled step reads them, checked again here: they
         are plain attributes that may have been changed since construction."""
+        self.clip_norm = _check_clip(self.clip_norm)
         self.lr = check_real(self.lr, "lr", low=0)
         self.weight_decay = check_real(self.weight_decay, "weight_decay", low=0)
         self.decay_bias = check_bool(self.decay_bias, "decay_bias")
@@ -76,11 +91,15 @@ class Optimizer:
         self.step_count = check_positive_int(self.step_count, "step_count", minimum=0, maximum=MAX_STEP_COUNT)
         return {"kind": self.kind, "lr": self.lr, "weight_decay": self.weight_decay,
                 "decay_bias": self.decay_bias, "decay_per_sample": self.decay_per_sample,
-                "step": self.step_count, **self._hyper()}
+                "step": self.step_count, "clip_norm": 0.0 if self.clip_norm is None else self.clip_norm,
+                **self._hyper()}
 
     def _hyper(self):
         """The optimizer's own hyper-parameters, validated."""
         raise NotImplementedError
+
+    def _clip_repr(self):
+        return "" if self.clip_norm is None else f", clip_norm={self.clip_norm}"
 
     @classmethod
     def from_config(cls, cfg: dict) -> Optimizer:
@@ -158,13 +177,18 @@ class SGD(Optimizer):
     momentum : float in [0, 1), default 0
     nesterov : bool, default False (needs momentum > 0)
     weight_decay : float >= 0, default 0; L2 added to the gradient of every parameter
+    clip_norm : float > 0 or None, default None
+        Clip the gradient by its global norm before each step (torch's
+        ``clip_grad_norm_(params, clip_norm)``): g *= clip_norm / (‖g‖ + 1e-6) when that
+        is below 1, ‖g‖ over every parameter's gradient together (weight decay after).
     """
 
     _CORE = "sgd"
 
     def __init__(self, lr: float = 0.01, momentum: float = 0.0, nesterov: bool = False,
-                 weight_decay: float = 0.0) -> None:
+                 weight_decay: float = 0.0, clip_norm: float | None = None) -> None:
         super().__init__()
+        self.clip_norm = _check_clip(clip_norm)
         self.lr = check_real(lr, "lr", low=0)
         self.momentum = check_real(momentum, "momentum", low=0, high=1, high_open=True)
         self.nesterov = nesterov
@@ -177,12 +201,12 @@ class SGD(Optimizer):
 
     def __repr__(self):
         return (f"SGD(lr={self.lr}, momentum={self.momentum}, nesterov={self.nesterov}, "
-                f"weight_decay={self.weight_decay})")
+                f"weight_decay={self.weight_decay}{self._clip_repr()})")
 
     @classmethod
     def from_config(cls, cfg):
         return cls(lr=cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["nesterov"],
-                   weight_decay=cfg["weight_decay"])
+                   weight_decay=cfg["weight_decay"], clip_norm=_clip_from_config(cfg))
 
     def _hyper(self):
         self.momentum = check_real(self.momentum, "momentum", low=0, high=1, high_open=True)
@@ -206,6 +230,8 @@ class Adam(Optimizer):
         True (scikit-learn's AdamOptimizer): ``p -= lr·√(1-β2ᵗ)/(1-β1ᵗ) · m / (√v + ε)``,
         computed as scikit-learn computes it, so that both take the same steps. The two
         differ by ε scaled by √(1-β2ᵗ): most in the first steps and when √v is near ε.
+    clip_norm : float > 0 or None, default None
+        Clip the gradient by its global norm before each step, as :class:`SGD` does.
     """
 
     _CORE = "adam"
@@ -213,8 +239,10 @@ class Adam(Optimizer):
     decoupled = False
 
     def __init__(self, lr: float = 0.001, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, *, sklearn_style: bool = False) -> None:
+                 weight_decay: float = 0.0, *, sklearn_style: bool = False,
+                 clip_norm: float | None = None) -> None:
         super().__init__()
+        self.clip_norm = _check_clip(clip_norm)
         self.lr = check_real(lr, "lr", low=0)
         self.betas = betas
         self.eps = eps
@@ -225,12 +253,12 @@ class Adam(Optimizer):
     def __repr__(self):
         style = ", sklearn_style=True" if self.sklearn_style else ""
         return (f"{type(self).__name__}(lr={self.lr}, betas={self.betas}, eps={self.eps}, "
-                f"weight_decay={self.weight_decay}{style})")
+                f"weight_decay={self.weight_decay}{style}{self._clip_repr()})")
 
     @classmethod
     def from_config(cls, cfg):
         opt = cls(lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"],
-                  weight_decay=cfg["weight_decay"])
+                  weight_decay=cfg["weight_decay"], clip_norm=_clip_from_config(cfg))
         opt.sklearn_style = cfg.get("sklearn_style", False)   # files from before it: torch's
         opt._hyper()
         return opt
@@ -255,8 +283,8 @@ class AdamW(Adam):
     decoupled = True
 
     def __init__(self, lr: float = 0.001, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01) -> None:
-        super().__init__(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+                 weight_decay: float = 0.01, *, clip_norm: float | None = None) -> None:
+        super().__init__(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, clip_norm=clip_norm)
 
 
 class LBFGS(Optimizer):

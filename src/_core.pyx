@@ -32,7 +32,8 @@ from _norm cimport (layernorm_forward_rows, layernorm_backward_rows, batchnorm_s
                     batchnorm_forward_rows, batchnorm_eval_stats, batchnorm_grad_sums_cols,
                     batchnorm_backward_rows, affine_param_grads_cols)
 from _losses cimport loss_and_grad, CROSS_ENTROPY, MSE, BINARY_CROSS_ENTROPY, POISSON
-from _optim cimport Optim, optim_range, ADAM, SGD, MIN_PARAMS_PER_THREAD
+from _optim cimport (Optim, optim_range, ADAM, SGD, MIN_PARAMS_PER_THREAD, clip_blocks, grad_sq_blocks,
+                     clip_factor, scale_range)
 cimport _plan
 from _plan cimport Plan, DENSE, DROPOUT, BATCHNORM, LAYERNORM
 
@@ -755,16 +756,19 @@ cdef Optim make_optim(dict config):
     opt.decay_bias = config.get("decay_bias", True)
     opt.decay_per_sample = config.get("decay_per_sample", False)
     opt.step = config.get("step", 0)
+    opt.clip_norm = config.get("clip_norm", 0.0)
     return opt
 
 
 cdef Py_ssize_t _step_slice(const long long* table, Py_ssize_t n_layers, const Optim* opt,
-                            floating* params, const floating* grads, floating* state_a,
-                            floating* state_b, double batch_weight, int t, int nt) noexcept nogil:
+                            floating* params, floating* grads, floating* state_a,
+                            floating* state_b, double batch_weight, int t, int nt,
+                            double g_factor=1) noexcept nogil:
     """Thread t of nt's slice of one optimizer step: the same share of every layer's weights
     (W, γ: decayed) and of its biases (b, β: decayed when decay_bias). Each value's update
-    reads only its own gradient and state, so any split gives the same bits. Returns the
-    count of updates refused as non-finite."""
+    reads only its own gradient and state, so any split gives the same bits. g_factor ≠ 1
+    (clipping) scales the slice's gradient in place first. Returns the count of updates
+    refused as non-finite."""
     cdef Py_ssize_t rejected = 0, layer, off, n_w, n_b
     cdef const long long* T
     for layer in range(n_layers):
@@ -774,6 +778,9 @@ cdef Py_ssize_t _step_slice(const long long* table, Py_ssize_t n_layers, const O
         off = T[_plan.PARAM]
         n_w = T[_plan.N_IN] * T[_plan.N_OUT] if T[_plan.KIND] == DENSE else T[_plan.N_OUT]
         n_b = T[_plan.N_PARAM] - n_w
+        if g_factor != 1:
+            scale_range(grads, off + n_w * t // nt, off + n_w * (t + 1) // nt, g_factor)
+            scale_range(grads, off + n_w + n_b * t // nt, off + n_w + n_b * (t + 1) // nt, g_factor)
         rejected += optim_range(opt, params, grads, state_a, state_b, off + n_w * t // nt,
                                 off + n_w * (t + 1) // nt, True, batch_weight)
         rejected += optim_range(opt, params, grads, state_a, state_b, off + n_w + n_b * t // nt,
@@ -782,14 +789,25 @@ cdef Py_ssize_t _step_slice(const long long* table, Py_ssize_t n_layers, const O
 
 
 def optimizer_step(dict config, const long long[:, ::1] table, floating[::1] params,
-                   const floating[::1] grads, floating[::1] state_a, floating[::1] state_b,
+                   floating[::1] grads, floating[::1] state_a, floating[::1] state_b,
                    Py_ssize_t batch_rows, int n_threads):
     """One optimizer step over the flat parameters: each layer's weights (W, γ) decayed, its
-    biases (b, β) when decay_bias. Returns (rejected values, Adam's new step count)."""
+    biases (b, β) when decay_bias; with config["clip_norm"] > 0 the gradient is clipped (in
+    place) first. Returns (rejected values, Adam's new step count)."""
     cdef Optim opt = make_optim(config)
-    cdef Py_ssize_t rejected = 0
+    cdef Py_ssize_t rejected = 0, n_blocks = clip_blocks(grads.shape[0])
     cdef int t, nt = n_threads
     cdef unsigned long long fp
+    cdef double factor = 1
+    cdef double* sums = NULL
+    if opt.clip_norm > 0:
+        sums = <double*> calloc(max(n_blocks, 1), sizeof(double))
+        if sums == NULL:
+            raise MemoryError("cprop could not allocate the clipping norm's partial sums")
+        with nogil:
+            grad_sq_blocks(&grads[0], grads.shape[0], sums, 0, n_blocks)
+            factor = clip_factor(sums, n_blocks, opt.clip_norm)
+        free(sums)
     if params.shape[0] // MIN_PARAMS_PER_THREAD < nt:   # small steps are faster on one thread
         nt = <int> (params.shape[0] // MIN_PARAMS_PER_THREAD)
     if opt.kind == ADAM:
@@ -798,13 +816,13 @@ def optimizer_step(dict config, const long long[:, ::1] table, floating[::1] par
         if nt <= 1:
             fp = cprop_fp_enter()
             rejected = _step_slice(&table[0, 0], table.shape[0], &opt, &params[0], &grads[0],
-                                   &state_a[0], &state_b[0], batch_rows, 0, 1)
+                                   &state_a[0], &state_b[0], batch_rows, 0, 1, factor)
             cprop_fp_leave(fp)
         else:
             for t in prange(nt, num_threads=nt, schedule='static'):
                 fp = cprop_fp_enter()
                 rejected += _step_slice(&table[0, 0], table.shape[0], &opt, &params[0], &grads[0],
-                                        &state_a[0], &state_b[0], batch_rows, t, nt)
+                                        &state_a[0], &state_b[0], batch_rows, t, nt, factor)
                 cprop_fp_leave(fp)
     return rejected, opt.step
 
@@ -819,6 +837,7 @@ cdef struct Fit:
     bint gather                 # shuffled: gather each minibatch's rows
     unsigned long long seed     # dropout masks: the trainer's seed mixed with the epoch
     int n_threads
+    Py_ssize_t n_params         # the flat gradient's length (clipping's norm)
 
 
 cdef inline bint _interrupted(timespec* last, unsigned long long fp) noexcept nogil:
@@ -855,10 +874,12 @@ cdef struct Shared:
     int interrupted
     double loss_sum
     Py_ssize_t n_seen
+    double* clip_sums           # clipping: the gradient's Σg² by blocks (NULL without)
 
 
-cdef bint _share(Shared* sh, int nt) noexcept nogil:
-    """Zero totals and per-thread arrays for a team of nt; whether they could be allocated
+cdef bint _share(Shared* sh, int nt, const Optim* opt, Py_ssize_t n_params) noexcept nogil:
+    """Zero totals and per-thread arrays for a team of nt (and the block sums of the
+    clipping norm when opt clips a gradient of n_params); whether they could be allocated
     (free them with _unshare either way)."""
     sh.interrupted = 0
     sh.loss_sum = 0
@@ -866,6 +887,11 @@ cdef bint _share(Shared* sh, int nt) noexcept nogil:
     sh.statuses = <int*> calloc(nt, sizeof(int))
     sh.part_loss = <double*> calloc(nt, sizeof(double))
     sh.part_rejected = <Py_ssize_t*> calloc(nt, sizeof(Py_ssize_t))
+    sh.clip_sums = NULL
+    if opt.clip_norm > 0:
+        sh.clip_sums = <double*> calloc(clip_blocks(n_params) + 1, sizeof(double))
+        if sh.clip_sums == NULL:
+            return False
     return sh.statuses != NULL and sh.part_loss != NULL and sh.part_rejected != NULL
 
 
@@ -873,6 +899,20 @@ cdef void _unshare(Shared* sh) noexcept nogil:
     free(sh.statuses)
     free(sh.part_loss)
     free(sh.part_rejected)
+    free(sh.clip_sums)
+
+
+cdef double _team_clip_factor(const Optim* opt, const floating* grads, Py_ssize_t n_params,
+                              Shared* sh, int t, int nt) noexcept nogil:
+    """Thread t of nt's blocks of the clipping norm, a barrier, then the factor, which every
+    thread computes alike from all blocks (see _optim.pxd). The gradient must be complete
+    (a barrier before). 1 without clipping."""
+    cdef Py_ssize_t n_blocks = clip_blocks(n_params)
+    if opt.clip_norm <= 0:
+        return 1
+    grad_sq_blocks(grads, n_params, sh.clip_sums, n_blocks * t // nt, n_blocks * (t + 1) // nt)
+    _sync(nt)
+    return clip_factor(sh.clip_sums, n_blocks, opt.clip_norm)
 
 
 cdef int _epoch_worker(const Plan* P, const Fit* fit, const floating[:, ::1] X,
@@ -984,8 +1024,18 @@ cdef int _epoch_worker(const Plan* P, const Fit* fit, const floating[:, ::1] X,
 
         if opt.kind == ADAM:
             opt.step += 1
-        sh.part_rejected[t] = param_pass(P, &opt, params, grads, state_a, state_b, work, rows,
-                                         X_in, X_sparse, bs, batch_weight, t, nt)
+        if opt.clip_norm > 0:
+            # clipping needs the whole gradient's norm before any step: gradients, a barrier,
+            # the norm, then each thread's slice of the step
+            param_pass(P, <Optim*> NULL, params, grads, <floating*> NULL, <floating*> NULL, work, rows,
+                       X_in, X_sparse, bs, batch_weight, t, nt)
+            _sync(nt)
+            sh.part_rejected[t] = _step_slice(P.t, P.n_layers, &opt, params, grads, state_a, state_b,
+                                              batch_weight, t, nt,
+                                              _team_clip_factor(&opt, grads, fit.n_params, sh, t, nt))
+        else:
+            sh.part_rejected[t] = param_pass(P, &opt, params, grads, state_a, state_b, work, rows,
+                                             X_in, X_sparse, bs, batch_weight, t, nt)
         if t == 0:
             sh.interrupted = _interrupted(&last_check, fp)
         _sync(nt)
@@ -1083,9 +1133,10 @@ def train_epoch(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ss
     fit.gather = settings["gather"]
     fit.seed = settings["seed"]
     fit.n_threads = settings["n_threads"]
+    fit.n_params = params.shape[0]
     with nogil:
         nt = threads_for(3 * _pass_flops(&P, fit.batch_size), fit.batch_size, fit.n_threads)
-        if _share(&sh, nt):
+        if _share(&sh, nt, &opt, fit.n_params):
             if nt == 1:
                 sh.statuses[0] = _epoch_worker(&P, &fit, X, X_csr, T, labels, order, &params[0], &grads[0],
                                                &state_a[0], &state_b[0], buf, &work[0], &label_buf[0],
@@ -1349,7 +1400,7 @@ cdef int _ranked_worker(const Plan* P, const Fit* fit, const MpiSum* mpi, Ranked
         if opt.kind == ADAM:
             opt.step += 1
         sh.part_rejected[t] = _step_slice(P.t, P.n_layers, &opt, params, grads, state_a, state_b,
-                                          bs, t, nt)
+                                          bs, t, nt, _team_clip_factor(&opt, grads, r.n_params, sh, t, nt))
         _sync(nt)
         rejected = 0
         for k in range(nt):
@@ -1452,7 +1503,7 @@ def train_epoch_mpi(const long long[:, ::1] table, const double[:, ::1] hyper, P
     r.last_bs = 0
     with nogil:
         nt = threads_for(3 * _pass_flops(&P, most), most, fit.n_threads)
-        if _share(&sh, nt):
+        if _share(&sh, nt, &opt, n_params):
             if nt == 1:
                 sh.statuses[0] = _ranked_worker(&P, &fit, &mpi, &r, X_ptr, T_ptr, labels_ptr, order_ptr,
                                                 d, m, &params[0], &pack[0], &state_a[0], &state_b[0],

@@ -26,6 +26,7 @@ cdef enum:
 cdef struct Optim:
     int kind
     double lr, momentum, weight_decay, beta1, beta2, eps
+    double clip_norm            # > 0: the gradient is clipped to this global norm (see below)
     bint nesterov, decoupled, decay_bias
     bint sklearn_style          # Adam: scikit-learn's placement of ε (see above)
     bint decay_per_sample       # weight decay divided by the batch's size (scikit-learn's alpha)
@@ -219,3 +220,61 @@ cdef inline Py_ssize_t optim_step(const Optim* opt, floating* p, const floating*
         rejected += optim_range(opt, p, g, a, b, lo + n * t // nt, lo + n * (t + 1) // nt,
                                 decay, batch_weight)
     return rejected
+
+
+# Gradient clipping by global norm (torch.nn.utils.clip_grad_norm_, Keras' global_clipnorm):
+#   ‖g‖ = √Σ g² over every parameter's gradient;  g *= c / (‖g‖ + 1e-6) when that is < 1.
+# Σ g² is taken in fixed blocks of CLIP_BLOCK values, in double, whichever thread computes
+# a block, and the blocks are added in order: the same factor for any thread count, and on
+# every MPI rank holding the same summed gradient.
+
+cdef enum:
+    CLIP_BLOCK = 4096
+
+
+cdef inline Py_ssize_t clip_blocks(Py_ssize_t n) noexcept nogil:
+    """How many blocks of CLIP_BLOCK values cover n."""
+    return (n + CLIP_BLOCK - 1) // CLIP_BLOCK
+
+
+cdef inline void grad_sq_blocks(const floating* g, Py_ssize_t n, double* sums, Py_ssize_t b0,
+                                Py_ssize_t b1) noexcept nogil:
+    """sums[b] = Σ g[i]² over block b (i in [b·CLIP_BLOCK, (b+1)·CLIP_BLOCK) ∩ [0, n)), for b in
+    [b0, b1). Eight partial sums, so the loop vectorizes in program order."""
+    cdef double acc[8]
+    cdef Py_ssize_t b, i, j, hi
+    cdef double x
+    for b in range(b0, b1):
+        hi = (b + 1) * CLIP_BLOCK if (b + 1) * CLIP_BLOCK < n else n
+        for j in range(8):
+            acc[j] = 0
+        i = b * CLIP_BLOCK
+        while i + 8 <= hi:
+            for j in range(8):
+                x = g[i + j]
+                acc[j] += x * x
+            i += 8
+        while i < hi:
+            x = g[i]
+            acc[0] += x * x
+            i += 1
+        sums[b] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+
+
+cdef inline double clip_factor(const double* sums, Py_ssize_t n_blocks, double clip_norm) noexcept nogil:
+    """The factor the gradient is multiplied by: clip_norm / (‖g‖ + 1e-6) when below 1, else 1
+    (also when ‖g‖ is NaN: the step then refuses the non-finite values as it would unclipped)."""
+    cdef double total = 0, factor
+    cdef Py_ssize_t b
+    for b in range(n_blocks):
+        total += sums[b]
+    factor = clip_norm / (sqrt(total) + 1e-6)
+    return factor if factor < 1 else 1
+
+
+cdef inline void scale_range(floating* g, Py_ssize_t lo, Py_ssize_t hi, double factor) noexcept nogil:
+    """g[lo:hi] *= factor (in the gradient's precision, as torch scales it)."""
+    cdef Py_ssize_t i
+    cdef floating f = <floating> factor
+    for i in range(lo, hi):
+        g[i] = g[i] * f

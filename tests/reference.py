@@ -206,15 +206,25 @@ def adam_step(params, grads, m, v, t, lr=0.001, betas=(0.9, 0.999), eps=1e-8,
             p -= lr / (1 - beta1 ** t) * m_p / (np.sqrt(v_p) / np.sqrt(1 - beta2 ** t) + eps)
 
 
+def clip_grads(grads, max_norm):
+    """torch.nn.utils.clip_grad_norm_: ‖g‖ = √Σg² over all arrays together; every g times
+    max_norm / (‖g‖ + 1e-6) when that is below 1. Returns the arrays and ‖g‖."""
+    norm = np.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in grads))
+    factor = max_norm / (norm + 1e-6)
+    if factor < 1:
+        grads = [g * g.dtype.type(factor) for g in grads]
+    return grads, norm
+
+
 # -- one training epoch ------------------------------------------------------
 
 def train_epoch(layers, activations, X, y, loss, order, batch_size, lr, momentum=0.0,
-                nesterov=False, weight_decay=0.0, velocity=None, weights=None):
+                nesterov=False, weight_decay=0.0, velocity=None, weights=None, clip_norm=None):
     """One epoch of minibatch SGD in `order`, updating `layers` (a list of (W, b)) in place.
 
-    Batch by batch (the last one may be short): gather, forward, loss, backward, update.
-    With sample `weights`, each batch's loss is its weighted mean (a batch of weight 0 is
-    skipped). Returns the batches' losses averaged by their sizes.
+    Batch by batch (the last one may be short): gather, forward, loss, backward, (clip,)
+    update. With sample `weights`, each batch's loss is its weighted mean (a batch of
+    weight 0 is skipped). Returns the batches' losses averaged by their sizes.
     """
     params = [p for layer in layers for p in layer]
     if velocity is None:
@@ -232,6 +242,8 @@ def train_epoch(layers, activations, X, y, loss, order, batch_size, lr, momentum
         else:
             value, G = weighted(loss, outputs[-1], yb, weights[rows])
         grads = [g for pair in backward(layers, activations, Xb, outputs, G) for g in pair]
+        if clip_norm is not None:
+            grads, _ = clip_grads(grads, clip_norm)
         sgd_step(params, grads, velocity, lr, momentum, nesterov, weight_decay)
         total += value * len(rows)
         counted += len(rows)

@@ -22,6 +22,9 @@ OPTIMIZERS = {
     "nesterov_wd": lambda: cprop.SGD(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
     "adam": lambda: cprop.Adam(lr=0.01, weight_decay=1e-4),
     "adamw": lambda: cprop.AdamW(lr=0.01),
+    # clipped by the norm of the summed gradient: every rank computes the same factor
+    "momentum_clipped": lambda: cprop.SGD(lr=0.05, momentum=0.9, clip_norm=0.05),
+    "adam_clipped": lambda: cprop.Adam(lr=0.01, clip_norm=0.02),
 }
 
 
