@@ -53,7 +53,7 @@ def _seed(text):
     return _option(text, _ascii_int, lambda v: v >= 0, "an integer >= 0")
 
 
-def _learning_rate(text):
+def _positive(text):
     return _option(text, float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
 
 
@@ -387,7 +387,8 @@ def _prepare_training(args, comm):
                              f"{X.shape[0]} rows; it must hold out at least one and leave at least one")
 
     sizes = [X.shape[1]] + sizes_hidden + [n_out]
-    optimizer = cprop.SGD(lr=lr, momentum=0.9) if args.optimizer == "sgd" else cprop.Adam(lr=lr)
+    optimizer = (cprop.SGD(lr=lr, momentum=0.9, clip_norm=args.clip_norm) if args.optimizer == "sgd"
+                 else cprop.Adam(lr=lr, clip_norm=args.clip_norm))
     _check_network_size(sizes, args.dtype, optimizer.n_state, args.batch_size, f"--hidden {args.hidden}")
 
     # standardise the features, and the targets of a regression (mse), so that one default
@@ -653,7 +654,9 @@ def build_parser():
     p.add_argument("--batch-size", type=_count, default=32, help="minibatch size (default 32)")
     p.add_argument("--optimizer", default="adam", choices=["sgd", "adam"],
                    help="adam (default, lr 0.003) or sgd (momentum 0.9, lr 0.01)")
-    p.add_argument("--lr", type=_learning_rate, default=None, help="learning rate (default per optimizer)")
+    p.add_argument("--lr", type=_positive, default=None, help="learning rate (default per optimizer)")
+    p.add_argument("--clip-norm", type=_positive, default=None,
+                   help="clip each step's gradient to this global norm (default: no clipping)")
     p.add_argument("--validation-split", type=_fraction, default=0.0,
                    help="fraction held out to report val_loss (default 0: none)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"],

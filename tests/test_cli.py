@@ -497,6 +497,30 @@ def test_lr_must_be_a_positive_number(lr, files, tmp_path, capsys):
     assert not (tmp_path / "m.npz").exists()
 
 
+@pytest.mark.parametrize("clip", ["0", "-1", "nan", "inf", "much"])
+def test_clip_norm_must_be_a_positive_number(clip, files, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(files["root"] / "regression.csv"), "--target", "target", "--clip-norm", clip,
+              "--out", str(tmp_path / "m.npz")])
+
+    assert_clean_error(exit_info.value.code, capsys.readouterr().err, "train", "--clip-norm", repr(clip))
+    assert not (tmp_path / "m.npz").exists()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_clip_norm_reaches_the_optimizer(optimizer, files, tmp_path, monkeypatch):
+    seen = []
+    fit = cprop.Trainer.fit
+
+    def recording_fit(self, *args, **kwargs):
+        seen.append(self.optimizer.clip_norm)
+        return fit(self, *args, **kwargs)
+    monkeypatch.setattr(cprop.Trainer, "fit", recording_fit)
+    assert main(["train", str(files["root"] / "regression.csv"), "--target", "target", "--epochs", "2",
+                 "--optimizer", optimizer, "--clip-norm", "0.5", "--quiet", "--out", str(tmp_path / "m.npz")]) == 0
+    assert seen == [0.5]
+
+
 @pytest.mark.parametrize("optimizer, lr, expected", [("sgd", None, 0.01), ("adam", None, 0.003),
                                                      ("sgd", "0.05", 0.05), ("adam", "1e-5", 1e-5)])
 def test_lr_is_the_one_given_or_the_optimizers_default(optimizer, lr, expected, files, tmp_path, capsys):
