@@ -9,9 +9,11 @@
 # the tiny workload's epoch 3.3× slower once half its momentum buffer was
 # subnormal. So, as XLA (JAX) and oneDNN run, every pass over a network runs with
 # subnormals flushed to zero (x86 MXCSR's FTZ and DAZ bits; aarch64's FPCR.FZ)
-# unless cprop.set_flush_denormals(False) asked for IEEE gradual underflow. The
-# thread's own mode is restored as each pass ends, so NumPy and the rest of the
-# process never see it.
+# unless cprop.set_flush_denormals(False) asked for IEEE gradual underflow. Either
+# way the pass sets the mode it runs in (a caller that flushes, or OpenMP workers
+# born from one, do not leak their mode into cprop's results). The thread's own
+# mode is restored as each pass ends, so NumPy and the rest of the process never
+# see cprop's.
 #
 # Use, in every thread of a pass: saved = cprop_fp_enter() as it starts,
 # cprop_fp_leave(saved) as it ends.
@@ -24,8 +26,8 @@ cdef extern from *:
     #define CPROP_MXCSR_FTZ_DAZ 0x8040u   /* flush-to-zero (bit 15), denormals-are-zero (bit 6) */
     static inline unsigned long long cprop_fp_mode(void) { return _mm_getcsr(); }
     static inline void cprop_fp_set_mode(unsigned long long m) { _mm_setcsr((unsigned int) m); }
-    static inline unsigned long long cprop_fp_flushing(unsigned long long m) {
-        return m | CPROP_MXCSR_FTZ_DAZ;
+    static inline unsigned long long cprop_fp_with_flush(unsigned long long m, int flush) {
+        return flush ? m | CPROP_MXCSR_FTZ_DAZ : m & ~(unsigned long long) CPROP_MXCSR_FTZ_DAZ;
     }
     #elif defined(__aarch64__)
     #define CPROP_FLUSH_SUPPORTED 1
@@ -35,14 +37,16 @@ cdef extern from *:
     static inline void cprop_fp_set_mode(unsigned long long m) {
         __asm__ __volatile__("msr fpcr, %0" : : "r"(m));
     }
-    static inline unsigned long long cprop_fp_flushing(unsigned long long m) {
-        return m | (1ull << 24);   /* FPCR.FZ */
+    static inline unsigned long long cprop_fp_with_flush(unsigned long long m, int flush) {
+        return flush ? m | (1ull << 24) : m & ~(1ull << 24);   /* FPCR.FZ */
     }
     #else
     #define CPROP_FLUSH_SUPPORTED 0
     static inline unsigned long long cprop_fp_mode(void) { return 0; }
     static inline void cprop_fp_set_mode(unsigned long long m) { (void) m; }
-    static inline unsigned long long cprop_fp_flushing(unsigned long long m) { return m; }
+    static inline unsigned long long cprop_fp_with_flush(unsigned long long m, int flush) {
+        (void) flush; return m;
+    }
     #endif
 
     /* the process's choice (cprop.set_flush_denormals), read as each pass starts */
@@ -54,7 +58,8 @@ cdef extern from *:
 
     static inline unsigned long long cprop_fp_enter(void) {
         unsigned long long saved = cprop_fp_mode();
-        if (cprop_flush_denormals) cprop_fp_set_mode(cprop_fp_flushing(saved));
+        unsigned long long mode = cprop_fp_with_flush(saved, cprop_flush_denormals);
+        if (mode != saved) cprop_fp_set_mode(mode);
         return saved;
     }
     static inline void cprop_fp_leave(unsigned long long saved) { cprop_fp_set_mode(saved); }

@@ -138,6 +138,38 @@ def test_openmp_threads_born_in_a_pass_do_not_keep_flushing():
     assert result.stdout.strip() == "0"
 
 
+def test_a_caller_that_flushes_gets_ieee_passes_when_cprop_does_not_flush():
+    # the caller's own mode (here torch.set_flush_denormal(True), which sets the calling
+    # thread's FTZ/DAZ) does not leak into cprop's passes: with set_flush_denormals(False)
+    # every thread of a pass underflows gradually, libgomp's workers created while the
+    # caller flushed too, and after the caller stops flushing
+    pytest.importorskip("torch")
+    code = textwrap.dedent("""
+        import numpy as np, torch, cprop
+        net = cprop.Sequential([cprop.Dense(64, 64)], dtype=np.float64, seed=0)
+        net.layers[0].W[...] = 1e-160
+        net.layers[0].b[...] = 0
+        X = np.full((4000, 64), 1e-160)
+        cprop.set_flush_denormals(False)
+        if not torch.set_flush_denormal(True):
+            print("skip"); raise SystemExit
+        assert np.float64(1e-310) * 1 == 0          # the caller flushes now
+        # zeros counted by their bits: NumPy's == 0 would read subnormals as 0 in this thread
+        def zeros(out):
+            return int(np.count_nonzero(out.view(np.int64) == 0))
+        counts = [zeros(net.predict_raw(X, n_threads=t)) for t in (2, 1, 2)]
+        torch.set_flush_denormal(False)
+        counts += [zeros(net.predict_raw(X, n_threads=t)) for t in (2, 1)]
+        assert np.float64(1e-310) * 1 != 0
+        print(counts)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    if result.stdout.strip() == "skip":
+        pytest.skip("torch cannot set flush-to-zero on this CPU")
+    assert result.stdout.strip() == "[0, 0, 0, 0, 0]"
+
+
 def test_signal_handlers_run_mid_epoch_keep_ieee():
     # the epoch takes the GIL every 0.05 s to run Python's signal handlers: in IEEE mode
     seen = []
