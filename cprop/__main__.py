@@ -481,11 +481,12 @@ def _predict(args):
     # the model's own target column, when the data still holds it, is left out without --target
     table = data.read_table(args.data, args.target, drop=notes["target"])
     X, features = table.X, notes["features"]
-    if features is not None and X.shape[1] != len(features):
-        if args.target is None and X.shape[1] == len(features) + 1:
+    n_features = trainer.net.n_inputs if features is None else len(features)
+    if X.shape[1] != n_features:
+        if args.target is None and X.shape[1] == n_features + 1:
             raise UsageError("the data has one column more than the model's features: "
                              "name the target column to drop with --target")
-        raise Failure(f"the model expects {len(features)} features, {args.data!r} has {X.shape[1]}")
+        raise Failure(f"the model expects {n_features} features, {args.data!r} has {X.shape[1]}")
     if features is not None and table.names != features and sorted(table.names) == sorted(features):
         X = X[:, [table.names.index(f) for f in features]]          # same columns, another order
     if notes["mean"] is not None:
@@ -534,6 +535,12 @@ def _export(args):
     from . import onnx as cprop_onnx
 
     _check_out(args.out, "the ONNX file")
+    try:
+        opset = cprop_onnx.check_opset(args.opset)
+    except ValueError as exc:
+        raise UsageError(f"--opset: {exc}") from None
+    except ImportError as exc:     # onnx not installed: the message says what to install
+        raise Failure(str(exc)) from None
     kind = _saved_kind(args.model)
     head = None if args.head == "none" else args.head
     scaling = target_scaling = notes = None
@@ -551,11 +558,9 @@ def _export(args):
     else:
         net = cprop.load(args.model)
     try:
-        cprop_onnx.export(net, args.out, head=head, opset=args.opset, standardize=scaling,
+        cprop_onnx.export(net, args.out, head=head, opset=opset, standardize=scaling,
                           unstandardize=target_scaling)
-    except ValueError as exc:      # an opset out of range, a layer kind ONNX has no form for
-        raise UsageError(str(exc)) from None
-    except ImportError as exc:     # onnx not installed: the message says what to install
+    except ValueError as exc:      # what the model holds (a layer ONNX has no form for), or the file
         raise Failure(str(exc)) from None
     output = (cprop_onnx.PROBABILITIES if head is not None
               else cprop_onnx.PREDICTIONS if target_scaling else cprop_onnx.LOGITS)
@@ -584,6 +589,14 @@ def _model_notes(trainer, path):
                        ("target_mean", net.n_outputs), ("target_std", net.n_outputs)]:
             value = extra.get(key)
             notes[key] = None if value is None else np.asarray(value, dtype=np.float64).reshape(n)
+        for mean, std in [("mean", "std"), ("target_mean", "target_std")]:
+            if (notes[mean] is None) != (notes[std] is None):
+                raise ValueError(f"{mean} and {std} come together")
+            if notes[mean] is not None and not (np.isfinite(notes[mean]).all() and np.isfinite(notes[std]).all()
+                                                and (notes[std] > 0).all()):
+                raise ValueError(f"{mean} and {std} must be finite, every {std} > 0")
+        if notes["target_mean"] is not None and trainer.loss != "mse":
+            raise ValueError(f"a target scaling on a {trainer.loss} model (`cprop train` scales mse targets)")
         classes = extra.get("classes")
         notes["classes"] = None if classes is None else np.asarray(classes)
         if notes["classes"] is not None and (notes["classes"].shape != (net.n_outputs,)

@@ -381,6 +381,19 @@ def _check_net(net):
             raise ValueError(f"layer {i} ({layer!r}) has a negative running variance; refusing to export it")
 
 
+def check_opset(opset: int | None) -> int:
+    """The opset to write: DEFAULT_OPSET for None, else an integer from MIN_OPSET to the
+    installed onnx's newest (ValueError otherwise; ImportError without onnx)."""
+    onnx = _require_onnx()
+    newest = onnx.defs.onnx_opset_version()
+    if opset is None:
+        return DEFAULT_OPSET
+    if isinstance(opset, bool) or not isinstance(opset, (int, np.integer)) or not MIN_OPSET <= opset <= newest:
+        raise ValueError(f"opset must be an integer from {MIN_OPSET} to {newest} (this onnx's newest), "
+                         f"got {opset!r}")
+    return int(opset)
+
+
 def convert(net: Sequential, *, head: str | None = None, opset: int | None = None,
             standardize: tuple | None = None, unstandardize: tuple | None = None):
     """The ONNX model (an ``onnx.ModelProto``) of `net`; see :func:`export`, which writes it."""
@@ -391,12 +404,7 @@ def convert(net: Sequential, *, head: str | None = None, opset: int | None = Non
         raise ValueError(f"head must be None or one of {sorted(HEADS)}, got {head!r}")
     if head is not None and unstandardize is not None:
         raise ValueError(f"unstandardize scales raw outputs (regression); it cannot follow head={head!r}")
-    newest = onnx.defs.onnx_opset_version()
-    if opset is None:
-        opset = DEFAULT_OPSET
-    if isinstance(opset, bool) or not isinstance(opset, (int, np.integer)) or not MIN_OPSET <= opset <= newest:
-        raise ValueError(f"opset must be an integer from {MIN_OPSET} to {newest} (this onnx's newest), "
-                         f"got {opset!r}")
+    opset = check_opset(opset)
     dtype = np.dtype(net.dtype)
     graph = _Graph(onnx, dtype, opset)
     x = INPUT

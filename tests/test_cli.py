@@ -920,3 +920,34 @@ def test_predict_with_a_saved_network_says_what_it_needs(files, tmp_path, capsys
     cprop.Sequential([cprop.Dense(64, 10)], seed=0).save(tmp_path / "net.npz")
     code = main(["predict", str(tmp_path / "net.npz"), str(root / "digits.csv")])
     assert_clean_error(code, capsys.readouterr().err, "predict", "Sequential.save", "cprop train", status=1)
+
+
+def test_a_python_api_model_with_the_wrong_feature_count_is_one_line(files, tmp_path, capsys):
+    # a Trainer.save model has no feature names: the network's input width is what counts
+    X = np.random.default_rng(0).normal(size=(50, 4))
+    trainer = cprop.Trainer(cprop.Sequential([cprop.Dense(4, 2)], seed=0), loss="mse")
+    trainer.fit(X, X[:, :2])
+    trainer.save(tmp_path / "api.npz")
+    code = main(["predict", str(tmp_path / "api.npz"), str(files["root"] / "regression.csv"), "--target",
+                 "target"])
+    assert_clean_error(code, capsys.readouterr().err, "predict", "expects 4 features", "has 3", status=1)
+
+
+@pytest.mark.parametrize("extra, words", [
+    ({"mean": [0.0, 0.0, 0.0]}, ["mean and std come together"]),
+    ({"mean": [0.0, 0.0, 0.0], "std": [1.0, 0.0, 1.0]}, ["std > 0"]),
+    ({"target_mean": [0.0, 0.0], "target_std": [1.0, 1.0]}, ["target scaling on a cross_entropy model"]),
+], ids=["mean-alone", "zero-std", "target-scaling-on-classes"])
+def test_damaged_model_notes_are_one_line_for_predict_and_export(extra, words, files, tmp_path, capsys):
+    X = np.random.default_rng(0).normal(size=(50, 3))
+    trainer = cprop.Trainer(cprop.Sequential([cprop.Dense(3, 2)], seed=0), loss="cross_entropy")
+    trainer.fit(X, (X[:, 0] > 0).astype(int))
+    trainer.extra = extra
+    trainer.save(tmp_path / "m.npz")
+    code = main(["predict", str(tmp_path / "m.npz"), str(files["root"] / "regression.csv"), "--target",
+                 "target"])
+    assert_clean_error(code, capsys.readouterr().err, "predict", "damaged", *words, status=1)
+    pytest.importorskip("onnx")
+    code = main(["export", str(tmp_path / "m.npz"), str(tmp_path / "m.onnx")])
+    assert_clean_error(code, capsys.readouterr().err, "export", "damaged", *words, status=1)
+    assert not (tmp_path / "m.onnx").exists()
