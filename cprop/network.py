@@ -189,6 +189,7 @@ class Sequential:
 
     def __init__(self, layers: Sequence[Layer], dtype: DTypeLike = "float32",
                  seed: int | np.random.Generator | None = None) -> None:
+        self._refuse_rebuild()
         layers = list(layers) if not isinstance(layers, Layer) else [layers]
         if not layers:
             raise ValueError("Sequential needs at least one layer")
@@ -218,6 +219,9 @@ class Sequential:
         self._params = np.zeros(sum(layer.n_params for layer in layers), dtype=self._dtype)
         self._grads = np.zeros_like(self._params)
         self._buffers = np.zeros(sum(layer.n_buffers for layer in layers), dtype=self._dtype)
+        # never resized, even with refcheck=False, while the network lives: compiled calls
+        # (a fit's epochs among them) read them without the GIL
+        self._held = hold_memory(self._params, self._grads, self._buffers)
         offset = buffer_offset = 0
         for layer in layers:
             layer._bind(self._params, self._grads, self._buffers, offset, buffer_offset)
@@ -344,8 +348,9 @@ class Sequential:
                                "training epoch of this network; train it after fit() returns")
         if not self._training_lock.acquire(blocking=False):
             raise RuntimeError(f"{what}: another thread is training this network (backward, an "
-                               "optimizer step or Trainer.fit); train one network from one thread "
-                               "at a time (inference may run from many)")
+                               "optimizer step or Trainer.fit); train, change or save one network "
+                               "from one thread at a time, or from the fit's callbacks (inference "
+                               "may run from many)")
         try:
             yield
         finally:
@@ -358,10 +363,11 @@ class Sequential:
     def init_params(self, seed: int | np.random.Generator | None = None) -> None:
         """Re-initialise every layer's weights from `seed` (int, None or a numpy Generator)."""
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-        for layer in self._layers:
-            layer.init_params(rng)
-        self._grads[...] = 0
-        self._has_grads = False
+        with self._training("init_params"):
+            for layer in self._layers:
+                layer.init_params(rng)
+            self._grads[...] = 0
+            self._has_grads = False
 
     def architecture(self) -> dict:
         """The layers' kinds and settings, and the dtype, as saved in files."""
@@ -393,11 +399,14 @@ class Sequential:
         running variance >= 0 (evaluation divides by its square root)."""
         values = check_parameter_values(values, self._buffers.shape, name, self._dtype)
         check_running_statistics(self._plan[0], values, name)
-        self._buffers[...] = values
+        with self._training(f"setting {name}"):
+            self._buffers[...] = values
 
     def set_params(self, params: ArrayLike) -> None:
         """Copy a flat parameter array (layout W0 b0 W1 b1 …) into the network."""
-        self._params[...] = check_parameter_values(params, self._params.shape, "params", self._dtype)
+        values = check_parameter_values(params, self._params.shape, "params", self._dtype)
+        with self._training("set_params"):
+            self._params[...] = values
 
     def copy(self) -> Sequential:
         """An independent network with the same architecture, parameters and running statistics."""
@@ -748,8 +757,9 @@ class Sequential:
         ------
         ValueError — empty path. IsADirectoryError — `path` is a directory.
         """
-        _io.save_archive(path, {"kind": "network", "architecture": self.architecture()},
-                         self._arrays())
+        with self._training("Sequential.save"):     # not torn by a fit in another thread
+            _io.save_archive(path, {"kind": "network", "architecture": self.architecture()},
+                             self._arrays())
 
     def _arrays(self):
         """The arrays a file holds: params, and buffers when there are running statistics,
@@ -772,8 +782,16 @@ class Sequential:
                 "buffers": self._buffers.copy()}
 
     def __setstate__(self, state):
+        self._refuse_rebuild()
         net = Sequential.from_architecture(state["architecture"], state["params"], state.get("buffers"))
         self.__dict__.update(net.__dict__)
+
+    def _refuse_rebuild(self):
+        """A Sequential is built once: __init__ or __setstate__ again on a built one would swap
+        the arrays and plan under a fit, a trainer or a layer that holds them."""
+        if "_plan" in self.__dict__:
+            raise RuntimeError("this Sequential is already built; create a new one (its layers, "
+                               "trainers and fits hold its arrays)")
 
 
 MAX_LAYERS = 10_000          # in a file: far beyond any real network, so a bad count is refused cheaply

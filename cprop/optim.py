@@ -13,13 +13,26 @@ import math
 
 import numpy as np
 
+from . import _fpenv
 from ._lazy import core as _core
 from ._threads import resolve_threads, single_threaded_blas
-from ._validation import check_bool, check_positive_int, check_real
+from ._validation import check_bool, check_positive_int, check_real, hold_memory
 
 # Adam's step count is a C Py_ssize_t the kernels advance by one per step: bounded far
 # enough below 2**63 that no run can overflow it
 MAX_STEP_COUNT = 2**62
+
+
+def check_eps_survives_flushing(optimizer, dtype):
+    """ValueError for an Adam eps that the flushed passes would read as 0 (see
+    cprop.set_flush_denormals): a subnormal number of the network's dtype. Checked as a
+    Trainer is set up and again before every compiled step (eps or the flush may change)."""
+    eps = getattr(optimizer, "eps", None)
+    tiny = np.finfo(dtype).tiny
+    if eps is not None and eps < tiny and _fpenv.get_flush_denormals():
+        raise ValueError(f"{type(optimizer).__name__} eps={eps!r} is below the smallest normal "
+                         f"{np.dtype(dtype).name} number ({tiny:.3g}) and reads as 0 while cprop flushes "
+                         "subnormals: use a larger eps, or cprop.set_flush_denormals(False)")
 
 
 def _check_clip(value):
@@ -117,6 +130,7 @@ class Optimizer:
         array) is replaced by zeros, and the step count restarts.
         """
         params = net._params
+        check_eps_survives_flushing(self, params.dtype)
         n = 2 if cfg["kind"] == _core.OPTIMIZERS["adam"] else (1 if cfg.get("momentum") else 0)
         shape = params.shape if n else (1,)
         state = self._state      # our own arrays (the setter copies): views of them to check
@@ -129,6 +143,8 @@ class Optimizer:
             state = [s.view() for s in self._state]
             self.step_count = 0
             cfg["step"] = 0
+        # the compiled step reads them without the GIL: never resized meanwhile
+        self._held = hold_memory(*state)
         return state[0], state[-1]
 
     def step(self, net, n_threads: int | None = None) -> None:
@@ -161,6 +177,11 @@ class Optimizer:
             raise FloatingPointError(
                 f"the update would have made {rejected} parameter(s) non-finite; "
                 "they keep their previous values (lower the learning rate)")
+
+    def __getstate__(self):
+        # the pin on the state arrays (weak references) is this process's, made again at
+        # the next step
+        return {k: v for k, v in self.__dict__.items() if k != "_held"}
 
     def reset(self) -> None:
         """Forget the state (momentum, moments, step count)."""

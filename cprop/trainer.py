@@ -10,9 +10,9 @@ import warnings
 import numpy as np
 from numpy.typing import ArrayLike
 
-from . import _fpenv, losses
 from . import distributed as _distributed
 from . import io as _io
+from . import losses
 from ._lazy import core as _core
 from ._threads import MAX_THREADS, ThreadFallback, compiled_epoch, resolve_threads, single_threaded_blas
 from ._validation import (
@@ -27,7 +27,7 @@ from ._validation import (
 from .callbacks import Checkpoint, as_callbacks
 from .losses import loss_code, prepare_targets
 from .network import Sequential, network_from_archive, plan_widths
-from .optim import MAX_STEP_COUNT, OPTIMIZERS, SGD, Optimizer
+from .optim import MAX_STEP_COUNT, OPTIMIZERS, SGD, Adam, Optimizer, check_eps_survives_flushing
 
 
 class DivergenceError(FloatingPointError):
@@ -206,7 +206,7 @@ class Trainer:
             self.n_threads = check_positive_int(self.n_threads, "n_threads", maximum=MAX_THREADS)
         self.loss_scale = check_real(self.loss_scale, "loss_scale", low=0, low_open=True)
         self.optimizer.config()
-        _check_eps_survives_flushing(self.optimizer, self.net._dtype)
+        check_eps_survives_flushing(self.optimizer, self.net._dtype)
         self.comm = _distributed.check_comm(self.comm)
         if self.average_every is not None:
             self.average_every = check_positive_int(self.average_every, "average_every")
@@ -390,6 +390,7 @@ class Trainer:
         size = _core.workspace_size(row_width, n_bstats, *plan_widths(net), batch_size,
                                     sparse, int(net._plan[0][0, _core.PLAN_INT["kind"]]))
         return {"settings": settings, "work": np.empty(size, dtype=net._dtype),
+                "network": _network_arrays(net),
                 "label_buf": np.empty(batch_size, dtype=np.intp), "order": np.arange(n, dtype=np.intp),
                 "shuffled": np.empty(n, dtype=np.intp),
                 "weights": None, "weight_buf": np.empty(batch_size, dtype=net._dtype),
@@ -399,6 +400,10 @@ class Trainer:
         """One compiled epoch over (X, T, labels): its logs, or None when it diverged and
         on_divergence is "warn" (with "raise", DivergenceError)."""
         net, n, settings = self.net, X.shape[0], buffers["settings"]
+        if any(a is not b for a, b in zip(_network_arrays(net), buffers["network"])):
+            raise RuntimeError("the network's plan or arrays were replaced during fit (from a callback "
+                               "or another thread); the fit's workspace and checked data are sized for "
+                               "the network it started with")
         batch_size = settings["batch_size"]
         order = (self._shuffled_order(n, out=buffers["shuffled"], identity=buffers["order"]) if self.shuffle
                  else buffers["order"])
@@ -607,7 +612,16 @@ class Trainer:
         optimizer's hyper-parameters and state, the epoch count, the shuffling
         generator's state and the history: :meth:`load` then :meth:`fit`
         continues exactly as if training had never stopped.
+
+        From a fit's callbacks (as :class:`~cprop.Checkpoint` does) it saves the state
+        between two epochs; from another thread while a fit runs it raises RuntimeError
+        (the file would mix parameters from the middle of an epoch with the count of
+        epochs before it).
         """
+        with self.net._training("Trainer.save"):
+            self._save(path)
+
+    def _save(self, path):
         opt = self.optimizer
         meta = {
             "kind": "trainer",
@@ -682,17 +696,6 @@ class Trainer:
             except (KeyError, TypeError, ValueError, OverflowError) as exc:
                 raise archive.error(f"invalid trainer in file ({type(exc).__name__}: {exc})") from None
         return trainer
-
-
-def _check_eps_survives_flushing(optimizer, dtype):
-    """ValueError for an Adam eps that the flushed passes would read as 0 (see
-    cprop.set_flush_denormals): a subnormal number of the network's dtype."""
-    eps = getattr(optimizer, "eps", None)
-    tiny = np.finfo(dtype).tiny
-    if eps is not None and eps < tiny and _fpenv.get_flush_denormals():
-        raise ValueError(f"{type(optimizer).__name__} eps={eps!r} is below the smallest normal "
-                         f"{np.dtype(dtype).name} number ({tiny:.3g}) and reads as 0 while cprop flushes "
-                         "subnormals: use a larger eps, or cprop.set_flush_denormals(False)")
 
 
 def _checked_trainer_meta(meta):
@@ -773,6 +776,9 @@ def _optimizer_state(archive, opt, net, epochs_done):
     states = [archive.read(n, net.dtype, net.params.shape) for n in expected]
     if not all(np.isfinite(s).all() for s in states):
         raise ValueError("optimizer state contains non-finite values")
+    if isinstance(opt, Adam) and (states[1] < 0).any():
+        # a mean of squared gradients: √v of a negative one is NaN at the first step
+        raise ValueError("Adam's second moment (state_1) holds negative values")
     return states
 
 
@@ -841,3 +847,8 @@ class _Progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+def _network_arrays(net):
+    """What a fit's epochs hand the core: the network, its plan and arrays (compared by identity)."""
+    return (net, net._plan, net._params, net._grads, net._buffers)

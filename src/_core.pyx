@@ -290,6 +290,47 @@ cdef inline const long long* _row(const Plan* P, Py_ssize_t layer) noexcept nogi
     return P.t + layer * _plan.N_PLAN_INT
 
 
+cdef int _check_arrays(const Plan* P, str what, Py_ssize_t n_params, Py_ssize_t n_grads,
+                       Py_ssize_t n_buffers, Py_ssize_t work, Py_ssize_t work_needed,
+                       Py_ssize_t n_in=-1, Py_ssize_t n_out=-1) except -1:
+    """ValueError unless the arrays fit the plan: the parameters and gradients (n_grads -1:
+    none) as long as its layout, the running statistics (-1: not passed) at least, the workspace at least
+    work_needed, X's width n_in and the targets' n_out (-1: not passed). O(layers): every
+    compiled entry point that runs the plan calls it, so that a network rebuilt between
+    calls (its plan or arrays replaced from Python) is refused instead of read out of bounds."""
+    cdef Py_ssize_t layer, need_params = 0, need_buffers = 0
+    cdef const long long* T
+    for layer in range(P.n_layers):
+        T = _row(P, layer)
+        need_params = max(need_params, T[_plan.PARAM] + T[_plan.N_PARAM])
+        if T[_plan.BUFFER] >= 0:
+            need_buffers = max(need_buffers, T[_plan.BUFFER] + 2 * T[_plan.N_OUT])
+    if n_params != need_params or (n_grads >= 0 and n_grads != need_params):
+        raise ValueError(f"{what}: the network's plan lays out {need_params} parameters, its "
+                         f"arrays hold {n_params} (gradients {n_grads}): was it rebuilt meanwhile?")
+    if n_buffers >= 0 and n_buffers < need_buffers:
+        raise ValueError(f"{what}: the plan needs {need_buffers} running statistics, the network holds "
+                         f"{n_buffers}: was it rebuilt meanwhile?")
+    if work < work_needed:
+        raise ValueError(f"{what}: the workspace holds {work} values, the plan needs {work_needed}")
+    if n_in >= 0 and n_in != _row(P, 0)[_plan.N_IN]:
+        raise ValueError(f"{what}: X has {n_in} features, the network expects {_row(P, 0)[_plan.N_IN]}")
+    if n_out >= 0 and n_out != _row(P, P.n_layers - 1)[_plan.N_OUT]:
+        raise ValueError(f"{what}: the targets have {n_out} columns, the network outputs "
+                         f"{_row(P, P.n_layers - 1)[_plan.N_OUT]}")
+    return 0
+
+
+cdef int _check_state(const Optim* opt, str what, Py_ssize_t n_params, Py_ssize_t n_a,
+                      Py_ssize_t n_b) except -1:
+    """ValueError unless the optimizer's state arrays cover the parameters it steps."""
+    if (opt.kind == ADAM and (n_a < n_params or n_b < n_params)) or (
+            opt.kind == SGD and opt.momentum != 0 and n_a < n_params):
+        raise ValueError(f"{what}: the optimizer's state holds {n_a} and {n_b} values for "
+                         f"{n_params} parameters")
+    return 0
+
+
 cdef inline const double* _hyper(const Plan* P, Py_ssize_t layer) noexcept nogil:
     return P.f + layer * _plan.N_PLAN_FLOAT
 
@@ -603,6 +644,8 @@ def forward_train(const long long[:, ::1] table, const double[:, ::1] hyper, Py_
     cdef int t, nt = threads_for(_pass_flops(&P, n), n, n_threads)
     cdef floating* buf = &buffers[0] if buffers.shape[0] else NULL
     cdef unsigned long long fp
+    _check_arrays(&P, "forward_train", params.shape[0], -1, buffers.shape[0], work.shape[0],
+                  n * row_width + n_bstats, X.shape[1])
     with nogil:
         if not training:
             eval_stats(&P, buf, &work[0], n)
@@ -633,6 +676,10 @@ def backward(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ssize
     cdef floating* G_last = &work[0] + n * _row(&P, P.n_layers - 1)[_plan.G_COL]
     cdef int t, nt = threads_for(2 * _pass_flops(&P, n), n, n_threads)
     cdef unsigned long long fp, fp_caller
+    _check_arrays(&P, "backward", params.shape[0], grads.shape[0], -1, work.shape[0],
+                  n * row_width + n_bstats, X.shape[1], m)
+    if grad_out.shape[0] != n:
+        raise ValueError(f"backward: grad_out has {grad_out.shape[0]} rows, X {n}")
     with nogil:
         memcpy(G_last, &grad_out[0, 0], n * m * sizeof(floating))
         fp_caller = cprop_fp_enter()
@@ -683,8 +730,13 @@ def forward(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ssize_
     cdef Py_ssize_t n = X.shape[0], per_thread = chunk_rows * row_width + n_bstats
     cdef int t, nt = threads_for(_pass_flops(&P, n), n, n_threads)
     cdef floating* buf = <floating*> &buffers[0] if buffers.shape[0] else NULL
-    cdef bint* finite = <bint*> calloc(nt, sizeof(bint))    # one flag per thread, no shared writes
+    cdef bint* finite
     cdef bint all_ok = True
+    _check_arrays(&P, "forward", params.shape[0], -1, buffers.shape[0], work.shape[0], nt * per_thread,
+                  X.shape[1] if X_csr == NULL else -1, out.shape[1])
+    if out.shape[0] != n or chunk_rows < 1:
+        raise ValueError(f"forward: out has {out.shape[0]} rows for X's {n}, chunks of {chunk_rows} rows")
+    finite = <bint*> calloc(nt, sizeof(bint))    # one flag per thread, no shared writes
     if finite == NULL:
         raise MemoryError("cprop could not allocate the per-thread flags")
     with nogil:
@@ -800,6 +852,13 @@ def optimizer_step(dict config, const long long[:, ::1] table, floating[::1] par
     cdef unsigned long long fp
     cdef double factor = 1
     cdef double* sums = NULL
+    cdef Plan P     # the layout alone: _step_slice reads nothing else
+    P.t = &table[0, 0]
+    P.f = NULL
+    P.n_layers = table.shape[0]
+    P.row_width = P.n_bstats = 0
+    _check_arrays(&P, "optimizer_step", params.shape[0], grads.shape[0], -1, 0, 0)
+    _check_state(&opt, "optimizer_step", params.shape[0], state_a.shape[0], state_b.shape[0])
     if opt.clip_norm > 0:
         sums = <double*> calloc(max(n_blocks, 1), sizeof(double))
         if sums == NULL:
@@ -1134,6 +1193,19 @@ def train_epoch(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ss
     fit.seed = settings["seed"]
     fit.n_threads = settings["n_threads"]
     fit.n_params = params.shape[0]
+    _check_arrays(&P, "train_epoch", params.shape[0], grads.shape[0], buffers.shape[0], work.shape[0],
+                  workspace_size(row_width, n_bstats, _row(&P, 0)[_plan.N_IN],
+                                 _row(&P, P.n_layers - 1)[_plan.N_OUT], fit.batch_size,
+                                 X_csr != NULL, <int> _row(&P, 0)[_plan.KIND]),
+                  X.shape[1] if X_csr == NULL else -1, T.shape[1] if T.shape[0] else -1)
+    _check_state(&opt, "train_epoch", params.shape[0], state_a.shape[0], state_b.shape[0])
+    if fit.batch_size < 1 or label_buf.shape[0] < (fit.batch_size if labels.shape[0] else 0) or (
+            weights is not None and (weight_buf is None or weight_buf.shape[0] < fit.batch_size
+                                     or weights.shape[0] != X.shape[0])) or (
+            order.shape[0] != X.shape[0]) or (T.shape[0] and T.shape[0] != X.shape[0]) or (
+            labels.shape[0] and labels.shape[0] != X.shape[0]):
+        raise ValueError("train_epoch: the batch size, order, targets, weights or their buffers "
+                         "do not fit X's rows")
     with nogil:
         nt = threads_for(3 * _pass_flops(&P, fit.batch_size), fit.batch_size, fit.n_threads)
         if _share(&sh, nt, &opt, fit.n_params):
@@ -1214,6 +1286,12 @@ def batch_gradient(const long long[:, ::1] table, const double[:, ::1] hyper, Py
     fit.loss_scale = settings["loss_scale"]
     fit.seed = settings["seed"]
     fit.n_threads = settings["n_threads"]
+    _check_arrays(&P, "batch_gradient", params.shape[0], grads.shape[0], buffers.shape[0], work.shape[0],
+                  n * row_width + n_bstats, X.shape[1] if X_csr == NULL else -1,
+                  T.shape[1] if T.shape[0] else -1)
+    if (T.shape[0] and T.shape[0] != n) or (labels.shape[0] and labels.shape[0] != n) or (
+            w != NULL and weights.shape[0] != n):
+        raise ValueError("batch_gradient: the targets and weights must have X's rows")
     nt = threads_for(3 * _pass_flops(&P, n), n, fit.n_threads)
     part_loss = <double*> calloc(nt, sizeof(double))
     if part_loss == NULL:
@@ -1464,6 +1542,8 @@ def train_epoch_mpi(const long long[:, ::1] table, const double[:, ::1] hyper, P
     cdef floating* Tb_ptr = &Tb[0, 0] if Tb.shape[0] and T_ptr != NULL else NULL
     cdef Py_ssize_t* label_buf_ptr = &label_buf[0] if label_buf.shape[0] else NULL
     _mpi_sum(&mpi, handles)
+    _check_arrays(&P, "train_epoch_mpi", n_params, -1, -1, 0, 0, d if n else -1, m if m else -1)
+    _check_state(&opt, "train_epoch_mpi", n_params, state_a.shape[0], state_b.shape[0])
     # the steps and buffers come from _Fit; checked once here, since the loop trusts them
     if steps.shape[1] != 4 or pack.shape[0] != n_params + n_running + N_SLOTS or n_running < 0:
         raise ValueError("train_epoch_mpi: steps must be (n_steps, 4) and pack hold the gradient, "

@@ -740,3 +740,114 @@ def test_an_array_handed_over_by_array_protocol_is_pinned_while_the_tape_keeps_i
         print("ok")
     """)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+# -- a network rebuilt or its arrays replaced while a fit holds them ----------------------------
+
+def test_a_built_network_cannot_be_built_again():
+    net = small_net()
+    with pytest.raises(RuntimeError, match="already built"):
+        net.__init__([cprop.Dense(16, 4096), cprop.Dense(4096, 2)])
+    with pytest.raises(RuntimeError, match="already built"):
+        net.__setstate__(small_net((16, 4096, 2)).__getstate__())
+    assert net.n_params == 16 * 32 + 32 + 32 * 2 + 2
+    # pickling still builds fresh networks
+    import pickle
+    assert_array_equal(pickle.loads(pickle.dumps(net)).params, net.params)
+
+
+def test_the_networks_and_optimizers_arrays_cannot_be_resized_even_without_refcheck():
+    net = small_net()
+    trainer = cprop.Trainer(net, loss="cross_entropy", optimizer=cprop.Adam(), seed=0)
+    X, y = np.random.default_rng(0).normal(size=(64, 16)), np.arange(64) % 2
+    trainer.fit(X, y)
+    for arr in (net.params, net.grads, trainer.optimizer.state[0], trainer.optimizer.state[1]):
+        owner = arr.base if arr.base is not None else arr
+        with pytest.raises(ValueError):
+            owner.resize(3, refcheck=False)
+    trainer.fit(X, y)      # still trains
+    import pickle
+    copied = pickle.loads(pickle.dumps(trainer.optimizer))     # the pin is not pickled
+    assert_array_equal(copied.state[1], trainer.optimizer.state[1])
+
+
+@pytest.mark.parametrize("attribute", ["_plan", "_params", "_grads", "_buffers"])
+def test_arrays_replaced_from_a_callback_stop_the_fit_and_reach_no_kernel(attribute):
+    X, y = np.random.default_rng(0).normal(size=(200, 16)), np.arange(200) % 2
+    other = small_net((16, 4096, 2))
+    net = small_net()
+    replacement = {"_plan": other._plan, "_params": np.zeros(3), "_grads": np.zeros(3),
+                   "_buffers": np.zeros(0)}[attribute]
+
+    def swap(trainer, epoch, logs):
+        setattr(trainer.net, attribute, replacement)
+    trainer = cprop.Trainer(net, loss="cross_entropy", batch_size=32, seed=0)
+    with pytest.raises(RuntimeError, match="replaced during fit"):
+        trainer.fit(X, y, epochs=3, callbacks=[swap])
+    # the core refuses arrays that do not fit the plan, whichever Python path calls it
+    if attribute in ("_plan", "_params"):
+        for call in (lambda: net.forward(X), lambda: net.predict_raw(X)):
+            with pytest.raises(ValueError, match="rebuilt"):
+                call()
+    if attribute != "_buffers":
+        net._has_grads = True
+        with pytest.raises(ValueError, match="rebuilt"):
+            cprop.SGD(momentum=0.9).step(net)
+
+
+@pytest.mark.parametrize("call", ["Trainer.save", "Sequential.save", "set_params", "init_params",
+                                  "forward_training"])
+def test_another_thread_cannot_save_or_change_a_network_mid_fit(call, tmp_path):
+    # from the fitting thread's callback, another thread tries while the fit holds the network
+    X, y = np.random.default_rng(0).normal(size=(100, 16)), np.arange(100) % 2
+    net = cprop.Sequential([cprop.Dense(16, 8, "relu"), cprop.BatchNorm(8), cprop.Dense(8, 2)], seed=0)
+    trainer = cprop.Trainer(net, loss="cross_entropy", seed=0)
+    calls = {"Trainer.save": lambda: trainer.save(tmp_path / "t.npz"),
+             "Sequential.save": lambda: net.save(tmp_path / "n.npz"),
+             "set_params": lambda: net.set_params(net.params),
+             "init_params": lambda: net.init_params(1),
+             "forward_training": lambda: net.forward(X, training=True)}
+    errors = []
+
+    def elsewhere(trainer, epoch, logs):
+        def attempt():
+            try:
+                calls[call]()
+            except RuntimeError as exc:
+                errors.append(str(exc))
+        thread = threading.Thread(target=attempt)
+        thread.start()
+        thread.join()
+        trainer.save(tmp_path / "from_callback.npz")       # the fitting thread itself may
+    trainer.fit(X, y, epochs=2, callbacks=[elsewhere])
+    assert len(errors) == 2 and all("another thread is training this network" in e for e in errors)
+    assert not (tmp_path / "t.npz").exists() and not (tmp_path / "n.npz").exists()
+    assert cprop.Trainer.load(tmp_path / "from_callback.npz").epochs_done == 2
+
+
+def test_an_adam_eps_set_below_the_normal_range_mid_fit_is_named():
+    X, y = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32), np.arange(64) % 2
+    trainer = cprop.Trainer(small_net(dtype="float32"), loss="cross_entropy", optimizer=cprop.Adam(),
+                            seed=0)
+
+    def shrink(trainer, epoch, logs):
+        trainer.optimizer.eps = 1e-40
+    with pytest.raises(ValueError, match="eps=1e-40 is below the smallest normal"):
+        trainer.fit(X, y, epochs=3, callbacks=[shrink])
+    assert trainer.epochs_done == 1 and np.isfinite(trainer.net.params).all()
+
+
+def test_a_negative_adam_second_moment_in_a_file_is_refused(tmp_path):
+    import zipfile
+    X, y = np.random.default_rng(0).normal(size=(64, 16)), np.arange(64) % 2
+    trainer = cprop.Trainer(small_net(), loss="cross_entropy", optimizer=cprop.Adam(), seed=0)
+    trainer.fit(X, y)
+    trainer.save(tmp_path / "ok.npz")
+    import io
+    member = io.BytesIO()
+    np.save(member, -np.ones(trainer.net.n_params))
+    with zipfile.ZipFile(tmp_path / "ok.npz") as src, zipfile.ZipFile(tmp_path / "bad.npz", "w") as dst:
+        for name in src.namelist():
+            dst.writestr(name, member.getvalue() if name == "state_1.npy" else src.read(name))
+    with pytest.raises(cprop.CpropFileError, match="second moment"):
+        cprop.Trainer.load(tmp_path / "bad.npz")
