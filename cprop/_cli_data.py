@@ -87,6 +87,8 @@ def is_csv(path):
 
 
 def _read_npz(path, target):
+    if target == "X":
+        raise UsageError(f"--target X names the features of {path!r}; name the targets' array (default y)")
     key = target if target is not None else "y"
     try:
         with np.load(path, allow_pickle=False) as npz:
@@ -148,6 +150,9 @@ def _read_csv(path, target, drop=None):
             reader = csv.reader(f)
             for row in reader:
                 if any(cell.strip() for cell in row):
+                    if any("\x00" in cell for cell in row):
+                        raise Failure(f"{path!r} line {reader.line_num} holds a NUL character; "
+                                      "cprop reads CSV text")
                     records.append((reader.line_num, [cell.strip() for cell in row]))
     except UnicodeDecodeError as exc:
         raise Failure(f"{path!r} is not UTF-8 text (it holds the byte {exc.object[exc.start:exc.start + 1]!r}); "
@@ -213,11 +218,20 @@ def _header_is_data(names):
 
 
 def _numbers(cells):
-    """float64 values of a column of strings, or None when one of them is not a number."""
+    """float64 values of a column of strings, or None when one of them is not a number.
+    Python's float() (which numpy's conversion follows) also reads '1_000' and digits of
+    other scripts; a CSV cell like that is refused, as the options are."""
     try:
-        return cells.astype(np.float64)
+        values = cells.astype(np.float64)
     except ValueError:
         return None
+    if np.char.count(cells, "_").any():
+        return None
+    try:
+        np.char.encode(cells, "ascii")
+    except UnicodeEncodeError:
+        return None
+    return values
 
 
 def _column_index(path, names, target):

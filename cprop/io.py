@@ -142,7 +142,12 @@ def write_atomically(path, write):
             raise CpropFileError(f"cannot save to {path!r}: {target!r} exists and is not a regular file")
         mode = stat.S_IMODE(existing.st_mode)
 
-    fd, tmp = _create_temporary(directory)
+    try:
+        fd, tmp = _create_temporary(directory)
+    except OSError as exc:
+        # the temporary file is cprop's detail: the error names the file asked for
+        raise type(exc)(exc.errno, f"cannot create a file in {directory!r} ({exc.strerror or exc})",
+                        path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             fd = None                        # the file object owns it now

@@ -409,7 +409,7 @@ def convert(net: Sequential, *, head: str | None = None, opset: int | None = Non
     graph = _Graph(onnx, dtype, opset)
     x = INPUT
     if standardize is not None:
-        mean, std = _check_scaling(standardize, net.n_inputs, "standardize")
+        mean, std = _check_scaling(standardize, net.n_inputs, "standardize", dtype)
         x = graph.node("Sub", [x, graph.constant("input.mean", mean.astype(dtype))], hint="input.centred")
         x = graph.node("Div", [x, graph.constant("input.std", std.astype(dtype))], hint="input.standardised")
     logits = _network_nodes(graph, net, x, out=LOGITS)
@@ -417,7 +417,7 @@ def convert(net: Sequential, *, head: str | None = None, opset: int | None = Non
     if head is not None:
         output = HEADS[head](graph, logits, hint=PROBABILITIES, out=PROBABILITIES)
     elif unstandardize is not None:
-        mean, std = _check_scaling(unstandardize, net.n_outputs, "unstandardize")
+        mean, std = _check_scaling(unstandardize, net.n_outputs, "unstandardize", dtype)
         y = graph.node("Mul", [logits, graph.constant("output.std", std.astype(dtype))], hint="output.scaled")
         output = graph.node("Add", [y, graph.constant("output.mean", mean.astype(dtype))], out=PREDICTIONS)
     elem = helper.np_dtype_to_tensor_dtype(dtype)
@@ -438,8 +438,9 @@ def convert(net: Sequential, *, head: str | None = None, opset: int | None = Non
     return model
 
 
-def _check_scaling(pair, width, name):
-    """(mean, std) as float64 arrays of `width` values, std > 0, all finite."""
+def _check_scaling(pair, width, name, dtype):
+    """(mean, std) as float64 arrays of `width` values, std > 0, all finite, and within what
+    the graph's `dtype` holds (mean finite, std a normal number: its constants are cast)."""
     try:
         mean, std = (np.asarray(a, dtype=np.float64) for a in pair)
     except (TypeError, ValueError):
@@ -449,6 +450,11 @@ def _check_scaling(pair, width, name):
             raise ValueError(f"{name}: {part} must hold {width} finite values, got shape {arr.shape}")
     if (std <= 0).any():
         raise ValueError(f"{name}: every std must be > 0")
+    info = np.finfo(dtype)
+    if (np.abs(mean) > info.max).any() or (std < info.tiny).any() or (std > info.max).any():
+        raise ValueError(f"{name}: mean and std must be within {np.dtype(dtype).name}'s normal range "
+                         f"(|mean| <= {info.max:.3g}, {info.tiny:.3g} <= std <= {info.max:.3g}), "
+                         "the graph's constants")
     return mean, std
 
 

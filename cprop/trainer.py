@@ -297,6 +297,10 @@ class Trainer:
         KeyboardInterrupt — Ctrl-C takes effect between batches; the network keeps
             the parameters of the last completed step, the history its completed epochs.
         """
+        # plain attributes a user may have set: what the fit counts and records on
+        self.epochs_done = check_positive_int(self.epochs_done, "epochs_done", minimum=0, maximum=None)
+        if not isinstance(self.history, History):
+            raise TypeError(f"trainer.history must be a cprop.History, got {type(self.history).__name__}")
         if self._parallel:     # every check there is agreed between the ranks
             return _distributed.fit(self, X, y, epochs, validation_data, validation_split, callbacks,
                                     verbose, checkpoint, checkpoint_every, sharded, sample_weight)

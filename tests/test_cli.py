@@ -693,7 +693,7 @@ BAD_INPUT = {
     "one row, one class": ("d.csv", "a,y\n1,0\n", [], 1, ["single class"]),
     "text in a feature": ("d.csv", "a,y\n1,0\nabc,1\n", [], 1, ["'a'", "'abc'", "line 3", "not a number"]),
     "empty feature cell": ("d.csv", "a,y\n1,0\n,1\n", [], 1, ["'a'", "''", "line 3"]),
-    "NUL byte": ("d.csv", "a,y\n1,0\n\x002,1\n", [], 1, ["'a'", "line 3"]),
+    "NUL byte": ("d.csv", "a,y\n1,0\n\x002,1\n", [], 1, ["line 3", "NUL"]),
     "ragged row": ("d.csv", "a,y\n1,0\n1,0,5\n", [], 1, ["line 3", "3 values", "2 columns"]),
     "empty target cell": ("d.csv", "a,y\n1,cat\n2,\n", [], 1, ["'y'", "empty", "line 3"]),
     "target only": ("d.csv", "y\n1\n2\n", [], 1, ["no feature columns"]),
@@ -951,3 +951,32 @@ def test_damaged_model_notes_are_one_line_for_predict_and_export(extra, words, f
     code = main(["export", str(tmp_path / "m.npz"), str(tmp_path / "m.onnx")])
     assert_clean_error(code, capsys.readouterr().err, "export", "damaged", *words, status=1)
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("cell, words", [("2_0", ["'2_0'", "not a number"]), ("\u0661", ["not a number"]),
+                                         ("2\x00", ["NUL"])], ids=["underscore", "arabic-digit", "nul"])
+def test_csv_cells_are_numbers_as_written_in_ascii(cell, words, tmp_path, capsys):
+    # Python's float() reads '2_0' as 20 and other scripts' digits; a CSV cell like that is refused
+    (tmp_path / "d.csv").write_text(f"a,b,label\n1,{cell},0\n3,4,1\n5,6,0\n", encoding="utf-8")
+    code = main(["train", str(tmp_path / "d.csv"), "--target", "label", "--quiet", "--out",
+                 str(tmp_path / "m.npz")])
+    assert_clean_error(code, capsys.readouterr().err, "train", *words, status=1)
+    assert not (tmp_path / "m.npz").exists()
+
+
+def test_npz_target_cannot_be_the_features(tmp_path, capsys):
+    np.savez(tmp_path / "d.npz", X=np.ones((5, 2)), y=np.arange(5))
+    code = main(["train", str(tmp_path / "d.npz"), "--target", "X", "--quiet"])
+    assert_clean_error(code, capsys.readouterr().err, "train", "--target X", "features")
+
+
+def test_an_output_directory_that_refuses_new_files_names_the_output(files, tmp_path, capsys):
+    # /proc exists and is "writable" by root, but holds no new files: the error names --out,
+    # not cprop's temporary file
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs Linux's /proc")
+    code = main(["train", str(files["root"] / "regression.csv"), "--target", "target", "--epochs", "1",
+                 "--quiet", "--out", "/proc/m.npz"])
+    err = capsys.readouterr().err
+    assert_clean_error(code, err, "train", "/proc/m.npz", status=1)
+    assert ".tmp" not in err

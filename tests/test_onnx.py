@@ -698,3 +698,11 @@ def test_cli_export_help_names_the_default_opset(capsys):
     with pytest.raises(SystemExit):
         main(["export", "--help"])
     assert f"(default {cprop_onnx.DEFAULT_OPSET}," in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("mean, std", [(1e308, 1.0), (0.0, 1e-308), (0.0, 1e300)])
+def test_a_scaling_the_graphs_dtype_cannot_hold_is_refused(mean, std, tmp_path):
+    net = cprop.Sequential([cprop.Dense(2, 1)], seed=0)      # float32 constants
+    with pytest.raises(ValueError, match="normal range"):
+        cprop_onnx.export(net, tmp_path / "m.onnx", standardize=([mean, 0.0], [std, 1.0]))
+    assert not (tmp_path / "m.onnx").exists()

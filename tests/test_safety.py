@@ -851,3 +851,13 @@ def test_a_negative_adam_second_moment_in_a_file_is_refused(tmp_path):
             dst.writestr(name, member.getvalue() if name == "state_1.npy" else src.read(name))
     with pytest.raises(cprop.CpropFileError, match="second moment"):
         cprop.Trainer.load(tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize("attribute, value, error", [("epochs_done", -5, ValueError),
+                                                     ("epochs_done", 1.5, TypeError),
+                                                     ("history", None, TypeError)])
+def test_the_trainers_counters_are_checked_at_fit(attribute, value, error):
+    trainer = cprop.Trainer(small_net(), loss="cross_entropy", seed=0)
+    setattr(trainer, attribute, value)
+    with pytest.raises(error, match=attribute):
+        trainer.fit(np.ones((4, 16)), np.arange(4) % 2)
