@@ -35,6 +35,15 @@ def _ascii_int(text):
     return int(text)
 
 
+def _ascii_float(text):
+    """float(text) for ASCII decimal numbers only: float() also takes '1_0', digits of other
+    scripts and 'infinity'."""
+    if not isinstance(text, str) or not re.fullmatch(r"\s*[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*",
+                                                     text, re.ASCII):
+        raise ValueError(f"not a number: {text!r}")
+    return float(text)
+
+
 def _option(text, kind, fits, expected):
     try:
         value = kind(text)
@@ -54,11 +63,11 @@ def _seed(text):
 
 
 def _positive(text):
-    return _option(text, float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
+    return _option(text, _ascii_float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
 
 
 def _fraction(text):
-    return _option(text, float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+    return _option(text, _ascii_float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 
 
 def _hidden_sizes(text):

@@ -54,6 +54,33 @@ def hold_memory(*arrays):
     return tuple(held)
 
 
+def pinned_zeros(n, dtype):
+    """(a zeroed 1-D array of n values, its pin) for memory that compiled calls read without
+    the GIL and that only cprop allocates: the network's parameters, gradients and running
+    statistics, the optimizer's state. No ndarray owns the memory: it is a bytearray, which
+    the returned memoryview (keep it with the array) holds exported for good. So neither
+    resize(refcheck=False) nor ndarray.__setstate__ (which frees an owning array's memory
+    whatever else refers to it) nor resizing the bytearray can free or move it under a
+    running kernel. Aligned to 64 bytes."""
+    dtype = np.dtype(dtype)
+    buf = bytearray(n * dtype.itemsize + 64)
+    pin = memoryview(buf)      # the caller's, not the array's: releasing the array's own does not free buf
+    address = np.frombuffer(buf, np.uint8, count=1).__array_interface__["data"][0]
+    return np.frombuffer(buf, dtype, count=n, offset=-address % 64), pin
+
+
+def is_pinned(arr, pins):
+    """Whether arr is one of the arrays pinned_zeros made with one of `pins`."""
+    return any(getattr(arr.base, "obj", None) is pin.obj for pin in pins)
+
+
+def pinned_copy(arr):
+    """(a pinned 1-D copy of arr, its pin): see pinned_zeros."""
+    out, pin = pinned_zeros(arr.size, arr.dtype)
+    out[...] = arr.reshape(-1)
+    return out, pin
+
+
 def check_finite(arr, name):
     """ValueError naming `name` when a float array holds NaN or infinity.
 

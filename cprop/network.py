@@ -29,6 +29,7 @@ from ._validation import (
     check_positive_int,
     check_X,
     hold_memory,
+    pinned_zeros,
 )
 from .activations import from_torch_module
 from .layers import BatchNorm, Dense, Dropout, Layer, LayerNorm, layer_from_config, refuse_change
@@ -216,12 +217,13 @@ class Sequential:
         self.seed = seed
         self._sizes = _frozen(np.array([layers[0].n_in] + [layer.n_out for layer in layers], dtype=np.intp))
         self._activations = _frozen(np.array([layer.activation_code for layer in layers], dtype=np.intc))
-        self._params = np.zeros(sum(layer.n_params for layer in layers), dtype=self._dtype)
-        self._grads = np.zeros_like(self._params)
-        self._buffers = np.zeros(sum(layer.n_buffers for layer in layers), dtype=self._dtype)
-        # never resized, even with refcheck=False, while the network lives: compiled calls
-        # (a fit's epochs among them) read them without the GIL
-        self._held = hold_memory(self._params, self._grads, self._buffers)
+        # memory no Python code can free or move while the network lives: compiled calls
+        # (a fit's epochs among them) read it without the GIL (see pinned_zeros)
+        n_params = sum(layer.n_params for layer in layers)
+        self._params, pin_p = pinned_zeros(n_params, self._dtype)
+        self._grads, pin_g = pinned_zeros(n_params, self._dtype)
+        self._buffers, pin_b = pinned_zeros(sum(layer.n_buffers for layer in layers), self._dtype)
+        self._pins = (pin_p, pin_g, pin_b)
         offset = buffer_offset = 0
         for layer in layers:
             layer._bind(self._params, self._grads, self._buffers, offset, buffer_offset)
@@ -410,12 +412,14 @@ class Sequential:
 
     def copy(self) -> Sequential:
         """An independent network with the same architecture, parameters and running statistics."""
-        return Sequential.from_architecture(self.architecture(), self._params, self._buffers)
+        with self._training("copy"):     # not torn by a fit in another thread
+            return Sequential.from_architecture(self.architecture(), self._params, self._buffers)
 
     def astype(self, dtype: DTypeLike) -> Sequential:
         """A copy of the network with parameters in `dtype`."""
         arch = dict(self.architecture(), dtype=np.dtype(as_dtype(dtype)).name)
-        return Sequential.from_architecture(arch, self._params, self._buffers)
+        with self._training("astype"):     # not torn by a fit in another thread
+            return Sequential.from_architecture(arch, self._params, self._buffers)
 
     # -- the two passes ----------------------------------------------------
     def forward(self, X: ArrayLike, n_threads: int | None = None, training: bool = False,
@@ -558,7 +562,7 @@ class Sequential:
     def _reads_sparse(self):
         """Whether the first layer reads a CSR input in place (it is Dense); else a sparse
         input is made dense for it."""
-        return isinstance(self._layers[0], Dense)
+        return int(self._plan[0][0, _core.PLAN_INT["kind"]]) == _core.LAYER_KINDS["dense"]
 
     def _core_input(self, X, whole=False):
         """(X, keyword arguments) for the compiled core: a dense X as it is; a CSRInput as
@@ -740,7 +744,8 @@ class Sequential:
     def to_onnx(self, path: str | os.PathLike, **kw):
         """Write the network as an ONNX model: :func:`cprop.onnx.export` (head=, opset=)."""
         from . import onnx
-        return onnx.export(self, path, **kw)
+        with self._training("to_onnx"):     # not torn by a fit in another thread
+            return onnx.export(self, path, **kw)
 
     # -- files -------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
@@ -778,8 +783,9 @@ class Sequential:
         return arrays
 
     def __getstate__(self):
-        return {"architecture": self.architecture(), "params": self._params.copy(),
-                "buffers": self._buffers.copy()}
+        with self._training("pickling a network"):    # not torn by a fit in another thread
+            return {"architecture": self.architecture(), "params": self._params.copy(),
+                    "buffers": self._buffers.copy()}
 
     def __setstate__(self, state):
         self._refuse_rebuild()

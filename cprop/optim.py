@@ -10,13 +10,14 @@ Adam(sklearn_style=True), scikit-learn's: ε added to √v before the bias corre
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
 from . import _fpenv
 from ._lazy import core as _core
 from ._threads import resolve_threads, single_threaded_blas
-from ._validation import check_bool, check_positive_int, check_real, hold_memory
+from ._validation import check_bool, check_positive_int, check_real, is_pinned, pinned_copy
 
 # Adam's step count is a C Py_ssize_t the kernels advance by one per step: bounded far
 # enough below 2**63 that no run can overflow it
@@ -41,8 +42,12 @@ def _check_clip(value):
 
 
 def _clip_from_config(cfg):
-    """clip_norm from a saved config: 0 (and files from before it: absent) is None."""
-    return cfg.get("clip_norm") or None
+    """clip_norm from a saved config: 0 (and files from before it: absent) is None; anything
+    but a real number >= 0 is refused."""
+    value = cfg.get("clip_norm", 0.0)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"clip_norm must be a real number, got {value!r}")
+    return None if value == 0 else _check_clip(value)
 
 
 class Optimizer:
@@ -140,11 +145,15 @@ class Optimizer:
                 s.shape != shape or s.dtype != params.dtype or not s.flags.c_contiguous
                 or not s.flags.writeable for s in state):
             self._state = [np.zeros(shape, dtype=params.dtype) for _ in range(max(n, 1))]
-            state = [s.view() for s in self._state]
             self.step_count = 0
             cfg["step"] = 0
-        # the compiled step reads them without the GIL: never resized meanwhile
-        self._held = hold_memory(*state)
+        if not all(is_pinned(s, self.__dict__.get("_pins", ())) for s in self._state):
+            # the compiled step reads them without the GIL: memory Python cannot free or move
+            # (pinned_zeros), copied in once
+            pinned = [pinned_copy(s) for s in self._state]
+            self._state = [a for a, _ in pinned]
+            self._pins = tuple(pin for _, pin in pinned)
+        state = [s.view() for s in self._state]
         return state[0], state[-1]
 
     def step(self, net, n_threads: int | None = None) -> None:
@@ -179,9 +188,8 @@ class Optimizer:
                 "they keep their previous values (lower the learning rate)")
 
     def __getstate__(self):
-        # the pin on the state arrays (weak references) is this process's, made again at
-        # the next step
-        return {k: v for k, v in self.__dict__.items() if k != "_held"}
+        # the pins of the state's memory are this process's: made again at the next step
+        return {k: v for k, v in self.__dict__.items() if k != "_pins"}
 
     def reset(self) -> None:
         """Forget the state (momentum, moments, step count)."""

@@ -350,6 +350,7 @@ class Trainer:
 
         buffers = self._buffers(X.shape[0], sparse=isinstance(X, CSRInput))
         buffers["weights"] = weights
+        buffers["data"] = _memory_of(X, T, labels, weights)
         # the weights arrive divided by their mean; a decay per sample still divides by their sum
         buffers["settings"]["weight_scale"] = weight_scale
         progress = _Progress(epochs, verbose)
@@ -408,6 +409,10 @@ class Trainer:
             raise RuntimeError("the network's plan or arrays were replaced during fit (from a callback "
                                "or another thread); the fit's workspace and checked data are sized for "
                                "the network it started with")
+        if _memory_of(X, T, labels, buffers["weights"]) != buffers["data"]:
+            # (ndarray.__setstate__ swaps an array's memory whatever refers to it)
+            raise RuntimeError("the training data's memory was replaced during fit (from a callback "
+                               "or another thread); pass new data to a new fit()")
         batch_size = settings["batch_size"]
         order = (self._shuffled_order(n, out=buffers["shuffled"], identity=buffers["order"]) if self.shuffle
                  else buffers["order"])
@@ -856,3 +861,18 @@ class _Progress:
 def _network_arrays(net):
     """What a fit's epochs hand the core: the network, its plan and arrays (compared by identity)."""
     return (net, net._plan, net._params, net._grads, net._buffers)
+
+
+def _memory_of(*arrays):
+    """Where the memory the epochs read lives: for each ndarray among `arrays`, the address
+    and size of the array that owns its memory (a view keeps its address when its owner's
+    memory is swapped and freed)."""
+    found = []
+    for a in arrays:
+        if not isinstance(a, np.ndarray):
+            continue
+        owner = a
+        while not owner.flags.owndata and isinstance(owner.base, np.ndarray):
+            owner = owner.base
+        found.append((a.__array_interface__["data"][0], owner.__array_interface__["data"][0], owner.nbytes))
+    return found

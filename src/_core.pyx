@@ -19,7 +19,7 @@ from libc.string cimport memcpy
 from _openmp cimport (CPROP_OPENMP, CPROP_OPENMP_VERSION, omp_get_max_threads, omp_get_num_threads,
                       cprop_barrier, cprop_team_barrier, cprop_barrier_init,
                       cprop_barrier_join, cprop_barrier_leave, cprop_take_team_stats)
-from _activations cimport activation_grad as _activation_grad, needs_z
+from _activations cimport activation_grad as _activation_grad, needs_z, N_ACTIVATIONS
 from _activations cimport (IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH, ELU, SOFTPLUS, GELU,
                            GELU_TANH, SILU)
 from _blas cimport gemm
@@ -276,14 +276,73 @@ def loss(int kind, const floating[:, ::1] out, const floating[:, ::1] T,
 # -- the plan ----------------------------------------------------------------------------
 
 cdef Plan make_plan(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ssize_t row_width,
-                    Py_ssize_t n_bstats):
+                    Py_ssize_t n_bstats) except *:
+    """The plan the kernels read, its layout checked first (_check_layout): what they index
+    comes from it, and Python code can replace or even edit a network's plan."""
     cdef Plan P
+    if hyper.shape[0] != table.shape[0] or hyper.shape[1] != _plan.N_PLAN_FLOAT:
+        raise ValueError(f"the plan's float table is {hyper.shape[0]} x {hyper.shape[1]}, expected "
+                         f"{table.shape[0]} x {_plan.N_PLAN_FLOAT}")
+    _check_layout(table, row_width, n_bstats, True)
     P.t = &table[0, 0]
     P.f = &hyper[0, 0]
     P.n_layers = table.shape[0]
     P.row_width = row_width
     P.n_bstats = n_bstats
     return P
+
+
+cdef int _check_layout(const long long[:, ::1] table, Py_ssize_t row_width, Py_ssize_t n_bstats,
+                       bint columns) except -1:
+    """ValueError unless every row of the plan is one the kernels can run within its arrays:
+    known kinds and activations, widths >= 1 that chain, parameters and running statistics
+    laid out one after the other as each kind needs them, and (with `columns`) every
+    workspace column and batch statistic inside row_width and n_bstats. The memory-safety
+    half of cprop.network._check_plan (which also checks values and overlaps), in O(layers)."""
+    cdef Py_ssize_t i, n_in, n_out, kind, act, param_end = 0, buffer_end = 0, n_param
+    cdef const long long* T
+    cdef str bad = ""
+    if table.shape[0] < 1 or table.shape[1] != _plan.N_PLAN_INT:
+        raise ValueError(f"the plan's table is {table.shape[0]} x {table.shape[1]}, expected at least "
+                         f"one row of {_plan.N_PLAN_INT}")
+    if row_width < 0 or n_bstats < 0:
+        raise ValueError("the plan's workspace sizes are negative")
+    for i in range(table.shape[0]):
+        T = &table[i, 0]
+        kind, act, n_in, n_out, n_param = T[_plan.KIND], T[_plan.ACT], T[_plan.N_IN], T[_plan.N_OUT], T[_plan.N_PARAM]
+        if not 0 <= kind < _plan.N_KINDS or not 0 <= act < N_ACTIVATIONS:
+            bad = "an unknown kind or activation"
+        elif n_in < 1 or n_out < 1 or (i > 0 and n_in != table[i - 1, _plan.N_OUT]) or (
+                kind != DENSE and n_in != n_out):
+            bad = "widths that do not chain"
+        elif T[_plan.PARAM] != param_end or not (
+                (kind == DENSE and n_param == n_in * n_out + n_out) or (kind == DROPOUT and n_param == 0)
+                or ((kind == BATCHNORM or kind == LAYERNORM) and (n_param == 0 or n_param == 2 * n_out))):
+            bad = "parameters out of place"
+        elif (kind == BATCHNORM and (T[_plan.BUFFER] != buffer_end or T[_plan.BSTAT] < 0
+                                     or (columns and T[_plan.BSTAT] + 4 * n_out > n_bstats))) or (
+                kind != BATCHNORM and (T[_plan.BUFFER] != -1 or T[_plan.BSTAT] != -1)):
+            bad = "running or batch statistics out of place"
+        elif columns and not (_column_fits(T[_plan.Y_COL], n_out, row_width, False)
+                              and _column_fits(T[_plan.G_COL], n_out, row_width, False)
+                              and _column_fits(T[_plan.Z_COL], n_out, row_width, not needs_z(<int> act))
+                              and _column_fits(T[_plan.XHAT_COL], n_out, row_width,
+                                               kind != BATCHNORM and kind != LAYERNORM)
+                              and _column_fits(T[_plan.STAT_COL], 1, row_width, kind != LAYERNORM)):
+            bad = "workspace columns out of place"
+        if bad:
+            raise ValueError(f"the network's plan, row {i}, has {bad}: was it edited or replaced?")
+        param_end += n_param
+        if kind == BATCHNORM:
+            buffer_end += 2 * n_out
+    return 0
+
+
+cdef inline bint _column_fits(long long col, Py_ssize_t width, Py_ssize_t row_width, bint absent) noexcept:
+    """Whether a workspace column is -1 when `absent`, else inside the row_width floats of a row."""
+    if absent:
+        return col == -1
+    return 0 <= col and col + width <= row_width
 
 
 cdef inline const long long* _row(const Plan* P, Py_ssize_t layer) noexcept nogil:
@@ -736,6 +795,8 @@ def forward(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ssize_
                   X.shape[1] if X_csr == NULL else -1, out.shape[1])
     if out.shape[0] != n or chunk_rows < 1:
         raise ValueError(f"forward: out has {out.shape[0]} rows for X's {n}, chunks of {chunk_rows} rows")
+    if X_csr != NULL and _row(&P, 0)[_plan.KIND] != DENSE:
+        raise ValueError("forward: a CSR X needs a Dense first layer (others read dense rows)")
     finite = <bint*> calloc(nt, sizeof(bint))    # one flag per thread, no shared writes
     if finite == NULL:
         raise MemoryError("cprop could not allocate the per-thread flags")
@@ -853,6 +914,7 @@ def optimizer_step(dict config, const long long[:, ::1] table, floating[::1] par
     cdef double factor = 1
     cdef double* sums = NULL
     cdef Plan P     # the layout alone: _step_slice reads nothing else
+    _check_layout(table, 0, 0, False)
     P.t = &table[0, 0]
     P.f = NULL
     P.n_layers = table.shape[0]
@@ -1292,6 +1354,8 @@ def batch_gradient(const long long[:, ::1] table, const double[:, ::1] hyper, Py
     if (T.shape[0] and T.shape[0] != n) or (labels.shape[0] and labels.shape[0] != n) or (
             w != NULL and weights.shape[0] != n):
         raise ValueError("batch_gradient: the targets and weights must have X's rows")
+    if X_csr != NULL and _row(&P, 0)[_plan.KIND] != DENSE:
+        raise ValueError("batch_gradient: a CSR X needs a Dense first layer (others read dense rows)")
     nt = threads_for(3 * _pass_flops(&P, n), n, fit.n_threads)
     part_loss = <double*> calloc(nt, sizeof(double))
     if part_loss == NULL:

@@ -980,3 +980,12 @@ def test_an_output_directory_that_refuses_new_files_names_the_output(files, tmp_
     err = capsys.readouterr().err
     assert_clean_error(code, err, "train", "/proc/m.npz", status=1)
     assert ".tmp" not in err
+
+
+@pytest.mark.parametrize("option, value", [("--clip-norm", "1_0"), ("--lr", "\uff11"), ("--lr", "infinity"),
+                                           ("--validation-split", "0_1")])
+def test_number_options_are_ascii_decimals(option, value, files, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(files["root"] / "regression.csv"), "--target", "target", option, value,
+              "--out", str(tmp_path / "m.npz")])
+    assert_clean_error(exit_info.value.code, capsys.readouterr().err, "train", option, repr(value))

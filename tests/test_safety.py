@@ -861,3 +861,82 @@ def test_the_trainers_counters_are_checked_at_fit(attribute, value, error):
     setattr(trainer, attribute, value)
     with pytest.raises(error, match=attribute):
         trainer.fit(np.ones((4, 16)), np.arange(4) % 2)
+
+
+def test_an_edited_or_replaced_plan_is_refused_before_any_kernel_reads_it():
+    from cprop._lazy import core
+    PLAN_INT = core.PLAN_INT
+    X = np.ones((64, 4), np.float32)
+    net = cprop.Sequential([cprop.Dense(4, 8, "relu"), cprop.Dense(8, 3)], seed=0)
+    table = net._plan[0]
+    table.flags.writeable = True        # numpy allows it: the table owns its memory
+    table[1, PLAN_INT["y"]] = 10**9
+    for call in (lambda: net.forward(X), lambda: net.predict_raw(X)):
+        with pytest.raises(ValueError, match="plan, row 1"):
+            call()
+    # a plan of the same parameter count with other widths
+    net = cprop.Sequential([cprop.Dense(4, 8, "relu"), cprop.Dense(8, 3)], seed=0)
+    bad = net._plan[0].copy()
+    bad[0, PLAN_INT["n_out"]] = 1000
+    bad[1, PLAN_INT["n_in"]] = 1000
+    net._plan = (bad, *net._plan[1:])
+    trainer = cprop.Trainer(net, "mse", cprop.SGD(lr=0.01, clip_norm=1.0), n_threads=1)
+    with pytest.raises(ValueError, match="plan, row 0"):
+        trainer.fit(X, np.ones((64, 3), np.float32))
+
+
+def test_a_sparse_input_follows_the_plans_first_layer_not_the_layer_list():
+    sparse = pytest.importorskip("scipy.sparse")
+    net = cprop.Sequential([cprop.BatchNorm(5), cprop.Dense(5, 3)], seed=0)
+    X = sparse.random(100, 5, density=0.5, format="csr", random_state=0)
+    expected = net.predict_raw(X.toarray())
+    net._layers = (cprop.Dense(5, 5),) + net._layers[1:]       # the list lies about the first layer
+    assert_allclose(net.predict_raw(X), expected, rtol=1e-6)
+
+
+def test_memory_swapped_by_ndarray_setstate_is_never_freed_under_a_fit():
+    # numpy's __setstate__ frees an owning array's memory whatever refers to it: the network's
+    # and optimizer's memory is owned by no ndarray, and the caller's X is checked each epoch
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(4000, 50)), rng.normal(size=(4000, 1))
+    net = cprop.Sequential([cprop.Dense(50, 8, "relu"), cprop.Dense(8, 1)], dtype="float64", seed=0)
+    trainer = cprop.Trainer(net, "mse", cprop.Adam(), batch_size=256, n_threads=1)
+    trainer.fit(X, y)
+    for arr in (net._params, net._grads, trainer.optimizer._state[1]):
+        assert not arr.flags.owndata
+        with pytest.raises(BufferError):
+            arr.base.obj.extend(b"0")       # the bytearray under it cannot move either
+
+    def swap(trainer, epoch, logs):
+        X.__setstate__((1, (1, 50), np.dtype(np.float64), False, bytes(400)))
+    with pytest.raises(RuntimeError, match="training data's memory was replaced"):
+        trainer.fit(X, y, epochs=3, callbacks=[swap])
+
+
+def test_snapshots_of_a_network_wait_for_no_fit_in_another_thread(tmp_path):
+    import pickle
+    X, y = np.random.default_rng(0).normal(size=(100, 16)), np.arange(100) % 2
+    net = small_net()
+    errors = []
+
+    def elsewhere(trainer, epoch, logs):
+        def attempt():
+            for call in (lambda: pickle.dumps(net), net.copy, lambda: net.astype("float32")):
+                try:
+                    call()
+                except RuntimeError as exc:
+                    errors.append(str(exc))
+        thread = threading.Thread(target=attempt)
+        thread.start()
+        thread.join()
+        pickle.dumps(net)           # the fitting thread itself may
+    cprop.Trainer(net, loss="cross_entropy", seed=0).fit(X, y, epochs=1, callbacks=[elsewhere])
+    assert len(errors) == 3 and all("another thread is training this network" in e for e in errors)
+
+
+@pytest.mark.parametrize("value", [False, "", [], {}, "0.5", -1.0])
+def test_a_saved_clip_norm_must_be_a_number(value):
+    cfg = cprop.SGD(lr=0.1).config()
+    cfg["clip_norm"] = value
+    with pytest.raises((TypeError, ValueError), match="clip_norm"):
+        cprop.SGD.from_config(cfg)
