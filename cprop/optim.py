@@ -381,6 +381,9 @@ class LBFGS(Optimizer):
 
     def config(self) -> dict:
         """The settings, checked again here (they are plain attributes)."""
+        if self.clip_norm is not None:
+            raise ValueError("L-BFGS takes no clip_norm (it steps along its own search "
+                             "directions); set clip_norm on SGD, Adam or AdamW")
         self.max_iter = check_positive_int(self.max_iter, "max_iter", maximum=None)
         self.max_fun = check_positive_int(self.max_fun, "max_fun", maximum=None)
         self.tol = check_real(self.tol, "tol", low=0)

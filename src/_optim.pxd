@@ -273,8 +273,8 @@ cdef inline double clip_factor(const double* sums, Py_ssize_t n_blocks, double c
 
 
 cdef inline void scale_range(floating* g, Py_ssize_t lo, Py_ssize_t hi, double factor) noexcept nogil:
-    """g[lo:hi] *= factor (in the gradient's precision, as torch scales it)."""
+    """g[lo:hi] *= factor, each product in double and rounded once (a float32 factor could
+    itself underflow where the norm is near float32's largest)."""
     cdef Py_ssize_t i
-    cdef floating f = <floating> factor
     for i in range(lo, hi):
-        g[i] = g[i] * f
+        g[i] = <floating> (g[i] * factor)

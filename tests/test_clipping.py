@@ -179,3 +179,29 @@ def test_clip_norm_is_saved_with_the_trainer(tmp_path):
     assert cfg["clip_norm"] == 0.0
     del cfg["clip_norm"]
     assert cprop.SGD.from_config(cfg).clip_norm is None
+
+
+def test_lbfgs_refuses_a_clip_norm():
+    opt = cprop.LBFGS()
+    opt.clip_norm = 1.0
+    with pytest.raises(ValueError, match="L-BFGS takes no clip_norm"):
+        cprop.Trainer(make_net([3, 2]), loss="mse", optimizer=opt)
+    opt.clip_norm = None
+    trainer = cprop.Trainer(make_net([3, 2]), loss="mse", optimizer=opt)
+    opt.clip_norm = 1.0     # set afterwards: refused when the fit reads the settings
+    with pytest.raises(ValueError, match="L-BFGS takes no clip_norm"):
+        trainer.fit(np.ones((4, 3)), np.ones((4, 2)))
+
+
+def test_a_float32_gradient_near_the_top_of_its_range_is_clipped_not_zeroed():
+    # ‖g‖ near float32's largest: the factor (about 1e-38 here) is below float32's normal
+    # range, where a flushed float32 factor would zero the step; the product in double does not
+    net = cprop.Sequential([cprop.Dense(1, 1)], seed=0)
+    net.layers[0].W[...] = 1.0
+    net.layers[0].b[...] = 0.0
+    net.forward(np.ones((1, 1), np.float32), training=True)
+    net.backward(np.full((1, 1), 3e38, np.float32))       # dW = db = 3e38
+    before = net.params.copy()
+    cprop.SGD(lr=1.0, clip_norm=1.0).step(net)
+    step = before - net.params
+    assert_allclose(step, [1 / np.sqrt(2)] * 2, rtol=1e-6)
