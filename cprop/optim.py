@@ -17,7 +17,7 @@ import numpy as np
 from . import _fpenv
 from ._lazy import core as _core
 from ._threads import resolve_threads, single_threaded_blas
-from ._validation import check_bool, check_positive_int, check_real, is_pinned, pinned_copy
+from ._validation import check_bool, check_positive_int, check_real, is_pinned, pinned_copy, pinned_zeros
 
 # Adam's step count is a C Py_ssize_t the kernels advance by one per step: bounded far
 # enough below 2**63 that no run can overflow it
@@ -141,16 +141,17 @@ class Optimizer:
         state = self._state      # our own arrays (the setter copies): views of them to check
         state = [s.view() for s in state] if isinstance(state, list) and all(
             isinstance(s, np.ndarray) for s in state) else None
-        if state is None or len(state) != max(n, 1) or any(
-                s.shape != shape or s.dtype != params.dtype or not s.flags.c_contiguous
-                or not s.flags.writeable for s in state):
-            self._state = [np.zeros(shape, dtype=params.dtype) for _ in range(max(n, 1))]
+        fresh = state is None or len(state) != max(n, 1) or any(
+            s.shape != shape or s.dtype != params.dtype or not s.flags.c_contiguous
+            or not s.flags.writeable for s in state)
+        if fresh:
             self.step_count = 0
             cfg["step"] = 0
-        if not all(is_pinned(s, self.__dict__.get("_pins", ())) for s in self._state):
-            # the compiled step reads them without the GIL: memory Python cannot free or move
-            # (pinned_zeros), copied in once
-            pinned = [pinned_copy(s) for s in self._state]
+        if fresh or not all(is_pinned(s, self.__dict__.get("_pins", ())) for s in self._state):
+            # the compiled step reads the state without the GIL: memory Python cannot free or
+            # move (pinned_zeros); an assigned state is copied in once
+            pinned = ([pinned_zeros(shape[0], params.dtype) for _ in range(max(n, 1))] if fresh
+                      else [pinned_copy(s) for s in self._state])
             self._state = [a for a, _ in pinned]
             self._pins = tuple(pin for _, pin in pinned)
         state = [s.view() for s in self._state]

@@ -283,22 +283,20 @@ cdef Plan make_plan(const long long[:, ::1] table, const double[:, ::1] hyper, P
     if hyper.shape[0] != table.shape[0] or hyper.shape[1] != _plan.N_PLAN_FLOAT:
         raise ValueError(f"the plan's float table is {hyper.shape[0]} x {hyper.shape[1]}, expected "
                          f"{table.shape[0]} x {_plan.N_PLAN_FLOAT}")
-    _check_layout(table, row_width, n_bstats, True)
-    P.t = &table[0, 0]
+    _check_layout(&P, table, row_width, n_bstats, True)
     P.f = &hyper[0, 0]
-    P.n_layers = table.shape[0]
-    P.row_width = row_width
-    P.n_bstats = n_bstats
     return P
 
 
-cdef int _check_layout(const long long[:, ::1] table, Py_ssize_t row_width, Py_ssize_t n_bstats,
+cdef int _check_layout(Plan* P, const long long[:, ::1] table, Py_ssize_t row_width, Py_ssize_t n_bstats,
                        bint columns) except -1:
     """ValueError unless every row of the plan is one the kernels can run within its arrays:
     known kinds and activations, widths >= 1 that chain, parameters and running statistics
     laid out one after the other as each kind needs them, and (with `columns`) every
     workspace column and batch statistic inside row_width and n_bstats. The memory-safety
-    half of cprop.network._check_plan (which also checks values and overlaps), in O(layers)."""
+    half of cprop.network._check_plan (which also checks values and overlaps), in O(layers).
+    Fills P's integer part (P.f: the caller's), with the counts of parameters and running
+    statistics the rows lay out."""
     cdef Py_ssize_t i, n_in, n_out, kind, act, param_end = 0, buffer_end = 0, n_param
     cdef const long long* T
     cdef str bad = ""
@@ -335,6 +333,13 @@ cdef int _check_layout(const long long[:, ::1] table, Py_ssize_t row_width, Py_s
         param_end += n_param
         if kind == BATCHNORM:
             buffer_end += 2 * n_out
+    P.t = &table[0, 0]
+    P.f = NULL
+    P.n_layers = table.shape[0]
+    P.row_width = row_width
+    P.n_bstats = n_bstats
+    P.n_params = param_end
+    P.n_buffers = buffer_end
     return 0
 
 
@@ -352,18 +357,13 @@ cdef inline const long long* _row(const Plan* P, Py_ssize_t layer) noexcept nogi
 cdef int _check_arrays(const Plan* P, str what, Py_ssize_t n_params, Py_ssize_t n_grads,
                        Py_ssize_t n_buffers, Py_ssize_t work, Py_ssize_t work_needed,
                        Py_ssize_t n_in=-1, Py_ssize_t n_out=-1) except -1:
-    """ValueError unless the arrays fit the plan: the parameters and gradients (n_grads -1:
-    none) as long as its layout, the running statistics (-1: not passed) at least, the workspace at least
-    work_needed, X's width n_in and the targets' n_out (-1: not passed). O(layers): every
-    compiled entry point that runs the plan calls it, so that a network rebuilt between
-    calls (its plan or arrays replaced from Python) is refused instead of read out of bounds."""
-    cdef Py_ssize_t layer, need_params = 0, need_buffers = 0
-    cdef const long long* T
-    for layer in range(P.n_layers):
-        T = _row(P, layer)
-        need_params = max(need_params, T[_plan.PARAM] + T[_plan.N_PARAM])
-        if T[_plan.BUFFER] >= 0:
-            need_buffers = max(need_buffers, T[_plan.BUFFER] + 2 * T[_plan.N_OUT])
+    """ValueError unless the arrays fit the (checked) plan: the parameters and gradients
+    (n_grads -1: none) as long as its layout, the running statistics (-1: not passed) at
+    least, the workspace at least work_needed, X's width n_in and the targets' n_out (-1:
+    not passed). Every compiled entry point that runs the plan calls it, so that a network
+    rebuilt between calls (its plan or arrays replaced from Python) is refused instead of
+    read out of bounds."""
+    cdef Py_ssize_t need_params = P.n_params, need_buffers = P.n_buffers
     if n_params != need_params or (n_grads >= 0 and n_grads != need_params):
         raise ValueError(f"{what}: the network's plan lays out {need_params} parameters, its "
                          f"arrays hold {n_params} (gradients {n_grads}): was it rebuilt meanwhile?")
@@ -914,11 +914,7 @@ def optimizer_step(dict config, const long long[:, ::1] table, floating[::1] par
     cdef double factor = 1
     cdef double* sums = NULL
     cdef Plan P     # the layout alone: _step_slice reads nothing else
-    _check_layout(table, 0, 0, False)
-    P.t = &table[0, 0]
-    P.f = NULL
-    P.n_layers = table.shape[0]
-    P.row_width = P.n_bstats = 0
+    _check_layout(&P, table, 0, 0, False)
     _check_arrays(&P, "optimizer_step", params.shape[0], grads.shape[0], -1, 0, 0)
     _check_state(&opt, "optimizer_step", params.shape[0], state_a.shape[0], state_b.shape[0])
     if opt.clip_norm > 0:

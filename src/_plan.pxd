@@ -44,3 +44,5 @@ cdef struct Plan:
     Py_ssize_t n_layers
     Py_ssize_t row_width    # floats per row of the per-row buffers
     Py_ssize_t n_bstats     # floats of batch statistics
+    Py_ssize_t n_params     # parameters (and gradients) the rows lay out, as checked
+    Py_ssize_t n_buffers    # running statistics they lay out
