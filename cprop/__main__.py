@@ -17,6 +17,8 @@ from ._cli_data import Failure, UsageError
 from .activations import names as activation_names
 
 DEFAULT_LR = {"sgd": 0.01, "adam": 0.003}
+# the losses of real-valued targets (cprop.losses.TABLE's "values"), which train standardises
+REGRESSION_LOSSES = ("mse", "l1", "huber")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -400,13 +402,13 @@ def _prepare_training(args, comm):
                  else cprop.Adam(lr=lr, clip_norm=args.clip_norm))
     _check_network_size(sizes, args.dtype, optimizer.n_state, args.batch_size, f"--hidden {args.hidden}")
 
-    # standardise the features, and the targets of a regression (mse), so that one default
+    # standardise the features, and the targets of a regression (mse, l1, huber), so that one default
     # learning rate fits data on any scale; the model keeps both scalings for predict
     mean, std = data.column_scaling(X)
     extra["mean"], extra["std"] = mean.tolist(), std.tolist()
     X = data.standardize(X, mean, std)
     scaled = "features"
-    if loss == "mse":
+    if loss in REGRESSION_LOSSES:
         columns = y.reshape(len(y), -1)
         y_mean, y_std = data.column_scaling(columns)
         extra["target_mean"], extra["target_std"] = y_mean.tolist(), y_std.tolist()
@@ -425,7 +427,8 @@ def _prepare_training(args, comm):
 
 
 def _training_score(trainer, X, y, loss):
-    """Accuracy for the classification losses; R² for mse (unchanged by the target's scaling);
+    """Accuracy for the classification losses; R² for mse, l1 and huber (unchanged by the
+    target's scaling);
     for poisson the deviance explained, D² = 1 - D(y, μ) / D(y, ȳ), with the Poisson deviance
     D(y, μ) = 2 Σ (y·log(y/μ) - (y - μ)) (y·log(y/μ) = 0 where y = 0)."""
     import numpy as np
@@ -437,7 +440,7 @@ def _training_score(trainer, X, y, loss):
         null = deviance(np.full(y.shape, y.mean()))
         rate = trainer.predict(X).reshape(y.shape).astype(np.float64)
         return f"D² {1 - deviance(rate) / null:.4f}" if null > 0 else "D² undefined (constant target)"
-    if loss != "mse":
+    if loss not in REGRESSION_LOSSES:
         return f"accuracy {trainer.evaluate(X, y)['accuracy']:.4f}"
     columns = y.reshape(len(y), -1)
     residual = trainer.predict(X).reshape(columns.shape) - columns
@@ -604,8 +607,9 @@ def _model_notes(trainer, path):
             if notes[mean] is not None and not (np.isfinite(notes[mean]).all() and np.isfinite(notes[std]).all()
                                                 and (notes[std] > 0).all()):
                 raise ValueError(f"{mean} and {std} must be finite, every {std} > 0")
-        if notes["target_mean"] is not None and trainer.loss != "mse":
-            raise ValueError(f"a target scaling on a {trainer.loss} model (`cprop train` scales mse targets)")
+        if notes["target_mean"] is not None and trainer.loss not in REGRESSION_LOSSES:
+            raise ValueError(f"a target scaling on a {trainer.loss} model (`cprop train` scales the "
+                             f"targets of {', '.join(REGRESSION_LOSSES)} only)")
         classes = extra.get("classes")
         notes["classes"] = None if classes is None else np.asarray(classes)
         if notes["classes"] is not None and (notes["classes"].shape != (net.n_outputs,)
@@ -669,7 +673,7 @@ def build_parser():
     p.add_argument("--activation", default="relu", choices=activation_names(),
                    help="the hidden layers' activation (default relu)")
     p.add_argument("--loss", default="auto", choices=["auto", "cross_entropy", "mse", "binary_cross_entropy",
-                                                      "poisson"],
+                                                      "poisson", "l1", "huber"],
                    help="default: cross_entropy for text labels and for whole numbers with at most 100 "
                         "distinct values, mse otherwise")
     p.add_argument("--epochs", type=_count, default=50, help="training epochs (default 50)")

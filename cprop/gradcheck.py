@@ -52,7 +52,7 @@ def gradient_check(net: Sequential, X: ArrayLike, y: ArrayLike, loss: str = "mse
     ----------
     net : Sequential
     X, y : a batch of inputs and targets for `loss`
-    loss : {"mse", "cross_entropy", "binary_cross_entropy", "poisson"}
+    loss : {"mse", "cross_entropy", "binary_cross_entropy", "poisson", "l1", "huber"}
     eps : float, the finite-difference step. The differences' error is about
         eps²·|f'''| (truncation) plus δ/eps (rounding: δ, the loss's own rounding error,
         grows with the logits, since the cross-entropy's log-sum-exp cancels). On a relu

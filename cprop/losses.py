@@ -8,6 +8,11 @@
 ``poisson``               Poisson negative log-likelihood of counts >= 0, the output
                           the log of the rate: mean(exp(out) - y·out), as
                           torch.nn.PoissonNLLLoss(log_input=True); predicts exp(out)
+``l1``                    mean absolute error mean(|out - y|), as torch.nn.L1Loss
+                          (Keras' "mae"); gradient sign(out - y), 0 where equal
+``huber``                 ½(out - y)² within 1 of y, |out - y| - ½ beyond, mean over all
+                          elements, as torch.nn.HuberLoss() and Keras' Huber() (δ = 1;
+                          for another δ, train on y / δ: the loss scales by δ²)
 
 The gradient is what :meth:`cprop.Sequential.backward` takes.
 """
@@ -71,6 +76,8 @@ TABLE = {
                                  proba=lambda out: 1.0 / (1.0 + np.exp(-out)),
                                  accuracy=lambda out, T, labels: float(np.mean((out > 0) == (T > 0.5)))),
     "poisson": Loss("poisson", "counts", predict=lambda out: _squeeze(_rate(out))),
+    "l1": Loss("l1", "values", predict=_squeeze),
+    "huber": Loss("huber", "values", predict=_squeeze),
 }
 
 
@@ -154,3 +161,15 @@ def binary_cross_entropy(out: np.ndarray, y: ArrayLike) -> tuple[float, np.ndarr
     """Sigmoid binary cross-entropy of logits `out` against 0/1 targets `y`, and its
     gradient ``(sigmoid(out) - y) / out.size``."""
     return compute("binary_cross_entropy", out, y)
+
+
+def l1(out: np.ndarray, y: ArrayLike) -> tuple[float, np.ndarray]:
+    """Mean absolute error ``mean(|out - y|)`` (torch.nn.L1Loss) and its gradient
+    ``sign(out - y) / out.size``."""
+    return compute("l1", out, y)
+
+
+def huber(out: np.ndarray, y: ArrayLike) -> tuple[float, np.ndarray]:
+    """Huber loss with δ = 1 (torch.nn.HuberLoss()): the mean of ``½d²`` where ``|d| <= 1``
+    and ``|d| - ½`` elsewhere, d = out - y, and its gradient ``clip(d, -1, 1) / out.size``."""
+    return compute("huber", out, y)

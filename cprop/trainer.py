@@ -117,7 +117,7 @@ class Trainer:
     Parameters
     ----------
     net : Sequential
-    loss : {"mse", "cross_entropy", "binary_cross_entropy", "poisson"}
+    loss : {"mse", "cross_entropy", "binary_cross_entropy", "poisson", "l1", "huber"}
     optimizer : cprop.SGD, cprop.Adam, cprop.AdamW or cprop.LBFGS (full-batch: one
         L-BFGS run per epoch); default SGD(lr=0.01)
     batch_size : int, default 32

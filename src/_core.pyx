@@ -31,7 +31,7 @@ from _sparse cimport CSRBatch, csr_forward_rows, csr_weight_grad_features, csr_g
 from _norm cimport (layernorm_forward_rows, layernorm_backward_rows, batchnorm_stats_cols,
                     batchnorm_forward_rows, batchnorm_eval_stats, batchnorm_grad_sums_cols,
                     batchnorm_backward_rows, affine_param_grads_cols)
-from _losses cimport loss_and_grad, CROSS_ENTROPY, MSE, BINARY_CROSS_ENTROPY, POISSON
+from _losses cimport loss_and_grad, CROSS_ENTROPY, MSE, BINARY_CROSS_ENTROPY, POISSON, L1, HUBER
 from _optim cimport (Optim, optim_range, ADAM, SGD, MIN_PARAMS_PER_THREAD, clip_blocks, grad_sq_blocks,
                      clip_factor, scale_range)
 cimport _plan
@@ -133,7 +133,7 @@ ACTIVATIONS = {"identity": IDENTITY, "relu": RELU, "leaky_relu": LEAKY_RELU, "si
                "silu": SILU}
 NEEDS_Z = frozenset(name for name, code in ACTIVATIONS.items() if needs_z(code))
 LOSSES = {"mse": MSE, "cross_entropy": CROSS_ENTROPY, "binary_cross_entropy": BINARY_CROSS_ENTROPY,
-          "poisson": POISSON}
+          "poisson": POISSON, "l1": L1, "huber": HUBER}
 OPTIMIZERS = {"sgd": SGD, "adam": ADAM}
 LAYER_KINDS = {"dense": DENSE, "dropout": DROPOUT, "batchnorm": BATCHNORM, "layernorm": LAYERNORM}
 PLAN_INT = {"kind": _plan.KIND, "act": _plan.ACT, "n_in": _plan.N_IN, "n_out": _plan.N_OUT,

@@ -6,6 +6,8 @@
 #   cross_entropy:        L = mean_i(logsumexp(out_i) - out_i[y_i])  G = (softmax(out) - onehot(y)) / n
 #   binary_cross_entropy: L = mean(max(z,0) - z·t + log(1 + e^-|z|))  G = (σ(z) - t) / (n·m)
 #   poisson:              L = mean(e^z - t·z)  (z: the log of the rate)  G = (e^z - t) / (n·m)
+#   l1:                   L = mean(|out - T|)                      G = sign(out - T) / (n·m)
+#   huber (δ = 1):        L = mean(½d² if |d| <= 1 else |d| - ½)   G = clamp(d, -1, 1) / (n·m),  d = out - T
 # With per-row weights w (not NULL), row i's terms of L and G are multiplied by w_i
 # (still divided by n: the caller's scale turns that into a weighted mean).
 from cython cimport floating
@@ -17,6 +19,8 @@ cdef enum:
     CROSS_ENTROPY = 1
     BINARY_CROSS_ENTROPY = 2
     POISSON = 3
+    L1 = 4
+    HUBER = 5
 
 
 cdef inline double mse(const floating* out, const floating* T, const floating* w, floating* G,
@@ -122,6 +126,32 @@ cdef inline double poisson(const floating* out, const floating* T, const floatin
     return scale * total / (n * m)
 
 
+cdef inline double _l1_or_huber(floating d, floating* g, bint huber) noexcept nogil:
+    """The loss of one difference d = out - T; *g = its derivative."""
+    cdef double a = fabs(d)
+    if huber and a <= 1:
+        g[0] = d
+        return 0.5 * a * a
+    g[0] = 1 if d > 0 else (-1 if d < 0 else 0)     # sign(d), 0 at 0 as torch's
+    return a - 0.5 if huber else a
+
+
+cdef inline double robust(const floating* out, const floating* T, const floating* w, floating* G,
+                          Py_ssize_t n, Py_ssize_t m, double scale, bint huber) noexcept nogil:
+    # l1 and huber: the regression losses that grow linearly with large errors
+    cdef Py_ssize_t i, j
+    cdef double total = 0, row
+    cdef floating g_scale = <floating> (scale / (n * m)), g_row
+    for i in range(n):
+        row = 0
+        g_row = g_scale if w == NULL else g_scale * w[i]
+        for j in range(i * m, (i + 1) * m):
+            row += _l1_or_huber(out[j] - T[j], &G[j], huber)
+            G[j] *= g_row
+        total += row if w == NULL else w[i] * row
+    return scale * total / (n * m)
+
+
 cdef inline double loss_and_grad(int kind, const floating* out, const floating* T,
                                  const Py_ssize_t* labels, const floating* w, floating* G,
                                  Py_ssize_t n, Py_ssize_t m, double scale) noexcept nogil:
@@ -132,4 +162,6 @@ cdef inline double loss_and_grad(int kind, const floating* out, const floating* 
         return binary_cross_entropy(out, T, w, G, n, m, scale)
     if kind == POISSON:
         return poisson(out, T, w, G, n, m, scale)
+    if kind == L1 or kind == HUBER:
+        return robust(out, T, w, G, n, m, scale, kind == HUBER)
     return mse(out, T, w, G, n, m, scale)

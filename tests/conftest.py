@@ -5,7 +5,7 @@ import pytest
 import cprop
 
 ACTIVATIONS = ["identity", "relu", "leaky_relu", "sigmoid", "tanh"]
-LOSSES = ["mse", "cross_entropy", "binary_cross_entropy", "poisson"]
+LOSSES = ["mse", "cross_entropy", "binary_cross_entropy", "poisson", "l1", "huber"]
 
 # float32 kernels against a float64 oracle: a few ulps of float32 per term;
 # float64 against float64: only summation order differs
@@ -68,7 +68,8 @@ def activations_of(net):
 
 def make_targets(loss, n_samples, n_outputs, rng):
     """Targets for `loss`: integer labels (cross_entropy), 0/1 (binary_cross_entropy), counts
-    (poisson) or reals (mse)."""
+    (poisson) or reals (mse, l1, huber: standard normal, so that huber's differences fall on
+    both sides of its δ = 1)."""
     if loss == "cross_entropy":
         return rng.integers(0, n_outputs, n_samples)
     if loss == "binary_cross_entropy":

@@ -160,8 +160,21 @@ def poisson(out, y):
     return np.mean(np.exp(out) - y * out), (np.exp(out) - y) / out.size
 
 
+def l1(out, y):
+    """L = mean(|out - y|);  G = sign(out - y) / out.size."""
+    d = out - np.asarray(y, dtype=out.dtype).reshape(out.shape)
+    return np.mean(np.abs(d)), np.sign(d) / out.size
+
+
+def huber(out, y):
+    """L = mean(½d² where |d| <= 1, |d| - ½ elsewhere), d = out - y;  G = clip(d, -1, 1) / out.size."""
+    d = out - np.asarray(y, dtype=out.dtype).reshape(out.shape)
+    a = np.abs(d)
+    return np.mean(np.where(a <= 1, 0.5 * d * d, a - 0.5)), np.clip(d, -1, 1) / out.size
+
+
 LOSSES = {"mse": mse, "cross_entropy": cross_entropy, "binary_cross_entropy": binary_cross_entropy,
-          "poisson": poisson}
+          "poisson": poisson, "l1": l1, "huber": huber}
 
 
 def weighted(loss, out, y, w):

@@ -335,9 +335,9 @@ def write_csv(path, X, y, names, target="target"):
                fmt="%.17g")
 
 
-def held_out(tmp_path, capsys, bunch, seed):
-    """`cprop train` with the defaults on a random 80% of a scikit-learn data set, then `cprop predict`
-    on the other 20%, both through CSV files: (the printed predictions, the true targets)."""
+def held_out(tmp_path, capsys, bunch, seed, options=()):
+    """`cprop train` with the defaults (and `options`) on a random 80% of a scikit-learn data set, then
+    `cprop predict` on the other 20%, both through CSV files: (the printed predictions, the true targets)."""
     X, y = bunch.data, bunch.target
     order = np.random.default_rng(seed).permutation(len(X))
     n_test = len(X) // 5
@@ -346,16 +346,25 @@ def held_out(tmp_path, capsys, bunch, seed):
     write_csv(tmp_path / "test.csv", X[test], y[test], bunch.feature_names)
     model = tmp_path / "model.npz"
 
-    assert main(["train", str(tmp_path / "train.csv"), "--target", "target", "--quiet", "--out", str(model)]) == 0
+    assert main(["train", str(tmp_path / "train.csv"), "--target", "target", "--quiet", "--out", str(model),
+                 *options]) == 0
     assert capsys.readouterr().out == ""
     assert main(["predict", str(model), str(tmp_path / "test.csv"), "--target", "target"]) == 0
     return capsys.readouterr().out.split(), y[test]
 
 
+def test_train_scales_the_targets_of_every_regression_loss():
+    from cprop.__main__ import REGRESSION_LOSSES
+    assert set(REGRESSION_LOSSES) == {name for name, loss in cprop.losses.TABLE.items() if loss.targets == "values"}
+
+
+@pytest.mark.parametrize("loss", ["auto", "l1", "huber"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_defaults_fit_the_diabetes_regression(seed, tmp_path, capsys):
+def test_defaults_fit_the_diabetes_regression(seed, loss, tmp_path, capsys):
+    """auto picks mse here; l1 and huber train on the standardised targets too, and predict
+    in the target's units."""
     datasets = pytest.importorskip("sklearn.datasets")
-    lines, y_test = held_out(tmp_path, capsys, datasets.load_diabetes(), seed)
+    lines, y_test = held_out(tmp_path, capsys, datasets.load_diabetes(), seed, ["--loss", loss])
 
     predicted = np.array(lines, dtype=float)
     r2 = 1 - np.sum((predicted - y_test) ** 2) / np.sum((y_test - y_test.mean()) ** 2)

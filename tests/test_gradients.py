@@ -113,6 +113,10 @@ def torch_loss(loss, out, y):
         return torch.nn.functional.mse_loss(out, target)
     if loss == "poisson":
         return torch.nn.functional.poisson_nll_loss(out, target, log_input=True)
+    if loss == "l1":
+        return torch.nn.functional.l1_loss(out, target)
+    if loss == "huber":
+        return torch.nn.functional.huber_loss(out, target, delta=1.0)
     assert loss == "binary_cross_entropy", loss
     return torch.nn.functional.binary_cross_entropy_with_logits(out, target)
 

@@ -253,7 +253,7 @@ def test_loss(loss, shape, dtype, tol, rng):
     assert_allclose(grad, expected_grad, **tol)
 
 
-@pytest.mark.parametrize("loss", ["mse", "binary_cross_entropy", "poisson"])
+@pytest.mark.parametrize("loss", ["mse", "binary_cross_entropy", "poisson", "l1", "huber"])
 def test_loss_single_output_takes_1d_targets(loss, dtype, rng):
     out = rng.normal(size=(7, 1)).astype(dtype)
     y = make_targets(loss, 7, 1, rng)
@@ -284,6 +284,29 @@ def test_poisson_refuses_negative_targets_and_overflows_to_infinity():
 
     value, grad = cprop.losses.poisson(np.array([[800.0, 0.0]]), [[1, 2]])    # e^800 overflows
     assert value == np.inf and grad[0, 0] == np.inf
+
+
+@pytest.mark.parametrize("loss, intercept", [("l1", 1.0), ("huber", 1.0 + 0.1 / 0.9)])
+def test_l1_and_huber_regression_see_past_outliers(loss, intercept):
+    """y = 2x + 1 with a tenth of the targets moved up by 50: l1 fits the conditional median
+    (slope 2, intercept 1); huber's clipped gradient gives the outliers a pull of 1 each,
+    which the inliers' residuals balance at an intercept about 0.1/0.9 higher; mse is
+    dragged towards the outliers."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 1))
+    y = 2 * X[:, 0] + 1 + 0.1 * rng.normal(size=400)
+    y[rng.random(400) < 0.1] += 50
+
+    def fit(loss):
+        net = cprop.Sequential([cprop.Dense(1, 1)], dtype=np.float64, seed=0)
+        trainer = cprop.Trainer(net, loss, optimizer=cprop.Adam(lr=0.05), batch_size=400, seed=0)
+        trainer.fit(X, y, epochs=400, callbacks=[cprop.schedules.ExponentialLR(0.99)])
+        return net.layers[0].W[0, 0], net.layers[0].b[0]
+
+    slope, bias = fit(loss)
+    assert slope == pytest.approx(2, abs=0.05)
+    assert bias == pytest.approx(intercept, abs=0.05)
+    assert fit("mse")[1] > intercept + 2
 
 
 def test_poisson_regression_finds_the_maximum_likelihood_rate():
