@@ -54,6 +54,52 @@ def hold_memory(*arrays):
     return tuple(held)
 
 
+def network_arrays(net):
+    """What a fit's epochs hand the core: the network, its plan and arrays (compared by identity)."""
+    return (net, net._plan, net._params, net._grads, net._buffers)
+
+
+def check_same_network(net, arrays):
+    """RuntimeError unless `net` still has the plan and arrays `arrays` (network_arrays)."""
+    if any(a is not b for a, b in zip(network_arrays(net), arrays)):
+        raise RuntimeError("the network's plan or arrays were replaced during fit (from a callback "
+                           "or another thread); the fit's workspace and checked data are sized for "
+                           "the network it started with")
+
+
+class DataGuard:
+    """Called, it raises RuntimeError if the memory of the arrays it watches (the fit's data,
+    its sample weights and validation data) was replaced since it was made: a callback, a
+    signal handler or another thread calling ``ndarray.__setstate__``, which frees an
+    array's memory whatever refers to it. The fit checks before every epoch; the compiled
+    epoch after Python's signal handlers, which run between its batches."""
+
+    def __init__(self, arrays):
+        self.arrays = arrays
+        self.memory = memory_of(*arrays)
+
+    def __call__(self):
+        if memory_of(*self.arrays) != self.memory:
+            raise RuntimeError("the training or validation data's memory was replaced during fit "
+                               "(from a callback, a signal handler or another thread); pass new "
+                               "data to a new fit()")
+
+
+def memory_of(*arrays):
+    """Where the memory the epochs read lives: for each ndarray among `arrays`, the address
+    and size of the array that owns its memory (a view keeps its address when its owner's
+    memory is swapped and freed)."""
+    found = []
+    for a in arrays:
+        if not isinstance(a, np.ndarray):
+            continue
+        owner = a
+        while not owner.flags.owndata and isinstance(owner.base, np.ndarray):
+            owner = owner.base
+        found.append((a.__array_interface__["data"][0], owner.__array_interface__["data"][0], owner.nbytes))
+    return found
+
+
 def pinned_zeros(n, dtype):
     """(a zeroed 1-D array of n values, its pin) for memory that compiled calls read without
     the GIL and that only cprop allocates: the network's parameters, gradients and running
@@ -119,6 +165,7 @@ class CSRInput:
     """
 
     __slots__ = ("data", "indices", "indptr", "shape")
+    format = "csr"      # for check_sparse_X, which checks (and copies) one handed back to it
 
     def __init__(self, data, indices, indptr, shape):
         self.data, self.indices, self.indptr, self.shape = data, indices, indptr, shape
@@ -174,11 +221,10 @@ class CSRInput:
 
 
 def check_sparse_X(X, dtype, n_features=None, name="X"):
-    """A scipy.sparse X (any format: converted with ``.tocsr()``) as a :class:`CSRInput`."""
-    if isinstance(X, CSRInput):
-        if n_features is not None and X.shape[1] != n_features:
-            raise ValueError(f"{name} has {X.shape[1]} features per sample, the network expects {n_features}")
-        return X.astype(dtype)
+    """A scipy.sparse X (any format: converted with ``.tocsr()``) as a :class:`CSRInput`.
+
+    A CSRInput handed in is checked and copied like any CSR matrix: its arrays are plain
+    attributes, which may have been changed since it was made."""
     shape = tuple(X.shape)
     if len(shape) != 2:
         raise ValueError(f"{name} must be 2-D (n_samples, n_features), got a sparse array of shape {shape}")

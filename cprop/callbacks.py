@@ -73,15 +73,20 @@ class EarlyStopping(Callback):
     patience : int, default 10 — epochs without improvement tolerated; the next one stops
     min_delta : float, default 0 — smaller changes do not count as improvement
     mode : {"auto", "min", "max"} — "auto": max for accuracies, min otherwise
-    restore_best : bool, default True — put back the best epoch's parameters at the end
+    restore_best : bool, default True — put back the best epoch's parameters (and running
+        statistics: BatchNorm's) at the end
     """
 
     best_epoch: int | None
     best_params: np.ndarray | None
+    best_buffers: np.ndarray | None
     stopped_epoch: int | None
 
     def __init__(self, monitor: str = "val_loss", patience: int = 10, min_delta: float = 0.0, mode: str = "auto",
                  restore_best: bool = True) -> None:
+        if not isinstance(monitor, str):
+            raise TypeError(f"monitor must be the name of a logged value (a str such as 'val_loss'), "
+                            f"got {monitor!r}")
         self.monitor = monitor
         self.patience = check_positive_int(patience, "patience", minimum=0)
         self.min_delta = check_real(min_delta, "min_delta", low=0)
@@ -94,6 +99,7 @@ class EarlyStopping(Callback):
         self.best = -math.inf if self.mode == "max" else math.inf
         self.best_epoch = None
         self.best_params = None
+        self.best_buffers = None
         self.wait = 0
         self.stopped_epoch = None
 
@@ -107,6 +113,7 @@ class EarlyStopping(Callback):
             self.best, self.best_epoch, self.wait = value, epoch, 0
             if self.restore_best:
                 self.best_params = trainer.net.params.copy()
+                self.best_buffers = trainer.net.buffers.copy()
             return False
         self.wait += 1
         if self.wait > self.patience:
@@ -117,6 +124,8 @@ class EarlyStopping(Callback):
     def on_train_end(self, trainer: Trainer) -> None:
         if self.restore_best and self.best_params is not None:
             trainer.net.params[...] = self.best_params
+            if self.best_buffers is not None:
+                trainer.net.buffers[...] = self.best_buffers
 
 
 class Checkpoint(Callback):

@@ -41,7 +41,14 @@ import numpy as np
 from . import losses
 from ._lazy import core as _core
 from ._threads import compiled_epoch, resolve_threads, single_threaded_blas
-from ._validation import check_bool, check_positive_int, hold_memory
+from ._validation import (
+    DataGuard,
+    check_bool,
+    check_positive_int,
+    check_same_network,
+    hold_memory,
+    network_arrays,
+)
 from .callbacks import Checkpoint, as_callbacks
 from .network import plan_widths
 
@@ -374,6 +381,9 @@ class _Fit:
             self.data, self.val = data, val
             # the caller's arrays stay where they are for the fit (X.resize from a callback)
             self.held = hold_memory(*data, *(val or ()))
+            # and their memory is checked before every epoch and inside it (DataGuard)
+            self.guard = DataGuard((*data, *(val or ())))
+            self.network = network_arrays(trainer.net)
             self.callbacks = as_callbacks(callbacks)
             if checkpoint is not None:
                 checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
@@ -570,6 +580,13 @@ class _Fit:
         """One epoch: its logs (identical on every rank), or None when it diverged and
         on_divergence is "warn" (with "raise", DivergenceError on every rank)."""
         trainer, ranks, net, MPI = self.trainer, self.ranks, self.trainer.net, self.ranks.MPI
+        error = None
+        try:    # a callback may have replaced the network's arrays or the data's memory
+            check_same_network(net, self.network)
+            self.guard()
+        except Exception as exc:
+            error = exc
+        ranks.agree(error)
         X, T, labels = self.data
         n_local = X.shape[0]
         if self.sharded:
@@ -606,7 +623,8 @@ class _Fit:
                         status, loss_sum, n_seen, last_bs, cfg["step"] = _core.train_epoch_mpi(
                             table, hyper, row_width, n_bstats, settings, cfg, self.handles, self.step_table,
                             X, T, labels, order, net._params, pack, running.size if weighted_running else 0,
-                            state_a, state_b, self.work, self.Xb, self.Tb, self.Lb, self.interrupted)
+                            state_a, state_b, self.work, self.Xb, self.Tb, self.Lb, self.interrupted,
+                            self.guard)
                 except KeyboardInterrupt:     # raised by a handler not the fit's: all ranks stopped
                     status = _core.INTERRUPTED
                 if status == _core.MPI_ERROR:
@@ -631,7 +649,8 @@ class _Fit:
                         settings["loss_scale"] = loss_scale * share_weight * rows / bs
                         slots[_LOSS] = _core.batch_gradient(table, hyper, row_width, n_bstats, settings,
                                                             Xr, Tr, Lr, net._params, grads, running,
-                                                            self.work, row_base) / share_weight
+                                                            self.work, row_base, guard=self.guard
+                                                            ) / share_weight
                         if weighted_running and not local:
                             running *= rows / bs    # the sum over ranks: running stats of the whole batch
                     else:

@@ -535,13 +535,13 @@ class Sequential:
         return self
 
     def _batch_gradient(self, X, T, labels, loss_code, loss_scale=1.0, seed=0, n_threads=1, row_base=0,
-                        work=None, weights=None):
+                        work=None, weights=None, guard=None):
         """loss_scale × the mean loss over validated (X, T or labels), and its gradient into
         grads, in one compiled training pass (the full batch of L-BFGS, a rank's share of a
         global batch). Dropout masks are those of rows row_base… of an epoch keyed by seed.
         `work`: a workspace from :meth:`_gradient_workspace` for X's rows, reused by callers
         that evaluate many times (else a new one). `weights`: validated sample weights (the
-        mean is then the weighted one)."""
+        mean is then the weighted one). `guard`: see _core.batch_gradient."""
         table, hyper, row_width, n_bstats = self._plan
         X, csr = self._core_input(X, whole=True)
         if work is None:
@@ -554,7 +554,7 @@ class Sequential:
         with self._training("a gradient pass"), single_threaded_blas():
             value = _core.batch_gradient(table, hyper, row_width, n_bstats, settings, X, T, labels,
                                          self._params, self._grads, self._buffers, work, row_base,
-                                         weights, **csr)
+                                         weights, **csr, guard=guard)
             self._has_grads, self._grad_rows = True, X.shape[0]
         return value
 

@@ -422,11 +422,12 @@ class LBFGS(Optimizer):
             ranges.append((off, off + (n_param if self.decay_bias else n_w)))
         return ranges
 
-    def minimize(self, net, X, T, labels, settings, weights=None):
+    def minimize(self, net, X, T, labels, settings, weights=None, guard=None):
         """One L-BFGS run on `net` over validated (X, T or labels) and sample weights (or
         None); `settings`: the loss's code, loss_scale, seed (of the dropout masks) and
         n_threads, as Trainer passes them. With weights the loss is the weighted mean and
-        ``decay_per_sample`` divides by their sum.
+        ``decay_per_sample`` divides by their sum. `guard` (Trainer's): run before every
+        evaluation, it raises if the data's memory was replaced meanwhile.
 
         Leaves the run's last iterate in the network and returns scipy's result (also
         :attr:`result`), with ``data_loss``: ``loss_scale`` × the mean loss there (decay
@@ -456,7 +457,7 @@ class LBFGS(Optimizer):
             params[...] = x
             value = net._batch_gradient(X, T, labels, settings["loss"], settings["loss_scale"],
                                         settings["seed"], settings["n_threads"], work=work,
-                                        weights=weights)
+                                        weights=weights, guard=guard)
             grad = grads.astype(np.float64)      # scipy's, in float64 (a copy it may keep)
             value = value * self._value_scale + self._value_offset + decay_term(x)
             for lo, hi in ranges:

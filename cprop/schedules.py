@@ -102,6 +102,9 @@ class ReduceLROnPlateau(Schedule):
 
     def __init__(self, monitor: str = "val_loss", factor: float = 0.1, patience: int = 10, min_delta: float = 1e-4,
                  lr_min: float = 0.0) -> None:
+        if not isinstance(monitor, str):
+            raise TypeError(f"monitor must be the name of a logged value (a str such as 'val_loss'), "
+                            f"got {monitor!r}")
         self.monitor = monitor
         self.factor = check_real(factor, "factor", low=0, high=1, low_open=True, high_open=True)
         self.patience = check_positive_int(patience, "patience", minimum=0)

@@ -338,14 +338,14 @@ class _BaseMLP(BaseEstimator):
             sample_weight = _check_sample_weight(sample_weight, X, ensure_non_negative=True)
         if y.ndim == 1:
             y = y.reshape(-1, 1)
-        self.n_outputs_ = y.shape[1]
-        layer_units = [X.shape[1], *hidden, self.n_outputs_]
+        layer_units = [X.shape[1], *hidden, y.shape[1]]
         self._random_state = check_random_state(self.random_state)
         if first_pass:
             # float32 X trains a float32 network; everything else float64 (as sklearn)
             self._initialize(layer_units, X.dtype)
         else:
             self._continue_with(layer_units)
+        self.n_outputs_ = y.shape[1]      # once the network is known to have that many
         # a sparse X: validated (copied, indices checked) once, as the CSR the core reads
         X = (check_sparse_X(X, self._net.dtype) if is_sparse(X)
              else np.ascontiguousarray(X, dtype=self._net.dtype))

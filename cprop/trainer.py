@@ -17,12 +17,15 @@ from ._lazy import core as _core
 from ._threads import MAX_THREADS, ThreadFallback, compiled_epoch, resolve_threads, single_threaded_blas
 from ._validation import (
     CSRInput,
+    DataGuard,
     check_bool,
     check_positive_int,
     check_real,
+    check_same_network,
     check_sample_weight,
     check_X,
     hold_memory,
+    network_arrays,
 )
 from .callbacks import Checkpoint, as_callbacks
 from .losses import loss_code, prepare_targets
@@ -350,7 +353,10 @@ class Trainer:
 
         buffers = self._buffers(X.shape[0], sparse=isinstance(X, CSRInput))
         buffers["weights"] = weights
-        buffers["data"] = _memory_of(X, T, labels, weights)
+        # what the epochs and the validation read, checked before every epoch and, by the
+        # compiled epoch, after Python's signal handlers have run within one
+        watched = (X, T, labels, weights, *((Xv, Tv, labels_v) if has_validation else ()))
+        buffers["guard"] = DataGuard(watched)
         # the weights arrive divided by their mean; a decay per sample still divides by their sum
         buffers["settings"]["weight_scale"] = weight_scale
         progress = _Progress(epochs, verbose)
@@ -369,6 +375,7 @@ class Trainer:
                     if logs is None:          # diverged, with on_divergence="warn"
                         break
                     if has_validation:
+                        buffers["guard"]()
                         logs.update(self._evaluate_prepared(Xv, Tv, labels_v, prefix="val_"))
                     self.history.append(**logs)
                     progress.update(self.epochs_done, logs)
@@ -395,7 +402,7 @@ class Trainer:
         size = _core.workspace_size(row_width, n_bstats, *plan_widths(net), batch_size,
                                     sparse, int(net._plan[0][0, _core.PLAN_INT["kind"]]))
         return {"settings": settings, "work": np.empty(size, dtype=net._dtype),
-                "network": _network_arrays(net),
+                "network": network_arrays(net),
                 "label_buf": np.empty(batch_size, dtype=np.intp), "order": np.arange(n, dtype=np.intp),
                 "shuffled": np.empty(n, dtype=np.intp),
                 "weights": None, "weight_buf": np.empty(batch_size, dtype=net._dtype),
@@ -405,14 +412,8 @@ class Trainer:
         """One compiled epoch over (X, T, labels): its logs, or None when it diverged and
         on_divergence is "warn" (with "raise", DivergenceError)."""
         net, n, settings = self.net, X.shape[0], buffers["settings"]
-        if any(a is not b for a, b in zip(_network_arrays(net), buffers["network"])):
-            raise RuntimeError("the network's plan or arrays were replaced during fit (from a callback "
-                               "or another thread); the fit's workspace and checked data are sized for "
-                               "the network it started with")
-        if _memory_of(X, T, labels, buffers["weights"]) != buffers["data"]:
-            # (ndarray.__setstate__ swaps an array's memory whatever refers to it)
-            raise RuntimeError("the training data's memory was replaced during fit (from a callback "
-                               "or another thread); pass new data to a new fit()")
+        check_same_network(net, buffers["network"])
+        buffers["guard"]()
         batch_size = settings["batch_size"]
         order = (self._shuffled_order(n, out=buffers["shuffled"], identity=buffers["order"]) if self.shuffle
                  else buffers["order"])
@@ -433,7 +434,8 @@ class Trainer:
                 status, loss_sum, n_seen, step = _core.train_epoch(
                     table, hyper, row_width, n_bstats, settings, cfg, X_core, T, labels, order,
                     net._params, net._grads, state_a, state_b, net._buffers, buffers["work"],
-                    buffers["label_buf"], buffers["weights"], buffers["weight_buf"], **csr)
+                    buffers["label_buf"], buffers["weights"], buffers["weight_buf"], **csr,
+                    guard=buffers["guard"])
         except BaseException:
             # Ctrl-C, or any exception a signal handler raised mid-epoch: the interrupted
             # epoch's completed steps are kept; Adam's count with them
@@ -460,7 +462,8 @@ class Trainer:
             if "dense_X" not in buffers:
                 buffers["dense_X"] = X.toarray()
             X = buffers["dense_X"]
-        result = self.optimizer.minimize(self.net, X, T, labels, buffers["settings"], buffers["weights"])
+        result = self.optimizer.minimize(self.net, X, T, labels, buffers["settings"], buffers["weights"],
+                                         guard=buffers["guard"])
         elapsed = time.perf_counter() - start
         if result.overflowed:
             self._diverged(_core.NONFINITE_LOSS, 0, stacklevel=6)
@@ -858,21 +861,3 @@ class _Progress:
             self.bar.close()
 
 
-def _network_arrays(net):
-    """What a fit's epochs hand the core: the network, its plan and arrays (compared by identity)."""
-    return (net, net._plan, net._params, net._grads, net._buffers)
-
-
-def _memory_of(*arrays):
-    """Where the memory the epochs read lives: for each ndarray among `arrays`, the address
-    and size of the array that owns its memory (a view keeps its address when its owner's
-    memory is swapped and freed)."""
-    found = []
-    for a in arrays:
-        if not isinstance(a, np.ndarray):
-            continue
-        owner = a
-        while not owner.flags.owndata and isinstance(owner.base, np.ndarray):
-            owner = owner.base
-        found.append((a.__array_interface__["data"][0], owner.__array_interface__["data"][0], owner.nbytes))
-    return found

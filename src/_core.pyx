@@ -8,11 +8,15 @@ from cython.parallel cimport parallel, prange
 from libc.math cimport isfinite
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
+from cpython.ref cimport PyObject, Py_XDECREF
+
 cdef extern from "Python.h":
     # declared here without an exception clause: a KeyboardInterrupt raised by
     # a signal handler must stay set for train_epoch to propagate, not be
     # reported and swallowed inside the noexcept epoch
     int PyErr_CheckSignals()
+    # the data guard's call: NULL with its exception set when it raised
+    PyObject* PyObject_CallNoArgs(PyObject* callable)
 
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy
@@ -39,7 +43,6 @@ from _plan cimport Plan, DENSE, DROPOUT, BATCHNORM, LAYERNORM
 
 from _blas cimport cprop_bind_gemm, cprop_dlsym
 from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
-from cpython.ref cimport PyObject
 from _mpi cimport MpiSum, allreduce_sum, cprop_bind_mpi, cprop_mpi_allreduce
 from _fpenv cimport CPROP_FLUSH_SUPPORTED, cprop_set_flush_denormals, cprop_get_flush_denormals
 from _fpenv cimport cprop_fp_enter, cprop_fp_leave
@@ -957,18 +960,23 @@ cdef struct Fit:
     Py_ssize_t n_params         # the flat gradient's length (clipping's norm)
 
 
-cdef inline bint _interrupted(timespec* last, unsigned long long fp) noexcept nogil:
-    """Every SIGNAL_CHECK_SECONDS take the GIL and run Python's signal handlers.
+cdef inline bint _run_handlers(PyObject* guard, unsigned long long fp) noexcept nogil:
+    """Take the GIL and run Python's signal handlers, then `guard` (or NULL): a callable
+    that raises when a handler replaced the memory of the data the epoch reads. Called
+    while no thread of the team reads that data.
 
-    True means a handler raised (KeyboardInterrupt): the exception stays set
-    for the caller to propagate once it holds the GIL again.
+    True means one of them raised (KeyboardInterrupt, the guard's RuntimeError): the
+    exception stays set for the caller to propagate once it holds the GIL again.
     """
     cdef bint raised
-    if not _signal_check_due(last):
-        return False
+    cdef PyObject* result
     cprop_fp_leave(fp)      # Python's handlers (and threads they start) run in the caller's mode
     with gil:
         raised = PyErr_CheckSignals() != 0
+        if not raised and guard != NULL:
+            result = PyObject_CallNoArgs(guard)
+            raised = result == NULL
+            Py_XDECREF(result)
     cprop_fp_enter()
     return raised
 
@@ -989,6 +997,8 @@ cdef struct Shared:
     Py_ssize_t* part_rejected
     int* statuses
     int interrupted
+    bint check_due              # thread 0 found a look at Python's signal handlers due
+    PyObject* guard             # the data guard run after them (_run_handlers), or NULL
     double loss_sum
     Py_ssize_t n_seen
     double* clip_sums           # clipping: the gradient's Σg² by blocks (NULL without)
@@ -999,6 +1009,8 @@ cdef bint _share(Shared* sh, int nt, const Optim* opt, Py_ssize_t n_params) noex
     clipping norm when opt clips a gradient of n_params); whether they could be allocated
     (free them with _unshare either way)."""
     sh.interrupted = 0
+    sh.check_due = False
+    sh.guard = NULL
     sh.loss_sum = 0
     sh.n_seen = 0
     sh.statuses = <int*> calloc(nt, sizeof(int))
@@ -1154,8 +1166,14 @@ cdef int _epoch_worker(const Plan* P, const Fit* fit, const floating[:, ::1] X,
             sh.part_rejected[t] = param_pass(P, &opt, params, grads, state_a, state_b, work, rows,
                                              X_in, X_sparse, bs, batch_weight, t, nt)
         if t == 0:
-            sh.interrupted = _interrupted(&last_check, fp)
+            sh.check_due = _signal_check_due(&last_check)
         _sync(nt)
+        if sh.check_due:
+            # the handlers run once every thread is done with this batch: one may free the
+            # data (ndarray.__setstate__), which the guard then reports before it is read again
+            if t == 0:
+                sh.interrupted = _run_handlers(sh.guard, fp)
+            _sync(nt)
 
         rejected = 0
         for k in range(nt):
@@ -1218,7 +1236,8 @@ def train_epoch(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ss
                 floating[::1] state_a, floating[::1] state_b, floating[::1] buffers,
                 floating[::1] work, Py_ssize_t[::1] label_buf, const floating[::1] weights=None,
                 floating[::1] weight_buf=None, const floating[::1] csr_data=None,
-                const Py_ssize_t[::1] csr_indices=None, const Py_ssize_t[::1] csr_indptr=None):
+                const Py_ssize_t[::1] csr_indices=None, const Py_ssize_t[::1] csr_indptr=None,
+                object guard=None):
     """One epoch of minibatch training, entirely without the GIL.
 
     settings: loss, loss_scale, batch_size, gather, seed, n_threads (the fit's, as one
@@ -1232,6 +1251,9 @@ def train_epoch(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ss
     csr_data, csr_indices, csr_indptr: a CSR X (validated: indices in [0, n_in), indptr
     from 0 to nnz, non-decreasing), X then being a (n_samples, 0) placeholder; `work`
     is then sized by workspace_size(..., sparse=True, first_kind=...).
+
+    guard: a callable run after Python's signal handlers (which run between batches),
+    while no thread reads the data; it raises if they replaced the data's memory.
     """
     cdef Plan P = make_plan(table, hyper, row_width, n_bstats)
     cdef CSRBatch csr_store
@@ -1244,6 +1266,7 @@ def train_epoch(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ss
     cdef floating* buf = &buffers[0] if buffers.shape[0] else NULL
     cdef const floating* w = NULL if weights is None else &weights[0]
     cdef floating* w_buf = NULL if weight_buf is None else &weight_buf[0]
+    cdef PyObject* guard_ptr = NULL if guard is None else <PyObject*> guard
     fit.loss_kind = settings["loss"]
     fit.loss_scale = settings["loss_scale"]
     fit.batch_size = settings["batch_size"]
@@ -1264,9 +1287,12 @@ def train_epoch(const long long[:, ::1] table, const double[:, ::1] hyper, Py_ss
             labels.shape[0] and labels.shape[0] != X.shape[0]):
         raise ValueError("train_epoch: the batch size, order, targets, weights or their buffers "
                          "do not fit X's rows")
+    if guard is not None:
+        guard()             # the data's memory is still where it was checked (raises if not)
     with nogil:
         nt = threads_for(3 * _pass_flops(&P, fit.batch_size), fit.batch_size, fit.n_threads)
         if _share(&sh, nt, &opt, fit.n_params):
+            sh.guard = guard_ptr
             if nt == 1:
                 sh.statuses[0] = _epoch_worker(&P, &fit, X, X_csr, T, labels, order, &params[0], &grads[0],
                                                &state_a[0], &state_b[0], buf, &work[0], &label_buf[0],
@@ -1316,7 +1342,8 @@ def batch_gradient(const long long[:, ::1] table, const double[:, ::1] hyper, Py
                    const floating[:, ::1] T, const Py_ssize_t[::1] labels, floating[::1] params,
                    floating[::1] grads, floating[::1] buffers, floating[::1] work, long long row_base=0,
                    const floating[::1] weights=None, const floating[::1] csr_data=None,
-                   const Py_ssize_t[::1] csr_indices=None, const Py_ssize_t[::1] csr_indptr=None):
+                   const Py_ssize_t[::1] csr_indices=None, const Py_ssize_t[::1] csr_indptr=None,
+                   object guard=None):
     """The training pass over the batch (X, T or labels) in one call without the GIL:
     grads = ∂(loss_scale × mean loss)/∂params, the loss returned; with per-row weights
     (summing to more than 0) the mean is the weighted one, Σ w·l / Σ w. Dropout masks are those of
@@ -1324,7 +1351,8 @@ def batch_gradient(const long long[:, ::1] table, const double[:, ::1] hyper, Py
     and BatchNorm's running statistics move as in a training step. `work` holds
     len(X) × row_width + n_bstats values. With csr_data/csr_indices/csr_indptr, X is a
     CSR matrix (validated) of X.shape[0] rows, X a (n, 0) placeholder: the first layer must
-    be Dense."""
+    be Dense. guard: a callable that raises if the data's memory moved since it was checked,
+    called last before the GIL is released."""
     cdef Plan P = make_plan(table, hyper, row_width, n_bstats)
     cdef CSRBatch csr_store
     cdef const CSRBatch* X_csr = _csr(&csr_store, csr_data, csr_indices, csr_indptr)
@@ -1353,6 +1381,8 @@ def batch_gradient(const long long[:, ::1] table, const double[:, ::1] hyper, Py
     if X_csr != NULL and _row(&P, 0)[_plan.KIND] != DENSE:
         raise ValueError("batch_gradient: a CSR X needs a Dense first layer (others read dense rows)")
     nt = threads_for(3 * _pass_flops(&P, n), n, fit.n_threads)
+    if guard is not None:
+        guard()             # the data's memory is still where it was checked (raises if not)
     part_loss = <double*> calloc(nt, sizeof(double))
     if part_loss == NULL:
         raise MemoryError("cprop could not allocate the per-thread losses")
@@ -1425,25 +1455,23 @@ cdef struct Ranked:
     Py_ssize_t n_steps
     Py_ssize_t n_params, n_running
     PyObject* flag              # the fit's Ctrl-C flag (a list [bool]), read with the GIL
+    PyObject* guard             # the data guard run after the signal handlers (_run_handlers)
     int pending                 # a signal handler raised: its exception is set
     int mpi_error
     Py_ssize_t last_bs
 
 
 cdef inline bint _poll_interrupt(timespec* last, Ranked* r, bint now, unsigned long long fp) noexcept nogil:
-    """Like _interrupted, every SIGNAL_CHECK_SECONDS or `now`: run Python's signal handlers
-    (the fit's own SIGINT handler sets its flag rather than raising) and read the flag."""
+    """Every SIGNAL_CHECK_SECONDS or `now`, _run_handlers (the fit's own SIGINT handler
+    sets its flag rather than raising), then read the flag."""
     cdef bint stop
     if not _signal_check_due(last) and not now:
         return False
-    cprop_fp_leave(fp)      # Python's handlers run in the caller's mode
+    if _run_handlers(r.guard, fp):
+        r.pending = 1       # another handler, or the guard, raised: it propagates after the loop
+        return True
     with gil:
-        if PyErr_CheckSignals() != 0:
-            r.pending = 1       # another handler raised: it propagates after the loop
-            stop = True
-        else:
-            stop = bool((<object> r.flag)[0])
-    cprop_fp_enter()
+        stop = bool((<object> r.flag)[0])
     return stop
 
 
@@ -1566,7 +1594,8 @@ def train_epoch_mpi(const long long[:, ::1] table, const double[:, ::1] hyper, P
                     const Py_ssize_t[::1] labels, const Py_ssize_t[::1] order, floating[::1] params,
                     floating[::1] pack, Py_ssize_t n_running, floating[::1] state_a,
                     floating[::1] state_b, floating[::1] work, floating[:, ::1] Xb,
-                    floating[:, ::1] Tb, Py_ssize_t[::1] label_buf, list interrupted):
+                    floating[:, ::1] Tb, Py_ssize_t[::1] label_buf, list interrupted,
+                    object guard=None):
     """One epoch of data-parallel training without the GIL, the allreduce of every global
     batch called from the compiled loop (through the MPI_Allreduce _bind_mpi bound; handles:
     mpi4py's (comm, datatype of the dtype, SUM, IN_PLACE) as integers).
@@ -1638,9 +1667,12 @@ def train_epoch_mpi(const long long[:, ::1] table, const double[:, ::1] hyper, P
     r.n_params = n_params
     r.n_running = n_running
     r.flag = <PyObject*> interrupted
+    r.guard = NULL if guard is None else <PyObject*> guard
     r.pending = 0
     r.mpi_error = 0
     r.last_bs = 0
+    if guard is not None:
+        guard()             # the data's memory is still where it was checked (raises if not)
     with nogil:
         nt = threads_for(3 * _pass_flops(&P, most), most, fit.n_threads)
         if _share(&sh, nt, &opt, n_params):

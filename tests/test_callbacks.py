@@ -131,6 +131,29 @@ def test_early_stopping_restores_the_best_parameters_when_the_fit_runs_to_the_en
     assert_array_equal(trainer.net.params, recorder.params[2])
 
 
+def test_early_stopping_restores_the_best_epochs_running_statistics_too():
+    """BatchNorm's running statistics are part of the model: the restored network evaluates
+    to the best epoch's val_loss exactly."""
+    rng = np.random.default_rng(0)
+    X, Xv = rng.normal(size=(400, 8)), rng.normal(size=(200, 8))
+    y, yv = (X[:, 0] * X[:, 1] > 0).astype(int), (Xv[:, 0] * Xv[:, 1] > 0).astype(int)
+    net = cprop.Sequential([cprop.Dense(8, 32), cprop.BatchNorm(32, activation="relu"), cprop.Dense(32, 2)],
+                           dtype="float64", seed=0)
+    trainer = cprop.Trainer(net, "cross_entropy", cprop.SGD(lr=0.5, momentum=0.9), batch_size=16, seed=0)
+    stopper = EarlyStopping(patience=3)
+
+    history = trainer.fit(X, y, epochs=40, validation_data=(Xv, yv), callbacks=[stopper])
+
+    assert stopper.stopped_epoch is not None and stopper.best_epoch < stopper.stopped_epoch
+    assert trainer.evaluate(Xv, yv)["loss"] == history.val_loss[stopper.best_epoch - 1]
+
+
+@pytest.mark.parametrize("make", [lambda: EarlyStopping(monitor=5), lambda: ReduceLROnPlateau(monitor=None)])
+def test_a_monitor_that_is_not_a_name_is_refused(make):
+    with pytest.raises(TypeError, match="monitor must be the name of a logged value"):
+        make()
+
+
 @pytest.mark.parametrize("rigged, mode, min_delta, stopped, best", [
     # "acc" in the name: mode auto maximises
     ([0.5, 0.6, 0.6, 0.59, 0.7], "auto", 0.0, 4, 2),

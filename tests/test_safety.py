@@ -909,8 +909,67 @@ def test_memory_swapped_by_ndarray_setstate_is_never_freed_under_a_fit():
 
     def swap(trainer, epoch, logs):
         X.__setstate__((1, (1, 50), np.dtype(np.float64), False, bytes(400)))
-    with pytest.raises(RuntimeError, match="training data's memory was replaced"):
+    with pytest.raises(RuntimeError, match="training or validation data's memory was replaced"):
         trainer.fit(X, y, epochs=3, callbacks=[swap])
+
+
+def test_validation_data_swapped_from_a_callback_stops_the_fit():
+    proc = run_python("""
+        import numpy as np, cprop
+        X, y = np.ones((64, 4), np.float32), np.ones((64, 1), np.float32)
+        Xv, yv = np.ones((200_000, 4), np.float32), np.ones((200_000, 1), np.float32)
+        trainer = cprop.Trainer(cprop.Sequential([cprop.Dense(4, 1)], seed=0), loss="mse")
+        def swap(trainer, epoch, logs):
+            Xv.__setstate__((1, (1, 4), np.dtype(np.float32), False, b"\\0" * 16))
+        try:
+            trainer.fit(X, y, epochs=2, validation_data=(Xv, yv), callbacks=[swap])
+        except RuntimeError as exc:
+            print("refused:", exc)
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert "refused: the training or validation data's memory was replaced" in proc.stdout
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_data_freed_by_a_signal_handler_inside_an_epoch_stops_it_before_it_is_read(shuffle):
+    """Python's signal handlers run between an epoch's batches; one that frees the memory
+    under the caller's X (a view of an array it swaps with __setstate__) is caught by the
+    check that runs after them, while no thread reads X."""
+    proc = run_python(f"""
+        import signal, numpy as np, cprop
+        rng = np.random.default_rng(0)
+        owner = rng.standard_normal(200_000 * 32).astype(np.float32)
+        X = owner.reshape(200_000, 32)                  # a view: its address outlives the swap
+        y = rng.integers(0, 3, 200_000)
+        net = cprop.Sequential([cprop.Dense(32, 1024, "relu"), cprop.Dense(1024, 3)], seed=0)
+        trainer = cprop.Trainer(net, "cross_entropy", shuffle={shuffle}, n_threads=2)
+        def free_X(*args):
+            owner.__setstate__((1, (1,), np.dtype(np.float32), False, b"\\0" * 4))
+        signal.signal(signal.SIGALRM, free_X)
+        class Arm(cprop.Callback):       # the alarm goes off 50 ms into the first epoch
+            def on_train_begin(self, trainer):
+                signal.setitimer(signal.ITIMER_REAL, 0.05)
+        arm = Arm()
+        try:
+            trainer.fit(X, y, epochs=3, callbacks=[arm])
+        except RuntimeError as exc:
+            print("refused:", exc)
+        print("finite:", bool(np.isfinite(net.params).all()))
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert "refused: the training or validation data's memory was replaced" in proc.stdout
+    assert "finite: True" in proc.stdout
+
+
+def test_a_handmade_csr_input_is_checked_like_any_sparse_matrix():
+    from cprop._validation import CSRInput
+    net = small_net((3, 2))
+    bad = CSRInput(np.ones(1), np.array([10**9], np.intp), np.array([0, 1], np.intp), (1, 3))
+    with pytest.raises(ValueError, match=r"column indices must lie in \[0, 3\)"):
+        net.predict_raw(bad)
+    trainer = cprop.Trainer(net, "mse")
+    with pytest.raises(ValueError, match=r"column indices must lie in \[0, 3\)"):
+        trainer.fit(bad, np.ones((1, 2)))
 
 
 def test_snapshots_of_a_network_wait_for_no_fit_in_another_thread(tmp_path):

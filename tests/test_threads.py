@@ -51,9 +51,9 @@ def epoch_threads(monkeypatch):
     calls = []
     real = _core.train_epoch
 
-    def train_epoch(*args):
+    def train_epoch(*args, **kwargs):
         calls.append(args[4]["n_threads"])   # train_epoch(table, hyper, row_width, n_bstats, settings, ...)
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(_core, "train_epoch", train_epoch)
     return calls
@@ -313,7 +313,7 @@ def report_threads():
 
     used = []
     real = core.train_epoch
-    core.train_epoch = lambda *args: (used.append(args[4]["n_threads"]), real(*args))[1]
+    core.train_epoch = lambda *args, **kwargs: (used.append(args[4]["n_threads"]), real(*args, **kwargs))[1]
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(600, 100)), rng.integers(0, 10, 600)
     net = cprop.Sequential([cprop.Dense(100, 64, "relu"), cprop.Dense(64, 10)])

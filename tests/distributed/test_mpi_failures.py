@@ -270,11 +270,11 @@ def fail_share(monkeypatch, comm, call):
         def __getattr__(self, name):
             return getattr(cprop._lazy.core, name)
 
-        def batch_gradient(self, *args):
+        def batch_gradient(self, *args, **kwargs):
             Failing.calls += 1
             if Failing.calls == call:
                 raise MemoryError("no memory for this share")
-            return cprop._lazy.core.batch_gradient(*args)
+            return cprop._lazy.core.batch_gradient(*args, **kwargs)
     if comm.rank == last(comm):
         monkeypatch.setattr(distributed, "_core", Failing())
 
@@ -313,3 +313,23 @@ def test_comm_without_mpi_sized_one_or_wrong(comm):
         make(object())
     with pytest.raises(ValueError, match="sharded=True needs comm"):
         make(None).fit(*data(10), sharded=True)
+
+
+@pytest.mark.parametrize("phase", ["compiled", "python"])
+@pytest.mark.parametrize("which", ["X", "validation X"])
+def test_data_memory_swapped_from_a_callback_is_refused_on_every_rank(comm, which, phase, monkeypatch):
+    # ndarray.__setstate__ frees an array's memory whatever refers to it: the data the epochs
+    # and the validation read are checked before each epoch, agreed between the ranks
+    if phase == "python":
+        monkeypatch.setenv("CPROP_MPI_EPOCH", "python")
+    X, y = data(300)
+    Xv, yv = data(100, seed=1)
+    trainer = make(comm)
+    swapped = X if which == "X" else Xv
+
+    def swap(trainer, epoch, logs):
+        swapped.__setstate__((1, (1, 8), np.dtype(np.float64), False, bytes(64)))
+    got = outcome(comm, lambda: trainer.fit(X, y, epochs=3, validation_data=(Xv, yv), callbacks=[swap]))
+    assert all(name == "RuntimeError" and "memory was replaced" in message for name, message in got)
+    assert trainer.epochs_done == 1
+    assert np.isfinite(trainer.net.params).all()
