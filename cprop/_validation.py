@@ -109,7 +109,11 @@ def pinned_zeros(n, dtype):
     whatever else refers to it) nor resizing the bytearray can free or move it under a
     running kernel. Aligned to 64 bytes."""
     dtype = np.dtype(dtype)
-    buf = bytearray(n * dtype.itemsize + 64)
+    try:
+        buf = bytearray(n * dtype.itemsize + 64)
+    except (MemoryError, OverflowError):
+        raise MemoryError(f"cannot allocate {n:,} {dtype.name} values ({n * dtype.itemsize / 2**30:,.3g} GiB) "
+                          "for a network's parameters, gradients or optimizer state") from None
     pin = memoryview(buf)      # the caller's, not the array's: releasing the array's own does not free buf
     address = np.frombuffer(buf, np.uint8, count=1).__array_interface__["data"][0]
     return np.frombuffer(buf, dtype, count=n, offset=-address % 64), pin

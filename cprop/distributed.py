@@ -534,8 +534,7 @@ class _Fit:
                     trainer.history.append(**logs)
                     progress.update(trainer.epochs_done, logs)
                     # every callback sees every epoch, even when an earlier one asks to stop
-                    stop = any([_is_true(cb.on_epoch_end(trainer, trainer.epochs_done, logs))
-                                for cb in self.callbacks])
+                    stop = any([_is_true(trainer._callback_epoch_end(cb, logs)) for cb in self.callbacks])
                 except Exception as exc:
                     error = exc
                 if self._after_epoch(error, stop):
@@ -584,6 +583,7 @@ class _Fit:
         try:    # a callback may have replaced the network's arrays or the data's memory
             check_same_network(net, self.network)
             self.guard()
+            trainer._check_counters()
         except Exception as exc:
             error = exc
         ranks.agree(error)

@@ -324,8 +324,20 @@ class _BaseMLP(BaseEstimator):
         """Change SGD's learning rate between epochs, keeping sklearn's velocity (-lr × cprop's)."""
         opt = self._optimizer
         if opt.momentum > 0 and opt.state is not None and lr > 0:
-            for v in opt.state:
-                v *= opt.lr / lr
+            ratio = opt.lr / lr
+            rescaled = [np.multiply(v, ratio, dtype=np.float64) for v in opt.state]
+            with np.errstate(over="ignore"):
+                fits = all(np.isfinite(r.astype(v.dtype)).all() for r, v in zip(rescaled, opt.state))
+            if not fits:
+                # the velocity is kept as cprop's (sklearn's ÷ -lr): a learning rate that falls
+                # this fast would need more range than the network's dtype has
+                raise ValueError(
+                    f"the learning rate fell from {opt.lr:.3g} to {lr:.3g} in one epoch "
+                    f"(learning_rate={self.learning_rate!r}, power_t={self.power_t}); the momentum "
+                    f"carried over cannot be held in {np.dtype(self._net.dtype).name} at that scale: "
+                    "use a smaller power_t, or float64 X")
+            for v, r in zip(opt.state, rescaled):
+                v[...] = r
         opt.lr = lr
 
     # -- fitting ---------------------------------------------------------------

@@ -191,6 +191,16 @@ class Trainer:
         self.history = History()
         self.extra: dict = {}   # JSON-serialisable notes saved with the trainer (the CLI keeps classes, scaling)
 
+    def __getstate__(self):
+        # pickle and copy.deepcopy: everything but the fit's lock (the network refuses to be
+        # copied while a fit in another thread trains it)
+        return {k: v for k, v in self.__dict__.items() if k != "_fit_lock"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._fitting = False
+        self._fit_lock = threading.Lock()
+
     def _check_settings(self):
         """Validate the settings (again at each fit: they are plain attributes users may change)."""
         if not isinstance(self.net, Sequential):
@@ -300,10 +310,7 @@ class Trainer:
         KeyboardInterrupt — Ctrl-C takes effect between batches; the network keeps
             the parameters of the last completed step, the history its completed epochs.
         """
-        # plain attributes a user may have set: what the fit counts and records on
-        self.epochs_done = check_positive_int(self.epochs_done, "epochs_done", minimum=0, maximum=None)
-        if not isinstance(self.history, History):
-            raise TypeError(f"trainer.history must be a cprop.History, got {type(self.history).__name__}")
+        self._check_counters()
         if self._parallel:     # every check there is agreed between the ranks
             return _distributed.fit(self, X, y, epochs, validation_data, validation_split, callbacks,
                                     verbose, checkpoint, checkpoint_every, sharded, sample_weight)
@@ -323,6 +330,18 @@ class Trainer:
                     self._fitting = False
         finally:
             self._fit_lock.release()
+
+    def _callback_epoch_end(self, callback, logs):
+        """callback.on_epoch_end, with the counters an earlier callback may have set checked."""
+        self._check_counters()
+        return callback.on_epoch_end(self, self.epochs_done, logs)
+
+    def _check_counters(self):
+        """The plain attributes a fit counts and records on (a user or a callback may set them),
+        checked before the fit and before each epoch."""
+        self.epochs_done = check_positive_int(self.epochs_done, "epochs_done", minimum=0, maximum=None)
+        if not isinstance(self.history, History):
+            raise TypeError(f"trainer.history must be a cprop.History, got {type(self.history).__name__}")
 
     def _fit(self, X, y, epochs, validation_data, validation_split, callbacks, verbose, checkpoint,
              checkpoint_every, sample_weight=None):
@@ -380,7 +399,7 @@ class Trainer:
                     self.history.append(**logs)
                     progress.update(self.epochs_done, logs)
                     # every callback sees every epoch, even when an earlier one asks to stop
-                    stop = [_is_true(cb.on_epoch_end(self, self.epochs_done, logs)) for cb in callbacks]
+                    stop = [_is_true(self._callback_epoch_end(cb, logs)) for cb in callbacks]
                     if any(stop):
                         break
         finally:
@@ -414,6 +433,7 @@ class Trainer:
         net, n, settings = self.net, X.shape[0], buffers["settings"]
         check_same_network(net, buffers["network"])
         buffers["guard"]()
+        self._check_counters()
         batch_size = settings["batch_size"]
         order = (self._shuffled_order(n, out=buffers["shuffled"], identity=buffers["order"]) if self.shuffle
                  else buffers["order"])

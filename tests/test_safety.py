@@ -863,6 +863,40 @@ def test_the_trainers_counters_are_checked_at_fit(attribute, value, error):
         trainer.fit(np.ones((4, 16)), np.arange(4) % 2)
 
 
+@pytest.mark.parametrize("attribute, value, error", [("epochs_done", "x", TypeError),
+                                                     ("epochs_done", 1.5, TypeError),
+                                                     ("history", None, TypeError)])
+def test_the_trainers_counters_set_by_a_callback_are_named_before_the_next_one_reads_them(
+        attribute, value, error, tmp_path):
+    trainer = cprop.Trainer(small_net(), loss="cross_entropy", seed=0)
+
+    def meddle(trainer, epoch, logs):
+        setattr(trainer, attribute, value)
+    with pytest.raises(error, match=attribute):     # not the Checkpoint's own failure
+        trainer.fit(np.ones((4, 16)), np.arange(4) % 2, epochs=3, callbacks=[meddle],
+                    checkpoint=tmp_path / "run.npz")
+
+
+def test_a_trainer_copies_and_pickles_between_fits_and_resumes_alike():
+    import copy
+    import pickle
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(100, 16)), rng.integers(0, 2, 100)
+    trainer = cprop.Trainer(small_net(), loss="cross_entropy", optimizer=cprop.Adam(), seed=0)
+    trainer.fit(X, y, epochs=2)
+    copies = [copy.deepcopy(trainer), pickle.loads(pickle.dumps(trainer))]
+    for t in [trainer, *copies]:
+        t.fit(X, y, epochs=2)
+    for t in copies:
+        assert t.net is not trainer.net and t.epochs_done == 4
+        assert_array_equal(t.net.params, trainer.net.params)
+
+
+def test_a_network_too_large_to_allocate_is_named():
+    with pytest.raises(MemoryError, match="cannot allocate 4,611,686,016,279,904,256 float32 values"):
+        cprop.Sequential([cprop.Dense(2**31 - 1, 2**31 - 1)])
+
+
 def test_an_edited_or_replaced_plan_is_refused_before_any_kernel_reads_it():
     from cprop._lazy import core
     PLAN_INT = core.PLAN_INT

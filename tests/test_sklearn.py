@@ -725,3 +725,29 @@ def test_unsupported_options_raise_clearly(digits):
     assert not hasattr(MLPClassifier(solver="lbfgs"), "partial_fit")
     with pytest.raises(ValueError, match="early_stopping"):
         MLPClassifier(early_stopping=True).partial_fit(X_train, y_train, classes=np.arange(10))
+
+
+def test_a_refused_partial_fit_leaves_the_fitted_attributes_as_they_were():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 4))
+    reg = MLPRegressor(hidden_layer_sizes=(5,), max_iter=2).fit(X, rng.normal(size=(60, 2)))
+    with pytest.raises(ValueError, match="cannot continue training"):
+        reg.partial_fit(X, np.ones(60))
+    assert reg.n_outputs_ == 2 and reg.predict(X).shape == (60, 2)
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_a_learning_rate_falling_beyond_float32s_range_is_refused_with_finite_state():
+    """invscaling with a huge power_t: the momentum carried over (cprop keeps sklearn's
+    velocity ÷ -lr) would overflow float32; float64 follows scikit-learn."""
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(200, 4)), rng.integers(0, 2, 200)
+    params = dict(hidden_layer_sizes=(8,), solver="sgd", learning_rate="invscaling", power_t=20.0,
+                  momentum=0.9, max_iter=5, random_state=0, learning_rate_init=0.1)
+    clf = MLPClassifier(**params)
+    with pytest.raises(ValueError, match="momentum carried over cannot be held in float32"):
+        clf.fit(X.astype(np.float32), y)
+    assert all(np.isfinite(s).all() for s in clf._optimizer.state) and np.isfinite(clf._net.params).all()
+    ours = MLPClassifier(**params).fit(X, y)
+    theirs = sk.MLPClassifier(**params).fit(X, y)
+    assert ours.score(X, y) == pytest.approx(theirs.score(X, y), abs=0.02)
