@@ -331,9 +331,17 @@ def _run_training(args, comm):
             raise
     _agree(comm, error)
     trainer, X, y, loss, lr, scaled = prepared
+    held_out = None
+    if args.validation_split:
+        # the rows fit(validation_split=...) would hold out (the same draw of the trainer's
+        # generator), split here so that the last line can score them
+        import numpy as np
+        perm = trainer.rng.permutation(len(X))
+        n_val = int(round(args.validation_split * len(X)))
+        rows, held = np.sort(perm[n_val:]), np.sort(perm[:n_val])
+        X, y, held_out = X[rows], y[rows], (X[held], y[held])
     try:
-        trainer.fit(X, y, epochs=args.epochs, validation_split=args.validation_split or None,
-                    verbose=not args.quiet)
+        trainer.fit(X, y, epochs=args.epochs, validation_data=held_out, verbose=not args.quiet)
     except DivergenceError as exc:   # under MPI every rank raises it together
         raise _every_rank(Failure(
             f"training diverged in epoch {trainer.epochs_done + 1}: the loss or an update became "
@@ -349,6 +357,8 @@ def _run_training(args, comm):
                 raise
     _agree(comm, error)
     score = _training_score(trainer, X, y, loss)      # collective under MPI
+    if held_out is not None:
+        score += f", held-out {_training_score(trainer, *held_out, loss)}"
     _say(args, f"training-set {score}; saved {args.out}"
                + (f" (trained over {comm.Get_size()} MPI ranks)" if comm is not None else ""))
     return 0
@@ -423,6 +433,9 @@ def _prepare_training(args, comm):
     trainer.extra = extra
     _say(args, f"training {'-'.join(map(str, sizes))} ({args.activation}) on {X.shape[0]} samples, "
                f"loss {loss}, {args.optimizer} lr {lr:g}")
+    if args.loss == "auto" and loss == "cross_entropy" and table.y.dtype.kind != "U":
+        _say(args, f"  (--loss auto: {n_out} classes, as {table.target!r} holds at most 100 distinct "
+                   "whole numbers; pass --loss mse, or poisson for counts, to treat it as a number)")
     return trainer, X, y, loss, lr, scaled
 
 
@@ -471,6 +484,16 @@ def _choose_loss(loss, table):
     return loss
 
 
+def _positional(names):
+    """Whether `names` are the x0, x1, … an NPZ's unnamed columns get (matched by position)."""
+    return list(names) == [f"x{i}" for i in range(len(names))]
+
+
+def _listed(names, most=6):
+    shown = ", ".join(repr(n) for n in names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def _predict(args):
     import numpy as np
 
@@ -499,7 +522,18 @@ def _predict(args):
             raise UsageError("the data has one column more than the model's features: "
                              "name the target column to drop with --target")
         raise Failure(f"the model expects {n_features} features, {args.data!r} has {X.shape[1]}")
-    if features is not None and table.names != features and sorted(table.names) == sorted(features):
+    if features is not None and table.names != features and not (
+            _positional(features) or _positional(table.names)):
+        # columns are matched by name (an NPZ's X, whose columns have none, by position)
+        unknown = [n for n in table.names if n not in features]
+        missing = [f for f in features if f not in table.names]
+        if unknown or missing or len(set(table.names)) != len(table.names):
+            raise Failure(f"the columns of {args.data!r} are not the model's features: "
+                          + "; ".join(part for part in [
+                              f"not in the model: {_listed(unknown)}" if unknown else "",
+                              f"missing: {_listed(missing)}" if missing else "",
+                              "" if unknown or missing else "a column name repeats"] if part)
+                          + " (names are compared exactly, case included)")
         X = X[:, [table.names.index(f) for f in features]]          # same columns, another order
     if notes["mean"] is not None:
         X = data.standardize(X, notes["mean"], notes["std"])
@@ -650,6 +684,8 @@ def build_parser():
     parser = _Parser(prog="cprop", description="Fast CPU training of multi-layer perceptrons.",
                      epilog="Errors print one line; exit status 2 for a wrong command line, "
                             "1 for unusable data or files or a diverged training run.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"cprop {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("demo", help="train on the bundled digits; print accuracy and speed",

@@ -347,7 +347,9 @@ def check_targets(y, n_samples, n_outputs, dtype, name="y", binary=False):
     check_finite(arr, name)
     arr = _converted(arr, dtype, name)
     if binary and not np.all((arr == 0) | (arr == 1)):
-        raise ValueError(f"{name} must hold 0/1 targets for binary_cross_entropy")
+        other = arr[(arr != 0) & (arr != 1)]
+        raise ValueError(f"{name} must hold 0/1 targets for binary_cross_entropy, got "
+                         f"{other.size} other value(s), such as {other.flat[0].item()!r}")
     return arr
 
 

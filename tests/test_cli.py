@@ -199,6 +199,10 @@ def test_train_on_csv_then_predict_gives_labels_from_the_original_set(files, dig
     proc, model = digits_model
     assert proc.returncode == 0, proc.stderr
     assert "cross_entropy" in proc.stdout and model.exists()
+    # with --validation-split the last line scores the held-out rows too
+    scores = re.search(r"training-set accuracy (\d\.\d+), held-out accuracy (\d\.\d+)", proc.stdout)
+    assert scores, proc.stdout
+    assert float(scores.group(1)) > 0.9 and float(scores.group(2)) > 0.8
 
     predicted = run("predict", model, "digits.csv", "--target", "digit", cwd=files["root"])
 
@@ -793,6 +797,32 @@ def test_predict_matches_reordered_columns_by_name(files, digits_model, tmp_path
     assert capsys.readouterr().out == in_order
 
 
+@pytest.mark.parametrize("rename, words", [
+    ({"px0": "PX0"}, ["not in the model: 'PX0'", "missing: 'px0'"]),      # case counts
+    ({"px5": "px6"}, ["missing: 'px5'"]),                                # px6 twice
+])
+def test_predict_refuses_columns_whose_names_are_not_the_models(files, digits_model, tmp_path, capsys, rename,
+                                                                words):
+    _, model = digits_model
+    X = np.loadtxt(files["root"] / "digits_features.csv", delimiter=",", skiprows=1)
+    names = [rename.get(f"px{i}", f"px{i}") for i in range(64)]
+    renamed = tmp_path / "renamed.csv"
+    np.savetxt(renamed, X, delimiter=",", header=",".join(names), comments="", fmt="%d")
+
+    code = main(["predict", str(model), str(renamed)])
+    assert_clean_error(code, capsys.readouterr().err, "predict", "not the model's features", *words, status=1)
+
+
+def test_predict_matches_an_npzs_unnamed_columns_by_position(files, digits_model, tmp_path, capsys):
+    _, model = digits_model
+    X = np.loadtxt(files["root"] / "digits_features.csv", delimiter=",", skiprows=1)
+    np.savez(tmp_path / "features.npz", X=X)
+    assert main(["predict", str(model), str(files["root"] / "digits_features.csv")]) == 0
+    in_order = capsys.readouterr().out
+    assert main(["predict", str(model), str(tmp_path / "features.npz")]) == 0
+    assert capsys.readouterr().out == in_order
+
+
 def test_predict_into_a_closed_pipe_ends_quietly(tmp_path):
     # `cprop predict ... | head -1`: more output than a pipe buffers, and the reader gone after a line
     X = np.random.default_rng(0).normal(size=(50_000, 2))
@@ -983,3 +1013,20 @@ def test_an_output_directory_that_refuses_new_files_names_the_output(files, tmp_
     err = capsys.readouterr().err
     assert_clean_error(code, err, "train", "/proc/m.npz", status=1)
     assert ".tmp" not in err
+
+
+def test_version_prints_the_packages(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"cprop {cprop.__version__}"
+
+
+def test_auto_loss_says_when_it_takes_whole_numbers_for_classes(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(80, 3))
+    write_csv(tmp_path / "counts.csv", X, rng.integers(0, 30, 80), ["a", "b", "c"])
+    assert main(["train", str(tmp_path / "counts.csv"), "--target", "target", "--epochs", "1",
+                 "--out", str(tmp_path / "m.npz")]) == 0
+    out = capsys.readouterr().out
+    assert "--loss auto:" in out and "classes" in out and "--loss mse" in out
